@@ -1,0 +1,86 @@
+"""Evaluate stage: a trained model on one split → metrics.json and a printed table."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from covid_spark.config import CLASSES
+from covid_spark.storage import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(model_dir: str):
+    """Load ``<model_dir>/model.keras``.
+
+    Raises:
+        FileNotFoundError: no model there (names the path).
+    """
+    import tensorflow as tf
+
+    path = os.path.join(model_dir, "model.keras")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: train a model into {model_dir} first (jobs/train.py)")
+    return tf.keras.models.load_model(path, compile=False)
+
+
+def predict_probs(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities for uint8 images, in batches, inference mode."""
+    out = [model(images[i:i + batch_size].astype("float32"), training=False).numpy()
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), dtype="float32")
+
+
+def metrics_path(model_dir: str, split: str) -> str:
+    return os.path.join(model_dir, "metrics.json" if split == "test" else f"metrics_{split}.json")
+
+
+def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") -> dict:
+    """Score ``split`` of ``dataset`` with the model in ``model_dir``; write and return the metrics.
+
+    Besides accuracy, loss, macro-F1, per-class precision/recall/F1 and the confusion matrix
+    (from ``metrics.classification_metrics``), the file holds: ``ci95`` (percentile bootstrap
+    over images), ``ece`` (top-label expected calibration error, 15 bins), ``per_source``
+    (the same metrics for each image source), and, when the val split exists, ``temperature``
+    fitted on val with ``ece_temperature_scaled``.
+
+    Raises:
+        ValueError: the split is empty or missing, or image size and model disagree.
+    """
+    from covid_spark.data import load_split
+    from covid_spark.metrics import (bootstrap_ci, classification_metrics, expected_calibration_error,
+                                     fit_temperature, metrics_by_group, softmax)
+    from covid_spark.preprocess import read_summary
+
+    summary = read_summary(None, dataset)
+    if summary["per_split"].get(split, 0) == 0:
+        raise ValueError(f"split {split!r} of {dataset} is empty; nothing to evaluate")
+    model = load_model(model_dir)
+    expected = tuple(model.input_shape[1:3])
+    if expected != (summary["image_size"], summary["image_size"]):
+        raise ValueError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
+    data = load_split(dataset, split, fields=("image", "label", "source", "patient_id"))
+    probs = predict_probs(model, data["image"])
+    y = data["label"].astype(int)
+    metrics = classification_metrics(y, probs, list(CLASSES))
+    metrics["split"] = split
+    metrics["ci95"] = bootstrap_ci(y, probs, list(CLASSES), n_boot=int(config["evaluate"]["bootstrap"]),
+                                   seed=int(config["train"]["seed"]))
+    metrics["ece"] = expected_calibration_error(y, probs)
+    sources = np.array([s or "unknown" for s in data["source"]])
+    metrics["per_source"] = metrics_by_group(y, probs, sources, list(CLASSES))
+    if split != "val" and summary["per_split"].get("val", 0):
+        val = load_split(dataset, "val", fields=("image", "label"))
+        logits = np.log(np.clip(predict_probs(model, val["image"]), 1e-7, 1.0))
+        temperature = fit_temperature(logits, val["label"].astype(int))
+        metrics["temperature"] = temperature
+        metrics["ece_temperature_scaled"] = expected_calibration_error(
+            y, softmax(np.log(np.clip(probs, 1e-7, 1.0)), temperature))
+    metrics["predictions"] = {
+        "path": [str(p) for p in data["path"]], "label": y.tolist(),
+        "probs": np.round(probs, 6).tolist(), "source": sources.tolist(),
+    }
+    atomic_write_json(metrics_path(model_dir, split), metrics)
+    return metrics

@@ -1,0 +1,352 @@
+"""Decode image bytes into fixed-size RGB arrays, and find near-duplicate images.
+
+This is the one decode/resize shared by data preparation and prediction, so the
+same file always becomes the same tensor. It is pure (bytes in, array out) and
+imports no Spark.
+
+Decoding steps, in order:
+
+1. Sniff the content: empty files, HTML/XML error pages, PDFs and DICOM files
+   are rejected with a reason that says what the file looks like.
+2. Open lazily and check width x height from the header against ``max_pixels``
+   before any pixel is allocated (decompression bombs). Pillow's own global
+   ``MAX_IMAGE_PIXELS`` is left untouched; its warning is silenced locally so our
+   limit decides, and its hard error (at twice its limit) is also turned into
+   :class:`ImageRejected`.
+3. JPEGs are decoded with DCT scaling (``Image.draft``) to the smallest size that
+   is still at least ``size`` x ``size``; this is deterministic and much faster.
+4. Load pixels; truncated or corrupt data is rejected (truncated images are
+   never silently padded: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is not set).
+5. Apply the EXIF orientation so rotated photos come out upright.
+6. Convert to RGB:
+
+   * ``I;16``/``I;16B``/``I;16L``/``I;16N``/``I``/``F`` (16/32-bit grayscale):
+     rescaled by the image's own min..max to 0..255 (rounded), so order is kept
+     and nothing is clipped to white; a constant image becomes all 0.
+   * ``L``, ``1``: grey replicated into three channels.
+   * ``P``: through RGBA if it has transparency, otherwise straight to RGB.
+   * anything with alpha (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, or a
+     ``transparency`` entry): alpha-composited over a BLACK background, because
+     the background of an X-ray is black.
+   * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's ``convert("RGB")``.
+   * multi-frame files (GIF, TIFF): the first frame only.
+
+7. Resize to exactly ``size`` x ``size`` with bilinear filtering. The aspect
+   ratio is NOT preserved (no padding): the image is stretched, as the original
+   project did. Small images are upscaled.
+
+The result is a C-contiguous ``uint8`` array of shape ``(size, size, 3)``.
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+import re
+import struct
+import warnings
+import zlib
+from io import BytesIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+)
+DEFAULT_MAX_PIXELS = 50_000_000
+
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+# Errors Pillow raises for bad data while parsing or decoding.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+                  struct.error, zlib.error)
+
+
+class ImageRejected(ValueError):
+    """An input file that cannot become a training or prediction image."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def skip_reason(path: str) -> str | None:
+    """Return why a file should be skipped, judging by its path alone, or None to read it."""
+    parts = [p for p in re.split(r"[\\/]+", path) if p not in ("", ".", "..")]
+    if not parts or path.endswith(("/", "\\")):
+        return f"not a file name: {path!r}"
+    *folders, name = parts
+    for folder in folders:
+        if folder.startswith("."):
+            return f"inside hidden folder {folder}"
+    if name.startswith("._"):
+        return f"macOS resource-fork file {name}"
+    if name.startswith("."):
+        return f"hidden file {name}"
+    if name.lower() in _SYSTEM_FILES:
+        return f"Windows system file {name}"
+    dot = name.rfind(".")
+    if dot <= 0:
+        return f"no file extension on {name}"
+    extension = name[dot:].lower()
+    if extension not in IMAGE_EXTENSIONS:
+        hint = " (DICOM: convert to PNG first)" if extension in (".dcm", ".dicom") else ""
+        return (f"unsupported extension '{extension}'{hint}; expected one of "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return None
+
+
+def _sniff(data: bytes) -> None:
+    """Reject content that is evidently not an image, before Pillow sees it."""
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    head = data[:512].lstrip(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"<"):
+        raise ImageRejected("not an image: looks like HTML/XML")
+    if head.startswith(b"%PDF"):
+        raise ImageRejected("not an image: looks like PDF")
+    if data[128:132] == b"DICM":
+        raise ImageRejected("not an image: looks like DICOM (convert to PNG first)")
+
+
+def _megapixels(max_pixels: int) -> str:
+    return f"{max_pixels / 1e6:g}-megapixel"
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height read from the header alone, for error messages only.
+
+    Used after Pillow's open() refused a decompression bomb, to name its size; it
+    walks Pillow's format registry the way open() does, minus the size check.
+    """
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            accepted = accept(data[:16]) if accept else True
+            if accepted and not isinstance(accepted, str):
+                return factory(BytesIO(data), "").size
+        except _DECODE_ERRORS:
+            continue
+    return None
+
+
+def _bomb_reason(exc: Exception, data: bytes, max_pixels: int) -> str:
+    """Reason for an image Pillow itself refused as a decompression bomb."""
+    size = _header_size(data)
+    if size is not None:
+        what = f"{size[0]}x{size[1]}"
+    else:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        what = f"{int(found.group(1))} pixels" if found else "image"
+    return f"{what} exceeds the {_megapixels(max_pixels)} limit"
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open lazily (header only) and enforce the pixel limit before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # Our max_pixels decides; Pillow's warning threshold is a global we don't touch.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(_bomb_reason(exc, data, max_pixels)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected(
+            f"not an image: unrecognised format (first bytes: {data[:16].hex(' ')})") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageRejected(f"corrupt image header: {exc}") from exc
+    width, height = img.size
+    if width < 1 or height < 1:
+        img.close()
+        raise ImageRejected(f"{img.format} has an empty size {width}x{height}")
+    if width * height > max_pixels:
+        img.close()
+        raise ImageRejected(f"{width}x{height} exceeds the {_megapixels(max_pixels)} limit")
+    return img
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except _DECODE_ERRORS as exc:
+        logger.debug("ignoring unreadable EXIF orientation: %s", exc)
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB by the rules in the module docstring."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _HIGH_DEPTH_MODES:
+        values = np.asarray(img).astype(np.float64)
+        finite = np.isfinite(values)
+        out = np.zeros(values.shape, dtype=np.uint8)
+        if finite.any():
+            low, high = values[finite].min(), values[finite].max()
+            if high > low:
+                scaled = np.rint((values[finite] - low) * (255.0 / (high - low)))
+                out[finite] = scaled.astype(np.uint8)
+        return Image.fromarray(out).convert("RGB")
+    if mode == "La":
+        img = img.convert("LA")  # Pillow cannot go La -> RGBA directly
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ImageRejected(f"unsupported colour mode {mode}: {exc}") from exc
+
+
+def decode_image(data: bytes, size: int = 224, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes into a ``(size, size, 3)`` uint8 RGB array.
+
+    Args:
+        data: the file's bytes.
+        size: output height and width in pixels.
+        max_pixels: largest width x height accepted, checked from the header.
+
+    Returns:
+        A C-contiguous ``uint8`` array of shape ``(size, size, 3)``.
+
+    Raises:
+        ImageRejected: the bytes are not a usable image; ``.reason`` says why.
+        ValueError: ``size`` or ``max_pixels`` is not a positive integer.
+    """
+    if not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    size, max_pixels = int(size), int(max_pixels)
+    data = bytes(data)
+    _sniff(data)
+    img = _open(data, max_pixels)
+    fmt = img.format or "image"
+    try:
+        if fmt in ("JPEG", "MPO"):
+            # DCT scaling: decode at 1/2, 1/4 or 1/8 scale, never below size x size
+            img.draft(img.mode if img.mode in ("RGB", "L") else None, (size, size))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected(_bomb_reason(exc, data, max_pixels)) from exc
+        except _DECODE_ERRORS as exc:
+            raise ImageRejected(f"truncated or corrupt {fmt}: {exc}") from exc
+        try:
+            rgb = _to_rgb(_upright(img))
+            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        except ImageRejected:
+            raise
+        except _DECODE_ERRORS as exc:
+            raise ImageRejected(f"cannot convert {fmt} ({img.mode}): {exc}") from exc
+    finally:
+        img.close()
+    return np.array(resized, dtype=np.uint8, order="C")
+
+
+def dhash(image: np.ndarray, hash_size: int = 8) -> int:
+    """Difference hash of a decoded image: ``hash_size**2`` bits as a Python int."""
+    if hash_size < 1:
+        raise ValueError(f"hash_size must be >= 1, got {hash_size}")
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+            image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise ValueError(
+            "dhash expects a uint8 array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+            f"got {image.dtype} {image.shape}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    grey = Image.fromarray(np.ascontiguousarray(image)).convert("L")
+    small = np.asarray(grey.resize((hash_size + 1, hash_size), Image.Resampling.LANCZOS),
+                       dtype=np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    value = 0
+    for bit in bits:
+        value = (value << 1) | int(bit)
+    return value
+
+
+def hamming(a: int, b: int) -> int:
+    """Number of differing bits between two hashes."""
+    return (a ^ b).bit_count()
+
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+def _popcount64(x: np.ndarray) -> np.ndarray:
+    """Per-element bit count of a uint64 array (SWAR; numpy < 2 has no bitwise_count)."""
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return (x * _H01) >> np.uint64(56)
+
+
+def _root_all(parent: np.ndarray) -> None:
+    """Point every node straight at its root (pointer jumping, in place)."""
+    while True:
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return
+        parent[:] = grand
+
+
+def _union_edges(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
+    """Merge the components joined by edges u-v; roots always point to a smaller index."""
+    while u.size:
+        _root_all(parent)
+        ru, rv = parent[u], parent[v]
+        apart = ru != rv
+        u, v, ru, rv = u[apart], v[apart], ru[apart], rv[apart]
+        np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
+
+
+def group_duplicates(hashes: dict[str, int], max_distance: int = 6) -> list[list[str]]:
+    """Group keys whose hashes are within ``max_distance`` bits, transitively.
+
+    Returns the connected components with at least two members, each sorted, and
+    the groups sorted by their first key. Distances are computed with vectorised
+    XOR + popcount over blocks of rows, so ~10k hashes take well under a second.
+    """
+    if max_distance < 0:
+        raise ValueError(f"max_distance must be >= 0, got {max_distance}")
+    keys = sorted(hashes)
+    n = len(keys)
+    if n < 2:
+        return []
+    values = [hashes[k] for k in keys]
+    if min(values) < 0:
+        raise ValueError("hashes must be non-negative integers")
+    words = max(1, -(-max(v.bit_length() for v in values) // 64))
+    mask = (1 << 64) - 1
+    table = np.array([[(v >> (64 * w)) & mask for w in range(words)] for v in values],
+                     dtype=np.uint64)
+    parent = np.arange(n, dtype=np.int64)
+    block = max(1, 2_000_000 // (n * words))
+    for start in range(0, n - 1, block):
+        stop = min(n, start + block)
+        distance = np.zeros((stop - start, n - start), dtype=np.uint64)
+        for w in range(words):
+            distance += _popcount64(table[start:stop, w, None] ^ table[None, start:, w])
+        close = distance <= np.uint64(max_distance)
+        # keep the strict upper triangle: column index (relative to start) > row index
+        close &= np.arange(n - start)[None, :] > np.arange(stop - start)[:, None]
+        rows, cols = np.nonzero(close)
+        if rows.size:
+            _union_edges(parent, rows + start, cols + start)
+    _root_all(parent)
+    members: dict[int, list[str]] = {}
+    for index, root in enumerate(parent.tolist()):
+        members.setdefault(root, []).append(keys[index])
+    groups = [group for group in members.values() if len(group) >= 2]
+    return sorted(groups, key=lambda group: group[0])

@@ -1,0 +1,20 @@
+"""The Petastorm schema of the preprocessed dataset, declared once."""
+from __future__ import annotations
+
+import numpy as np
+from petastorm.codecs import NdarrayCodec, ScalarCodec
+from petastorm.unischema import Unischema, UnischemaField
+from pyspark.sql.types import IntegerType, StringType
+
+# One row per readable input image. The image is stored raw (NdarrayCodec): decoding it
+# when training costs a memcpy, not a PNG/JPEG decode. Its side is fixed per dataset
+# (image_size in _summary.json) but not in the schema, so one schema serves every size.
+XraySchema = Unischema("XraySchema", [
+    UnischemaField("image", np.uint8, (None, None, 3), NdarrayCodec(), False),
+    UnischemaField("label", np.int32, (), ScalarCodec(IntegerType()), False),
+    UnischemaField("label_name", np.str_, (), ScalarCodec(StringType()), False),
+    UnischemaField("patient_id", np.str_, (), ScalarCodec(StringType()), False),
+    UnischemaField("source", np.str_, (), ScalarCodec(StringType()), False),
+    UnischemaField("path", np.str_, (), ScalarCodec(StringType()), False),
+    UnischemaField("split", np.str_, (), ScalarCodec(StringType()), False),
+])

@@ -1,0 +1,91 @@
+"""Reading and writing outputs atomically, on local disk or any Hadoop filesystem URL."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from typing import Any, Iterator
+
+
+def to_url(location: str) -> str:
+    """A plain path becomes an absolute ``file://`` URL; URLs pass through."""
+    return location if "://" in location else "file://" + os.path.abspath(location)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a local file through a temporary sibling and a rename."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+class HadoopFS:
+    """The few filesystem calls the jobs need, through Spark's JVM (works for file://, hdfs://, s3a://)."""
+
+    def __init__(self, spark, url: str):
+        jvm = spark.sparkContext._jvm
+        self._jvm = jvm
+        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+        self._fs = jvm.org.apache.hadoop.fs.Path(url).getFileSystem(self._conf)
+
+    def _path(self, url: str):
+        return self._jvm.org.apache.hadoop.fs.Path(url)
+
+    def exists(self, url: str) -> bool:
+        return bool(self._fs.exists(self._path(url)))
+
+    def delete(self, url: str) -> None:
+        self._fs.delete(self._path(url), True)
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self._fs.rename(self._path(src), self._path(dst)):
+            raise OSError(f"could not rename {src} to {dst}")
+
+    def write_text(self, url: str, text: str) -> None:
+        stream = self._fs.create(self._path(url), True)
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+
+    def read_text(self, url: str) -> str:
+        stream = self._fs.open(self._path(url))
+        try:
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream)).decode("utf-8")
+        finally:
+            stream.close()
+
+
+@contextlib.contextmanager
+def atomic_directory(spark, url: str, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary sibling URL to write into; move it to ``url`` only on success.
+
+    Raises:
+        FileExistsError: ``url`` exists and ``overwrite`` is false (checked before any work).
+    """
+    url = url.rstrip("/")
+    fs = HadoopFS(spark, url)
+    if fs.exists(url) and not overwrite:
+        raise FileExistsError(f"output {url} already exists; pass --overwrite to replace it")
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = f"{url}.tmp-{tag}", f"{url}.old-{tag}"
+    try:
+        yield tmp
+        if fs.exists(url):
+            fs.rename(url, old)
+        fs.rename(tmp, url)
+        if fs.exists(old):
+            fs.delete(old)
+    finally:
+        if fs.exists(tmp):
+            fs.delete(tmp)

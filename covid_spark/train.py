@@ -1,0 +1,273 @@
+"""Train stage: Horovod over Spark executors, each rank streaming its Petastorm shard."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from covid_spark.config import CLASSES
+from covid_spark.preprocess import read_summary
+from covid_spark.storage import atomic_write_json, to_url
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+ARTEFACTS = ("model.keras", "history.json", "run.json", "metrics.json", "report.html", "model_card.md")
+
+
+def class_weights(train_counts: dict[str, int], mode: str) -> dict[int, float] | None:
+    """``balanced``: n / (k · n_c) per class index (as scikit-learn's); ``none``: None."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise ValueError(f"train.class_weights must be 'balanced' or 'none', found {mode!r}")
+    total = sum(train_counts.get(c, 0) for c in CLASSES)
+    present = [c for c in CLASSES if train_counts.get(c, 0) > 0]
+    return {i: (total / (len(present) * train_counts[c]) if train_counts.get(c, 0) else 0.0)
+            for i, c in enumerate(CLASSES)}
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on (those importable here)."""
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "horovod", "pyspark", "petastorm",
+                 "pyarrow", "numpy", "pillow", "covid-spark"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran, or None outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def train_fn(job: dict) -> dict:
+    """Body of one Horovod rank. Plain dict in, plain dict out (rank 0 adds the model's bytes)."""
+    import numpy as np
+    import tensorflow as tf
+    import horovod.tensorflow.keras as hvd
+
+    from covid_spark.data import load_split, make_train_dataset
+    from covid_spark.models import make_model
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    tf.config.threading.set_intra_op_parallelism_threads(job["threads"])
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, job["threads"]))
+    tf.keras.utils.set_random_seed(job["seed"] + rank)
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+
+    size_px = job["image_size"]
+    model = make_model(job["model"], input_shape=(size_px, size_px, 3), num_classes=len(CLASSES))
+    if job.get("resume_weights"):
+        model.load_weights(job["resume_weights"])
+    lr = job["learning_rate"] * size
+    model.compile(optimizer=hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr)),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    val = None
+    if job["val_rows"]:
+        shard = (rank, size) if job["val_row_groups"] >= size else (None, None)
+        arrays = load_split(job["dataset"], "val", shard=shard[0], shard_count=shard[1])
+        val = tf.data.Dataset.from_tensor_slices(
+            (arrays["image"].astype("float32"), arrays["label"].astype("int64"))).batch(job["batch_size"])
+
+    history: dict[str, list] = {}
+
+    class EpochLog(tf.keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            logs["lr"] = float(tf.keras.backend.get_value(self.model.optimizer.lr))
+            logs["seconds"] = time.time() - self.started
+            for key, value in logs.items():
+                history.setdefault(key, []).append(float(value))
+            say(f"epoch {epoch + 1}/{job['epochs']} " + " ".join(
+                f"{k}={v:.4f}" for k, v in logs.items() if k not in ("seconds",))
+                + f" ({logs['seconds']:.0f} s)")
+
+    class BestWeights(tf.keras.callbacks.Callback):
+        """Keep the weights of the epoch with the lowest (rank-averaged) val_loss; stop after patience."""
+
+        def __init__(self, patience):
+            super().__init__()
+            self.patience, self.best, self.best_epoch, self.weights, self.wait = patience, math.inf, None, None, 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            current = (logs or {}).get("val_loss")
+            if current is None:
+                return
+            if current < self.best:
+                self.best, self.best_epoch, self.weights, self.wait = current, epoch, self.model.get_weights(), 0
+            else:
+                self.wait += 1
+                if self.patience and self.wait >= self.patience:
+                    self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            if self.weights is not None:
+                self.model.set_weights(self.weights)
+
+    class Checkpoint(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            folder = job["checkpoint_dir"]
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".last-{os.getpid()}.weights.h5")
+            self.model.save_weights(tmp)
+            os.replace(tmp, os.path.join(folder, "last.weights.h5"))
+            state = {"epoch": epoch + 1, "history": history}
+            with open(os.path.join(folder, ".state.json.tmp"), "w") as handle:
+                json.dump(state, handle)
+            os.replace(os.path.join(folder, ".state.json.tmp"), os.path.join(folder, "state.json"))
+
+    best = BestWeights(job["patience"])
+    callbacks = [
+        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        hvd.callbacks.MetricAverageCallback(),
+        hvd.callbacks.LearningRateWarmupCallback(initial_lr=lr, warmup_epochs=job["warmup_epochs"],
+                                                 momentum_correction=False,
+                                                 steps_per_epoch=job["steps_per_epoch"], verbose=0),
+        best,
+        EpochLog(),
+    ]
+    if rank == 0:
+        callbacks.append(Checkpoint())
+    history.update({k: list(v) for k, v in job.get("resume_history", {}).items()})
+    reader, train_ds = make_train_dataset(job["dataset"], job["batch_size"], job["augment"],
+                                          seed=job["seed"] + rank, shard=rank, shard_count=size,
+                                          shuffle_buffer=job["shuffle_buffer"])
+    with reader:
+        model.fit(train_ds, steps_per_epoch=job["steps_per_epoch"], epochs=job["epochs"],
+                  initial_epoch=job.get("initial_epoch", 0), validation_data=val,
+                  class_weight=job["class_weight"], callbacks=callbacks, verbose=0)
+    result = {"rank": rank, "size": size, "history": history,
+              "best_epoch": None if best.best_epoch is None else best.best_epoch + 1}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            model.save(path)
+            with open(path, "rb") as handle:
+                result["model_bytes"] = handle.read()
+    return result
+
+
+def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | None:
+    """Check the model dir; return the checkpoint state to resume from, if any."""
+    ckpt = os.path.join(model_dir, CHECKPOINT_DIR)
+    if os.path.isdir(model_dir) and os.listdir(model_dir):
+        if resume:
+            state_path = os.path.join(ckpt, "state.json")
+            if not os.path.exists(state_path):
+                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt} (state.json missing)")
+            with open(state_path, encoding="utf-8") as handle:
+                return json.load(handle)
+        if not overwrite:
+            raise FileExistsError(f"model dir {model_dir} already exists; pass --overwrite to replace "
+                                  f"it or --resume to continue from its last checkpoint")
+        for name in ARTEFACTS:
+            if os.path.exists(os.path.join(model_dir, name)):
+                os.remove(os.path.join(model_dir, name))
+        shutil.rmtree(ckpt, ignore_errors=True)
+    os.makedirs(model_dir, exist_ok=True)
+    return None
+
+
+def run_training(spark, dataset: str, model_dir: str, config: dict,
+                 overwrite: bool = False, resume: bool = False) -> dict:
+    """Validate, launch ``num_proc`` Horovod ranks on the executors, and write the model dir.
+
+    Raises:
+        ValueError: config and data disagree (names the key, expected and found values).
+        FileExistsError / FileNotFoundError: model dir state versus --overwrite / --resume.
+    """
+    import horovod.spark
+
+    started = time.time()
+    cfg = config["train"]
+    summary = read_summary(spark, dataset)
+    num_proc = int(cfg["num_proc"])
+    if summary.get("classes") != list(CLASSES):
+        raise ValueError(f"dataset classes {summary.get('classes')} differ from the model's {list(CLASSES)}")
+    n_train = summary["per_split"].get("train", 0)
+    if n_train == 0:
+        raise ValueError(f"dataset {dataset} has an empty train split")
+    groups = summary["row_groups"].get("train", 0)
+    if groups < num_proc:
+        raise ValueError(f"train.num_proc is {num_proc} but the train split of {dataset} has only "
+                         f"{groups} row group(s); Petastorm shards by row group, so rerun preprocess "
+                         f"with a larger preprocess.min_row_groups or use fewer ranks")
+    batch = int(cfg["batch_size"])
+    if n_train < batch * num_proc:
+        raise ValueError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
+    model_dir = os.path.abspath(model_dir)
+    state = _prepare_model_dir(model_dir, overwrite, resume)
+    cores = spark.sparkContext.defaultParallelism
+    threads = int(cfg["threads_per_rank"]) or max(1, (os.cpu_count() or cores) // num_proc)
+    steps = math.ceil(n_train / (batch * num_proc))
+    job = {
+        "dataset": to_url(dataset), "model": cfg["model"], "image_size": int(summary["image_size"]),
+        "epochs": int(cfg["epochs"]), "batch_size": batch, "learning_rate": float(cfg["learning_rate"]),
+        "warmup_epochs": int(cfg["warmup_epochs"]), "patience": int(cfg["early_stopping_patience"]),
+        "seed": int(cfg["seed"]), "threads": threads, "steps_per_epoch": steps,
+        "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": dict(cfg["augment"]),
+        "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
+        "val_rows": summary["per_split"].get("val", 0), "val_row_groups": summary["row_groups"].get("val", 0),
+        "checkpoint_dir": os.path.join(model_dir, CHECKPOINT_DIR),
+    }
+    if state:
+        job.update(initial_epoch=int(state["epoch"]), resume_history=state.get("history", {}),
+                   resume_weights=os.path.join(model_dir, CHECKPOINT_DIR, "last.weights.h5"))
+        logger.info("resuming from epoch %d of %s", state["epoch"], model_dir)
+    logger.info("training %s on %d train images with %d Horovod rank(s), %d step(s) per epoch, "
+                "%d thread(s) per rank", cfg["model"], n_train, num_proc, steps, threads)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads),
+               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    results = horovod.spark.run(train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
+                                env=env, start_timeout=600, verbose=1)
+    rank0 = next(r for r in results if r["rank"] == 0)
+    tmp_model = os.path.join(model_dir, ".model.keras.tmp")
+    with open(tmp_model, "wb") as handle:
+        handle.write(rank0["model_bytes"])
+    os.replace(tmp_model, os.path.join(model_dir, "model.keras"))
+    atomic_write_json(os.path.join(model_dir, "history.json"), rank0["history"])
+    run = {
+        "model": cfg["model"], "num_proc": num_proc, "classes": list(CLASSES),
+        "image_size": int(summary["image_size"]), "epochs": int(cfg["epochs"]),
+        "epochs_run": len(rank0["history"].get("loss", [])), "best_epoch": rank0["best_epoch"],
+        "seed": int(cfg["seed"]), "steps_per_epoch": steps, "threads_per_rank": threads,
+        "effective_learning_rate": float(cfg["learning_rate"]) * num_proc,
+        "class_weight": job["class_weight"], "dataset": to_url(dataset),
+        "dataset_summary": {k: summary[k] for k in ("inputs", "written", "per_class", "per_split",
+                                                     "per_split_class", "per_source", "image_size")}
+        | {"rejected": len(summary["rejected"]), "skipped": len(summary["skipped"]),
+           "duplicate_groups": len(summary.get("duplicates", []))},
+        "config": config, "versions": versions(), "git_commit": git_commit(),
+        "resumed_from_epoch": state["epoch"] if state else None,
+        "spark_master": spark.sparkContext.master,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    atomic_write_json(os.path.join(model_dir, "run.json"), run)
+    logger.info("train: %s, %d epoch(s) (best %s), %.0f s → %s", cfg["model"], run["epochs_run"],
+                run["best_epoch"], run["wall_seconds"], model_dir)
+    return run

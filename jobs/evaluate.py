@@ -1,0 +1,40 @@
+"""spark-submit jobs/evaluate.py --dataset URL --model-dir DIR [--split test]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.config import load_config
+from covid_spark.evaluate import evaluate, metrics_path
+from covid_spark.metrics import format_table
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Score a trained model on one split of a dataset.")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    add_spark_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    config = load_config(args.config)
+    spark, owned = build_spark(args, "covid-spark evaluate")
+    try:
+        metrics = evaluate(args.dataset, args.model_dir, config, split=args.split)
+    finally:
+        if owned:
+            spark.stop()
+    print(f"\nEvaluation on the {args.split} split ({metrics['n']} images):")
+    print(format_table(metrics))
+    print(f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1'] or float('nan'):.3f}, "
+          f"ECE {metrics['ece']:.3f} → {metrics_path(args.model_dir, args.split)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""spark-submit jobs/predict.py --input DIR_OR_MANIFEST --model-dir DIR --output FILE.csv|FILE.parquet"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.config import load_config
+from covid_spark.predict import predict
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Batch prediction over new images on Spark.")
+    parser.add_argument("--input", required=True, help="flat folder, folder per class, or manifest CSV")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--output", required=True, help="FILE.csv or FILE.parquet: one row per input file")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-overwrite", action="store_true", help="refuse to replace an existing --output")
+    add_spark_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    config = load_config(args.config)
+    spark, owned = build_spark(args, "covid-spark predict")
+    try:
+        result = predict(spark, args.input, args.model_dir, args.output, config,
+                         batch_size=args.batch_size, overwrite=not args.no_overwrite)
+    finally:
+        if owned:
+            spark.stop()
+    print(f"predict: {result['inputs']} files → {result['predicted']} predicted, "
+          f"{result['errors']} error(s), {result['seconds']:.0f} s → {result['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""spark-submit jobs/preprocess.py --input DIR_OR_MANIFEST --output URL [options]"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.config import load_config, override
+from covid_spark.preprocess import preprocess
+
+logger = logging.getLogger("covid_spark.jobs.preprocess")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Decode X-ray images into a Petastorm dataset with patient-wise splits.")
+    parser.add_argument("--input", required=True, help="manifest CSV, folder with manifest.csv, or folder per class")
+    parser.add_argument("--output", required=True, help="dataset path or URL (file://, hdfs://, ...)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--test-fraction", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-pixels", type=int, help="reject images above this many pixels, before decoding")
+    parser.add_argument("--min-row-groups", type=int, help="row groups per split, at least the Horovod ranks")
+    parser.add_argument("--skip-unknown-classes", action="store_true", default=None,
+                        help="skip folders/labels that name no class instead of failing")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_spark_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    config = override(load_config(args.config), "preprocess", {
+        "image_size": args.image_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+        "seed": args.seed, "max_pixels": args.max_pixels, "min_row_groups": args.min_row_groups,
+        "skip_unknown_classes": args.skip_unknown_classes})
+    spark, owned = build_spark(args, "covid-spark preprocess")
+    try:
+        summary = preprocess(spark, args.input, args.output, config, overwrite=args.overwrite)
+    finally:
+        if owned:
+            spark.stop()
+    print(f"preprocess: {summary['inputs']} inputs = {summary['written']} written + "
+          f"{len(summary['rejected'])} rejected + {len(summary['skipped'])} skipped; "
+          f"splits {summary['per_split']}; {len(summary['duplicates'])} duplicate group(s) → {summary['dataset']}")
+    for item in summary["rejected"][:20]:
+        print(f"  rejected {item['path']}: {item['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

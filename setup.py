@@ -1,0 +1,14 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="covid-spark",
+    version="0.1.0",
+    description="Distributed chest X-ray classification (COVID-19 / pneumonia / normal) on Spark, Petastorm and Horovod",
+    packages=find_packages(include=["covid_spark", "covid_spark.*"]),
+    package_data={"covid_spark": ["defaults.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy", "pillow", "pyarrow", "petastorm", "pyspark", "PyYAML",
+    ],
+    extras_require={"train": ["tensorflow-cpu", "horovod"]},
+)

@@ -261,7 +261,12 @@ def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
     return float((lse - z[np.arange(len(y)), y]).mean())
 
 
-def fit_temperature(logits: np.ndarray, y_true: np.ndarray, log_t_bounds: tuple[float, float] = (-3.0, 3.0), tol: float = 1e-6) -> float:
+def fit_temperature(
+    logits: np.ndarray,
+    y_true: np.ndarray,
+    log_t_bounds: tuple[float, float] = (-3.0, 3.0),
+    tol: float = 1e-6,
+) -> float:
     """Temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (temperature scaling).
 
     Golden-section search on log T within ``log_t_bounds``: the NLL is convex in 1/T, hence
@@ -292,7 +297,8 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, log_t_bounds: tuple[
             fd = _nll(z, y, math.exp(d))
     log_t = (a + b) / 2.0
     if min(log_t - lo, hi - log_t) < 1e-3:
-        log.warning("fit_temperature: optimum at the search bound (T=%.4g); bounds log T in %s", math.exp(log_t), log_t_bounds)
+        log.warning("fit_temperature: optimum at the search bound (T=%.4g); bounds log T in %s",
+                    math.exp(log_t), log_t_bounds)
     return float(math.exp(log_t))
 
 

@@ -176,7 +176,10 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: st
         for i in range(k):
             for j in range(k):
                 v = data[i, j]
-                text = "n/a" if (isinstance(v, float) and np.isnan(v)) else (f"{v:.2f}" if data is norm else str(int(v)))
+                if data is counts:
+                    text = str(int(v))
+                else:
+                    text = "n/a" if np.isnan(v) else f"{v:.2f}"
                 dark = shown[i, j] > 0.6 * vmax
                 ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=11)
         ax.set_xticks(range(k), labels=list(classes))
@@ -211,7 +214,7 @@ def plot_roc_pr(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], p
         else:
             ax_roc.plot([], [], color=color, label=f"{name} (AUC n/a)")
         if curve["recall"] is not None:
-            ax_pr.step(curve["recall"], curve["precision"], where="post", color=color,
+            ax_pr.step(curve["recall"], curve["precision"], where="pre", color=color,
                        label=f"{name} (AP {curve['pr_auc']:.3f})")
             prevalence = float(np.mean(y == c))
             ax_pr.axhline(prevalence, color=color, linestyle=":", linewidth=0.8)
@@ -367,7 +370,9 @@ def _summary_sections(summary: Mapping[str, Any], classes: Sequence[str]) -> lis
             else:
                 head, shown = _truncated(title, list(value), "item(s)")
                 blocks.append((head, None, json.dumps(shown, indent=2, sort_keys=True, default=str)))
-        elif isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()) \
+        elif isinstance(value, Mapping) and not value:
+            scalars.append([title, "none"])
+        elif isinstance(value, Mapping) and all(isinstance(v, Mapping) for v in value.values()) \
                 and all(_is_scalar(x) for v in value.values() for x in v.values()):
             cols = _ordered_columns(value, classes)
             numeric = all(isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
@@ -380,7 +385,7 @@ def _summary_sections(summary: Mapping[str, Any], classes: Sequence[str]) -> lis
                     row.append(_fmt(sum(r.values())))
                 rows.append(row)
             blocks.append((title, header, rows))
-        elif isinstance(value, Mapping) and value and all(_is_scalar(v) for v in value.values()):
+        elif isinstance(value, Mapping) and all(_is_scalar(v) for v in value.values()):
             keys = _ordered_columns({"_": value}, classes)
             rows = [[str(k), _fmt(value[k])] for k in keys]
             numeric = all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value.values())
@@ -481,8 +486,9 @@ def write_html_report(
     if gradcam:
         body.append("<h2>Grad-CAM</h2>")
         body.append(f'<p class="note">Heatmaps of the gradient-weighted activations of layer '
-                    f'<code>{_e(gradcam_layer or "unknown")}</code> for the predicted class. They show where '
-                    f'the model looked, not why, and can reveal shortcuts such as text markers or borders.</p>')
+                    f'<code>{_e(gradcam_layer or "unknown")}</code>, for the predicted class unless a caption says '
+                    f'otherwise. They show where the model looked, not why, and can reveal shortcuts such as '
+                    f'text markers or borders.</p>')
         body.append('<div class="gallery">')
         for i, item in enumerate(gradcam):
             uri = _png_data_uri(item["png"], f"Grad-CAM item {i}")

@@ -96,12 +96,21 @@ def report_inputs(tmp_path):
     m.update(aucs)
     cam = tmp_path / "cam0.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(cam)
-    summary = {
-        "total_images": 671,
-        "per_split": {"train": {"covid": 300, "normal": 60, "pneumonia": 90},
-                      "test": {"covid": 70, "normal": 20, "pneumonia": 20}},
-        "per_source": {"ieee8023": {"covid": 350, "pneumonia": 62, "normal": 16}},
+    summary = {  # the shape covid_spark.preprocess writes to _summary.json
+        "classes": CLASSES,
+        "image_size": 224,
+        "inputs": 700,
+        "written": 450 + 110,
         "rejected": [{"path": f"bad/<img{i}>.jpg", "reason": "cannot identify image"} for i in range(250)],
+        "skipped": [],
+        "duplicates": [["covid/a.jpg", "covid/b.jpg"]],
+        "per_class": {"covid": 370, "normal": 80, "pneumonia": 110},
+        "per_split": {"train": 450, "val": 0, "test": 110},
+        "per_split_class": {"train": {"covid": 300, "normal": 60, "pneumonia": 90},
+                            "val": {},
+                            "test": {"covid": 70, "normal": 20, "pneumonia": 20}},
+        "per_source": {"ieee8023": 428, "kaggle3way": 132},
+        "config": {"seed": 0, "val_fraction": 0.0},
     }
     return dict(metrics=m, figures=figs, summary=summary, gradcam=[{"png": str(cam), "caption": "covid <b>0.91</b>"}])
 

@@ -1,0 +1,32 @@
+# Two commands a newcomer types: `make demo` and `make test`. Both set up .venv first (idempotent).
+SHELL := /bin/bash
+VENV := $(abspath .venv)
+PY := $(VENV)/bin/python
+DATA ?= ../shared/data/cxr3
+RUN_ID ?= demo-$(shell date +%Y%m%d-%H%M%S)
+MASTER ?= local[*]
+PYTEST_ARGS ?=
+
+export PATH := $(VENV)/bin:$(PATH)
+export PYSPARK_PYTHON := $(PY)
+export PYSPARK_DRIVER_PYTHON := $(PY)
+export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: setup demo test test-fast bench bench-demo cluster-up cluster-down clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
+	  jobs/pipeline.py --input $(DATA) --run-dir runs/$(RUN_ID) --config conf/demo.yaml
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs/ spark-warehouse/ .pytest_cache/ build/ dist/ *.egg-info

@@ -1,0 +1,116 @@
+"""All stages under one run id: preprocess → train → evaluate → report, safe to rerun."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+from covid_spark.sources import discover
+from covid_spark.storage import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("preprocess", "train", "evaluate", "report")
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage raised; ``stage`` names it."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage '{stage}' failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+def input_digest(location: str, skip_unknown: bool = False) -> dict:
+    """Content hashes of every input file (sha256), plus the list of skipped names."""
+    inventory = discover(location, skip_unknown=skip_unknown)
+    files = {}
+    for record in inventory.records:
+        digest = hashlib.sha256()
+        try:
+            with open(record["path"], "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            files[record["path"]] = [record["label"], record["patient_id"], digest.hexdigest()]
+        except OSError as exc:
+            files[record["path"]] = [record["label"], record["patient_id"], f"unreadable: {exc}"]
+    return {"input": os.path.abspath(location), "files": files,
+            "skipped": sorted(s["path"] for s in inventory.skipped)}
+
+
+def run_pipeline(spark, input_location: str, run_dir: str, config: dict,
+                 force: bool = False, stages=STAGES) -> dict:
+    """Run ``stages`` into ``run_dir`` (the model dir; the dataset goes to ``run_dir/dataset``).
+
+    Preprocessing is skipped when the inputs' content hashes and the preprocess config match
+    the last run's; training is skipped when a model exists for the same dataset and config
+    (and resumes from the last checkpoint when an earlier run was interrupted). ``force``
+    reruns everything.
+
+    Raises:
+        StageFailed: names the stage that failed.
+    """
+    from covid_spark.evaluate import evaluate
+    from covid_spark.preprocess import preprocess
+    from covid_spark.run_report import build_report
+    from covid_spark.train import CHECKPOINT_DIR, run_training
+
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    dataset = os.path.join(run_dir, "dataset")
+    timings: dict[str, float] = {}
+    state_path = os.path.join(run_dir, "pipeline.json")
+    state = {}
+    if os.path.exists(state_path):
+        with open(state_path, encoding="utf-8") as handle:
+            state = json.load(handle)
+
+    def stage(name, fn):
+        if name not in stages:
+            return None
+        started = time.time()
+        logger.info("pipeline: stage %s starting", name)
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - reported with the stage's name
+            raise StageFailed(name, exc) from exc
+        timings[name] = round(time.time() - started, 1)
+        state.setdefault("timings", {})[name] = timings[name]
+        atomic_write_json(state_path, state)
+        return result
+
+    def do_preprocess():
+        digest = input_digest(input_location, bool(config["preprocess"]["skip_unknown_classes"]))
+        key = hashlib.sha256(json.dumps([digest, config["preprocess"]], sort_keys=True).encode()).hexdigest()
+        if not force and state.get("preprocess_key") == key and os.path.exists(os.path.join(dataset, "_summary.json")):
+            logger.info("pipeline: inputs unchanged since the last run; preprocessing skipped")
+            return "skipped"
+        preprocess(spark, input_location, dataset, config, overwrite=True)
+        atomic_write_json(os.path.join(run_dir, "inputs.json"), digest)
+        state["preprocess_key"] = key
+        state.pop("train_key", None)
+        return "ran"
+
+    def do_train():
+        key = hashlib.sha256(json.dumps([state.get("preprocess_key"), config["train"]],
+                                        sort_keys=True).encode()).hexdigest()
+        if not force and state.get("train_key") == key and os.path.exists(os.path.join(run_dir, "model.keras")):
+            logger.info("pipeline: model already trained on this dataset and config; training skipped")
+            return "skipped"
+        resume = (not force and state.get("train_started_key") == key
+                  and os.path.exists(os.path.join(run_dir, CHECKPOINT_DIR, "state.json")))
+        state["train_started_key"] = key
+        atomic_write_json(state_path, state)
+        run_training(spark, dataset, run_dir, config, overwrite=not resume, resume=resume)
+        state["train_key"] = key
+        return "resumed" if resume else "ran"
+
+    results = {
+        "preprocess": stage("preprocess", do_preprocess),
+        "train": stage("train", do_train),
+        "evaluate": stage("evaluate", lambda: evaluate(dataset, run_dir, config, "test") and "ran"),
+        "report": stage("report", lambda: build_report(run_dir, dataset, config)),
+    }
+    return {"run_dir": run_dir, "dataset": dataset, "stages": results, "timings": timings}

@@ -1,0 +1,110 @@
+"""Assemble a run's figures, Grad-CAM gallery, HTML report and model card from its records."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+
+import numpy as np
+
+from covid_spark.config import CLASSES
+
+logger = logging.getLogger(__name__)
+
+
+def _load_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def data_licenses(summary: dict) -> list[str]:
+    """Distinct values of the input manifest's ``license`` column, when it has one."""
+    location = (summary.get("input") or "").replace("file://", "")
+    manifest = location if os.path.isfile(location) else os.path.join(location, "manifest.csv")
+    if not os.path.isfile(manifest):
+        return []
+    with open(manifest, newline="", encoding="utf-8-sig") as handle:
+        return sorted({(row.get("license") or "").strip() for row in csv.DictReader(handle)} - {""})
+
+
+def pick_examples(y: np.ndarray, pred: np.ndarray, per_kind: int = 2) -> list[int]:
+    """Indices of up to ``per_kind`` correct and ``per_kind`` wrong predictions per true class."""
+    chosen = []
+    for k in range(len(CLASSES)):
+        right = np.flatnonzero((y == k) & (pred == k))[:per_kind]
+        wrong = np.flatnonzero((y == k) & (pred != k))[:per_kind]
+        chosen += right.tolist() + wrong.tolist()
+    return chosen
+
+
+def gradcam_gallery(model, dataset: str, metrics: dict, out_dir: str) -> tuple[list[dict], str]:
+    """Grad-CAM overlays for a sample of test images per class, correct and wrong ones."""
+    from PIL import Image
+
+    from covid_spark.data import load_split
+    from covid_spark.explain import grad_cam, overlay, pick_gradcam_layer
+
+    layer = pick_gradcam_layer(model, min_size=7)
+    test = load_split(dataset, metrics.get("split", "test"), fields=("image", "label"))
+    probs = np.array(metrics["predictions"]["probs"])
+    y, pred = np.array(metrics["predictions"]["label"]), probs.argmax(1)
+    index = pick_examples(y, pred)
+    if not index:
+        return [], layer
+    maps = grad_cam(model, test["image"][index], layer_name=layer)
+    os.makedirs(out_dir, exist_ok=True)
+    items = []
+    for n, (i, heat) in enumerate(zip(index, maps)):
+        path = os.path.join(out_dir, f"gradcam_{n:02d}_{CLASSES[y[i]]}_as_{CLASSES[pred[i]]}.png")
+        Image.fromarray(overlay(test["image"][i], heat)).save(path)
+        verdict = "correct" if y[i] == pred[i] else "WRONG"
+        items.append({"png": path, "caption": f"{verdict}: true {CLASSES[y[i]]}, predicted {CLASSES[pred[i]]} "
+                                              f"(p={probs[i, pred[i]]:.2f}) — {os.path.basename(str(test['path'][i]))}"})
+    return items, layer
+
+
+def build_report(run_dir: str, dataset: str, config: dict) -> str:
+    """Write figures, ``report.html`` and ``model_card.md`` into ``run_dir``; return the report path."""
+    from covid_spark.evaluate import load_model
+    from covid_spark.preprocess import read_summary
+    from covid_spark.report import (plot_confusion, plot_history, plot_roc_pr, write_html_report,
+                                    write_model_card)
+
+    metrics = _load_json(os.path.join(run_dir, "metrics.json"))
+    if metrics is None:
+        raise FileNotFoundError(f"{run_dir}/metrics.json not found: run jobs/evaluate.py first")
+    run = _load_json(os.path.join(run_dir, "run.json")) or {}
+    history = _load_json(os.path.join(run_dir, "history.json")) or {}
+    summary = read_summary(None, dataset)
+    figures_dir = os.path.join(run_dir, "figures")
+    os.makedirs(figures_dir, exist_ok=True)
+    figures = {}
+    if history.get("loss"):
+        figures["Loss and accuracy per epoch (train vs val)"] = os.path.join(figures_dir, "history.png")
+        plot_history(history, figures["Loss and accuracy per epoch (train vs val)"])
+    figures["Confusion matrix (test)"] = os.path.join(figures_dir, "confusion.png")
+    plot_confusion(metrics["confusion_matrix"], CLASSES, figures["Confusion matrix (test)"])
+    y = np.array(metrics["predictions"]["label"])
+    probs = np.array(metrics["predictions"]["probs"])
+    figures["ROC and precision-recall curves (test, one-vs-rest)"] = os.path.join(figures_dir, "roc_pr.png")
+    curves = plot_roc_pr(y, probs, CLASSES, figures["ROC and precision-recall curves (test, one-vs-rest)"])
+    metrics_for_report = dict(metrics, **curves)
+    model = load_model(run_dir)
+    gallery, layer = gradcam_gallery(model, dataset, metrics, os.path.join(run_dir, "gradcam"))
+    extra = {}
+    if run.get("leave_one_source_out"):
+        extra["Leave-one-source-out"] = json.dumps(run["leave_one_source_out"], indent=2)
+    report = os.path.join(run_dir, "report.html")
+    write_html_report(report, title=f"covid-spark run {os.path.basename(run_dir)} — {run.get('model', '')}",
+                      metrics=metrics_for_report, figures=figures, dataset_summary=summary,
+                      config=run.get("config", config), versions=run.get("versions", {}),
+                      gradcam=gallery, gradcam_layer=layer, extra_sections=extra or None)
+    card_run = {"run_id": os.path.basename(run_dir), **{k: v for k, v in run.items()
+                                                        if k not in ("config", "dataset_summary")}}
+    write_model_card(os.path.join(run_dir, "model_card.md"), run=card_run, metrics=metrics_for_report,
+                     dataset_summary=summary, licenses=data_licenses(summary))
+    logger.info("report: %s (%d figures, %d Grad-CAM overlays at layer %s)", report, len(figures), len(gallery), layer)
+    return report

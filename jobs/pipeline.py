@@ -1,0 +1,69 @@
+"""spark-submit jobs/pipeline.py --input DIR_OR_MANIFEST --run-dir runs/<run-id> [options]
+
+Runs preprocess → train → evaluate → report into one run directory. Safe to rerun: unchanged
+inputs are not preprocessed again, a finished model is not retrained, an interrupted training
+resumes from its checkpoint. Exits 2 naming the stage that failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.config import load_config
+from covid_spark.metrics import format_table
+from covid_spark.pipeline import STAGES, StageFailed, run_pipeline
+
+logger = logging.getLogger("covid_spark.jobs.pipeline")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run every stage under one run id.")
+    parser.add_argument("--input", required=True, help="manifest CSV, folder with manifest.csv, or folder per class")
+    parser.add_argument("--run-dir", required=True, help="e.g. runs/nightly-2026-11-26")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--force", action="store_true", help="rerun every stage even if its inputs did not change")
+    add_spark_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"pipeline: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    spark, owned = build_spark(args, "covid-spark pipeline")
+    try:
+        result = run_pipeline(spark, args.input, args.run_dir, config, force=args.force, stages=stages)
+    except StageFailed as exc:
+        logger.error("pipeline: %s", exc, exc_info=exc.__cause__)
+        print(f"pipeline: FAILED at stage '{exc.stage}': {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if owned:
+            spark.stop()
+    run_dir = result["run_dir"]
+    metrics_file = os.path.join(run_dir, "metrics.json")
+    if os.path.exists(metrics_file):
+        with open(metrics_file, encoding="utf-8") as handle:
+            metrics = json.load(handle)
+        print(f"\nEvaluation on the test split ({metrics['n']} images):")
+        print(format_table(metrics))
+    print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()))
+    print(f"pipeline: {', '.join(f'{k} {v}' for k, v in result['stages'].items() if v)}")
+    print(f"outputs:  {run_dir}")
+    report = os.path.join(run_dir, "report.html")
+    if os.path.exists(report):
+        print(f"report:   {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

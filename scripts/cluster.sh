@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# A Spark standalone cluster on loopback: one master and two workers (1 core, 4 GB each),
+# started with the venv's pip pyspark (`spark-class`; the pip package has no sbin/start-*.sh).
+#
+#   scripts/cluster.sh up       start, and wait until both workers have registered
+#   scripts/cluster.sh status   print the master URL and the alive workers (exit 1 when down)
+#   scripts/cluster.sh down     stop everything and remove the state folder (idempotent)
+#
+# State (pids, logs, master URL, worker work dirs) lives in $CLUSTER_DIR (default .cluster/).
+# Environment:
+#   CLUSTER_PORT         master RPC port (default: a free port)
+#   CLUSTER_WEBUI_PORT   master web UI port (default: a free port); workers' UIs get free ports
+#   CLUSTER_WORKERS      number of workers (default 2)
+#   CLUSTER_CORES / CLUSTER_MEMORY   per worker (default 1 / 4g)
+#   CLUSTER_DIR, VENV    state folder, virtual environment (default .cluster, .venv)
+#   CLUSTER_START_TIMEOUT  seconds to wait for the workers (default 120)
+# The executors' Python is chosen by the application, not here: spark-submit --conf
+# spark.pyspark.python=... (or PYSPARK_PYTHON in the submitting shell).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+CLUSTER_DIR=${CLUSTER_DIR:-$ROOT/.cluster}
+VENV=${VENV:-$ROOT/.venv}
+WORKERS=${CLUSTER_WORKERS:-2}
+CORES=${CLUSTER_CORES:-1}
+MEMORY=${CLUSTER_MEMORY:-4g}
+START_TIMEOUT=${CLUSTER_START_TIMEOUT:-120}
+HOST=127.0.0.1
+SPARK_CLASS="$VENV/bin/spark-class"
+
+export SPARK_LOCAL_IP=$HOST
+export SPARK_LOG_DIR="$CLUSTER_DIR/logs"
+export PYSPARK_PYTHON=${PYSPARK_PYTHON:-$VENV/bin/python}
+
+die() { echo "cluster: $*" >&2; exit 1; }
+
+free_port() {
+  "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Alive workers according to the master's JSON; empty when the master does not answer.
+alive_workers() {
+  curl -fsS --max-time 3 "http://$HOST:$1/json/" 2>/dev/null \
+    | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin).get("aliveworkers", 0))' 2>/dev/null || true
+}
+
+is_running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Start one daemon in its own session (so `down` can end its whole process group).
+start_daemon() {
+  local name=$1; shift
+  setsid "$@" >"$CLUSTER_DIR/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$CLUSTER_DIR/$name.pid"
+}
+
+stop_daemon() {
+  local pidfile=$1 pid
+  [ -f "$pidfile" ] || return 0
+  pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
+cmd_down() {
+  [ -d "$CLUSTER_DIR" ] || { echo "cluster: not running"; return 0; }
+  # Workers first, so the master does not log them as lost and wait for them.
+  for pidfile in "$CLUSTER_DIR"/worker-*.pid "$CLUSTER_DIR"/master.pid; do
+    [ -e "$pidfile" ] && stop_daemon "$pidfile"
+  done
+  rm -rf "$CLUSTER_DIR"
+  echo "cluster: stopped"
+}
+
+cmd_status() {
+  if ! is_running "$CLUSTER_DIR/master.pid"; then
+    echo "cluster: not running"
+    return 1
+  fi
+  local webui alive
+  webui=$(cat "$CLUSTER_DIR/webui-port")
+  alive=$(alive_workers "$webui")
+  echo "master:  $(cat "$CLUSTER_DIR/master-url" 2>/dev/null || echo "(starting)") (web UI http://$HOST:$webui)"
+  echo "workers: ${alive:-0} alive"
+  echo "logs:    $CLUSTER_DIR/logs"
+}
+
+cmd_up() {
+  [ -x "$SPARK_CLASS" ] || die "$SPARK_CLASS not found: run 'make setup' first"
+  command -v java >/dev/null || die "Java 17 is required (java not on PATH)"
+  command -v curl >/dev/null || die "curl is required to poll the master"
+  if is_running "$CLUSTER_DIR/master.pid"; then
+    echo "cluster: already running"
+    cmd_status
+    return 0
+  fi
+  rm -rf "$CLUSTER_DIR"   # leftovers of a cluster that died
+  mkdir -p "$CLUSTER_DIR/logs"
+  local port=${CLUSTER_PORT:-$(free_port)} webui=${CLUSTER_WEBUI_PORT:-$(free_port)}
+  local url="spark://$HOST:$port"
+  echo "$webui" > "$CLUSTER_DIR/webui-port"
+
+  start_daemon master "$SPARK_CLASS" org.apache.spark.deploy.master.Master \
+    --host "$HOST" --port "$port" --webui-port "$webui"
+  for i in $(seq 1 "$WORKERS"); do
+    mkdir -p "$CLUSTER_DIR/worker-$i"
+    start_daemon "worker-$i" "$SPARK_CLASS" org.apache.spark.deploy.worker.Worker "$url" \
+      --host "$HOST" --cores "$CORES" --memory "$MEMORY" --webui-port "$(free_port)" \
+      --work-dir "$CLUSTER_DIR/worker-$i"
+  done
+
+  local deadline=$((SECONDS + START_TIMEOUT)) alive=""
+  while [ $SECONDS -lt $deadline ]; do
+    alive=$(alive_workers "$webui")
+    [ "${alive:-0}" -ge "$WORKERS" ] && break
+    for pidfile in "$CLUSTER_DIR"/*.pid; do
+      is_running "$pidfile" && continue
+      name=$(basename "$pidfile" .pid)
+      tail -n 20 "$CLUSTER_DIR/logs/$name.log" >&2 || true
+      cmd_down >/dev/null
+      die "$name exited during start-up (log above)"
+    done
+    sleep 1
+  done
+  if [ "${alive:-0}" -lt "$WORKERS" ]; then
+    tail -n 20 "$CLUSTER_DIR"/logs/*.log >&2 || true
+    cmd_down >/dev/null
+    die "only ${alive:-0} of $WORKERS workers registered within ${START_TIMEOUT}s (logs above)"
+  fi
+  echo "$url" > "$CLUSTER_DIR/master-url"
+  echo "cluster: $url up with $alive workers ($CORES core(s), $MEMORY each); web UI http://$HOST:$webui"
+}
+
+case "${1:-}" in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,288 @@
+"""The preprocess job on a corpus of good, odd and bad files that the test builds itself."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from covid_spark.config import load_config, override
+from covid_spark.images import decode_image
+
+pytestmark = pytest.mark.slow
+SIZE = 32
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    data = bytearray(_png(np.zeros((4, 4), np.uint8)))
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12:ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def build_corpus(root) -> dict:
+    """Folder-per-class corpus with Kaggle-style names; returns expected outcomes."""
+    rng = np.random.default_rng(7)
+    dirs = {"covid": root / "COVID-19", "pneumonia": root / "Viral Pneumonia", "normal": root / "NORMAL"}
+    for d in dirs.values():
+        d.mkdir()
+    good = {}
+
+    def put(label, name, data):
+        path = dirs[label] / name
+        path.write_bytes(data)
+        good[str(path)] = label
+        return path
+
+    for label in dirs:
+        for i in range(5):
+            noise = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+            put(label, f"{label}{i}.png", _png(noise))
+    gradient16 = (np.arange(64, dtype=np.uint16)[None, :].repeat(16, 0) * 1000)
+    put("normal", "gradient16.png", _png(gradient16, "I;16"))
+    put("normal", "cmyk.jpg", _jpeg(Image.new("CMYK", (40, 40), (0, 255, 255, 0))))
+    palette = Image.new("P", (30, 30), 3)
+    palette.putpalette([0, 0, 0, 90, 90, 90, 180, 180, 180, 30, 60, 250] + [0] * (256 * 3 - 12))
+    put("pneumonia", "palette.png", _save(palette).getvalue())
+    rgba = np.zeros((20, 20, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[:10, :, 3] = 255
+    put("pneumonia", "rgba.png", _png(rgba))
+    put("covid", "tiny.png", _png(np.full((5, 7, 3), 200, np.uint8)))
+    original = put("covid", "dup_a.png", _png(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    shutil.copy(original, dirs["covid"] / "dup_b.png")
+    good[str(dirs["covid"] / "dup_b.png")] = "covid"
+    bad = {
+        "empty.jpg": (b"", "empty"),
+        "page.jpg": (b"<!DOCTYPE html><html><body>Not found</body></html>", "HTML"),
+        "truncated.jpg": (_jpeg(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))[:300], "truncated"),
+        "bomb.png": (_bomb_png(30000, 30000), "exceeds"),
+    }
+    for name, (data, _) in bad.items():
+        (dirs["covid"] / name).write_bytes(data)
+    (dirs["normal"] / ".DS_Store").write_bytes(b"\x00")
+    (dirs["normal"] / "notes.txt").write_text("not an image")
+    return {"good": good, "bad": {str(dirs["covid"] / n): why for n, (_, why) in bad.items()},
+            "skipped": {str(dirs["normal"] / ".DS_Store"), str(dirs["normal"] / "notes.txt")}}
+
+
+def _save(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf
+
+
+def _config(**pre):
+    values = {"image_size": SIZE, "min_row_groups": 2, "val_fraction": 0.2, "test_fraction": 0.2}
+    values.update(pre)
+    return override(load_config(), "preprocess", values)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, build_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def written(spark, corpus, tmp_path_factory):
+    from covid_spark.preprocess import preprocess
+
+    root, expected = corpus
+    out = str(tmp_path_factory.mktemp("out") / "ds")
+    summary = preprocess(spark, str(root), out, _config())
+    return out, summary, expected
+
+
+def test_every_input_is_accounted_for(written):
+    out, summary, expected = written
+    assert summary["inputs"] == len(expected["good"]) + len(expected["bad"]) + len(expected["skipped"])
+    assert summary["inputs"] == summary["written"] + len(summary["rejected"]) + len(summary["skipped"])
+    assert summary["written"] == len(expected["good"])
+    reasons = {r["path"]: r["reason"] for r in summary["rejected"]}
+    assert set(reasons) == set(expected["bad"])
+    for path, word in expected["bad"].items():
+        assert word.lower() in reasons[path].lower(), (path, reasons[path])
+    assert {s["path"] for s in summary["skipped"]} == expected["skipped"]
+    assert summary["per_class"] == {"covid": 8, "normal": 7, "pneumonia": 7}
+    with open(os.path.join(out, "_summary.json")) as handle:
+        assert json.load(handle)["written"] == summary["written"]
+
+
+def test_stored_pixels_equal_the_shared_decode(written):
+    from covid_spark.data import load_split
+
+    out, summary, expected = written
+    seen = 0
+    for split in ("train", "val", "test"):
+        if not summary["per_split"][split]:
+            continue
+        data = load_split(out, split, fields=("image", "label", "label_name", "path"))
+        for image, label, name, path in zip(data["image"], data["label"], data["label_name"], data["path"]):
+            with open(path, "rb") as handle:
+                np.testing.assert_array_equal(image, decode_image(handle.read(), SIZE))
+            assert name == expected["good"][path] and ["covid", "normal", "pneumonia"][label] == name
+            seen += 1
+    assert seen == len(expected["good"])
+
+
+def test_unusual_formats_keep_their_content(written):
+    from covid_spark.data import load_split
+
+    out, summary, _ = written
+    rows = {}
+    for split in ("train", "val", "test"):
+        if summary["per_split"][split]:
+            data = load_split(out, split, fields=("image", "path"))
+            rows.update({os.path.basename(p): img for p, img in zip(data["path"], data["image"])})
+    grad = rows["gradient16.png"][SIZE // 2, :, 0].astype(int)
+    assert np.all(np.diff(grad) >= 0) and grad[0] < 20 and grad[-1] > 235  # order kept, not clipped
+    assert rows["tiny.png"].shape == (SIZE, SIZE, 3) and np.all(rows["tiny.png"] == 200)
+    assert np.abs(rows["palette.png"].reshape(-1, 3).mean(0) - [30, 60, 250]).max() < 2
+    cmyk = rows["cmyk.jpg"].reshape(-1, 3).mean(0)
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60  # C=0, M=Y=255 is red
+    rgba = rows["rgba.png"]
+    assert rgba[2, SIZE // 2, 0] > 240 and rgba[-3, SIZE // 2, 0] < 15  # transparent half over black
+
+
+def test_duplicates_are_reported_and_share_a_split(written):
+    from covid_spark.data import load_split
+
+    out, summary, _ = written
+    groups = [sorted(os.path.basename(p) for p in g) for g in summary["duplicates"]]
+    assert ["dup_a.png", "dup_b.png"] in groups
+    split_of = {}
+    for split in ("train", "val", "test"):
+        if summary["per_split"][split]:
+            for p in load_split(out, split, fields=("path",))["path"]:
+                split_of[os.path.basename(p)] = split
+    assert split_of["dup_a.png"] == split_of["dup_b.png"]
+
+
+def test_existing_output_is_refused_and_kept(spark, written):
+    from covid_spark.preprocess import preprocess
+
+    out, summary, _ = written
+    before = sorted(os.listdir(out))
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        preprocess(spark, os.path.dirname(next(iter(written[2]["good"]))), out, _config())
+    assert sorted(os.listdir(out)) == before
+
+
+def test_failure_mid_write_leaves_no_output(spark, corpus, tmp_path, monkeypatch):
+    import covid_spark.preprocess as pre
+
+    root, _ = corpus
+    calls = []
+    real = pre._num_files
+
+    def fail_on_second_split(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure while writing the val split")
+        return real(*args)
+
+    monkeypatch.setattr(pre, "_num_files", fail_on_second_split)
+    out = tmp_path / "ds"
+    with pytest.raises(RuntimeError, match="injected"):
+        pre.preprocess(spark, str(root), str(out), _config())
+    assert not out.exists()
+    assert os.listdir(tmp_path) == []  # no temporary directory left behind either
+    # with an existing output and --overwrite, a failure leaves the old output as it was
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="injected"):
+        pre.preprocess(spark, str(root), str(out), _config(), overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "does not exist"),
+    ("unknown_folder", r"folder\(s\) Lung_Opacity .* name no class; accepted"),
+    ("no_images", "holds no images"),
+    ("manifest_no_label", "lacks column.*label"),
+    ("manifest_bad_label", "line 2: unknown label 'flu'"),
+    ("manifest_outside", "lies outside"),
+])
+def test_bad_inputs_fail_before_any_work(spark, tmp_path, layout, message):
+    from covid_spark.preprocess import preprocess
+
+    src = tmp_path / "in"
+    if layout != "missing":
+        src.mkdir()
+    if layout == "unknown_folder":
+        (src / "COVID").mkdir()
+        (src / "Lung_Opacity").mkdir()
+    if layout == "no_images":
+        (src / "normal").mkdir()
+        (src / "normal" / "readme.txt").write_text("x")
+    if layout.startswith("manifest"):
+        header = "path,source\n" if layout == "manifest_no_label" else "path,label\n"
+        row = {"manifest_no_label": "a.png,x\n", "manifest_bad_label": "a.png,flu\n",
+               "manifest_outside": "../a.png,covid\n"}[layout]
+        (src / "manifest.csv").write_text(header + row)
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        preprocess(spark, str(src), str(out), _config())
+    assert not out.exists()
+
+
+def test_unknown_folder_can_be_skipped_explicitly(spark, tmp_path):
+    from covid_spark.preprocess import preprocess
+
+    src = tmp_path / "in"
+    for name in ("covid", "normal", "Lung_Opacity"):
+        (src / name).mkdir(parents=True)
+        for i in range(3):
+            (src / name / f"{i}.png").write_bytes(_png(np.full((8, 8, 3), 10 * i + len(name), np.uint8)))
+    summary = preprocess(spark, str(src), str(tmp_path / "out"), _config(skip_unknown_classes=True))
+    assert summary["written"] == 6 and len(summary["skipped"]) == 3
+    assert all("names no class" in s["reason"] for s in summary["skipped"])
+
+
+def test_task_retry_loses_and_duplicates_nothing(corpus, tmp_path):
+    """A Python worker dies once; with local[2,2] Spark retries and the dataset is exact."""
+    root, expected = corpus
+    marker = tmp_path / "failed-once"
+    out = tmp_path / "ds"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, COVID_SPARK_FAIL_ONCE=str(marker), PYSPARK_PYTHON=sys.executable)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "jobs", "preprocess.py"), "--master", "local[2,2]",
+         "--input", str(root), "--output", str(out), "--image-size", str(SIZE), "--min-row-groups", "2",
+         "--conf", "spark.ui.enabled=false"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists()  # the fault really happened
+    from covid_spark.data import load_split
+
+    with open(out / "_summary.json") as handle:
+        summary = json.load(handle)
+    paths = []
+    for split in ("train", "val", "test"):
+        if summary["per_split"][split]:
+            paths += [str(p) for p in load_split(str(out), split, fields=("path",))["path"]]
+    assert sorted(paths) == sorted(expected["good"])  # no row missing, none twice

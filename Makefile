@@ -28,5 +28,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
+cluster-up: setup
+	@bash scripts/cluster.sh up
+
+cluster-down:
+	@bash scripts/cluster.sh down
+
 clean:
 	rm -rf runs/ spark-warehouse/ .pytest_cache/ build/ dist/ *.egg-info

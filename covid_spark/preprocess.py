@@ -56,6 +56,32 @@ def decode_partition(records: Iterable[dict], size: int, max_pixels: int) -> Ite
         yield dict(record, image=image, dhash=digest, error=error)
 
 
+def split_images(good: list[dict], cfg: dict, duplicates: list[list[str]]) -> dict[str, str]:
+    """Split name per path: patient-wise and stratified, or leave-one-source-out.
+
+    With ``holdout_source`` set, every image of that source goes to test and the others are
+    split into train and val only (a shortcut check: does the model work on a source it never
+    saw?). Duplicate groups that straddle the held-out source are dropped from train/val.
+    """
+    holdout = cfg.get("holdout_source") or ""
+    rest = [m for m in good if m["source"] != holdout] if holdout else good
+    if holdout and len(rest) == len(good):
+        known = sorted({m["source"] for m in good})
+        raise ValueError(f"preprocess.holdout_source {holdout!r} matches no image; sources: {known}")
+    test_fraction = 0.0 if holdout else float(cfg["test_fraction"])
+    splits = assign_splits([m["path"] for m in rest], [m["label"] for m in rest],
+                           [m["patient_id"] for m in rest], float(cfg["val_fraction"]), test_fraction,
+                           int(cfg["seed"]), linked=duplicates)
+    split_of = dict(zip((m["path"] for m in rest), splits))
+    if holdout:
+        held = {m["path"] for m in good if m["source"] == holdout}
+        split_of.update({p: "test" for p in held})
+        for group in duplicates:  # a copy of a held-out image must not be trained on
+            if held & set(group):
+                split_of.update({p: "test" for p in group})
+    return split_of
+
+
 def _count(rows: Iterable[dict], key: str) -> dict[str, int]:
     return dict(sorted(Counter(r[key] for r in rows).items()))
 
@@ -98,11 +124,7 @@ def preprocess(spark, input_location: str, output: str, config: dict, overwrite:
             rejected = [{"path": m["path"], "reason": m["error"]} for m in meta if m["error"] is not None]
             duplicates = group_duplicates({m["path"]: m["dhash"] for m in good},
                                           max_distance=int(cfg["duplicate_distance"]))
-            splits = assign_splits([m["path"] for m in good], [m["label"] for m in good],
-                                   [m["patient_id"] for m in good],
-                                   float(cfg["val_fraction"]), float(cfg["test_fraction"]),
-                                   int(cfg["seed"]), linked=duplicates)
-            split_of = dict(zip((m["path"] for m in good), splits))
+            split_of = split_images(good, cfg, duplicates)
             for m in good:
                 m["split"] = split_of[m["path"]]
             split_bc = sc.broadcast(split_of)

@@ -60,6 +60,21 @@ def git_commit() -> str | None:
         return None
 
 
+def rank_env(sc, threads: int) -> dict[str, str]:
+    """Environment of the Horovod ranks, which each executor's task service starts in its work dir.
+
+    The driver's environment, with the files shipped by ``--py-files`` put first on PYTHONPATH by
+    bare name: spark-submit lists them on the driver's PYTHONPATH by their paths on the driver's
+    machine, while every executor holds its own copy in its working directory, which is the
+    ranks' working directory too. So a rank imports ``covid_spark`` from the shipped package on
+    any host. (Use with ``executable=sc.pythonExec``: the executors' Python, not the driver's.)
+    """
+    shipped = [os.path.basename(p) for p in sc.getConf().get("spark.submit.pyFiles", "").split(",") if p]
+    pythonpath = os.pathsep.join(shipped + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return dict(os.environ, PYTHONPATH=pythonpath, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads),
+                PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+
+
 def train_fn(job: dict) -> dict:
     """Body of one Horovod rank. Plain dict in, plain dict out (rank 0 adds the model's bytes)."""
     import numpy as np
@@ -241,10 +256,9 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         logger.info("resuming from epoch %d of %s", state["epoch"], model_dir)
     logger.info("training %s on %d train images with %d Horovod rank(s), %d step(s) per epoch, "
                 "%d thread(s) per rank", cfg["model"], n_train, num_proc, steps, threads)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads),
-               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     results = horovod.spark.run(train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
-                                env=env, start_timeout=600, verbose=1)
+                                env=rank_env(spark.sparkContext, threads),
+                                executable=spark.sparkContext.pythonExec, start_timeout=600, verbose=1)
     rank0 = next(r for r in results if r["rank"] == 0)
     tmp_model = os.path.join(model_dir, ".model.keras.tmp")
     with open(tmp_model, "wb") as handle:

@@ -13,7 +13,7 @@ import os
 import sys
 
 from covid_spark.cli import add_spark_args, build_spark, setup_logging
-from covid_spark.config import load_config
+from covid_spark.config import load_config, override
 from covid_spark.metrics import format_table
 from covid_spark.pipeline import STAGES, StageFailed, run_pipeline
 
@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="manifest CSV, folder with manifest.csv, or folder per class")
     parser.add_argument("--run-dir", required=True, help="e.g. runs/nightly-2026-11-26")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--holdout-source", help="leave-one-source-out check: train without this source, test on it")
+    parser.add_argument("--model", help="architecture (overrides the config's train.model)")
+    parser.add_argument("--epochs", type=int, help="overrides the config's train.epochs")
     parser.add_argument("--force", action="store_true", help="rerun every stage even if its inputs did not change")
     add_spark_args(parser)
     return parser.parse_args(argv)
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
     if unknown:
         print(f"pipeline: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    config = load_config(args.config)
+    config = override(load_config(args.config), "preprocess", {"holdout_source": args.holdout_source})
+    config = override(config, "train", {"model": args.model, "epochs": args.epochs})
     spark, owned = build_spark(args, "covid-spark pipeline")
     try:
         result = run_pipeline(spark, args.input, args.run_dir, config, force=args.force, stages=stages)

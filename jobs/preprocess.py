@@ -24,6 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-row-groups", type=int, help="row groups per split, at least the Horovod ranks")
     parser.add_argument("--skip-unknown-classes", action="store_true", default=None,
                         help="skip folders/labels that name no class instead of failing")
+    parser.add_argument("--holdout-source", help="leave-one-source-out: put every image of this source in test")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     add_spark_args(parser)
     return parser.parse_args(argv)
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     config = override(load_config(args.config), "preprocess", {
         "image_size": args.image_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
         "seed": args.seed, "max_pixels": args.max_pixels, "min_row_groups": args.min_row_groups,
-        "skip_unknown_classes": args.skip_unknown_classes})
+        "skip_unknown_classes": args.skip_unknown_classes,
+        "holdout_source": args.holdout_source})
     spark, owned = build_spark(args, "covid-spark preprocess")
     try:
         summary = preprocess(spark, args.input, args.output, config, overwrite=args.overwrite)

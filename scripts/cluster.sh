@@ -14,8 +14,8 @@
 #   CLUSTER_CORES / CLUSTER_MEMORY   per worker (default 1 / 4g)
 #   CLUSTER_DIR, VENV    state folder, virtual environment (default .cluster, .venv)
 #   CLUSTER_START_TIMEOUT  seconds to wait for the workers (default 120)
-# The executors' Python is chosen by the application, not here: spark-submit --conf
-# spark.pyspark.python=... (or PYSPARK_PYTHON in the submitting shell).
+# The executors' Python is chosen by each application, not here: PySpark sends the driver's
+# PYSPARK_PYTHON (spark-submit --conf spark.pyspark.python=...) to the executors.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,7 +30,6 @@ SPARK_CLASS="$VENV/bin/spark-class"
 
 export SPARK_LOCAL_IP=$HOST
 export SPARK_LOG_DIR="$CLUSTER_DIR/logs"
-export PYSPARK_PYTHON=${PYSPARK_PYTHON:-$VENV/bin/python}
 
 die() { echo "cluster: $*" >&2; exit 1; }
 

@@ -1,0 +1,82 @@
+"""Peak resident memory: of this process, of its process tree (JVM, Spark workers), of a child."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import threading
+
+MB = 1024 * 1024
+
+
+def maxrss_mb() -> float:
+    """Peak RSS of the calling process so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def _kind(proc) -> str:
+    """Classify a descendant of the driver by its command line."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - the process may have exited meanwhile
+        return "other_children"
+    if "java" in os.path.basename(cmdline.split(" ", 1)[0]) or "org.apache.spark" in cmdline:
+        return "jvm"
+    if "pyspark.daemon" in cmdline or "pyspark.worker" in cmdline or "pyspark/daemon" in cmdline:
+        return "spark_python_workers"
+    return "other_children"
+
+
+class PeakRss:
+    """Poll this process and its descendants every ``interval`` s; keep the peaks in MiB.
+
+    ``peaks`` has ``driver`` (this Python process), ``jvm`` (the Spark JVM),
+    ``spark_python_workers`` and ``other_children`` (sums over those processes at one
+    instant) and ``tree`` (everything at one instant). Short-lived processes between two
+    polls are missed, so children also report their own ``ru_maxrss``.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.peaks = {"driver": 0.0, "jvm": 0.0, "spark_python_workers": 0.0, "other_children": 0.0,
+                      "tree": 0.0}
+        self._stop = threading.Event()
+        self._thread = None
+        self._kinds: dict[int, str] = {}
+
+    def _sample(self, me) -> None:
+        import psutil
+
+        sums = dict.fromkeys(self.peaks, 0.0)
+        sums["driver"] = me.memory_info().rss / MB
+        for child in me.children(recursive=True):
+            try:
+                rss = child.memory_info().rss / MB
+                kind = self._kinds.get(child.pid) or self._kinds.setdefault(child.pid, _kind(child))
+            except psutil.Error:
+                continue
+            sums[kind] += rss
+        sums["tree"] = sum(v for k, v in sums.items() if k != "tree")
+        for key, value in sums.items():
+            self.peaks[key] = max(self.peaks[key], round(value, 1))
+
+    def _loop(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                self._sample(me)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread = threading.Thread(target=self._loop, name="peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

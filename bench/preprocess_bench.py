@@ -1,0 +1,167 @@
+"""Preprocessing throughput: the real Spark preprocess job against plain Python processes.
+
+The plain baselines call the job's own per-file function (``read_and_decode``: read, decode,
+resize, perceptual hash) over the same inventory, in fresh processes started before the clock
+starts, and write nothing. The Spark figure is the whole job: decode, duplicate grouping,
+split assignment and the Petastorm write of three splits.
+"""
+from __future__ import annotations
+
+import cProfile
+import io
+import logging
+import multiprocessing as mp
+import os
+import pstats
+import time
+
+from bench.memory import PeakRss, maxrss_mb
+from bench.procs import collect
+
+logger = logging.getLogger(__name__)
+
+
+def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
+    """Body of one plain process: wait for the start signal, decode ``paths``, report."""
+    from covid_spark.preprocess import read_and_decode
+
+    barrier.wait()
+    started = time.perf_counter()
+    ok = 0
+    for path in paths:
+        image, _digest, error = read_and_decode(path, size, max_pixels)
+        ok += error is None
+    queue.put({"pid": os.getpid(), "images": len(paths), "decoded": ok,
+               "seconds": time.perf_counter() - started, "maxrss_mb": maxrss_mb()})
+
+
+def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -> dict:
+    """Decode ``paths`` split round-robin over ``processes`` independent processes at once.
+
+    Processes are spawned and import everything before a barrier; the wall time runs from
+    the barrier to the last process's report.
+    """
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
+    chunks = [paths[i::processes] for i in range(processes)]
+    workers = [ctx.Process(target=_decode_worker, args=(chunk, size, max_pixels, barrier, queue), daemon=True)
+               for chunk in chunks]
+    for worker in workers:
+        worker.start()
+    try:
+        barrier.wait(timeout=120)
+        started = time.perf_counter()
+        reports = collect(queue, workers)
+        wall = time.perf_counter() - started
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+    decoded = sum(r["decoded"] for r in reports)
+    if decoded != len(paths):
+        logger.warning("plain decode: %d of %d images decoded", decoded, len(paths))
+    return {"processes": processes, "images": len(paths), "decoded": decoded, "seconds": round(wall, 3),
+            "images_per_s": round(len(paths) / wall, 1),
+            "per_process": [{"images": r["images"], "seconds": round(r["seconds"], 3),
+                             "maxrss_mb": r["maxrss_mb"]} for r in reports]}
+
+
+def _top_functions(profile: cProfile.Profile, wanted: tuple[str, ...], limit: int = 12) -> list[dict]:
+    """Cumulative wall time of the profiled functions whose location contains one of ``wanted``."""
+    stats = pstats.Stats(profile, stream=io.StringIO())
+    rows = []
+    for (filename, line, name), (_cc, calls, _tt, cumulative, _callers) in stats.stats.items():
+        where = f"{filename}:{line}({name})"
+        if any(w in where for w in wanted):
+            rows.append({"function": f"{os.path.basename(filename)}:{name}", "calls": calls,
+                         "seconds": round(cumulative, 3)})
+    rows.sort(key=lambda r: -r["seconds"])
+    return rows[:limit]
+
+
+# Driver-side calls that account for the Spark job's wall time: the decode job (collect),
+# each split's write, and the pure steps in between.
+SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_splits)", "(discover)",
+                      "(materialize_dataset)", "(createDataFrame)", "(__exit__)", "(unpersist)")
+
+
+def spark_preprocess(spark, input_location: str, output: str, config: dict) -> dict:
+    """Run the real preprocess job once; wall time, throughput, counts and a driver profile."""
+    from covid_spark.preprocess import preprocess
+
+    profile = cProfile.Profile()  # default timer is wall-clock: blocking JVM calls show their duration
+    with PeakRss() as rss:
+        started = time.perf_counter()
+        profile.enable()
+        try:
+            summary = preprocess(spark, input_location, output, config, overwrite=True)
+        finally:
+            profile.disable()
+        wall = time.perf_counter() - started
+    return {"images": summary["inputs"], "written": summary["written"], "rejected": len(summary["rejected"]),
+            "duplicate_groups": len(summary["duplicates"]),
+            "images_in_duplicate_groups": sum(len(g) for g in summary["duplicates"]),
+            "row_groups": summary["row_groups"], "seconds": round(wall, 3),
+            "images_per_s": round(summary["inputs"] / wall, 1),
+            "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS), "peak_rss_mb": rss.peaks}
+
+
+def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
+    """Where one process spends its time per image: cProfile of ``read_and_decode`` on ``paths``."""
+    from covid_spark.preprocess import read_and_decode
+
+    profile = cProfile.Profile(time.process_time)
+    profile.enable()
+    for path in paths:
+        read_and_decode(path, size, max_pixels)
+    profile.disable()
+    wanted = ("(read_and_decode)", "(decode_image)", "(dhash)", "(draft)", "(load)", "(resize)",
+              "(_to_rgb)", "(_upright)", "(_open)", "(_sniff)", "(array)", "method 'read'")
+    rows = _top_functions(profile, wanted, limit=14)
+    for row in rows:
+        row["ms_per_image"] = round(1000 * row["seconds"] / max(1, len(paths)), 2)
+    return rows
+
+
+def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict) -> tuple:
+    """Start Spark and run the job on a tiny input twice; return ``(spark, costs)``.
+
+    ``spark_factory()`` builds the session. The first tiny job also starts Spark's Python
+    workers; the second is the steady per-job fixed cost subtracted for ``net`` throughput.
+    """
+    from covid_spark.preprocess import preprocess
+
+    started = time.perf_counter()
+    spark = spark_factory()
+    session = time.perf_counter() - started
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        summary = preprocess(spark, tiny_input, output, config, overwrite=True)
+        times.append(time.perf_counter() - started)
+    return spark, {"session_start_s": round(session, 3), "tiny_job_images": summary["inputs"],
+                   "tiny_job_first_s": round(times[0], 3), "tiny_job_s": round(times[1], 3)}
+
+
+def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
+    """Single process, two processes, then Spark, on one input; with the ratios."""
+    from covid_spark.sources import discover
+
+    cfg = config["preprocess"]
+    size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])
+    paths = [r["path"] for r in discover(input_location).records]
+    logger.info("preprocess bench: %d images, 1 process", len(paths))
+    single = plain_decode(paths, 1, size, max_pixels)
+    logger.info("preprocess bench: %d images, 2 processes", len(paths))
+    pair = plain_decode(paths, 2, size, max_pixels)
+    logger.info("preprocess bench: %d images, Spark job", len(paths))
+    spark_run = spark_preprocess(spark, input_location, output, config)
+    net_seconds = spark_run["seconds"] - fixed_job_s
+    spark_run["net_images_per_s"] = round(len(paths) / net_seconds, 1) if net_seconds > 0 else None
+    return {"images": len(paths), "input": input_location, "single": single, "pair": pair, "spark": spark_run,
+            "spark_vs_pair": round(spark_run["images_per_s"] / pair["images_per_s"], 3),
+            "spark_net_vs_pair": (round(spark_run["net_images_per_s"] / pair["images_per_s"], 3)
+                                  if spark_run["net_images_per_s"] else None),
+            "pair_vs_single": round(pair["images_per_s"] / single["images_per_s"], 3),
+            "spark_vs_single": round(spark_run["images_per_s"] / single["images_per_s"], 3)}

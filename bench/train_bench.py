@@ -1,0 +1,188 @@
+"""Training throughput: Horovod ranks over Spark against independent single-rank trainings.
+
+Every run calls the real ``covid_spark.train.train_fn`` with a job built as ``run_training``
+builds it (no validation, one epoch of ``warmup + steps`` steps) and a step timer added to its
+``fit()`` call. Images/s come from the batch-end timestamps after the warm-up steps, inside
+the window where every process of the run was past its warm-up and none had finished, so a
+pair that starts or ends a little apart is measured only while both are training.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+
+from bench.memory import maxrss_mb
+from bench.procs import collect
+
+logger = logging.getLogger(__name__)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def threads_per_rank(config: dict, num_proc: int) -> int:
+    """Intra-op threads per rank, as ``run_training`` chooses them."""
+    return int(config["train"]["threads_per_rank"]) or max(1, (os.cpu_count() or 1) // num_proc)
+
+
+def rank_env(threads: int) -> dict[str, str]:
+    """The environment ``run_training`` gives each rank, plus this checkout on PYTHONPATH."""
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+                CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+
+
+def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, checkpoint_dir: str,
+             batch_size: int | None = None) -> dict:
+    """A ``train_fn`` job for ``steps`` steps of one epoch on ``dataset``'s train split."""
+    from covid_spark.preprocess import read_summary
+    from covid_spark.storage import to_url
+    from covid_spark.train import class_weights
+
+    cfg = config["train"]
+    summary = read_summary(None, dataset)
+    return {
+        "dataset": to_url(dataset), "model": model, "image_size": int(summary["image_size"]),
+        "epochs": 1, "batch_size": int(batch_size or cfg["batch_size"]),
+        "learning_rate": float(cfg["learning_rate"]), "warmup_epochs": int(cfg["warmup_epochs"]),
+        "patience": int(cfg["early_stopping_patience"]), "seed": int(cfg["seed"]), "threads": threads,
+        "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]),
+        "augment": dict(cfg["augment"]),
+        "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
+        "val_rows": 0, "val_row_groups": 0, "checkpoint_dir": checkpoint_dir,
+    }
+
+
+def timed_train_fn(job: dict, barrier=None) -> dict:
+    """Run the real ``train_fn(job)``; return its rank, size, batch-end times and peak RSS.
+
+    ``barrier`` (optional) is waited on just before training starts, so independent processes
+    start their first step together.
+    """
+    import tensorflow as tf
+
+    from covid_spark.train import train_fn
+
+    batch_ends: list[float] = []
+    fit_began: list[float] = []
+
+    class StepTimer(tf.keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            fit_began.append(time.time())
+
+        def on_train_batch_end(self, batch, logs=None):
+            batch_ends.append(time.time())  # wall clock: comparable across processes
+
+    model_class = tf.keras.Model
+    original_fit = model_class.fit
+
+    def timed_fit(self, *args, callbacks=None, **kwargs):
+        if barrier is not None:
+            barrier.wait()
+        return original_fit(self, *args, callbacks=list(callbacks or []) + [StepTimer()], **kwargs)
+
+    model_class.fit = timed_fit
+    try:
+        result = train_fn(job)
+    finally:
+        model_class.fit = original_fit
+    return {"rank": result["rank"], "size": result["size"], "pid": os.getpid(), "batch_ends": batch_ends,
+            "fit_began": fit_began[0],
+            "loss": result["history"].get("loss", [None])[-1], "maxrss_mb": maxrss_mb()}
+
+
+def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int) -> dict:
+    """Images/s of processes measured together, from their batch-end times.
+
+    The window opens when the last process ends its ``warmup``-th step and closes when the
+    first one ends its last step; each process's rate is its steps inside the window.
+
+    Raises:
+        ValueError: fewer than two steps of some process fall inside the window.
+    """
+    if warmup < 1:
+        raise ValueError(f"warmup must be >= 1 step, got {warmup}")
+    if any(len(ends) <= warmup for ends in batch_ends):
+        raise ValueError(f"every process needs more than {warmup} steps; got "
+                         f"{[len(e) for e in batch_ends]}")
+    opens = max(ends[warmup - 1] for ends in batch_ends)
+    closes = min(ends[-1] for ends in batch_ends)
+    rates = []
+    for ends in batch_ends:
+        inside = [t for t in ends if opens <= t <= closes]
+        if len(inside) < 2:
+            raise ValueError(f"the processes overlapped for fewer than two steps after warm-up "
+                             f"(window {closes - opens:.2f} s)")
+        rates.append((len(inside) - 1) * batch_size / (inside[-1] - inside[0]))
+    return {"images_per_s": round(sum(rates), 1), "per_process": [round(r, 1) for r in rates],
+            "window_s": round(closes - opens, 2),
+            "timed_steps": [sum(1 for t in ends if opens <= t <= closes) - 1 for ends in batch_ends]}
+
+
+def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
+    """``num_proc`` Horovod ranks through ``horovod.spark.run``, as ``run_training`` launches them."""
+    import horovod.spark
+
+    env = rank_env(job["threads"])
+    started = time.perf_counter()
+    results = horovod.spark.run(timed_train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
+                                env=env, start_timeout=600, verbose=0)
+    wall = time.perf_counter() - started
+    results = sorted(results, key=lambda r: r["rank"])
+    rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"])
+    in_fit = max(r["batch_ends"][-1] for r in results) - min(r["fit_began"] for r in results)
+    return dict(rate, processes=num_proc, wall_s=round(wall, 1), outside_fit_s=round(wall - in_fit, 1),
+                maxrss_mb=[r["maxrss_mb"] for r in results])
+
+
+def _pair_worker(job: dict, env: dict, barrier, results) -> None:
+    os.environ.update(env)
+    results.put(timed_train_fn(job, barrier))
+
+
+def independent_run(jobs: list[dict], warmup: int) -> dict:
+    """The same jobs in independent plain processes (no launcher: Horovod size 1), started together."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
+    workers = [ctx.Process(target=_pair_worker, args=(job, rank_env(job["threads"]), barrier, results),
+                           daemon=True) for job in jobs]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    try:
+        reports = collect(results, workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.terminate()
+    wall = time.perf_counter() - started
+    rate = window_rate([r["batch_ends"] for r in reports], warmup, jobs[0]["batch_size"])
+    return dict(rate, processes=len(jobs), wall_s=round(wall, 1), maxrss_mb=[r["maxrss_mb"] for r in reports])
+
+
+def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,
+              batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2)) -> dict:
+    """1 and 2 Horovod ranks and an independent pair, for one model; with the efficiency."""
+    threads = threads_per_rank(config, 2)
+    out: dict = {"model": model, "threads_per_process": threads, "warmup_steps": warmup, "steps": steps}
+
+    def job(name):
+        return make_job(dataset, config, model, threads, warmup + steps, os.path.join(workdir, name),
+                        batch_size)
+
+    out["batch_size"] = job("x")["batch_size"]
+    for num_proc in ranks:
+        logger.info("train bench: %s, %d Horovod rank(s)", model, num_proc)
+        out[f"horovod_{num_proc}"] = horovod_run(spark, job(f"{model}-hvd{num_proc}"), num_proc, warmup)
+    logger.info("train bench: %s, 2 independent processes", model)
+    out["independent_2"] = independent_run([job(f"{model}-solo{i}") for i in range(2)], warmup)
+    if "horovod_2" in out:
+        out["efficiency"] = round(out["horovod_2"]["images_per_s"] / out["independent_2"]["images_per_s"], 3)
+    if "horovod_1" in out and "horovod_2" in out:
+        out["speedup_2_vs_1"] = round(out["horovod_2"]["images_per_s"] / out["horovod_1"]["images_per_s"], 3)
+    if "horovod_1" in out:
+        out["independent_2_vs_1"] = round(out["independent_2"]["images_per_s"]
+                                          / out["horovod_1"]["images_per_s"], 3)
+    return out

@@ -13,7 +13,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo test test-fast bench bench-demo cluster-up cluster-down clean
+.PHONY: setup demo loso test test-fast bench bench-demo cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -21,6 +21,13 @@ setup:
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py --input $(DATA) --run-dir runs/$(RUN_ID) --config conf/demo.yaml
+
+# Leave-one-source-out shortcut check: train without SOURCE, test on all of SOURCE.
+SOURCE ?= kaggle3way
+loso: setup
+	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
+	  jobs/pipeline.py --input $(DATA) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config conf/demo.yaml \
+	  --holdout-source $(SOURCE)
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

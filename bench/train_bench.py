@@ -54,11 +54,12 @@ def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, c
     }
 
 
-def timed_train_fn(job: dict, barrier=None) -> dict:
+def timed_train_fn(job: dict, barrier=None, warmup: int = 0) -> dict:
     """Run the real ``train_fn(job)``; return its rank, size, batch-end times and peak RSS.
 
-    ``barrier`` (optional) is waited on just before training starts, so independent processes
-    start their first step together.
+    ``barrier`` (optional) is waited on at the end of step ``warmup``, so that independent
+    processes, whose first steps (graph tracing) take different times, start their timed
+    steps together; that step's end is stamped after the wait.
     """
     import tensorflow as tf
 
@@ -72,14 +73,14 @@ def timed_train_fn(job: dict, barrier=None) -> dict:
             fit_began.append(time.time())
 
         def on_train_batch_end(self, batch, logs=None):
+            if barrier is not None and batch + 1 == warmup:
+                barrier.wait(timeout=600)
             batch_ends.append(time.time())  # wall clock: comparable across processes
 
     model_class = tf.keras.Model
     original_fit = model_class.fit
 
     def timed_fit(self, *args, callbacks=None, **kwargs):
-        if barrier is not None:
-            barrier.wait()
         return original_fit(self, *args, callbacks=list(callbacks or []) + [StepTimer()], **kwargs)
 
     model_class.fit = timed_fit
@@ -96,7 +97,8 @@ def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int) -> 
     """Images/s of processes measured together, from their batch-end times.
 
     The window opens when the last process ends its ``warmup``-th step and closes when the
-    first one ends its last step; each process's rate is its steps inside the window.
+    first one ends its last step (give or take half a median step, for ranks in lockstep);
+    each process's rate is its steps inside the window over their duration.
 
     Raises:
         ValueError: fewer than two steps of some process fall inside the window.
@@ -108,16 +110,20 @@ def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int) -> 
                          f"{[len(e) for e in batch_ends]}")
     opens = max(ends[warmup - 1] for ends in batch_ends)
     closes = min(ends[-1] for ends in batch_ends)
-    rates = []
+    # Ranks in lockstep end a step microseconds apart: allow half the median step either side.
+    steps = sorted(b - a for ends in batch_ends for a, b in zip(ends[warmup - 1:], ends[warmup:]))
+    slack = 0.5 * steps[len(steps) // 2] if steps else 0.0
+    rates, counted = [], []
     for ends in batch_ends:
-        inside = [t for t in ends if opens <= t <= closes]
+        inside = [t for t in ends[warmup - 1:] if opens - slack <= t <= closes + slack]
         if len(inside) < 2:
             raise ValueError(f"the processes overlapped for fewer than two steps after warm-up "
                              f"(window {closes - opens:.2f} s)")
         rates.append((len(inside) - 1) * batch_size / (inside[-1] - inside[0]))
+        counted.append(len(inside) - 1)
     return {"images_per_s": round(sum(rates), 1), "per_process": [round(r, 1) for r in rates],
             "window_s": round(closes - opens, 2),
-            "timed_steps": [sum(1 for t in ends if opens <= t <= closes) - 1 for ends in batch_ends]}
+            "timed_steps": counted}
 
 
 def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
@@ -136,16 +142,16 @@ def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
                 maxrss_mb=[r["maxrss_mb"] for r in results])
 
 
-def _pair_worker(job: dict, env: dict, barrier, results) -> None:
+def _pair_worker(job: dict, env: dict, barrier, warmup: int, results) -> None:
     os.environ.update(env)
-    results.put(timed_train_fn(job, barrier))
+    results.put(timed_train_fn(job, barrier, warmup))
 
 
 def independent_run(jobs: list[dict], warmup: int) -> dict:
     """The same jobs in independent plain processes (no launcher: Horovod size 1), started together."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
-    workers = [ctx.Process(target=_pair_worker, args=(job, rank_env(job["threads"]), barrier, results),
+    workers = [ctx.Process(target=_pair_worker, args=(job, rank_env(job["threads"]), barrier, warmup, results),
                            daemon=True) for job in jobs]
     started = time.perf_counter()
     for worker in workers:

@@ -15,9 +15,20 @@ logger = logging.getLogger(__name__)
 COLUMNS = ["path", "predicted"] + [f"p_{c}" for c in CLASSES] + ["error"]
 
 
+def explain_name(path: str, predicted: str) -> str:
+    """File name of a Grad-CAM overlay: the input's stem, a short hash of its full path, the class."""
+    import hashlib
+
+    stem = os.path.splitext(os.path.basename(path))[0][:80]
+    return f"{stem}-{hashlib.sha1(path.encode()).hexdigest()[:8]}-{predicted}.png"
+
+
 def predict_partition(records: Iterable[dict], model_bytes: bytes, size: int, batch_size: int,
-                      threads: int) -> Iterator[tuple]:
-    """mapPartitions body: load the model once, decode with the preprocess code, score in batches."""
+                      threads: int, explain_dir: str | None = None) -> Iterator[tuple]:
+    """mapPartitions body: load the model once, decode with the preprocess code, score in batches.
+
+    With ``explain_dir``, also writes one Grad-CAM overlay PNG per readable image there.
+    """
     import tempfile
 
     import numpy as np
@@ -32,8 +43,26 @@ def predict_partition(records: Iterable[dict], model_bytes: bytes, size: int, ba
             handle.write(model_bytes)
         model = tf.keras.models.load_model(path, compile=False)
 
+    layer = None
+    if explain_dir:
+        from covid_spark.explain import pick_gradcam_layer
+
+        layer = pick_gradcam_layer(model, min_size=7)
+
     def flush(batch):
-        probs = model(np.stack([img for _, img in batch]).astype("float32"), training=False).numpy()
+        images = np.stack([img for _, img in batch])
+        probs = model(images.astype("float32"), training=False).numpy()
+        if explain_dir:
+            from PIL import Image
+
+            from covid_spark.explain import grad_cam, overlay
+
+            heatmaps = grad_cam(model, images, layer_name=layer)
+            for (p, image), row, heat in zip(batch, probs, heatmaps):
+                name = explain_name(p, CLASSES[int(row.argmax())])
+                tmp = os.path.join(explain_dir, f".{name}.tmp.png")
+                Image.fromarray(overlay(image, heat)).save(tmp)
+                os.replace(tmp, os.path.join(explain_dir, name))
         for (p, _), row in zip(batch, probs):
             yield (p, CLASSES[int(row.argmax())], *(float(v) for v in row), "")
 
@@ -79,7 +108,7 @@ def write_table(rows: list[tuple], output: str) -> None:
 
 
 def predict(spark, input_location: str, model_dir: str, output: str, config: dict,
-            batch_size: int = 32, overwrite: bool = True) -> dict:
+            batch_size: int = 32, overwrite: bool = True, explain_dir: str | None = None) -> dict:
     """Score every file at ``input_location``; one output row per input file.
 
     Raises:
@@ -105,19 +134,22 @@ def predict(spark, input_location: str, model_dir: str, output: str, config: dic
     max_pixels = int(config["preprocess"]["max_pixels"])
     records = [dict(r, max_pixels=max_pixels) for r in inventory.records] + \
               [{"path": s["path"], "skip_reason": s["reason"]} for s in inventory.skipped]
+    if explain_dir:
+        explain_dir = os.path.abspath(explain_dir)
+        os.makedirs(explain_dir, exist_ok=True)
     sc = spark.sparkContext
     model_bc = sc.broadcast(model_bytes)
     slices = max(1, min(len(records), max(sc.defaultParallelism, len(records) // 256)))
     sc.setJobDescription(f"predict {len(records)} files")
     rows = (sc.parallelize(records, slices)
-            .mapPartitions(lambda part: predict_partition(part, model_bc.value, size, batch_size, 1))
+            .mapPartitions(lambda part: predict_partition(part, model_bc.value, size, batch_size, 1, explain_dir))
             .collect())
     rows.sort(key=lambda r: r[0])
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_table(rows, output)
     errors = sum(1 for r in rows if r[-1])
     result = {"inputs": len(records), "rows": len(rows), "predicted": len(rows) - errors, "errors": errors,
-              "output": os.path.abspath(output), "seconds": round(time.time() - started, 1)}
+              "output": os.path.abspath(output), "explain_dir": explain_dir, "seconds": round(time.time() - started, 1)}
     logger.info("predict: %d files → %d predicted, %d with an error; %.1f s → %s",
                 result["inputs"], result["predicted"], errors, result["seconds"], output)
     return result

@@ -69,10 +69,12 @@ def rank_env(sc, threads: int) -> dict[str, str]:
     ranks' working directory too. So a rank imports ``covid_spark`` from the shipped package on
     any host. (Use with ``executable=sc.pythonExec``: the executors' Python, not the driver's.)
     """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads),
+               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     shipped = [os.path.basename(p) for p in sc.getConf().get("spark.submit.pyFiles", "").split(",") if p]
-    pythonpath = os.pathsep.join(shipped + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return dict(os.environ, PYTHONPATH=pythonpath, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads),
-                PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    if shipped:
+        env["PYTHONPATH"] = os.pathsep.join(shipped + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
 
 
 def train_fn(job: dict) -> dict:
@@ -166,6 +168,16 @@ def train_fn(job: dict) -> dict:
         best,
         EpochLog(),
     ]
+    if job["lr_schedule"] == "cosine" and job["epochs"] > job["warmup_epochs"]:
+        start, end = job["warmup_epochs"], job["epochs"]
+
+        def cosine(epoch):  # fractional epoch; decays to 2% of the peak at the last epoch
+            progress = min(1.0, max(0.0, (epoch - start) / (end - start)))
+            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        callbacks.insert(3, hvd.callbacks.LearningRateScheduleCallback(
+            initial_lr=lr, multiplier=cosine, start_epoch=start, end_epoch=end, staircase=False,
+            momentum_correction=False, steps_per_epoch=job["steps_per_epoch"]))
     if rank == 0:
         callbacks.append(Checkpoint())
     history.update({k: list(v) for k, v in job.get("resume_history", {}).items()})
@@ -232,6 +244,8 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         raise ValueError(f"train.num_proc is {num_proc} but the train split of {dataset} has only "
                          f"{groups} row group(s); Petastorm shards by row group, so rerun preprocess "
                          f"with a larger preprocess.min_row_groups or use fewer ranks")
+    if cfg["lr_schedule"] not in ("cosine", "constant"):
+        raise ValueError(f"train.lr_schedule must be 'cosine' or 'constant', found {cfg['lr_schedule']!r}")
     batch = int(cfg["batch_size"])
     if n_train < batch * num_proc:
         raise ValueError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
@@ -243,7 +257,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     job = {
         "dataset": to_url(dataset), "model": cfg["model"], "image_size": int(summary["image_size"]),
         "epochs": int(cfg["epochs"]), "batch_size": batch, "learning_rate": float(cfg["learning_rate"]),
-        "warmup_epochs": int(cfg["warmup_epochs"]), "patience": int(cfg["early_stopping_patience"]),
+        "warmup_epochs": int(cfg["warmup_epochs"]), "lr_schedule": cfg["lr_schedule"], "patience": int(cfg["early_stopping_patience"]),
         "seed": int(cfg["seed"]), "threads": threads, "steps_per_epoch": steps,
         "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": dict(cfg["augment"]),
         "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),

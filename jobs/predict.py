@@ -15,6 +15,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--output", required=True, help="FILE.csv or FILE.parquet: one row per input file")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--explain", metavar="DIR",
+                        help="also write one Grad-CAM overlay PNG per readable image into DIR "
+                             "(a path every executor can write)")
     parser.add_argument("--no-overwrite", action="store_true", help="refuse to replace an existing --output")
     add_spark_args(parser)
     return parser.parse_args(argv)
@@ -27,12 +30,14 @@ def main(argv=None) -> int:
     spark, owned = build_spark(args, "covid-spark predict")
     try:
         result = predict(spark, args.input, args.model_dir, args.output, config,
-                         batch_size=args.batch_size, overwrite=not args.no_overwrite)
+                         batch_size=args.batch_size, overwrite=not args.no_overwrite,
+                         explain_dir=args.explain)
     finally:
         if owned:
             spark.stop()
     print(f"predict: {result['inputs']} files → {result['predicted']} predicted, "
-          f"{result['errors']} error(s), {result['seconds']:.0f} s → {result['output']}")
+          f"{result['errors']} error(s), {result['seconds']:.0f} s → {result['output']}"
+          + (f"; Grad-CAM overlays in {result['explain_dir']}" if result["explain_dir"] else ""))
     return 0
 
 

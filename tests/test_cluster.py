@@ -1,5 +1,8 @@
 """The jobs on a real Spark standalone cluster (a master and two 1-core workers on 127.0.0.1).
 
+Every test here but the first (a unit test of the Horovod ranks' environment) is marked
+``slow`` and ``cluster``.
+
 The code reaches the executors only as the package wheel shipped with ``--py-files``: the .venv
 has covid_spark installed in editable mode, so the executors run the venv's Python without
 ``site`` (no .pth files) and could not import the checkout even if they wanted to.
@@ -14,20 +17,21 @@ import subprocess
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(REPO, ".venv")
 PY = os.path.join(VENV, "bin", "python")
 SUBMIT_TIMEOUT = 420
 
-# Where the executors and the Horovod ranks import covid_spark from. Horovod ranks are started
-# exactly as covid_spark.train.run_training starts them (env and executable).
+# Where the executors and the Horovod ranks import covid_spark from. The ranks are launched by
+# covid_spark.train.run_training itself (on a real dataset); only the function they run is swapped.
 PROBE = '''
 import json, os, sys
 import horovod.spark
 from pyspark.sql import SparkSession
-from covid_spark.train import rank_env
+from covid_spark.config import load_config, override
+from covid_spark.train import run_training
+
+dataset, model_dir = sys.argv[1], sys.argv[2]
 
 
 def origin(_=None):
@@ -35,16 +39,52 @@ def origin(_=None):
     return {"file": os.path.abspath(covid_spark.__file__), "no_site": sys.flags.no_site}
 
 
+class Launched(Exception):
+    pass
+
+
+def launch_origin(fn, args=(), **kwargs):   # what run_training passes, with origin as the body
+    launch_origin.ranks = real_run(origin, **kwargs)
+    raise Launched
+
+
+real_run, horovod.spark.run = horovod.spark.run, launch_origin
 spark = SparkSession.builder.appName("covid-spark import probe").getOrCreate()
-sc = spark.sparkContext
 try:
-    executors = sc.parallelize(range(2), 2).map(origin).collect()
-    ranks = horovod.spark.run(origin, num_proc=2, use_gloo=True, use_mpi=False, env=rank_env(sc, 1),
-                              executable=sc.pythonExec, verbose=0)
+    executors = spark.sparkContext.parallelize(range(2), 2).map(origin).collect()
+    try:
+        run_training(spark, dataset, model_dir, override(load_config(), "train", {"num_proc": 2, "batch_size": 4}))
+    except Launched:
+        pass
 finally:
     spark.stop()
-print("ORIGIN " + json.dumps({"executors": executors, "ranks": ranks}))
+print("ORIGIN " + json.dumps({"executors": executors, "ranks": launch_origin.ranks}))
 '''
+
+
+class _FakeContext:
+    """Just enough SparkContext for rank_env: the conf spark-submit sets for --py-files."""
+
+    def __init__(self, py_files: str):
+        self.conf = {"spark.submit.pyFiles": py_files} if py_files else {}
+
+    def getConf(self):
+        return self
+
+    def get(self, key, default=None):
+        return self.conf.get(key, default)
+
+
+def test_rank_env_puts_the_executors_copies_of_shipped_files_first(monkeypatch):
+    from covid_spark.train import rank_env
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/driver/dist/covid_spark.zip", "/spark/python"]))
+    env = rank_env(_FakeContext("file:/driver/dist/covid_spark.zip,hdfs://nn/deps/extra.zip"), 3)
+    assert env["PYTHONPATH"].split(os.pathsep) == ["covid_spark.zip", "extra.zip",
+                                                   "/driver/dist/covid_spark.zip", "/spark/python"]
+    assert env["OMP_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == ""
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in rank_env(_FakeContext(""), 1)   # nothing shipped: the executor's own
 
 
 def _need_tools() -> None:
@@ -140,6 +180,8 @@ def _read_json(path: str) -> dict:
         return json.load(handle)
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_cluster_script_reports_two_workers(cluster):
     status = subprocess.run(["bash", cluster["script"], "status"], env=cluster["env"],
                             capture_output=True, text=True, timeout=30)
@@ -148,10 +190,12 @@ def test_cluster_script_reports_two_workers(cluster):
     assert cluster["url"].startswith("spark://127.0.0.1:")
 
 
-def test_executors_and_horovod_ranks_import_the_shipped_wheel(cluster, shipped, tmp_path):
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_executors_and_horovod_ranks_import_the_shipped_wheel(cluster, shipped, cluster_run, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    out = spark_submit(cluster, shipped, str(probe))
+    out = spark_submit(cluster, shipped, str(probe), cluster_run["dataset"], str(tmp_path / "model"))
     origins = json.loads(next(line for line in out.splitlines() if line.startswith("ORIGIN "))[len("ORIGIN "):])
     name = os.path.basename(shipped["zip"])
     workers = os.path.realpath(cluster["dir"])
@@ -165,6 +209,8 @@ def test_executors_and_horovod_ranks_import_the_shipped_wheel(cluster, shipped, 
             assert where["no_site"] == 1, (kind, where)
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_preprocess_on_the_cluster_reconciles(cluster_run, subset_dir):
     summary = _read_json(os.path.join(cluster_run["dataset"], "_summary.json"))
     with open(os.path.join(subset_dir, "manifest.csv"), encoding="utf-8") as handle:
@@ -177,6 +223,8 @@ def test_preprocess_on_the_cluster_reconciles(cluster_run, subset_dir):
     assert all(summary["row_groups"][s] >= 2 for s in ("train", "val", "test"))
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_train_ran_two_horovod_ranks_on_the_cluster(cluster, cluster_run):
     run = _read_json(os.path.join(cluster_run["model_dir"], "run.json"))
     assert run["num_proc"] == 2
@@ -187,6 +235,8 @@ def test_train_ran_two_horovod_ranks_on_the_cluster(cluster, cluster_run):
     assert len(history["loss"]) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_evaluate_on_the_cluster_covers_the_test_split(cluster_run):
     summary = _read_json(os.path.join(cluster_run["dataset"], "_summary.json"))
     metrics = _read_json(os.path.join(cluster_run["model_dir"], "metrics.json"))

@@ -118,8 +118,16 @@ def test_predict_one_row_per_input_including_bad(pipeline_run, tmp_path):
     (folder / "page.jpg").write_text("<html><body>404</body></html>")
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "pred.parquet"
+    explain = tmp_path / "explain"
     assert pipeline_run["jobs"]["predict"].main(["--input", str(folder), "--model-dir", pipeline_run["model_dir"],
-                                                 "--output", str(out)]) == 0
+                                                 "--output", str(out), "--explain", str(explain)]) == 0
+    overlays = sorted(os.listdir(explain))
+    assert len(overlays) == 3 and all(name.startswith("img") for name in overlays)
+    from PIL import Image
+
+    for name in overlays:
+        with Image.open(explain / name) as im:
+            assert im.format == "PNG" and im.size == (224, 224)
     import pyarrow.parquet as pq
 
     table = pq.read_table(out).to_pylist()
@@ -150,3 +158,31 @@ def test_resume_continues_from_checkpoint(pipeline_run, tmp_path):
         history = json.load(handle)
     assert run["resumed_from_epoch"] == 2
     assert len(history["loss"]) == 3  # two epochs from the first run, one more after resuming
+
+
+def test_run_report_is_self_contained(pipeline_run):
+    import base64
+    import re
+
+    from PIL import Image
+
+    from covid_spark.config import load_config
+    from covid_spark.run_report import build_report
+
+    report = build_report(pipeline_run["model_dir"], pipeline_run["dataset"], load_config())
+    with open(report, encoding="utf-8") as handle:
+        page = handle.read()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    sources = re.findall(r'<img[^>]+src="([^"]+)"', page)
+    assert len(sources) >= 3
+    for src in sources:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "stage4_conv2" in page  # the Grad-CAM layer is named
+    for name in ("history.png", "confusion.png", "roc_pr.png"):
+        with Image.open(os.path.join(pipeline_run["model_dir"], "figures", name)) as im:
+            assert im.size[0] >= 300 and im.size[1] >= 200
+    with open(os.path.join(pipeline_run["model_dir"], "model_card.md"), encoding="utf-8") as handle:
+        card = handle.read()
+    assert "not a diagnostic device" in card
+    assert os.listdir(os.path.join(pipeline_run["model_dir"], "gradcam"))

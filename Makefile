@@ -20,7 +20,8 @@ setup:
 
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
-	  jobs/pipeline.py --input $(DATA) --run-dir runs/$(RUN_ID) --config conf/demo.yaml
+	  jobs/pipeline.py --input $(DATA) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
+	  $(if $(MODEL),--model $(MODEL))
 
 # Leave-one-source-out shortcut check: train without SOURCE, test on all of SOURCE.
 SOURCE ?= kaggle3way

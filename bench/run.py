@@ -102,7 +102,7 @@ def input_for(source: str, size: str, workdir: str) -> str:
 def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("compact", "original"),
                    steps: dict | None = None, warmup: int = 3, read_batches: int = 20, read_warmup: int = 3,
                    master: str = "local[2]", config: dict | None = None, batch_size: int | None = None,
-                   spark=None, keep_work: bool = False) -> dict:
+                   spark=None, keep_work: bool = False, ranks: tuple[int, ...] = (1, 2)) -> dict:
     """Run every benchmark; return the results (plain data, JSON-ready).
 
     ``spark``: an existing session to use (it is not stopped); otherwise one is started with
@@ -120,7 +120,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
     results: dict = {"machine": machine(), "goals": GOALS,
                      "settings": {"input": os.path.abspath(source), "sizes": list(sizes), "models": list(models),
                                   "steps": {m: steps[m] for m in models}, "warmup_steps": warmup,
-                                  "read_batches": read_batches, "master": master if spark is None else
+                                  "read_batches": read_batches, "horovod_ranks": list(ranks), "master": master if spark is None else
                                   spark.sparkContext.master,
                                   "image_size": int(config["preprocess"]["image_size"])}}
     owned = spark is None
@@ -152,12 +152,12 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
             results["decode_profile"] = preprocess_bench.profile_decode(
                 paths, int(config["preprocess"]["image_size"]), int(config["preprocess"]["max_pixels"]))
             threads = train_bench.threads_per_rank(config, 2)
-            results["read"] = read_bench.run_read(dataset, config, threads, read_warmup, read_batches, batch_size)
+            results["read"] = read_bench.run_read(spark, dataset, config, threads, read_warmup, read_batches, batch_size)
             results["train"] = []
             for model in models:
                 with PeakRss() as rss:
                     entry = train_bench.run_model(spark, dataset, config, model, steps[model], warmup,
-                                                  os.path.join(workdir, "train"), batch_size)
+                                                  os.path.join(workdir, "train"), batch_size, ranks)
                 entry["peak_rss_mb"] = rss.peaks
                 results["train"].append(entry)
         finally:

@@ -26,11 +26,13 @@ def threads_per_rank(config: dict, num_proc: int) -> int:
     return int(config["train"]["threads_per_rank"]) or max(1, (os.cpu_count() or 1) // num_proc)
 
 
-def rank_env(threads: int) -> dict[str, str]:
+def rank_env(spark, threads: int) -> dict[str, str]:
     """The environment ``run_training`` gives each rank, plus this checkout on PYTHONPATH."""
-    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-                CUDA_VISIBLE_DEVICES="", PYTHONPATH=path)
+    from covid_spark.train import rank_env as job_rank_env
+
+    env = job_rank_env(spark.sparkContext, threads)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, checkpoint_dir: str,
@@ -46,6 +48,7 @@ def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, c
         "dataset": to_url(dataset), "model": model, "image_size": int(summary["image_size"]),
         "epochs": 1, "batch_size": int(batch_size or cfg["batch_size"]),
         "learning_rate": float(cfg["learning_rate"]), "warmup_epochs": int(cfg["warmup_epochs"]),
+        "lr_schedule": cfg.get("lr_schedule", "constant"),
         "patience": int(cfg["early_stopping_patience"]), "seed": int(cfg["seed"]), "threads": threads,
         "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]),
         "augment": dict(cfg["augment"]),
@@ -130,10 +133,10 @@ def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
     """``num_proc`` Horovod ranks through ``horovod.spark.run``, as ``run_training`` launches them."""
     import horovod.spark
 
-    env = rank_env(job["threads"])
+    env = rank_env(spark, job["threads"])
     started = time.perf_counter()
     results = horovod.spark.run(timed_train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
-                                env=env, start_timeout=600, verbose=0)
+                                env=env, executable=spark.sparkContext.pythonExec, start_timeout=600, verbose=0)
     wall = time.perf_counter() - started
     results = sorted(results, key=lambda r: r["rank"])
     rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"])
@@ -147,11 +150,11 @@ def _pair_worker(job: dict, env: dict, barrier, warmup: int, results) -> None:
     results.put(timed_train_fn(job, barrier, warmup))
 
 
-def independent_run(jobs: list[dict], warmup: int) -> dict:
+def independent_run(jobs: list[dict], warmup: int, env: dict) -> dict:
     """The same jobs in independent plain processes (no launcher: Horovod size 1), started together."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
-    workers = [ctx.Process(target=_pair_worker, args=(job, rank_env(job["threads"]), barrier, warmup, results),
+    workers = [ctx.Process(target=_pair_worker, args=(job, env, barrier, warmup, results),
                            daemon=True) for job in jobs]
     started = time.perf_counter()
     for worker in workers:
@@ -183,7 +186,8 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
         logger.info("train bench: %s, %d Horovod rank(s)", model, num_proc)
         out[f"horovod_{num_proc}"] = horovod_run(spark, job(f"{model}-hvd{num_proc}"), num_proc, warmup)
     logger.info("train bench: %s, 2 independent processes", model)
-    out["independent_2"] = independent_run([job(f"{model}-solo{i}") for i in range(2)], warmup)
+    out["independent_2"] = independent_run([job(f"{model}-solo{i}") for i in range(2)], warmup,
+                                           rank_env(spark, threads))
     if "horovod_2" in out:
         out["efficiency"] = round(out["horovod_2"]["images_per_s"] / out["independent_2"]["images_per_s"], 3)
     if "horovod_1" in out and "horovod_2" in out:

@@ -29,9 +29,16 @@ HOST=127.0.0.1
 SPARK_CLASS="$VENV/bin/spark-class"
 
 export SPARK_LOCAL_IP=$HOST
-export SPARK_LOG_DIR="$CLUSTER_DIR/logs"
+export PATH="$VENV/bin:$PATH"
+# A master whose port is taken must fail, not move to the next port while its workers
+# knock on the old one.
+export SPARK_MASTER_OPTS="${SPARK_MASTER_OPTS:-} -Dspark.port.maxRetries=0"
 
 die() { echo "cluster: $*" >&2; exit 1; }
+
+port_is_free() {
+  "$VENV/bin/python" -c 'import socket, sys; s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+}
 
 free_port() {
   "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -64,13 +71,20 @@ stop_daemon() {
   rm -f "$pidfile"
 }
 
+# Remove only what `up` creates, whatever CLUSTER_DIR points at.
+clean_state() {
+  rm -rf "$CLUSTER_DIR"/logs "$CLUSTER_DIR"/worker-[0-9]*/
+  rm -f "$CLUSTER_DIR"/*.pid "$CLUSTER_DIR"/master-url "$CLUSTER_DIR"/webui-port
+  rmdir "$CLUSTER_DIR" 2>/dev/null || true
+}
+
 cmd_down() {
   [ -d "$CLUSTER_DIR" ] || { echo "cluster: not running"; return 0; }
   # Workers first, so the master does not log them as lost and wait for them.
   for pidfile in "$CLUSTER_DIR"/worker-*.pid "$CLUSTER_DIR"/master.pid; do
     [ -e "$pidfile" ] && stop_daemon "$pidfile"
   done
-  rm -rf "$CLUSTER_DIR"
+  clean_state
   echo "cluster: stopped"
 }
 
@@ -96,10 +110,16 @@ cmd_up() {
     cmd_status
     return 0
   fi
-  rm -rf "$CLUSTER_DIR"   # leftovers of a cluster that died
-  mkdir -p "$CLUSTER_DIR/logs"
+  # spark-class looks for pyspark with whatever python3 is on PATH; name the venv's pyspark.
+  SPARK_HOME=$("$VENV/bin/python" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))') \
+    || die "no pyspark in $VENV: run 'make setup' first"
+  export SPARK_HOME
+  clean_state   # leftovers of a cluster that died
   local port=${CLUSTER_PORT:-$(free_port)} webui=${CLUSTER_WEBUI_PORT:-$(free_port)}
   local url="spark://$HOST:$port"
+  port_is_free "$port" || die "port $port (master) is in use; choose another CLUSTER_PORT"
+  port_is_free "$webui" || die "port $webui (master web UI) is in use; choose another CLUSTER_WEBUI_PORT"
+  mkdir -p "$CLUSTER_DIR/logs"
   echo "$webui" > "$CLUSTER_DIR/webui-port"
 
   start_daemon master "$SPARK_CLASS" org.apache.spark.deploy.master.Master \

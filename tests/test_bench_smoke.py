@@ -60,7 +60,7 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
                                                     "val_fraction": 0.2, "test_fraction": 0.2})
     results = run_benchmarks(source, str(tmp_path / "work"), sizes=("all", "12"), models=("compact",),
                              steps={"compact": 2}, warmup=1, read_batches=2, read_warmup=1,
-                             config=config, batch_size=2, spark=spark)
+                             config=config, batch_size=2, spark=spark, ranks=(2,))
 
     assert set(results) >= {"machine", "settings", "spark_fixed", "preprocess", "decode_profile", "read",
                             "train", "memory", "verdicts", "seconds"}
@@ -81,7 +81,9 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
         assert results["read"][variant]["batch_shape"] == [2, 48, 48, 3]
     (train,) = results["train"]
     assert train["model"] == "compact"
-    for key, processes in (("horovod_1", 1), ("horovod_2", 2), ("independent_2", 2)):
+    # 1 rank is the same horovod_run as 2 ranks, left out here to keep the test under a minute
+    assert "horovod_1" not in train
+    for key, processes in (("horovod_2", 2), ("independent_2", 2)):
         assert train[key]["processes"] == processes
         assert len(train[key]["per_process"]) == processes
         assert all(_positive(r) for r in train[key]["per_process"])

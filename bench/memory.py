@@ -43,7 +43,6 @@ class PeakRss:
                       "tree": 0.0}
         self._stop = threading.Event()
         self._thread = None
-        self._kinds: dict[int, str] = {}
 
     def _sample(self, me) -> None:
         import psutil
@@ -53,7 +52,7 @@ class PeakRss:
         for child in me.children(recursive=True):
             try:
                 rss = child.memory_info().rss / MB
-                kind = self._kinds.get(child.pid) or self._kinds.setdefault(child.pid, _kind(child))
+                kind = _kind(child)  # not cached: spark-submit's shell exec()s the JVM under its pid
             except psutil.Error:
                 continue
             sums[kind] += rss

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import cProfile
 import io
+import json
 import logging
 import multiprocessing as mp
 import os
 import pstats
 import time
+import urllib.error
+import urllib.request
+from datetime import datetime
 
 from bench.memory import PeakRss, maxrss_mb
 from bench.procs import collect
 
 logger = logging.getLogger(__name__)
+
+MB = 1024 * 1024
 
 
 def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
@@ -80,6 +86,59 @@ def _top_functions(profile: cProfile.Profile, wanted: tuple[str, ...], limit: in
     return rows[:limit]
 
 
+def _rest(spark, path: str):
+    """GET one Spark monitoring REST endpoint of this application; None without a UI."""
+    sc = spark.sparkContext
+    if not sc.uiWebUrl:
+        return None
+    url = f"{sc.uiWebUrl}/api/v1/applications/{sc.applicationId}/{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        logger.warning("Spark REST API %s: %s", url, exc)
+        return None
+
+
+def _when(stamp: str) -> datetime:
+    return datetime.strptime(stamp.replace("GMT", ""), "%Y-%m-%dT%H:%M:%S.%f")
+
+
+def last_job_id(spark) -> int:
+    """The id of the latest Spark job (-1 when none, or no UI to ask)."""
+    jobs = _rest(spark, "jobs") or []
+    return max((j["jobId"] for j in jobs), default=-1)
+
+
+def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
+    """Each Spark job after ``after_job_id``: its description, wall seconds and per-stage task metrics.
+
+    Per stage: ``task_s`` (sum of task wall times, which include waiting for the Python worker),
+    ``jvm_cpu_s`` (JVM threads only), ``gc_s``, and MiB shuffled, written and spilled. None when
+    the session has no UI (the REST API lives there).
+    """
+    jobs = _rest(spark, "jobs")
+    stages = _rest(spark, "stages")
+    if jobs is None or stages is None:
+        return None
+    by_id = {st["stageId"]: st for st in stages if st.get("status") == "COMPLETE"}
+    out = []
+    for job in sorted((j for j in jobs if j["jobId"] > after_job_id), key=lambda j: j["jobId"]):
+        seconds = None
+        if job.get("completionTime") and job.get("submissionTime"):
+            seconds = round((_when(job["completionTime"]) - _when(job["submissionTime"])).total_seconds(), 3)
+        out.append({"job": job.get("description") or job["name"], "seconds": seconds, "tasks": job["numTasks"],
+                    "stages": [{"stage": st["name"].split(" at ")[0], "tasks": st["numTasks"],
+                                "task_s": round(st["executorRunTime"] / 1000, 2),
+                                "jvm_cpu_s": round(st["executorCpuTime"] / 1e9, 2),
+                                "gc_s": round(st["jvmGcTime"] / 1000, 2),
+                                "shuffle_write_mb": round(st["shuffleWriteBytes"] / MB, 1),
+                                "output_mb": round(st["outputBytes"] / MB, 1),
+                                "spill_mb": round(st["diskBytesSpilled"] / MB, 1)}
+                               for st in (by_id[i] for i in sorted(job["stageIds"]) if i in by_id)]})
+    return out
+
+
 # Driver-side calls that account for the Spark job's wall time: the decode job (collect),
 # each split's write, and the pure steps in between.
 SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_splits)", "(discover)",
@@ -91,6 +150,7 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
     from covid_spark.preprocess import preprocess
 
     profile = cProfile.Profile()  # default timer is wall-clock: blocking JVM calls show their duration
+    first_job = last_job_id(spark)
     with PeakRss() as rss:
         started = time.perf_counter()
         profile.enable()
@@ -104,7 +164,8 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
             "images_in_duplicate_groups": sum(len(g) for g in summary["duplicates"]),
             "row_groups": summary["row_groups"], "seconds": round(wall, 3),
             "images_per_s": round(summary["inputs"] / wall, 1),
-            "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS), "peak_rss_mb": rss.peaks}
+            "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS), "jobs": job_breakdown(spark, first_job),
+            "peak_rss_mb": rss.peaks}
 
 
 def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:

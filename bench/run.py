@@ -59,7 +59,7 @@ def machine() -> dict:
 
 
 def spark_settings(master: str) -> dict[str, str]:
-    """conf/spark-local.conf (what `make demo` uses), minus the console progress bar."""
+    """conf/spark-local.conf (what `make demo` uses), with the UI on and no console progress bar."""
     settings = {"spark.master": master}
     path = os.path.join(REPO, "conf", "spark-local.conf")
     if os.path.exists(path):
@@ -73,6 +73,7 @@ def spark_settings(master: str) -> dict[str, str]:
         settings["spark.driver.extraJavaOptions"] = settings["spark.driver.extraJavaOptions"].replace(
             "=conf/", "=" + os.path.join(REPO, "conf") + "/")
     settings["spark.ui.showConsoleProgress"] = "false"
+    settings["spark.ui.enabled"] = "true"  # its REST API gives per-job and per-stage times
     return settings
 
 

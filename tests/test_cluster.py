@@ -17,6 +17,8 @@ import subprocess
 
 import pytest
 
+from covid_spark.config import CLASSES
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(REPO, ".venv")
 PY = os.path.join(VENV, "bin", "python")
@@ -146,8 +148,9 @@ def spark_submit(cluster: dict, shipped: dict, script: str, *args: str) -> str:
     command = [os.path.join(VENV, "bin", "spark-submit"), "--master", cluster["url"],
                "--properties-file", os.path.join(REPO, "conf", "spark-standalone.conf"),
                "--py-files", shipped["zip"],
+               # The executors' interpreter: PySpark 3.5 sends the driver's PYSPARK_PYTHON, which
+               # spark-submit sets from this (spark.executorEnv.PYSPARK_PYTHON would not choose it).
                "--conf", f"spark.pyspark.python={shipped['python']}",
-               "--conf", f"spark.executorEnv.PYSPARK_PYTHON={shipped['python']}",
                "--conf", f"spark.pyspark.driver.python={PY}",
                "--conf", "spark.ui.enabled=false",
                script, *args]
@@ -162,7 +165,7 @@ def spark_submit(cluster: dict, shipped: dict, script: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster_run(cluster, shipped, subset_dir, tmp_path_factory) -> dict:
+def cluster_run(subset_dir, cluster, shipped, tmp_path_factory) -> dict:
     """preprocess → train (2 Horovod ranks, 1 epoch) → evaluate, each a spark-submit on the cluster."""
     root = tmp_path_factory.mktemp("cluster-run")
     dataset, model_dir = str(root / "dataset"), str(root / "model")
@@ -192,7 +195,7 @@ def test_cluster_script_reports_two_workers(cluster):
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_executors_and_horovod_ranks_import_the_shipped_wheel(cluster, shipped, cluster_run, tmp_path):
+def test_executors_and_horovod_ranks_import_the_shipped_wheel(cluster_run, cluster, shipped, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = spark_submit(cluster, shipped, str(probe), cluster_run["dataset"], str(tmp_path / "model"))
@@ -225,7 +228,7 @@ def test_preprocess_on_the_cluster_reconciles(cluster_run, subset_dir):
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_train_ran_two_horovod_ranks_on_the_cluster(cluster, cluster_run):
+def test_train_ran_two_horovod_ranks_on_the_cluster(cluster_run, cluster):
     run = _read_json(os.path.join(cluster_run["model_dir"], "run.json"))
     assert run["num_proc"] == 2
     assert run["spark_master"].startswith("spark://") and run["spark_master"] == cluster["url"]
@@ -245,5 +248,5 @@ def test_evaluate_on_the_cluster_covers_the_test_split(cluster_run):
     matrix = metrics["confusion_matrix"]
     assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
     assert sum(map(sum, matrix)) == summary["per_split"]["test"] == metrics["n"]
-    for i, name in enumerate(("covid", "normal", "pneumonia")):
+    for i, name in enumerate(CLASSES):
         assert sum(matrix[i]) == summary["per_split_class"]["test"].get(name, 0)

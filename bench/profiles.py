@@ -1,0 +1,127 @@
+"""python -m bench.profiles [spark-preprocess] [augment] [--images N]
+
+Profiles behind the goals that `make bench` reports as missed (summarised in
+docs/performance.md). Not part of `make bench`: profiling slows what it watches.
+
+* ``spark-preprocess``: the preprocess job with Spark's Python worker profiler on
+  (``spark.python.profile``), merged over all workers: where the executors' Python time goes.
+* ``augment``: each augmentation layer of ``covid_spark.data.augmenter`` timed alone on a batch,
+  with one intra-op thread as a rank has.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import logging
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+
+logger = logging.getLogger("bench.profiles")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_INPUT = os.path.join(REPO, "..", "shared", "data", "cxr3")
+
+
+def _stats_text(stats: pstats.Stats, sort: str, limit: int) -> str:
+    stream = io.StringIO()
+    stats.stream = stream
+    stats.sort_stats(sort).print_stats(limit)
+    return stream.getvalue()
+
+
+def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int = 25) -> str:
+    """Run the preprocess job once with the Python worker profiler; the merged top functions."""
+    from pyspark.sql import SparkSession
+
+    from bench.inputs import sized_input
+    from bench.run import spark_settings
+    from covid_spark.config import load_config
+    from covid_spark.preprocess import preprocess
+
+    location = sized_input(source, os.path.join(workdir, f"input-{images}"), images)
+    builder = SparkSession.builder.appName("covid-spark profile")
+    for key, value in dict(spark_settings("local[2]"), **{"spark.python.profile": "true"}).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    try:
+        started = time.perf_counter()
+        preprocess(spark, location, os.path.join(workdir, "dataset"), load_config(), overwrite=True)
+        wall = time.perf_counter() - started
+        dump = os.path.join(workdir, "profiles")
+        spark.sparkContext.dump_profiles(dump)
+    finally:
+        spark.stop()
+    files = sorted(glob.glob(os.path.join(dump, "*.pstats")))
+    stats = pstats.Stats(files[0], stream=io.StringIO())
+    for path in files[1:]:
+        stats.add(path)
+    header = (f"preprocess of {images} images in {wall:.1f} s with the worker profiler on; "
+              f"{len(files)} profiled RDD(s); Python worker time, all workers summed\n")
+    return header + _stats_text(stats, "tottime", limit) + _stats_text(stats, "cumulative", limit)
+
+
+def profile_augment(batch_size: int = 32, size: int = 224, repeats: int = 5) -> str:
+    """Milliseconds per image of each augmentation layer alone, and of the whole stack, one thread."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    from covid_spark.config import default_config
+    from covid_spark.data import augmenter
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    augment = default_config()["train"]["augment"]
+    stack = augmenter(augment, seed=0)
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch_size, size, size, 3)), tf.float32)
+    lines = [f"augmentation of a {batch_size}×{size}×{size}×3 float batch, 1 intra-op thread "
+             f"(ms per image, best of {repeats})"]
+
+    def best_ms(fn) -> float:
+        fn(images)  # trace / warm up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn(images).numpy()
+            times.append(time.perf_counter() - started)
+        return 1000 * min(times) / batch_size
+
+    total = 0.0
+    for layer in stack.layers:
+        ms = best_ms(tf.function(lambda x, layer=layer: layer(x, training=True)))
+        total += ms
+        lines.append(f"  {layer.name:<28} {ms:6.2f}")
+    whole = best_ms(tf.function(lambda x: tf.clip_by_value(stack(x, training=True), 0.0, 255.0)))
+    lines.append(f"  {'sum of layers':<28} {total:6.2f}")
+    lines.append(f"  {'whole stack + clip (as trained)':<28} {whole:6.2f}  → {1000 / whole:.0f} images/s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Profiles of the stages that miss a benchmark goal.")
+    parser.add_argument("what", nargs="*", choices=["spark-preprocess", "augment"],
+                        help="which profiles (default: both)")
+    parser.add_argument("--input", default=DEFAULT_INPUT)
+    parser.add_argument("--images", type=int, default=671, help="images for the Spark profile")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.makedirs(os.path.join(REPO, "bench", "tmp"), exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="profile-", dir=os.path.join(REPO, "bench", "tmp"))
+    try:
+        for what in args.what or ["spark-preprocess", "augment"]:
+            if what == "spark-preprocess":
+                print(profile_spark_preprocess(args.input, args.images, workdir))
+            elif what == "augment":
+                print(profile_augment())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,6 +36,16 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
+# Throughput benchmarks (not part of `make test`; ~5-10 min on 2 cores): bench/results.json + tables.
+# BENCH_ARGS e.g. --quick, --sizes all,10000, --models compact. See docs/performance.md.
+BENCH_ARGS ?=
+bench: setup
+	$(PY) -m bench.run --input $(DATA) $(BENCH_ARGS)
+
+# `make demo` timed stage by stage, beside the original's 48 minutes of training.
+bench-demo: setup
+	$(PY) -m bench.demo
+
 cluster-up: setup
 	@bash scripts/cluster.sh up
 

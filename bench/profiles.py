@@ -31,7 +31,7 @@ def _stats_text(stats: pstats.Stats, sort: str, limit: int) -> str:
     stream = io.StringIO()
     stats.stream = stream
     stats.sort_stats(sort).print_stats(limit)
-    return stream.getvalue()
+    return "\n".join(line for line in stream.getvalue().splitlines() if ".pstats" not in line) + "\n"
 
 
 def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int = 25) -> str:
@@ -104,11 +104,13 @@ def profile_augment(batch_size: int = 32, size: int = 224, repeats: int = 5) -> 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Profiles of the stages that miss a benchmark goal.")
-    parser.add_argument("what", nargs="*", choices=["spark-preprocess", "augment"],
-                        help="which profiles (default: both)")
+    parser.add_argument("what", nargs="*", help="spark-preprocess and/or augment (default: both)")
     parser.add_argument("--input", default=DEFAULT_INPUT)
     parser.add_argument("--images", type=int, default=671, help="images for the Spark profile")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.what) - {"spark-preprocess", "augment"})
+    if unknown:
+        parser.error(f"unknown profile(s) {', '.join(unknown)}; choose spark-preprocess and/or augment")
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(os.path.join(REPO, "bench", "tmp"), exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="profile-", dir=os.path.join(REPO, "bench", "tmp"))

@@ -266,6 +266,9 @@ def format_tables(results: dict) -> str:
                    "".join(f"\n| horovod.spark.run outside fit() (launch, TF import, model build, save), "
                            f"{m['model']}, {k[-1]} rank(s) | {_fmt(m[k]['outside_fit_s'])} |"
                            for m in results.get("train", []) for k in ("horovod_1", "horovod_2") if k in m))
+    breakdown = format_spark_jobs(results)
+    if breakdown:
+        out.append(breakdown)
     out.append(format_memory(results))
     if results.get("verdicts"):
         rows = ["| goal | measured | target | met |", "|---|---:|---:|---|"]
@@ -274,6 +277,27 @@ def format_tables(results: dict) -> str:
             rows.append(f"| {v['goal']} | {v['ratio']:.2f} | {v['target']:g} | {met} |")
         out.append("\n".join(rows))
     return "\n\n".join(out)
+
+
+def format_spark_jobs(results: dict) -> str | None:
+    """Where the Spark preprocess job's time goes, at the largest size: job by job, stage sums."""
+    if not results.get("preprocess"):
+        return None
+    largest = max(results["preprocess"], key=lambda e: e["images"])
+    jobs = largest["spark"].get("jobs")
+    if not jobs:
+        return None
+    rows = [f"| Spark job ({largest['images']} images) | wall s | task s | JVM CPU s | GC s | shuffle MiB | "
+            f"written MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for job in jobs:
+        stages = job["stages"]
+        rows.append(f"| {job['job'][:60]} | {_fmt(job['seconds'])} | {_fmt(sum(s['task_s'] for s in stages))} | "
+                    f"{_fmt(sum(s['jvm_cpu_s'] for s in stages))} | {_fmt(sum(s['gc_s'] for s in stages))} | "
+                    f"{_fmt(sum(s['shuffle_write_mb'] for s in stages))} | "
+                    f"{_fmt(sum(s['output_mb'] for s in stages))} |")
+    rows.append(f"| whole job (driver wall, incl. driver-side steps) | {_fmt(largest['spark']['seconds'])} "
+                f"| | | | | |")
+    return "\n".join(rows)
 
 
 def format_memory(results: dict) -> str:
@@ -323,10 +347,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # py4j logs a harmless reconnect with a traceback at INFO on the root logger: keep the root at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("py4j", "petastorm", "horovod"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("bench", "covid_spark"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     args = parse_args(argv)
     from covid_spark.config import load_config
 

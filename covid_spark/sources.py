@@ -55,8 +55,8 @@ def _local_path(location: str) -> str:
     return location[len("file://"):] if location.startswith("file://") else location
 
 
-def read_manifest(path: str, skip_unknown: bool = False) -> Inventory:
-    """Read a manifest CSV by column name: ``path`` and ``label`` required.
+def read_manifest(path: str, skip_unknown: bool = False, labelled: bool = True) -> Inventory:
+    """Read a manifest CSV by column name: ``path`` and ``label`` required (``label`` only when ``labelled``).
 
     Relative paths resolve against the manifest's folder; a path outside that folder
     tree, or an unknown label, is an error naming the row (or, with ``skip_unknown``,
@@ -67,7 +67,7 @@ def read_manifest(path: str, skip_unknown: bool = False) -> Inventory:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        missing = [c for c in ("path", "label") if c not in columns]
+        missing = [c for c in (("path", "label") if labelled else ("path",)) if c not in columns]
         if missing:
             raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; "
                              f"found columns: {', '.join(columns) or 'none'}")
@@ -80,7 +80,9 @@ def read_manifest(path: str, skip_unknown: bool = False) -> Inventory:
                 raise ValueError(f"manifest {path} line {line}: path {rel!r} lies outside "
                                  f"the manifest's folder {base}")
             label = class_of(row.get("label") or "")
-            if label is None:
+            if not labelled:
+                label = label or ""
+            elif label is None:
                 message = (f"manifest {path} line {line}: unknown label {row.get('label')!r}; "
                            f"accepted: {accepted_names()}")
                 if not skip_unknown:
@@ -153,9 +155,9 @@ def discover(location: str, skip_unknown: bool = False, labelled: bool = True) -
     if not os.path.exists(path):
         raise FileNotFoundError(f"input {location} does not exist")
     if os.path.isfile(path):
-        inventory = read_manifest(path, skip_unknown)
+        inventory = read_manifest(path, skip_unknown, labelled)
     elif os.path.isfile(os.path.join(path, "manifest.csv")):
-        inventory = read_manifest(os.path.join(path, "manifest.csv"), skip_unknown)
+        inventory = read_manifest(os.path.join(path, "manifest.csv"), skip_unknown, labelled)
     elif labelled:
         inventory = read_class_folders(path, skip_unknown)
     else:

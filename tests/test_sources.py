@@ -31,3 +31,11 @@ def test_file_url_is_accepted(tmp_path):
     (tmp_path / "covid").mkdir()
     (tmp_path / "covid" / "x.jpg").write_bytes(b"")
     assert len(discover("file://" + str(tmp_path)).records) == 1
+
+
+def test_unlabelled_manifest_is_fine_for_prediction_only(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("path\nx.png\n")
+    assert discover(str(tmp_path / "m.csv"), labelled=False).records[0]["label"] == ""
+    with pytest.raises(ValueError, match="lacks column\\(s\\) label"):
+        discover(str(tmp_path / "m.csv"))

@@ -1,10 +1,11 @@
-"""Peak resident memory: of this process, of its process tree (JVM, Spark workers), of a child."""
+"""Peak resident memory and CPU use: of this process, of its process tree (JVM, Spark workers, ranks)."""
 from __future__ import annotations
 
 import os
 import resource
 import sys
 import threading
+import time
 
 MB = 1024 * 1024
 
@@ -79,3 +80,58 @@ class PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _tree_cpu(me) -> dict[str, float]:
+    """CPU seconds so far of this process and its descendants, by kind, reaped children included.
+
+    A process that exits is reaped by its parent, whose ``children_*`` times then hold it, so the
+    difference of two snapshots counts processes that started or ended in between.
+    """
+    import psutil
+
+    sums = {"driver": 0.0, "jvm": 0.0, "spark_python_workers": 0.0, "other_children": 0.0}
+    for proc in [me] + me.children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            kind = "driver" if proc.pid == me.pid else _kind(proc)
+        except psutil.Error:
+            continue
+        sums[kind] += t.user + t.system + t.children_user + t.children_system
+    return sums
+
+
+def _machine_busy() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+class CpuUse:
+    """Core-seconds used during a block by this process tree (by kind) and by the whole machine.
+
+    ``result``: ``wall_s``, ``ours_core_s`` (by kind and ``total``), ``machine_busy_core_s``,
+    ``others_core_s`` (busy minus ours: other users of a shared machine) and ``others_share``
+    (their part of the machine's capacity during the block).
+    """
+
+    def __enter__(self) -> "CpuUse":
+        import psutil
+
+        self._me = psutil.Process()
+        self._tree, self._busy = _tree_cpu(self._me), _machine_busy()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._started
+        busy = _machine_busy() - self._busy
+        end = _tree_cpu(self._me)
+        ours = {k: round(max(0.0, end[k] - self._tree[k]), 2) for k in end}
+        ours["total"] = round(sum(v for k, v in ours.items()), 2)
+        others = max(0.0, busy - ours["total"])
+        cores = os.cpu_count() or 1
+        self.result = {"wall_s": round(wall, 2), "ours_core_s": ours, "machine_busy_core_s": round(busy, 2),
+                       "others_core_s": round(others, 2),
+                       "others_share": round(others / (wall * cores), 3) if wall > 0 else None}

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime
 
-from bench.memory import PeakRss, maxrss_mb
+from bench.memory import CpuUse, PeakRss, maxrss_mb
 from bench.procs import collect
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -
         worker.start()
     try:
         barrier.wait(timeout=120)
-        started = time.perf_counter()
-        reports = collect(queue, workers)
-        wall = time.perf_counter() - started
+        with CpuUse() as cpu:
+            started = time.perf_counter()
+            reports = collect(queue, workers)
+            wall = time.perf_counter() - started
+            for worker in workers:  # reaped inside the block, so their CPU time is counted
+                worker.join(timeout=30)
     finally:
         for worker in workers:
-            worker.join(timeout=30)
             if worker.is_alive():
                 worker.terminate()
     decoded = sum(r["decoded"] for r in reports)
@@ -70,7 +72,7 @@ def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -
     return {"processes": processes, "images": len(paths), "decoded": decoded, "seconds": round(wall, 3),
             "images_per_s": round(len(paths) / wall, 1),
             "per_process": [{"images": r["images"], "seconds": round(r["seconds"], 3),
-                             "maxrss_mb": r["maxrss_mb"]} for r in reports]}
+                             "maxrss_mb": r["maxrss_mb"]} for r in reports], "cpu": cpu.result}
 
 
 def _top_functions(profile: cProfile.Profile, wanted: tuple[str, ...], limit: int = 12) -> list[dict]:
@@ -114,7 +116,7 @@ def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
     """Each Spark job after ``after_job_id``: its description, wall seconds and per-stage task metrics.
 
     Per stage: ``task_s`` (sum of task wall times, which include waiting for the Python worker),
-    ``jvm_cpu_s`` (JVM threads only), ``gc_s``, and MiB shuffled, written and spilled. None when
+    ``jvm_cpu_s`` (CPU of the JVM's task threads only), ``gc_s``, and MiB shuffled, written and spilled. None when
     the session has no UI (the REST API lives there).
     """
     jobs = _rest(spark, "jobs")
@@ -151,7 +153,7 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
 
     profile = cProfile.Profile()  # default timer is wall-clock: blocking JVM calls show their duration
     first_job = last_job_id(spark)
-    with PeakRss() as rss:
+    with PeakRss() as rss, CpuUse() as cpu:
         started = time.perf_counter()
         profile.enable()
         try:
@@ -165,7 +167,7 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
             "row_groups": summary["row_groups"], "seconds": round(wall, 3),
             "images_per_s": round(summary["inputs"] / wall, 1),
             "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS), "jobs": job_breakdown(spark, first_job),
-            "peak_rss_mb": rss.peaks}
+            "peak_rss_mb": rss.peaks, "cpu": cpu.result}
 
 
 def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:

@@ -30,7 +30,7 @@ logger = logging.getLogger("bench")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_INPUT = os.path.join(REPO, "..", "shared", "data", "cxr3")
 GOALS = {"spark_vs_pair": 0.8, "read_vs_train": 5.0, "efficiency": 0.9}
-DEFAULT_STEPS = {"compact": 20, "original": 10}
+DEFAULT_STEPS = {"compact": 30, "original": 30}
 QUICK_STEPS = {"compact": 6, "original": 4}
 FIXED_COST_IMAGES = 6
 
@@ -266,6 +266,7 @@ def format_tables(results: dict) -> str:
                    "".join(f"\n| horovod.spark.run outside fit() (launch, TF import, model build, save), "
                            f"{m['model']}, {k[-1]} rank(s) | {_fmt(m[k]['outside_fit_s'])} |"
                            for m in results.get("train", []) for k in ("horovod_1", "horovod_2") if k in m))
+    out.append(format_cpu(results))
     breakdown = format_spark_jobs(results)
     if breakdown:
         out.append(breakdown)
@@ -277,6 +278,32 @@ def format_tables(results: dict) -> str:
             rows.append(f"| {v['goal']} | {v['ratio']:.2f} | {v['target']:g} | {met} |")
         out.append("\n".join(rows))
     return "\n\n".join(out)
+
+
+def format_cpu(results: dict) -> str:
+    """Core-seconds each measurement used (ours, per image) and what other users took meanwhile."""
+    rows = ["| run | wall s | our core-s | our core-ms per image | JVM / Spark Python / driver+children / "
+            "other core-s | other users' share of the machine |", "|---|---:|---:|---:|---|---:|"]
+
+    def row(label, cpu, images):
+        if not cpu:
+            return
+        ours = cpu["ours_core_s"]
+        per_image = f"{1000 * ours['total'] / images:.1f}" if images else "–"
+        rows.append(f"| {label} | {cpu['wall_s']:.1f} | {ours['total']:.1f} | {per_image} | "
+                    f"{ours['jvm']:.1f} / {ours['spark_python_workers']:.1f} / {ours['driver']:.1f} / "
+                    f"{ours['other_children']:.1f} | {100 * cpu['others_share']:.0f} % |")
+
+    for e in results.get("preprocess", []):
+        row(f"preprocess {e['images']}: 1 plain process", e["single"].get("cpu"), e["images"])
+        row(f"preprocess {e['images']}: 2 plain processes", e["pair"].get("cpu"), e["images"])
+        row(f"preprocess {e['images']}: Spark job", e["spark"].get("cpu"), e["images"])
+    for e in results.get("train", []):
+        for key, label in (("horovod_1", "1 Horovod rank (whole launch)"), ("horovod_2", "2 Horovod ranks (whole launch)"),
+                           ("independent_2", "2 independent processes (whole run)")):
+            if key in e:
+                row(f"train {e['model']}: {label}", e[key].get("cpu"), None)
+    return "\n".join(rows)
 
 
 def format_spark_jobs(results: dict) -> str | None:

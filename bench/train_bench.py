@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 import time
 
-from bench.memory import maxrss_mb
+from bench.memory import CpuUse, maxrss_mb
 from bench.procs import collect
 
 logger = logging.getLogger(__name__)
@@ -134,15 +134,17 @@ def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
     import horovod.spark
 
     env = rank_env(spark, job["threads"])
-    started = time.perf_counter()
-    results = horovod.spark.run(timed_train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
-                                env=env, executable=spark.sparkContext.pythonExec, start_timeout=600, verbose=0)
-    wall = time.perf_counter() - started
+    with CpuUse() as cpu:
+        started = time.perf_counter()
+        results = horovod.spark.run(timed_train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
+                                    env=env, executable=spark.sparkContext.pythonExec, start_timeout=600,
+                                    verbose=0)
+        wall = time.perf_counter() - started
     results = sorted(results, key=lambda r: r["rank"])
     rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"])
     in_fit = max(r["batch_ends"][-1] for r in results) - min(r["fit_began"] for r in results)
     return dict(rate, processes=num_proc, wall_s=round(wall, 1), outside_fit_s=round(wall - in_fit, 1),
-                maxrss_mb=[r["maxrss_mb"] for r in results])
+                maxrss_mb=[r["maxrss_mb"] for r in results], cpu=cpu.result)
 
 
 def _pair_worker(job: dict, env: dict, barrier, warmup: int, results) -> None:
@@ -156,19 +158,22 @@ def independent_run(jobs: list[dict], warmup: int, env: dict) -> dict:
     barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
     workers = [ctx.Process(target=_pair_worker, args=(job, env, barrier, warmup, results),
                            daemon=True) for job in jobs]
-    started = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    try:
-        reports = collect(results, workers)
-    finally:
+    with CpuUse() as cpu:
+        started = time.perf_counter()
         for worker in workers:
-            worker.join(timeout=60)
-            if worker.is_alive():
-                worker.terminate()
-    wall = time.perf_counter() - started
+            worker.start()
+        try:
+            reports = collect(results, workers)
+            for worker in workers:
+                worker.join(timeout=60)
+        finally:
+            for worker in workers:
+                if worker.is_alive():
+                    worker.terminate()
+        wall = time.perf_counter() - started
     rate = window_rate([r["batch_ends"] for r in reports], warmup, jobs[0]["batch_size"])
-    return dict(rate, processes=len(jobs), wall_s=round(wall, 1), maxrss_mb=[r["maxrss_mb"] for r in reports])
+    return dict(rate, processes=len(jobs), wall_s=round(wall, 1), maxrss_mb=[r["maxrss_mb"] for r in reports],
+                cpu=cpu.result)
 
 
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,

@@ -108,10 +108,10 @@ def preprocess(spark, input_location: str, output: str, config: dict, overwrite:
     started = time.time()
     cfg = config["preprocess"]
     size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])
-    inventory = discover(input_location, skip_unknown=bool(cfg["skip_unknown_classes"]))
     url = to_url(output)
     sc = spark.sparkContext
-    with atomic_directory(spark, url, overwrite) as tmp_url:
+    with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
+        inventory = discover(input_location, skip_unknown=bool(cfg["skip_unknown_classes"]))
         records = inventory.records
         slices = max(1, min(len(records), max(2 * sc.defaultParallelism, len(records) // 32)))
         sc.setJobDescription(f"decode {len(records)} images")

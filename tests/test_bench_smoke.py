@@ -72,6 +72,10 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
         assert entry["single"]["decoded"] == entry["images"] and entry["pair"]["decoded"] == entry["images"]
         assert entry["pair"]["processes"] == 2 and len(entry["pair"]["per_process"]) == 2
         assert entry["spark"]["written"] == entry["images"]
+        for key in ("single", "pair", "spark"):
+            cpu = entry[key]["cpu"]
+            assert _positive(cpu["wall_s"]) and cpu["ours_core_s"]["total"] >= 0 and cpu["others_core_s"] >= 0
+            assert set(cpu["ours_core_s"]) == {"driver", "jvm", "spark_python_workers", "other_children", "total"}
         assert _positive(entry["spark_vs_pair"]) and _positive(entry["pair_vs_single"])
     # 12 = each of the 6 images twice: all of them fall in duplicate groups
     assert results["preprocess"][1]["spark"]["images_in_duplicate_groups"] == 12

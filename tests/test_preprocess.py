@@ -61,7 +61,7 @@ def build_corpus(root) -> dict:
             noise = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
             put(label, f"{label}{i}.png", _png(noise))
     gradient16 = (np.arange(64, dtype=np.uint16)[None, :].repeat(16, 0) * 1000)
-    put("normal", "gradient16.png", _png(gradient16, "I;16"))
+    put("normal", "gradient16.png", _png(gradient16))  # uint16 → mode I;16
     put("normal", "cmyk.jpg", _jpeg(Image.new("CMYK", (40, 40), (0, 255, 255, 0))))
     palette = Image.new("P", (30, 30), 3)
     palette.putpalette([0, 0, 0, 90, 90, 90, 180, 180, 180, 30, 60, 250] + [0] * (256 * 3 - 12))

@@ -113,11 +113,14 @@ def preprocess(spark, input_location: str, output: str, config: dict, overwrite:
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
         inventory = discover(input_location, skip_unknown=bool(cfg["skip_unknown_classes"]))
         records = inventory.records
-        slices = max(1, min(len(records), max(2 * sc.defaultParallelism, len(records) // 32)))
+        # Few, large tasks: every Python task pays a fixed start cost (on Python 3.11 PySpark's
+        # importlib.invalidate_caches() re-reads pyspark.zip, ~80 ms), see docs/performance.md.
+        slices = max(1, min(len(records), max(2 * sc.defaultParallelism, len(records) // 1000)))
         sc.setJobDescription(f"decode {len(records)} images")
         decoded = (sc.parallelize(records, slices)
                    .mapPartitions(lambda part: decode_partition(part, size, max_pixels))
                    .persist(StorageLevel.MEMORY_AND_DISK))
+        table = None
         try:
             meta = decoded.map(lambda r: {k: v for k, v in r.items() if k != "image"}).collect()
             good = [m for m in meta if m["error"] is None]
@@ -128,6 +131,17 @@ def preprocess(spark, input_location: str, output: str, config: dict, overwrite:
             for m in good:
                 m["split"] = split_of[m["path"]]
             split_bc = sc.broadcast(split_of)
+
+            def to_row(r):
+                return dict_to_spark_row(XraySchema, {
+                    "image": r["image"], "label": CLASSES.index(r["label"]),
+                    "label_name": r["label"], "patient_id": r["patient_id"] or "",
+                    "source": r["source"] or "", "path": r["path"], "split": split_bc.value[r["path"]]})
+
+            # Encode every good image once into a JVM-cached table; each split's write then
+            # filters and shuffles it without another pass through Python.
+            table = spark.createDataFrame(decoded.filter(lambda r: r["error"] is None).map(to_row),
+                                          XraySchema.as_spark_schema()).persist(StorageLevel.MEMORY_AND_DISK)
             row_groups = {}
             for split in SPLITS:
                 n_rows = sum(1 for m in good if m["split"] == split)
@@ -135,23 +149,16 @@ def preprocess(spark, input_location: str, output: str, config: dict, overwrite:
                     logger.warning("split %s is empty: nothing written for it", split)
                     continue
                 files = _num_files(n_rows, int(cfg["rows_per_row_group"]), int(cfg["min_row_groups"]))
-
-                def to_row(r, split=split):
-                    return dict_to_spark_row(XraySchema, {
-                        "image": r["image"], "label": CLASSES.index(r["label"]),
-                        "label_name": r["label"], "patient_id": r["patient_id"] or "",
-                        "source": r["source"] or "", "path": r["path"], "split": split})
-
-                rows = decoded.filter(lambda r, split=split: r["error"] is None
-                                      and split_bc.value[r["path"]] == split).map(to_row)
                 split_url = f"{tmp_url}/{split}"
                 sc.setJobDescription(f"write {split} split ({n_rows} rows, {files} row groups)")
                 # One file per row group: a large block size keeps each file a single group.
                 with materialize_dataset(spark, split_url, XraySchema, row_group_size_mb=1024):
-                    (spark.createDataFrame(rows, XraySchema.as_spark_schema())
+                    (table.filter(table["split"] == split)
                      .repartition(files).write.mode("error").parquet(split_url))
                 row_groups[split] = files
         finally:
+            if table is not None:
+                table.unpersist()
             decoded.unpersist()
         summary = {
             "dataset": url,

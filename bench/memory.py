@@ -135,3 +135,40 @@ class CpuUse:
         self.result = {"wall_s": round(wall, 2), "ours_core_s": ours, "machine_busy_core_s": round(busy, 2),
                        "others_core_s": round(others, 2),
                        "others_share": round(others / (wall * cores), 3) if wall > 0 else None}
+
+
+class MachineCpu:
+    """Sample the machine's busy core-seconds every ``interval`` s, to ask later how busy it was
+    between two wall-clock times (``time.time()``), e.g. a training window stamped inside the ranks."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), _machine_busy()))
+            self._stop.wait(self.interval)
+        self.samples.append((time.time(), _machine_busy()))
+
+    def __enter__(self) -> "MachineCpu":
+        self._thread = threading.Thread(target=self._loop, name="machine-cpu", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy_between(self, start: float, end: float) -> float | None:
+        """Busy core-seconds of the whole machine between two wall-clock times (interpolated)."""
+        def at(when):
+            for (t0, b0), (t1, b1) in zip(self.samples, self.samples[1:]):
+                if t0 <= when <= t1:
+                    return b0 + (b1 - b0) * (when - t0) / (t1 - t0) if t1 > t0 else b0
+            return None
+
+        first, last = at(start), at(end)
+        return None if first is None or last is None else last - first

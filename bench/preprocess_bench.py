@@ -56,8 +56,8 @@ def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -
         worker.start()
     try:
         barrier.wait(timeout=120)
+        started = time.perf_counter()
         with CpuUse() as cpu:
-            started = time.perf_counter()
             reports = collect(queue, workers)
             wall = time.perf_counter() - started
             for worker in workers:  # reaped inside the block, so their CPU time is counted

@@ -118,12 +118,11 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
     steps = dict(DEFAULT_STEPS, **(steps or {}))
     os.makedirs(workdir, exist_ok=True)
     started = time.time()
-    results: dict = {"machine": machine(), "goals": GOALS,
-                     "settings": {"input": os.path.abspath(source), "sizes": list(sizes), "models": list(models),
-                                  "steps": {m: steps[m] for m in models}, "warmup_steps": warmup,
-                                  "read_batches": read_batches, "horovod_ranks": list(ranks), "master": master if spark is None else
-                                  spark.sparkContext.master,
-                                  "image_size": int(config["preprocess"]["image_size"])}}
+    settings = {"input": os.path.abspath(source), "sizes": list(sizes), "models": list(models),
+                "steps": {m: steps[m] for m in models}, "warmup_steps": warmup, "read_batches": read_batches,
+                "horovod_ranks": list(ranks), "image_size": int(config["preprocess"]["image_size"]),
+                "master": master if spark is None else spark.sparkContext.master}
+    results: dict = {"machine": machine(), "goals": GOALS, "settings": settings}
     owned = spark is None
     with PeakRss() as whole:
         try:
@@ -149,11 +148,12 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
                     dataset = output
                 elif not keep_work:
                     shutil.rmtree(output, ignore_errors=True)
-            paths = [p for p in _paths(source)][:200]
+            # the read and training benchmarks use the first size's dataset
             results["decode_profile"] = preprocess_bench.profile_decode(
-                paths, int(config["preprocess"]["image_size"]), int(config["preprocess"]["max_pixels"]))
+                _paths(source)[:200], int(config["preprocess"]["image_size"]), int(config["preprocess"]["max_pixels"]))
             threads = train_bench.threads_per_rank(config, 2)
-            results["read"] = read_bench.run_read(spark, dataset, config, threads, read_warmup, read_batches, batch_size)
+            results["read"] = read_bench.run_read(spark, dataset, config, threads, read_warmup, read_batches,
+                                                  batch_size)
             results["train"] = []
             for model in models:
                 with PeakRss() as rss:
@@ -214,6 +214,10 @@ def training_rate(results: dict) -> float | None:
             return entry["horovod_1"]["images_per_s"]
         return round(entry["independent_2"]["images_per_s"] / 2, 1)
     return None
+
+
+def _pct(share) -> str:
+    return "–" if share is None else f"{100 * share:.0f} %"
 
 
 def _fmt(value, digits=1) -> str:
@@ -281,7 +285,9 @@ def format_tables(results: dict) -> str:
 
 
 def format_cpu(results: dict) -> str:
-    """Core-seconds each measurement used (ours, per image) and what other users took meanwhile."""
+    """Core-seconds each preprocessing run used (ours, per image) and what other users took meanwhile;
+    CPU cores each training process kept busy in its timed window (measured inside the process:
+    Horovod's launcher detaches the ranks from this process tree)."""
     rows = ["| run | wall s | our core-s | our core-ms per image | JVM / Spark Python / driver+children / "
             "other core-s | other users' share of the machine |", "|---|---:|---:|---:|---|---:|"]
 
@@ -292,18 +298,26 @@ def format_cpu(results: dict) -> str:
         per_image = f"{1000 * ours['total'] / images:.1f}" if images else "–"
         rows.append(f"| {label} | {cpu['wall_s']:.1f} | {ours['total']:.1f} | {per_image} | "
                     f"{ours['jvm']:.1f} / {ours['spark_python_workers']:.1f} / {ours['driver']:.1f} / "
-                    f"{ours['other_children']:.1f} | {100 * cpu['others_share']:.0f} % |")
+                    f"{ours['other_children']:.1f} | {_pct(cpu['others_share'])} |")
 
     for e in results.get("preprocess", []):
         row(f"preprocess {e['images']}: 1 plain process", e["single"].get("cpu"), e["images"])
         row(f"preprocess {e['images']}: 2 plain processes", e["pair"].get("cpu"), e["images"])
         row(f"preprocess {e['images']}: Spark job", e["spark"].get("cpu"), e["images"])
+    out = "\n".join(rows)
+    train_rows = ["| training, timed window | window s | images/s | CPU cores busy, per process | "
+                  "core-ms per image | other users' share of the machine |", "|---|---:|---:|---|---:|---:|"]
     for e in results.get("train", []):
-        for key, label in (("horovod_1", "1 Horovod rank (whole launch)"), ("horovod_2", "2 Horovod ranks (whole launch)"),
-                           ("independent_2", "2 independent processes (whole run)")):
-            if key in e:
-                row(f"train {e['model']}: {label}", e[key].get("cpu"), None)
-    return "\n".join(rows)
+        for key, label in (("horovod_1", "1 Horovod rank"), ("horovod_2", "2 Horovod ranks"),
+                           ("independent_2", "2 independent processes")):
+            run = e.get(key)
+            if run and "cpu_cores_per_process" in run:
+                train_rows.append(f"| {e['model']}: {label} | {run['window_s']:.1f} | {run['images_per_s']:.1f} | "
+                                  f"{' / '.join(f'{c:.2f}' for c in run['cpu_cores_per_process'])} | "
+                                  f"{run['core_ms_per_image']:.1f} | {_pct(run.get('others_share'))} |")
+    if len(train_rows) > 2:
+        out += "\n\n" + "\n".join(train_rows)
+    return out
 
 
 def format_spark_jobs(results: dict) -> str | None:
@@ -340,11 +354,13 @@ def format_memory(results: dict) -> str:
     for e in results.get("preprocess", []):
         rows.append(f"| plain decode process ({e['images']} images, 1 process) | "
                     f"{_fmt(e['single']['per_process'][0]['maxrss_mb'])} |")
+        peaks = e["spark"]["peak_rss_mb"]
         rows.append(f"| Spark job ({e['images']} images): JVM / Python workers | "
-                    f"{_fmt(e['spark']['peak_rss_mb']['jvm'])} / {_fmt(e['spark']['peak_rss_mb']['spark_python_workers'])} |")
+                    f"{_fmt(peaks['jvm'])} / {_fmt(peaks['spark_python_workers'])} |")
     if results.get("read"):
         for variant in ("no_augment", "augment"):
-            rows.append(f"| reader process, {variant.replace('_', ' ')} | {_fmt(results['read'][variant]['maxrss_mb'])} |")
+            rows.append(f"| reader process, {variant.replace('_', ' ')} | "
+                        f"{_fmt(results['read'][variant]['maxrss_mb'])} |")
     for e in results.get("train", []):
         for key, label in (("horovod_1", "1 rank"), ("horovod_2", "2 ranks"), ("independent_2", "independent")):
             if key in e:
@@ -355,11 +371,13 @@ def format_memory(results: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Throughput benchmarks of preprocess, read and train.")
-    parser.add_argument("--input", default=DEFAULT_INPUT, help="manifest folder of real images (default ../shared/data/cxr3)")
+    parser.add_argument("--input", default=DEFAULT_INPUT,
+                        help="manifest folder of real images (default ../shared/data/cxr3)")
     parser.add_argument("--sizes", default=None,
                         help="comma-separated input sizes: 'all' (the input as it is) or a number of images "
                              "(more than the input: listed repeatedly); default all,5000 (--quick: all)")
-    parser.add_argument("--models", default=None, help="comma-separated models; default compact,original (--quick: compact)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated models; default compact,original (--quick: compact)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per run (default per model)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--read-batches", type=int, default=None, help="timed batches per read run (default 20)")
@@ -391,7 +409,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.input) and not os.path.isfile(args.input):
         print(f"bench: input {args.input} not found", file=sys.stderr)
         return 2
-    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
     results = run_benchmarks(args.input, args.workdir, sizes=[s.strip() for s in sizes if s.strip()],
                              models=[m.strip() for m in models if m.strip()], steps=steps,
                              warmup=args.warmup_steps, read_batches=read_batches, master=args.master,

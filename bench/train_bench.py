@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 import time
 
-from bench.memory import CpuUse, maxrss_mb
+from bench.memory import MachineCpu, maxrss_mb
 from bench.procs import collect
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def timed_train_fn(job: dict, barrier=None, warmup: int = 0) -> dict:
     from covid_spark.train import train_fn
 
     batch_ends: list[float] = []
+    batch_cpu: list[float] = []  # this process's CPU seconds (all threads) at each batch end
     fit_began: list[float] = []
 
     class StepTimer(tf.keras.callbacks.Callback):
@@ -79,6 +80,7 @@ def timed_train_fn(job: dict, barrier=None, warmup: int = 0) -> dict:
             if barrier is not None and batch + 1 == warmup:
                 barrier.wait(timeout=600)
             batch_ends.append(time.time())  # wall clock: comparable across processes
+            batch_cpu.append(time.process_time())
 
     model_class = tf.keras.Model
     original_fit = model_class.fit
@@ -92,16 +94,19 @@ def timed_train_fn(job: dict, barrier=None, warmup: int = 0) -> dict:
     finally:
         model_class.fit = original_fit
     return {"rank": result["rank"], "size": result["size"], "pid": os.getpid(), "batch_ends": batch_ends,
-            "fit_began": fit_began[0],
+            "batch_cpu": batch_cpu, "fit_began": fit_began[0],
             "loss": result["history"].get("loss", [None])[-1], "maxrss_mb": maxrss_mb()}
 
 
-def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int) -> dict:
+def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int,
+                batch_cpu: list[list[float]] | None = None) -> dict:
     """Images/s of processes measured together, from their batch-end times.
 
     The window opens when the last process ends its ``warmup``-th step and closes when the
     first one ends its last step (give or take half a median step, for ranks in lockstep);
-    each process's rate is its steps inside the window over their duration.
+    each process's rate is its steps inside the window over their duration. With
+    ``batch_cpu`` (each process's CPU seconds at the same batch ends), also the CPU cores each
+    process kept busy over those steps.
 
     Raises:
         ValueError: fewer than two steps of some process fall inside the window.
@@ -116,17 +121,34 @@ def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int) -> 
     # Ranks in lockstep end a step microseconds apart: allow half the median step either side.
     steps = sorted(b - a for ends in batch_ends for a, b in zip(ends[warmup - 1:], ends[warmup:]))
     slack = 0.5 * steps[len(steps) // 2] if steps else 0.0
-    rates, counted = [], []
-    for ends in batch_ends:
-        inside = [t for t in ends[warmup - 1:] if opens - slack <= t <= closes + slack]
+    rates, counted, cores = [], [], []
+    for index, ends in enumerate(batch_ends):
+        inside = [i for i in range(warmup - 1, len(ends)) if opens - slack <= ends[i] <= closes + slack]
         if len(inside) < 2:
             raise ValueError(f"the processes overlapped for fewer than two steps after warm-up "
                              f"(window {closes - opens:.2f} s)")
-        rates.append((len(inside) - 1) * batch_size / (inside[-1] - inside[0]))
-        counted.append(len(inside) - 1)
-    return {"images_per_s": round(sum(rates), 1), "per_process": [round(r, 1) for r in rates],
-            "window_s": round(closes - opens, 2),
-            "timed_steps": counted}
+        first, last = inside[0], inside[-1]
+        seconds = ends[last] - ends[first]
+        rates.append((last - first) * batch_size / seconds)
+        counted.append(last - first)
+        if batch_cpu is not None:
+            cores.append(round((batch_cpu[index][last] - batch_cpu[index][first]) / seconds, 2))
+    out = {"images_per_s": round(sum(rates), 1), "per_process": [round(r, 1) for r in rates],
+           "window_s": round(closes - opens, 2), "window": [opens, closes], "timed_steps": counted}
+    if batch_cpu is not None:
+        out["cpu_cores_per_process"] = cores
+        out["core_ms_per_image"] = round(1000 * sum(c / r for c, r in zip(cores, rates)) / len(rates), 2)
+    return out
+
+
+def _others_share(machine: MachineCpu, rate: dict) -> float | None:
+    """Share of the machine's cores used by other processes during the timed window."""
+    start, end = rate["window"]
+    busy = machine.busy_between(start, end)
+    if busy is None or end <= start:
+        return None
+    ours = sum(rate["cpu_cores_per_process"]) * (end - start)
+    return round(max(0.0, busy - ours) / ((end - start) * (os.cpu_count() or 1)), 3)
 
 
 def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
@@ -134,17 +156,19 @@ def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
     import horovod.spark
 
     env = rank_env(spark, job["threads"])
-    with CpuUse() as cpu:
-        started = time.perf_counter()
+    started = time.perf_counter()
+    with MachineCpu() as machine:
         results = horovod.spark.run(timed_train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
                                     env=env, executable=spark.sparkContext.pythonExec, start_timeout=600,
                                     verbose=0)
-        wall = time.perf_counter() - started
+    wall = time.perf_counter() - started
     results = sorted(results, key=lambda r: r["rank"])
-    rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"])
+    rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"],
+                       [r["batch_cpu"] for r in results])
+    rate["others_share"] = _others_share(machine, rate)
     in_fit = max(r["batch_ends"][-1] for r in results) - min(r["fit_began"] for r in results)
     return dict(rate, processes=num_proc, wall_s=round(wall, 1), outside_fit_s=round(wall - in_fit, 1),
-                maxrss_mb=[r["maxrss_mb"] for r in results], cpu=cpu.result)
+                maxrss_mb=[r["maxrss_mb"] for r in results])
 
 
 def _pair_worker(job: dict, env: dict, barrier, warmup: int, results) -> None:
@@ -158,22 +182,22 @@ def independent_run(jobs: list[dict], warmup: int, env: dict) -> dict:
     barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
     workers = [ctx.Process(target=_pair_worker, args=(job, env, barrier, warmup, results),
                            daemon=True) for job in jobs]
-    with CpuUse() as cpu:
-        started = time.perf_counter()
+    started = time.perf_counter()
+    with MachineCpu() as machine:
         for worker in workers:
             worker.start()
         try:
             reports = collect(results, workers)
-            for worker in workers:
-                worker.join(timeout=60)
         finally:
             for worker in workers:
+                worker.join(timeout=60)
                 if worker.is_alive():
                     worker.terminate()
-        wall = time.perf_counter() - started
-    rate = window_rate([r["batch_ends"] for r in reports], warmup, jobs[0]["batch_size"])
-    return dict(rate, processes=len(jobs), wall_s=round(wall, 1), maxrss_mb=[r["maxrss_mb"] for r in reports],
-                cpu=cpu.result)
+    wall = time.perf_counter() - started
+    rate = window_rate([r["batch_ends"] for r in reports], warmup, jobs[0]["batch_size"],
+                       [r["batch_cpu"] for r in reports])
+    rate["others_share"] = _others_share(machine, rate)
+    return dict(rate, processes=len(jobs), wall_s=round(wall, 1), maxrss_mb=[r["maxrss_mb"] for r in reports])
 
 
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,

@@ -20,6 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from covid_spark.storage import atomic_write_text  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,20 +30,6 @@ _DPI = 100
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via ``path + ".tmp"`` and a rename, so readers never see half a file."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _save_figure(fig: "plt.Figure", path: str) -> None:
@@ -507,7 +495,7 @@ def write_html_report(
     page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
             + "\n".join(body) + "\n</body>\n</html>\n")
-    _atomic_write_text(path, page)
+    atomic_write_text(path, page)
     log.info("wrote HTML report %s (%d bytes)", path, len(page))
 
 
@@ -610,5 +598,5 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
             "CC BY-NC-SA — non-commercial use only, share-alike. The images, and arguably models trained "
             "on them, are fine for research but not for a commercial product; check each image's licence "
             "in the manifest before any redistribution.", ""]
-    _atomic_write_text(path, "\n".join(out))
+    atomic_write_text(path, "\n".join(out))
     log.info("wrote model card %s", path)

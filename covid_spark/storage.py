@@ -14,7 +14,8 @@ def to_url(location: str) -> str:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write a local file through a temporary sibling and a rename."""
+    """Write a local file through a temporary sibling and a rename (creating its folder)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "w", encoding="utf-8") as handle:

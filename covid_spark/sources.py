@@ -7,7 +7,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from covid_spark.config import CLASSES
 from covid_spark.images import skip_reason
 
 logger = logging.getLogger(__name__)

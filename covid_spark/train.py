@@ -152,7 +152,7 @@ def train_fn(job: dict) -> dict:
             tmp = os.path.join(folder, f".last-{os.getpid()}.weights.h5")
             self.model.save_weights(tmp)
             os.replace(tmp, os.path.join(folder, "last.weights.h5"))
-            state = {"epoch": epoch + 1, "history": history}
+            state = {"epoch": epoch + 1, "model": job["model"], "history": history}
             with open(os.path.join(folder, ".state.json.tmp"), "w") as handle:
                 json.dump(state, handle)
             os.replace(os.path.join(folder, ".state.json.tmp"), os.path.join(folder, "state.json"))
@@ -270,6 +270,9 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     threads = int(cfg["threads_per_rank"]) or max(1, (os.cpu_count() or cores) // num_proc)
     steps = math.ceil(n_train / (batch * num_proc))
     job = make_job(cfg, summary, dataset, steps, threads, os.path.join(model_dir, CHECKPOINT_DIR))
+    if state and state.get("model", cfg["model"]) != cfg["model"]:
+        raise ValueError(f"--resume: {model_dir} holds a checkpoint of model {state['model']!r}, but this run "
+                         f"trains {cfg['model']!r}; pass --model {state['model']} to continue it")
     if state:
         job.update(initial_epoch=int(state["epoch"]), resume_history=state.get("history", {}),
                    resume_weights=os.path.join(model_dir, CHECKPOINT_DIR, "last.weights.h5"))

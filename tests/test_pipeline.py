@@ -150,8 +150,12 @@ def test_resume_continues_from_checkpoint(pipeline_run, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
                                             "--epochs", "3", "--batch-size", "4"])
+    with pytest.raises(ValueError, match="checkpoint of model 'compact'.*--model compact"):
+        pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
+                                            "--epochs", "3", "--batch-size", "4", "--resume", "--model", "original"])
     assert pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
-                                               "--epochs", "3", "--batch-size", "4", "--resume"]) == 0
+                                               "--epochs", "3", "--batch-size", "4", "--resume",
+                                               "--model", "compact"]) == 0
     with open(os.path.join(model_dir, "run.json")) as handle:
         run = json.load(handle)
     with open(os.path.join(model_dir, "history.json")) as handle:

@@ -104,7 +104,7 @@ def read_torch_legacy(path: str) -> "collections.OrderedDict[str, np.ndarray]":
 
 
 def load_efficientnet_lite0(model, state: dict | None = None, include_top: bool = False) -> int:
-    """Copy EfficientNet-Lite0 ImageNet weights into a model built by ``models.efficientnet_lite0_layers``.
+    """Copy EfficientNet-Lite0 ImageNet weights into a model built on ``models.efficientnet_lite0_features``.
 
     PyTorch kernels are (out, in, h, w); Keras wants (h, w, in, out), and (h, w, channels, 1) for a
     depthwise kernel. Returns the number of tensors copied.

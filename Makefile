@@ -13,7 +13,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo loso test test-fast bench bench-demo cluster-up cluster-down clean
+.PHONY: setup demo loso cv test test-fast bench bench-demo cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -29,6 +29,15 @@ loso: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py --input $(DATA) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config conf/demo.yaml \
 	  --holdout-source $(SOURCE) $(if $(MODEL),--model $(MODEL))
+
+# Patient-grouped 5-fold cross-validation over train + val of a preprocessed dataset (the test split is
+# never read), to choose a model: make cv DATASET=runs/<run>/dataset [MODEL=compact] [TRANSFORM=equalize]
+# [COMPARE=runs/cv-….json]. Writes runs/cv-<model>[-<transform>].json.
+cv: setup
+	@test -n "$(DATASET)" || { echo "make cv: set DATASET=runs/<run>/dataset (written by make demo)"; exit 2; }
+	$(PY) -m covid_spark.crossval --dataset $(DATASET) --config conf/demo.yaml $(if $(MODEL),--model $(MODEL)) \
+	  $(if $(TRANSFORM),--transform $(TRANSFORM)) $(if $(COMPARE),--compare $(COMPARE)) \
+	  --output runs/cv-$(or $(MODEL),default)$(if $(TRANSFORM),-$(TRANSFORM)).json
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

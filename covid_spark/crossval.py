@@ -1,0 +1,219 @@
+"""Patient-grouped k-fold cross-validation over train + val, for choosing a model without the test split.
+
+The val split of a small dataset is too small to rank models (cxr3: 97 images, 14 normal). This pools
+train and val, splits them into ``k`` folds grouped by patient and stratified by label
+(scikit-learn's ``StratifiedGroupKFold``), trains a fresh network on ``k - 1`` folds and scores the
+held-out fold, so that every pooled image gets one out-of-fold prediction. The test split is never
+read.
+
+Training is one process, not Horovod: the global batch is ``batch_size × num_proc`` and the learning
+rate ``learning_rate × num_proc``, what ``num_proc`` ranks would use, with the configured
+augmentation and balanced class weights, cosine decay to 2 % without warm-up, and the final weights
+of each fold (no early stopping: there is no val split left to stop on). Fold ``i`` seeds weight
+initialisation and shuffling with ``i``; the augmentation is seeded with ``train.seed``. The folds
+themselves are fixed (``StratifiedGroupKFold`` with random state 0), so two models compared by this
+command are scored on the same folds.
+
+    python -m covid_spark.crossval --dataset runs/<run>/dataset --model efficientnet_lite0 \\
+        --output runs/cv-efficientnet_lite0.json [--compare runs/cv-compact.json]
+
+The output holds the out-of-fold probabilities (with path, label, source, patient id and fold of each
+image), the pooled metrics (``classification_metrics``), ``per_source`` and ``ci95``, and per-fold
+macro-F1. It is rewritten atomically after every fold (``"complete": false`` until the last).
+``--compare`` adds the paired bootstrap difference of macro-F1 against another output of the same
+images.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from covid_spark.config import CLASSES, load_config, override
+from covid_spark.storage import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMS = ("none", "equalize", "crop10")
+
+
+def transform_images(images: np.ndarray, name: str) -> np.ndarray:
+    """An input variant to compare by cross-validation (grey, 3 channels), or the images unchanged.
+
+    ``equalize``: global histogram equalisation of the grey image (Pillow ``ImageOps.equalize``);
+    ``crop10``: 10 % cut off every border, resized back (bilinear).
+    """
+    from PIL import Image, ImageOps
+
+    if name == "none":
+        return images
+    if name not in TRANSFORMS:
+        raise ValueError(f"unknown transform {name!r}; choose from {', '.join(TRANSFORMS)}")
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        grey = Image.fromarray(image).convert("L")
+        if name == "crop10":
+            w, h = grey.size
+            mx, my = int(0.1 * w), int(0.1 * h)
+            grey = grey.crop((mx, my, w - mx, h - my)).resize((w, h), Image.Resampling.BILINEAR)
+        else:
+            grey = ImageOps.equalize(grey)
+        out[i] = np.asarray(grey)[..., None]
+    return out
+
+
+def grouped_folds(labels: np.ndarray, patients: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index of each image: stratified by label, every image of a patient in the same fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(np.unique(patients)) < k:
+        raise ValueError(f"{k} folds need at least {k} patients; the pooled splits hold {len(np.unique(patients))}")
+    fold = np.full(len(labels), -1, dtype=int)
+    for i, (_, held_out) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(labels, labels, patients)):
+        fold[held_out] = i
+    return fold
+
+
+def train_fold(images, labels, cfg: dict, seed: int):
+    """Train a fresh ``cfg["model"]`` on (images, labels) as described in the module docstring."""
+    import tensorflow as tf
+    from tensorflow import keras
+
+    from covid_spark.data import augmenter
+    from covid_spark.models import make_model
+    from covid_spark.train import class_weights
+
+    keras.utils.set_random_seed(seed)
+    batch = int(cfg["batch_size"]) * int(cfg["num_proc"])
+    epochs = int(cfg["epochs"])
+    model = make_model(cfg["model"], input_shape=images.shape[1:], num_classes=len(CLASSES))
+    steps = math.ceil(len(labels) / batch)
+    schedule = keras.optimizers.schedules.CosineDecay(float(cfg["learning_rate"]) * int(cfg["num_proc"]),
+                                                      epochs * steps, alpha=0.02)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
+    augment = augmenter(dict(cfg["augment"]), seed=int(cfg["seed"]))
+    data = (tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels))
+            .shuffle(1024, seed=seed).batch(batch)
+            .map(lambda x, y: (tf.clip_by_value(augment(x, training=True), 0.0, 255.0), y)))
+    model.fit(data, epochs=epochs, class_weight=class_weights(counts, cfg["class_weights"]), verbose=0)
+    return model
+
+
+def paired_difference(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Macro-F1 of ``a`` minus that of ``b`` over the same images, with a paired percentile bootstrap.
+
+    Raises:
+        ValueError: the two outputs do not hold the same images with the same labels.
+    """
+    from covid_spark.metrics import classification_metrics
+
+    pa, pb = a["predictions"], b["predictions"]
+    if pa["path"] != pb["path"] or pa["label"] != pb["label"]:
+        raise ValueError("--compare: the two cross-validations do not hold the same images and labels")
+    y = np.asarray(pa["label"])
+    probs_a, probs_b = np.asarray(pa["probs"]), np.asarray(pb["probs"])
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        fa = classification_metrics(y[i], probs_a[i], list(CLASSES))["macro_f1"]
+        fb = classification_metrics(y[i], probs_b[i], list(CLASSES))["macro_f1"]
+        if fa is not None and fb is not None:
+            diffs.append(fa - fb)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"against": b.get("label_of_run"), "macro_f1_difference": a["macro_f1"] - b["macro_f1"],
+            "ci95": [float(lo), float(hi)], "n_boot": n_boot}
+
+
+def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, transform: str = "none",
+                   compare: str | None = None) -> dict:
+    """Run the cross-validation described in the module docstring; write and return its results."""
+    import json
+
+    from covid_spark.data import load_split
+    from covid_spark.metrics import bootstrap_ci, classification_metrics, metrics_by_group
+
+    cfg = config["train"]
+    parts = [load_split(dataset, split, fields=("image", "label", "source", "patient_id")) for split in ("train", "val")]
+    pooled = {key: np.concatenate([p[key] for p in parts]) for key in ("image", "label", "source", "patient_id", "path")}
+    if len(pooled["label"]) == 0:
+        raise ValueError(f"{dataset}: the train and val splits are empty; nothing to cross-validate")
+    images = transform_images(pooled["image"], transform)
+    labels = pooled["label"].astype(int)
+    fold_of = grouped_folds(labels, pooled["patient_id"], folds)
+    probs = np.full((len(labels), len(CLASSES)), np.nan, dtype=np.float32)
+    result = {"dataset": dataset, "model": cfg["model"], "folds": folds, "transform": transform,
+              "label_of_run": f"{cfg['model']} ({transform})", "train": {k: v for k, v in cfg.items() if k != "per_model"},
+              "per_fold": [], "complete": False}
+    for fold in range(folds):
+        started = time.time()
+        held_out = fold_of == fold
+        model = train_fold(images[~held_out], labels[~held_out], cfg, seed=fold)
+        probs[held_out] = model.predict(images[held_out].astype(np.float32), batch_size=64, verbose=0)
+        fold_metrics = classification_metrics(labels[held_out], probs[held_out], list(CLASSES))
+        result["per_fold"].append({"fold": fold, "n": int(held_out.sum()), "macro_f1": fold_metrics["macro_f1"],
+                                   "accuracy": fold_metrics["accuracy"], "seconds": round(time.time() - started, 1)})
+        logger.info("fold %d/%d: macro-F1 %.3f, accuracy %.3f (%d images, %.0f s)", fold + 1, folds,
+                    fold_metrics["macro_f1"], fold_metrics["accuracy"], held_out.sum(), time.time() - started)
+        atomic_write_json(output, result)
+    sources = np.array([s or "unknown" for s in pooled["source"]])
+    result.update(classification_metrics(labels, probs, list(CLASSES)))
+    result["per_source"] = metrics_by_group(labels, probs, sources, list(CLASSES))
+    result["ci95"] = bootstrap_ci(labels, probs, list(CLASSES), seed=int(cfg["seed"]))
+    result["predictions"] = {"path": [str(p) for p in pooled["path"]], "label": labels.tolist(),
+                             "source": sources.tolist(), "patient_id": [str(p) for p in pooled["patient_id"]],
+                             "fold": fold_of.tolist(), "probs": np.round(probs, 6).tolist()}
+    result["complete"] = True
+    if compare:
+        with open(compare, encoding="utf-8") as handle:
+            result["compare"] = paired_difference(result, json.load(handle))
+    atomic_write_json(output, result)
+    return result
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, help="a dataset written by jobs/preprocess.py")
+    parser.add_argument("--output", required=True, help="JSON file to write (atomically)")
+    parser.add_argument("--config", default=None, help="job config YAML (default: the packaged defaults)")
+    parser.add_argument("--model", default=None, help="model name (default: the config's train.model)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--transform", choices=TRANSFORMS, default="none", help="input variant to compare")
+    parser.add_argument("--compare", default=None, help="another output of this command, on the same dataset")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.folds < 2:
+        print("crossval: --folds must be at least 2", file=sys.stderr)
+        return 2
+    config = override(load_config(args.config, model=args.model), "train", {"model": args.model, "epochs": args.epochs})
+    try:
+        result = cross_validate(args.dataset, config, args.output, args.folds, args.transform, args.compare)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"crossval: {err}", file=sys.stderr)
+        return 2
+    def two(x):
+        return "n/a" if x is None else f"{x:.2f}"
+
+    per_class = ", ".join(f"{c} P {two(v['precision'])} R {two(v['recall'])}" for c, v in result["per_class"].items())
+    print(f"{result['label_of_run']}: {args.folds}-fold macro-F1 {result['macro_f1']:.3f} "
+          f"{[round(x, 3) for x in result['ci95']['macro_f1']]}, accuracy {result['accuracy']:.3f}; {per_class}")
+    if "compare" in result:
+        c = result["compare"]
+        print(f"difference against {c['against']}: {c['macro_f1_difference']:+.3f} {[round(x, 3) for x in c['ci95']]}")
+    print(f"written: {os.path.abspath(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -138,6 +138,7 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
 
     from covid_spark.data import load_split
     from covid_spark.metrics import bootstrap_ci, classification_metrics, metrics_by_group
+    from covid_spark.train import git_commit
 
     cfg = config["train"]
     parts = [load_split(dataset, split, fields=("image", "label", "source", "patient_id")) for split in ("train", "val")]
@@ -150,6 +151,7 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
     probs = np.full((len(labels), len(CLASSES)), np.nan, dtype=np.float32)
     result = {"dataset": dataset, "model": cfg["model"], "folds": folds, "transform": transform,
               "label_of_run": f"{cfg['model']} ({transform})", "train": {k: v for k, v in cfg.items() if k != "per_model"},
+              "git_commit": git_commit(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "per_fold": [], "complete": False}
     for fold in range(folds):
         started = time.time()

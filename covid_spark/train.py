@@ -97,7 +97,8 @@ def train_fn(job: dict) -> dict:
     if job.get("resume_weights"):
         model.load_weights(job["resume_weights"])
     lr = job["learning_rate"] * size
-    model.compile(optimizer=hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr)),
+    compression = hvd.Compression.fp16 if job.get("compression") == "fp16" else hvd.Compression.none
+    model.compile(optimizer=hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr), compression=compression),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
     val = None
@@ -220,7 +221,14 @@ def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | 
 
 
 def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, checkpoint_dir: str) -> dict:
-    """The plain dict each rank's ``train_fn`` receives, from the ``train`` config and the dataset summary."""
+    """The plain dict each rank's ``train_fn`` receives, from the ``train`` config and the dataset summary.
+
+    Raises:
+        ValueError: ``train.gradient_compression`` is neither ``none`` nor ``fp16``.
+    """
+    if cfg["gradient_compression"] not in ("none", "fp16"):
+        raise ValueError(f"config key 'train.gradient_compression' must be 'none' or 'fp16', "
+                         f"found {cfg['gradient_compression']!r}")
     return {
         "dataset": to_url(dataset), "model": cfg["model"], "image_size": int(summary["image_size"]),
         "epochs": int(cfg["epochs"]), "batch_size": int(cfg["batch_size"]), "learning_rate": float(cfg["learning_rate"]),
@@ -229,7 +237,7 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
         "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": dict(cfg["augment"]),
         "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
         "val_rows": summary["per_split"].get("val", 0), "val_row_groups": summary["row_groups"].get("val", 0),
-        "checkpoint_dir": checkpoint_dir,
+        "checkpoint_dir": checkpoint_dir, "compression": cfg["gradient_compression"],
     }
 
 

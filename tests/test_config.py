@@ -50,3 +50,18 @@ def test_per_model_values_sit_between_defaults_and_the_users_file(tmp_path):
     typo.write_text("train:\n  per_model:\n    compact: {epohcs: 3}\n")
     with pytest.raises(ValueError, match="train.per_model.compact.epohcs"):
         load_config(str(typo))
+
+
+def test_make_job_passes_gradient_compression_and_refuses_unknown_ones():
+    from covid_spark.train import make_job
+
+    summary = {"image_size": 224, "per_split_class": {"train": {"covid": 4, "normal": 2, "pneumonia": 2}},
+               "per_split": {"val": 3}, "row_groups": {"val": 1}}
+    cfg = override(load_config(), "train", {"gradient_compression": "fp16"})["train"]
+    job = make_job(cfg, summary, "/tmp/ds", steps=2, threads=1, checkpoint_dir="/tmp/ckpt")
+    assert job["compression"] == "fp16"
+    assert job["class_weight"] == {0: 8 / 12, 1: 8 / 6, 2: 8 / 6}  # CLASSES order: covid, normal, pneumonia
+    assert make_job(load_config()["train"], summary, "/tmp/ds", 2, 1, "/tmp/ckpt")["compression"] == "none"
+    cfg["gradient_compression"] = "int8"
+    with pytest.raises(ValueError, match="train.gradient_compression.*'int8'"):
+        make_job(cfg, summary, "/tmp/ds", 2, 1, "/tmp/ckpt")

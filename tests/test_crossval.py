@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -93,6 +95,9 @@ def test_cross_validation_on_the_pipeline_dataset(pipeline_run, tmp_path):
     pred = result["predictions"]
     assert result["complete"] and sorted(pred["path"]) == expected_paths  # every train/val image, once
     assert not test_paths & set(pred["path"])  # the test split is never read
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    assert result["git_commit"].split("+")[0] == head  # "+dirty" when the checkout has changes
     assert sum(f["n"] for f in result["per_fold"]) == len(expected_paths)
     fold_of_patient = {}
     for patient, fold in zip(pred["patient_id"], pred["fold"]):

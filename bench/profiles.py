@@ -5,8 +5,8 @@ docs/performance.md). Not part of `make bench`: profiling slows what it watches.
 
 * ``spark-preprocess``: the preprocess job with Spark's Python worker profiler on
   (``spark.python.profile``), merged over all workers: where the executors' Python time goes.
-* ``augment``: each augmentation layer of ``covid_spark.data.augmenter`` timed alone on a batch,
-  with one intra-op thread as a rank has.
+* ``augment``: ``covid_spark.data.augment_batch`` (one composed resampling) against the former Keras
+  layer stack, layer by layer, on a batch with one intra-op thread as a rank has.
 """
 from __future__ import annotations
 
@@ -65,22 +65,39 @@ def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int 
     return header + _stats_text(stats, "tottime", limit) + _stats_text(stats, "cumulative", limit)
 
 
+def keras_layer_stack(augment: dict):
+    """The Keras preprocessing layers training used until 2026-11-27 (one resampling per layer,
+    stateful random generators), kept here only to compare with ``covid_spark.data.augment_batch``."""
+    from tensorflow import keras
+    from tensorflow.keras import layers
+
+    stack = []
+    if augment.get("rotation_deg"):
+        stack.append(layers.RandomRotation(float(augment["rotation_deg"]) / 360.0, fill_mode="constant", seed=1))
+    if augment.get("shift"):
+        stack.append(layers.RandomTranslation(augment["shift"], augment["shift"], fill_mode="constant", seed=2))
+    if augment.get("zoom"):
+        stack.append(layers.RandomZoom((-augment["zoom"], augment["zoom"]), fill_mode="constant", seed=3))
+    return keras.Sequential(stack, name="augment")
+
+
 def profile_augment(batch_size: int = 32, size: int = 224, repeats: int = 5) -> str:
-    """Milliseconds per image of each augmentation layer alone, and of the whole stack, one thread."""
+    """Milliseconds per image of the augmentation as trained (``covid_spark.data.augment_batch``: one
+    composed resampling) against the former Keras layer stack, layer by layer, on one intra-op thread."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
     import tensorflow as tf
 
     from covid_spark.config import default_config
-    from covid_spark.data import augmenter
+    from covid_spark.data import augment_batch
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
     augment = default_config()["train"]["augment"]
-    stack = augmenter(augment, seed=0)
+    stack = keras_layer_stack(augment)
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch_size, size, size, 3)), tf.float32)
     lines = [f"augmentation of a {batch_size}×{size}×{size}×3 float batch, 1 intra-op thread "
-             f"(ms per image, best of {repeats})"]
+             f"(ms per image, best of {repeats}), config {augment}"]
 
     def best_ms(fn) -> float:
         fn(images)  # trace / warm up
@@ -95,10 +112,12 @@ def profile_augment(batch_size: int = 32, size: int = 224, repeats: int = 5) -> 
     for layer in stack.layers:
         ms = best_ms(tf.function(lambda x, layer=layer: layer(x, training=True)))
         total += ms
-        lines.append(f"  {layer.name:<28} {ms:6.2f}")
+        lines.append(f"  former: {layer.name:<20} {ms:6.2f}")
     whole = best_ms(tf.function(lambda x: tf.clip_by_value(stack(x, training=True), 0.0, 255.0)))
-    lines.append(f"  {'sum of layers':<28} {total:6.2f}")
-    lines.append(f"  {'whole stack + clip (as trained)':<28} {whole:6.2f}  → {1000 / whole:.0f} images/s")
+    lines.append(f"  former: {'whole stack + clip':<20} {whole:6.2f}  → {1000 / whole:.0f} images/s")
+    seed = tf.constant([0, 0], tf.int64)
+    now = best_ms(tf.function(lambda x: augment_batch(x, seed, augment)))
+    lines.append(f"  now: {'augment_batch':<23} {now:6.2f}  → {1000 / now:.0f} images/s ({whole / now:.1f}× faster)")
     return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@ Training is one process, not Horovod: the global batch is ``batch_size × num_pr
 rate ``learning_rate × num_proc``, what ``num_proc`` ranks would use, with the configured
 augmentation and balanced class weights, cosine decay to 2 % without warm-up, and the final weights
 of each fold (no early stopping: there is no val split left to stop on). Fold ``i`` seeds weight
-initialisation and shuffling with ``i``; the augmentation is seeded with ``train.seed``. The folds
+initialisation and shuffling with ``i``; the augmentation of batch ``b`` with (``train.seed`` + 1000 ``i``,
+``b``), so a rerun gives the same numbers (``covid_spark.data.augment_dataset``). The folds
 themselves are fixed (``StratifiedGroupKFold`` with random state 0), so two models compared by this
 command are scored on the same folds.
 
@@ -84,7 +85,7 @@ def train_fold(images, labels, cfg: dict, seed: int):
     import tensorflow as tf
     from tensorflow import keras
 
-    from covid_spark.data import augmenter
+    from covid_spark.data import augment_dataset
     from covid_spark.models import make_model
     from covid_spark.train import class_weights
 
@@ -97,11 +98,11 @@ def train_fold(images, labels, cfg: dict, seed: int):
                                                       epochs * steps, alpha=0.02)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
     counts = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
-    augment = augmenter(dict(cfg["augment"]), seed=int(cfg["seed"]))
     data = (tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels))
-            .shuffle(1024, seed=seed).batch(batch)
-            .map(lambda x, y: (tf.clip_by_value(augment(x, training=True), 0.0, 255.0), y)))
-    model.fit(data, epochs=epochs, class_weight=class_weights(counts, cfg["class_weights"]), verbose=0)
+            .shuffle(1024, seed=seed).repeat().batch(batch))
+    data = augment_dataset(data, dict(cfg["augment"]), seed=int(cfg["seed"]) + 1000 * seed).prefetch(2)
+    model.fit(data, epochs=epochs, steps_per_epoch=steps, class_weight=class_weights(counts, cfg["class_weights"]),
+              verbose=0)
     return model
 
 

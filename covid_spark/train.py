@@ -12,6 +12,7 @@ import tempfile
 import time
 
 from covid_spark.config import CLASSES
+from covid_spark.data import check_augment
 from covid_spark.preprocess import read_summary
 from covid_spark.storage import atomic_write_json, to_url
 
@@ -224,7 +225,8 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
     """The plain dict each rank's ``train_fn`` receives, from the ``train`` config and the dataset summary.
 
     Raises:
-        ValueError: ``train.gradient_compression`` is neither ``none`` nor ``fp16``.
+        ValueError: ``train.gradient_compression`` is neither ``none`` nor ``fp16``, or a ``train.augment``
+            value is not a number in its range.
     """
     if cfg["gradient_compression"] not in ("none", "fp16"):
         raise ValueError(f"config key 'train.gradient_compression' must be 'none' or 'fp16', "
@@ -234,7 +236,7 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
         "epochs": int(cfg["epochs"]), "batch_size": int(cfg["batch_size"]), "learning_rate": float(cfg["learning_rate"]),
         "warmup_epochs": int(cfg["warmup_epochs"]), "lr_schedule": cfg["lr_schedule"],
         "patience": int(cfg["early_stopping_patience"]), "seed": int(cfg["seed"]), "threads": threads,
-        "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": dict(cfg["augment"]),
+        "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": check_augment(cfg["augment"]),
         "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
         "val_rows": summary["per_split"].get("val", 0), "val_row_groups": summary["row_groups"].get("val", 0),
         "checkpoint_dir": checkpoint_dir, "compression": cfg["gradient_compression"],

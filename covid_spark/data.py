@@ -136,7 +136,7 @@ def augment_dataset(ds, augment: dict, seed: int):
     import tensorflow as tf
 
     aug = check_augment(augment)
-    if not (aug["flip"] or any(aug[k] for k in AUGMENT_KEYS if k != "flip")):
+    if not any(aug.values()):
         return ds
     numbered = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
     return numbered.map(

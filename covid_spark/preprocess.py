@@ -1,13 +1,33 @@
-"""Preprocess stage: image files → decoded 3-channel arrays → a Petastorm dataset per split."""
+"""Preprocess stage: image files → decoded 3-channel arrays → a Petastorm dataset per split.
+
+Two passes, neither of which holds more than one Parquet row group of images in memory:
+
+1. **Stage** (executors, ``mapPartitions``): each task reads and decodes its files, writes the good
+   images straight to one staged Parquet file with pyarrow (no Python→JVM row conversion, no cache),
+   and returns only small metadata per file: label, patient, source, perceptual hash, error.
+2. The driver groups near-duplicates (banded hash search) and assigns patient-wise splits from that
+   metadata alone.
+3. **Distribute** (executors): each task reads one staged file row group by row group and moves every
+   row into its split's dataset, without decoding again; the driver then writes Petastorm's metadata
+   from the row-group counts the tasks return.
+
+Staged files are named per task attempt, and only the files of successful attempts (the ones whose
+metadata reached the driver) are read, so a retried task neither loses nor repeats a row. Split files
+are written to a temporary name and renamed, so a retried distribute task replaces its own output.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import math
 import os
 import time
+import uuid
 from collections import Counter
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
 
 from covid_spark.config import CLASSES
 from covid_spark.sources import discover
@@ -23,6 +43,10 @@ HASH_SIZE = 16
 # Test hook: when set to a file path that does not exist yet, the first Python worker to
 # decode creates it and dies, so a test can show that Spark's task retry loses nothing.
 FAIL_ONCE_ENV = "COVID_SPARK_FAIL_ONCE"
+
+# Rows per row group in staged files: the unit a distribute task holds in memory (64 × 150 kB).
+STAGE_ROWS_PER_GROUP = 64
+STAGING = "_staging"  # inside the temporary output; ignored by Parquet readers, deleted at the end
 
 
 def read_and_decode(path: str, size: int, max_pixels: int) -> tuple:
@@ -45,15 +69,179 @@ def read_and_decode(path: str, size: int, max_pixels: int) -> tuple:
     return image, dhash(image, hash_size=HASH_SIZE), None
 
 
-def decode_partition(records: Iterable[dict], size: int, max_pixels: int) -> Iterator[dict]:
-    """mapPartitions body: decode each record's file, keep the record, add image/dhash/error."""
+def arrow_schema(with_split: bool = True):
+    """The pyarrow schema of the stored rows: ``XraySchema``'s columns as Spark would write them."""
+    import pyarrow as pa
+
+    fields = [pa.field("image", pa.binary(), nullable=False), pa.field("label", pa.int32(), nullable=False)]
+    fields += [pa.field(name, pa.string(), nullable=False)
+               for name in ("label_name", "patient_id", "source", "path")]
+    if with_split:
+        fields.append(pa.field("split", pa.string(), nullable=False))
+    return pa.schema(fields)
+
+
+def _open_writer(url: str, schema):
+    """A pyarrow ParquetWriter on any filesystem pyarrow resolves (file://, hdfs:// with libhdfs, s3://)."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, path = pafs.FileSystem.from_uri(url)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    # Raw pixels barely compress; the small string columns are snappy-compressed as Spark does.
+    return pq.ParquetWriter(path, schema, filesystem=fs, compression={
+        "image": "NONE", "label": "SNAPPY", "label_name": "SNAPPY", "patient_id": "SNAPPY",
+        "source": "SNAPPY", "path": "SNAPPY", "split": "SNAPPY"}, use_dictionary=False,
+        write_statistics=False)
+
+
+def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
+                 rows_per_group: int = STAGE_ROWS_PER_GROUP) -> Iterator[dict]:
+    """Decode each record's file; write good images as rows of one Parquet file at ``url``.
+
+    Yields one metadata dict per record, in order: the record's fields plus ``dhash`` and
+    ``error`` (exactly one of them None) and ``row`` (the row's index in the file, or None).
+    The file is closed before the last metadata is yielded, and only created when some
+    image is good.
+    """
+    import pyarrow as pa
+
+    from covid_spark.schema import XraySchema
+
+    image_field = XraySchema.fields["image"]
+    schema = arrow_schema(with_split=False)
+    columns: dict[str, list] = {name: [] for name in schema.names}
+    pending: list[dict] = []
+    writer, rows = None, 0
+
+    def flush():
+        nonlocal writer
+        if columns["image"]:
+            if writer is None:
+                writer = _open_writer(url, schema)
+            writer.write_table(pa.table(columns, schema=schema))
+            for values in columns.values():
+                values.clear()
+
+    try:
+        for record in records:
+            image, digest, error = read_and_decode(record["path"], size, max_pixels)
+            meta = dict(record, dhash=digest, error=error, row=None)
+            if image is not None:
+                meta["row"] = rows
+                rows += 1
+                columns["image"].append(bytes(image_field.codec.encode(image_field, image)))
+                columns["label"].append(CLASSES.index(record["label"]))
+                columns["label_name"].append(record["label"])
+                columns["patient_id"].append(record["patient_id"] or "")
+                columns["source"].append(record["source"] or "")
+                columns["path"].append(record["path"])
+            pending.append(meta)
+            if len(columns["image"]) >= rows_per_group:
+                flush()
+                yield from pending
+                pending.clear()
+        flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    yield from pending
+
+
+def stage_partition(index: int, records: Iterable[dict], size: int, max_pixels: int,
+                    staging_url: str) -> Iterator[dict]:
+    """mapPartitionsWithIndex body: one staged file per task attempt, named so attempts never collide."""
     marker = os.environ.get(FAIL_ONCE_ENV)
     if marker and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(3)
-    for record in records:
-        image, digest, error = read_and_decode(record["path"], size, max_pixels)
-        yield dict(record, image=image, dhash=digest, error=error)
+    name = f"stage-{index:05d}-{uuid.uuid4().hex[:12]}.parquet"
+    for meta in stage_images(records, size, max_pixels, f"{staging_url}/{name}"):
+        meta["file"] = name if meta["row"] is not None else None
+        yield meta
+
+
+def distribute_file(staged_url: str, splits: Sequence[str], split_urls: dict[str, str],
+                    group_rows: dict[str, int], name: str, tmp_url: str) -> list[tuple[str, str, int]]:
+    """Move the rows of one staged file into their splits' datasets, without decoding.
+
+    ``splits[i]`` is row i's split. Each split gets one file ``name`` with row groups of
+    ``group_rows[split]`` rows, written under ``tmp_url`` and renamed into place (so a
+    retried task replaces its own output). Returns ``(split, name, row_groups)`` per file written.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    schema = arrow_schema(with_split=True)
+    fs, staged_path = pafs.FileSystem.from_uri(staged_url)
+    wanted = sorted(set(splits))
+    writers, buffers, groups, temps = {}, {s: [] for s in wanted}, Counter(), {}
+
+    def write(split, final=False):
+        buffer = buffers[split]
+        while buffer and (final or sum(len(t) for t in buffer) >= group_rows[split]):
+            table = pa.concat_tables(buffer)
+            size = min(len(table), group_rows[split])
+            if split not in writers:
+                temps[split] = f"{tmp_url}/{split}-{name}.tmp-{uuid.uuid4().hex[:8]}"
+                writers[split] = _open_writer(temps[split], schema)
+            writers[split].write_table(table.slice(0, size), row_group_size=size)
+            groups[split] += 1
+            buffers[split] = buffer = [table.slice(size)] if size < len(table) else []
+
+    split_array = pa.array(list(splits), pa.string())
+    try:
+        with fs.open_input_file(staged_path) as handle:
+            staged = pq.ParquetFile(handle)
+            start = 0
+            for g in range(staged.num_row_groups):
+                table = staged.read_row_group(g)
+                part = split_array.slice(start, len(table))
+                start += len(table)
+                table = table.append_column(schema.field("split"), part)
+                for split in wanted:
+                    rows = table.filter(pc.equal(part, split))
+                    if len(rows):
+                        buffers[split].append(rows)
+                        write(split)
+            if start != len(splits):
+                raise RuntimeError(f"{staged_url} holds {start} rows, expected {len(splits)}")
+        for split in wanted:
+            write(split, final=True)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    out_fs, _ = pafs.FileSystem.from_uri(tmp_url)
+    for split in wanted:
+        _, src = pafs.FileSystem.from_uri(temps[split])
+        _, dst = pafs.FileSystem.from_uri(f"{split_urls[split]}/{name}")
+        out_fs.create_dir(os.path.dirname(dst), recursive=True)
+        out_fs.move(src, dst)
+    return [(split, name, groups[split]) for split in wanted]
+
+
+def write_petastorm_metadata(spark, split_url: str, row_groups_per_file: dict[str, int]) -> None:
+    """Petastorm's dataset metadata (the pickled Unischema and the row groups per file) for one split.
+
+    The same two entries ``materialize_dataset`` writes, but from counts the writers returned,
+    instead of a Spark job that opens every file's footer again (one task per file).
+    """
+    import pyarrow.parquet as pq
+    from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY, UNISCHEMA_KEY, load_row_groups
+    from petastorm.fs_utils import FilesystemResolver
+    from petastorm.utils import add_to_dataset_metadata
+
+    from covid_spark.schema import XraySchema
+
+    resolver = FilesystemResolver(split_url, spark.sparkContext._jsc.hadoopConfiguration(),
+                                  user=spark.sparkContext.sparkUser())
+    fs, path = resolver.filesystem(), resolver.get_dataset_path()
+    dataset = pq.ParquetDataset(path, filesystem=fs, validate_schema=False)
+    add_to_dataset_metadata(dataset, UNISCHEMA_KEY, pickle.dumps(XraySchema))
+    add_to_dataset_metadata(dataset, ROW_GROUPS_PER_FILE_KEY, json.dumps(row_groups_per_file))
+    load_row_groups(pq.ParquetDataset(path, filesystem=fs, validate_schema=False))  # raises if unreadable
 
 
 def split_images(good: list[dict], cfg: dict, duplicates: list[list[str]]) -> dict[str, str]:
@@ -86,94 +274,116 @@ def _count(rows: Iterable[dict], key: str) -> dict[str, int]:
     return dict(sorted(Counter(r[key] for r in rows).items()))
 
 
-def _num_files(rows: int, rows_per_group: int, min_groups: int) -> int:
+def _num_row_groups(rows: int, rows_per_group: int, min_groups: int) -> int:
+    """Row groups wanted for a split: groups of ``rows_per_group``, but at least ``min_groups``."""
     return max(1, min(rows, max(min_groups, math.ceil(rows / rows_per_group))))
 
 
-def preprocess(spark, input_location: str, output: str, config: dict, overwrite: bool = False) -> dict:
+def _absolute(location: str) -> str:
+    """A local input as an absolute path (``file://`` dropped); other URLs as given."""
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    return location if "://" in location else os.path.abspath(location)
+
+
+def _per_input(inventory, metas: list[dict], locations: list[str]) -> list[dict]:
+    counts = [{"input": loc, "written": 0, "rejected": 0, "skipped": 0} for loc in locations]
+    for m in metas:
+        counts[m.get("input", 0)]["written" if m["error"] is None else "rejected"] += 1
+    for s in inventory.skipped:
+        counts[s.get("input", 0)]["skipped"] += 1
+    return counts
+
+
+def preprocess(spark, input_locations: str | Sequence[str], output: str, config: dict,
+               overwrite: bool = False) -> dict:
     """Run the whole stage and return the summary written to ``<output>/_summary.json``.
+
+    Args:
+        input_locations: one input (manifest CSV, folder with ``manifest.csv``, folder per class)
+            or a list of them, read as one collection (duplicates are found across them).
 
     Raises:
         FileNotFoundError / ValueError: bad input location, manifest or class names
             (before anything is written).
         FileExistsError: ``output`` exists and ``overwrite`` is false.
     """
-    from petastorm.etl.dataset_metadata import materialize_dataset
-    from petastorm.unischema import dict_to_spark_row
-    from pyspark import StorageLevel
-
     from covid_spark.images import group_duplicates
-    from covid_spark.schema import XraySchema
 
     started = time.time()
+    locations = [input_locations] if isinstance(input_locations, str) else list(input_locations)
     cfg = config["preprocess"]
-    size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])
+    size, max_pixels, seed = int(cfg["image_size"]), int(cfg["max_pixels"]), int(cfg["seed"])
     url = to_url(output)
     sc = spark.sparkContext
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
-        inventory = discover(input_location, skip_unknown=bool(cfg["skip_unknown_classes"]))
+        inventory = discover(locations if len(locations) > 1 else locations[0],
+                             skip_unknown=bool(cfg["skip_unknown_classes"]))
+        # Shuffled (seeded) so every staged file, and so every row group, mixes classes and sources.
         records = inventory.records
+        records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
+        staging = f"{tmp_url}/{STAGING}"
         # Few, large tasks: every Python task pays a fixed start cost (on Python 3.11 PySpark's
         # importlib.invalidate_caches() re-reads pyspark.zip, ~80 ms), see docs/performance.md.
         slices = max(1, min(len(records), max(2 * sc.defaultParallelism, len(records) // 1000)))
-        sc.setJobDescription(f"decode {len(records)} images")
-        decoded = (sc.parallelize(records, slices)
-                   .mapPartitions(lambda part: decode_partition(part, size, max_pixels))
-                   .persist(StorageLevel.MEMORY_AND_DISK))
-        table = None
-        try:
-            meta = decoded.map(lambda r: {k: v for k, v in r.items() if k != "image"}).collect()
-            good = [m for m in meta if m["error"] is None]
-            rejected = [{"path": m["path"], "reason": m["error"]} for m in meta if m["error"] is not None]
-            duplicates = group_duplicates({m["path"]: m["dhash"] for m in good},
-                                          max_distance=int(cfg["duplicate_distance"]))
-            split_of = split_images(good, cfg, duplicates)
-            for m in good:
-                m["split"] = split_of[m["path"]]
-            split_bc = sc.broadcast(split_of)
+        sc.setJobDescription(f"decode and stage {len(records)} images")
+        metas = (sc.parallelize(records, slices)
+                 .mapPartitionsWithIndex(lambda i, part: stage_partition(i, part, size, max_pixels, staging))
+                 .collect())
+        metas.sort(key=lambda m: m["path"])
+        good = [m for m in metas if m["error"] is None]
+        rejected = [{"path": m["path"], "reason": m["error"]} for m in metas if m["error"] is not None]
+        duplicates = group_duplicates({m["path"]: m["dhash"] for m in good},
+                                      max_distance=int(cfg["duplicate_distance"]))
+        split_of = split_images(good, cfg, duplicates)
+        for m in good:
+            m["split"] = split_of[m["path"]]
 
-            def to_row(r):
-                return dict_to_spark_row(XraySchema, {
-                    "image": r["image"], "label": CLASSES.index(r["label"]),
-                    "label_name": r["label"], "patient_id": r["patient_id"] or "",
-                    "source": r["source"] or "", "path": r["path"], "split": split_bc.value[r["path"]]})
+        per_split = {s: sum(1 for m in good if m["split"] == s) for s in SPLITS}
+        group_rows = {}
+        for split in SPLITS:
+            if per_split[split] == 0:
+                logger.warning("split %s is empty: nothing written for it", split)
+                continue
+            groups = _num_row_groups(per_split[split], int(cfg["rows_per_row_group"]), int(cfg["min_row_groups"]))
+            group_rows[split] = max(1, per_split[split] // groups)  # so that there are at least `groups`
+        rows_of: dict[str, list[tuple[int, str]]] = {}
+        for m in good:
+            rows_of.setdefault(m["file"], []).append((m["row"], m["split"]))
+        tasks = []
+        for number, name in enumerate(sorted(rows_of)):
+            rows = sorted(rows_of[name])
+            if [r for r, _ in rows] != list(range(len(rows))):
+                raise RuntimeError(f"internal error: staged file {name} rows are not 0..{len(rows) - 1}")
+            tasks.append((f"{staging}/{name}", [s for _, s in rows], f"part-{number:05d}.parquet"))
+        split_urls = {s: f"{tmp_url}/{s}" for s in SPLITS}
+        sc.setJobDescription(f"distribute {len(good)} rows into {len(group_rows)} splits")
+        written = (sc.parallelize(tasks, max(1, len(tasks)))
+                   .flatMap(lambda t: distribute_file(t[0], t[1], split_urls, group_rows, t[2], staging))
+                   .collect()) if tasks else []
+        row_groups = {}
+        for split in SPLITS:
+            files = {name: n for s, name, n in written if s == split}
+            if files:
+                write_petastorm_metadata(spark, split_urls[split], files)
+                row_groups[split] = sum(files.values())
+        HadoopFS(spark, tmp_url).delete(staging)
 
-            # Encode every good image once into a JVM-cached table; each split's write then
-            # filters and shuffles it without another pass through Python.
-            table = spark.createDataFrame(decoded.filter(lambda r: r["error"] is None).map(to_row),
-                                          XraySchema.as_spark_schema()).persist(StorageLevel.MEMORY_AND_DISK)
-            row_groups = {}
-            for split in SPLITS:
-                n_rows = sum(1 for m in good if m["split"] == split)
-                if n_rows == 0:
-                    logger.warning("split %s is empty: nothing written for it", split)
-                    continue
-                files = _num_files(n_rows, int(cfg["rows_per_row_group"]), int(cfg["min_row_groups"]))
-                split_url = f"{tmp_url}/{split}"
-                sc.setJobDescription(f"write {split} split ({n_rows} rows, {files} row groups)")
-                # One file per row group: a large block size keeps each file a single group.
-                with materialize_dataset(spark, split_url, XraySchema, row_group_size_mb=1024):
-                    (table.filter(table["split"] == split)
-                     .repartition(files).write.mode("error").parquet(split_url))
-                row_groups[split] = files
-        finally:
-            if table is not None:
-                table.unpersist()
-            decoded.unpersist()
+        good_paths = {m["path"]: m["label"] for m in good}
         summary = {
             "dataset": url,
-            "input": input_location,
+            "input": [_absolute(loc) for loc in locations],
             "classes": list(CLASSES),
             "image_size": size,
             "inputs": inventory.inputs,
             "written": len(good),
             "rejected": rejected,
             "skipped": inventory.skipped,
+            "per_input": _per_input(inventory, metas, locations),
             "duplicates": duplicates,
-            "duplicate_label_conflicts": [g for g in duplicates
-                                          if len({m["label"] for m in good if m["path"] in set(g)}) > 1],
+            "duplicate_label_conflicts": [g for g in duplicates if len({good_paths[p] for p in g}) > 1],
             "per_class": _count(good, "label"),
-            "per_split": {s: sum(1 for m in good if m["split"] == s) for s in SPLITS},
+            "per_split": per_split,
             "per_split_class": {s: _count([m for m in good if m["split"] == s], "label") for s in SPLITS},
             "per_source": _count(good, "source"),
             "patients_per_split": {s: len({m["patient_id"] or m["path"] for m in good if m["split"] == s})

@@ -196,7 +196,7 @@ def test_failure_mid_write_leaves_no_output(spark, corpus, tmp_path, monkeypatch
 
     root, _ = corpus
     calls = []
-    real = pre._num_files
+    real = pre._num_row_groups
 
     def fail_on_second_split(*args):
         calls.append(args)
@@ -204,7 +204,7 @@ def test_failure_mid_write_leaves_no_output(spark, corpus, tmp_path, monkeypatch
             raise RuntimeError("injected failure while writing the val split")
         return real(*args)
 
-    monkeypatch.setattr(pre, "_num_files", fail_on_second_split)
+    monkeypatch.setattr(pre, "_num_row_groups", fail_on_second_split)
     out = tmp_path / "ds"
     with pytest.raises(RuntimeError, match="injected"):
         pre.preprocess(spark, str(root), str(out), _config())

@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV := $(abspath .venv)
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/cxr3
+# DATA may name several inputs, separated by spaces: each becomes one --input.
+INPUTS = $(foreach d,$(DATA),--input $(d))
 RUN_ID ?= demo-$(shell date +%Y%m%d-%H%M%S)
 MASTER ?= local[*]
 PYTEST_ARGS ?=
@@ -20,14 +22,14 @@ setup:
 
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
-	  jobs/pipeline.py --input $(DATA) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
+	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
 	  $(if $(MODEL),--model $(MODEL))
 
 # Leave-one-source-out shortcut check: train without SOURCE, test on all of SOURCE.
 SOURCE ?= kaggle3way
 loso: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
-	  jobs/pipeline.py --input $(DATA) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config conf/demo.yaml \
+	  jobs/pipeline.py $(INPUTS) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config conf/demo.yaml \
 	  --holdout-source $(SOURCE) $(if $(MODEL),--model $(MODEL))
 
 # Patient-grouped 5-fold cross-validation over train + val of a preprocessed dataset (the test split is

@@ -6,8 +6,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 
-from covid_spark.sources import discover
+from covid_spark.sources import as_locations, discover
 from covid_spark.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -23,9 +24,14 @@ class StageFailed(RuntimeError):
         self.stage = stage
 
 
-def input_digest(location: str, skip_unknown: bool = False) -> dict:
-    """Content hashes of every input file (sha256), plus the list of skipped names."""
-    inventory = discover(location, skip_unknown=skip_unknown)
+def input_digest(locations: str | Sequence[str], skip_unknown: bool = False) -> dict:
+    """Content hashes of every input file (sha256), plus the skipped names and the list of inputs.
+
+    ``input`` records the absolute locations in the order given, so another list (or order)
+    of inputs gives another digest; each file maps to ``[label, patient_id, source, sha256]``.
+    """
+    locations = as_locations(locations)
+    inventory = discover(locations, skip_unknown=skip_unknown)
     files = {}
     for record in inventory.records:
         digest = hashlib.sha256()
@@ -33,16 +39,19 @@ def input_digest(location: str, skip_unknown: bool = False) -> dict:
             with open(record["path"], "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
-            files[record["path"]] = [record["label"], record["patient_id"], digest.hexdigest()]
+            content = digest.hexdigest()
         except OSError as exc:
-            files[record["path"]] = [record["label"], record["patient_id"], f"unreadable: {exc}"]
-    return {"input": os.path.abspath(location), "files": files,
-            "skipped": sorted(s["path"] for s in inventory.skipped)}
+            content = f"unreadable: {exc}"
+        files[record["path"]] = [record["label"], record["patient_id"], record["source"], content]
+    return {"input": [os.path.abspath(location.removeprefix("file://")) for location in locations],
+            "files": files, "skipped": sorted([s["path"], s["reason"]] for s in inventory.skipped)}
 
 
-def run_pipeline(spark, input_location: str, run_dir: str, config: dict,
+def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, config: dict,
                  force: bool = False, stages=STAGES) -> dict:
     """Run ``stages`` into ``run_dir`` (the model dir; the dataset goes to ``run_dir/dataset``).
+
+    ``input_locations`` is one input or a list of them (see :func:`covid_spark.sources.discover`).
 
     Preprocessing is skipped when the inputs' content hashes and the preprocess config match
     the last run's; training is skipped when a model exists for the same dataset and config
@@ -82,12 +91,12 @@ def run_pipeline(spark, input_location: str, run_dir: str, config: dict,
         return result
 
     def do_preprocess():
-        digest = input_digest(input_location, bool(config["preprocess"]["skip_unknown_classes"]))
+        digest = input_digest(input_locations, bool(config["preprocess"]["skip_unknown_classes"]))
         key = hashlib.sha256(json.dumps([digest, config["preprocess"]], sort_keys=True).encode()).hexdigest()
         if not force and state.get("preprocess_key") == key and os.path.exists(os.path.join(dataset, "_summary.json")):
             logger.info("pipeline: inputs unchanged since the last run; preprocessing skipped")
             return "skipped"
-        preprocess(spark, input_location, dataset, config, overwrite=True)
+        preprocess(spark, as_locations(input_locations), dataset, config, overwrite=True)
         atomic_write_json(os.path.join(run_dir, "inputs.json"), digest)
         state["preprocess_key"] = key
         state.pop("train_key", None)

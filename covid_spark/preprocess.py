@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from covid_spark.config import CLASSES
-from covid_spark.sources import discover
+from covid_spark.sources import count_per_input, discover
 from covid_spark.splits import SPLITS, assign_splits
 from covid_spark.storage import HadoopFS, atomic_directory, to_url
 
@@ -286,15 +286,6 @@ def _absolute(location: str) -> str:
     return location if "://" in location else os.path.abspath(location)
 
 
-def _per_input(inventory, metas: list[dict], locations: list[str]) -> list[dict]:
-    counts = [{"input": loc, "written": 0, "rejected": 0, "skipped": 0} for loc in locations]
-    for m in metas:
-        counts[m.get("input", 0)]["written" if m["error"] is None else "rejected"] += 1
-    for s in inventory.skipped:
-        counts[s.get("input", 0)]["skipped"] += 1
-    return counts
-
-
 def preprocess(spark, input_locations: str | Sequence[str], output: str, config: dict,
                overwrite: bool = False) -> dict:
     """Run the whole stage and return the summary written to ``<output>/_summary.json``.
@@ -317,8 +308,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
     url = to_url(output)
     sc = spark.sparkContext
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
-        inventory = discover(locations if len(locations) > 1 else locations[0],
-                             skip_unknown=bool(cfg["skip_unknown_classes"]))
+        inventory = discover(locations, skip_unknown=bool(cfg["skip_unknown_classes"]))
         # Shuffled (seeded) so every staged file, and so every row group, mixes classes and sources.
         records = inventory.records
         records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
@@ -379,7 +369,8 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             "written": len(good),
             "rejected": rejected,
             "skipped": inventory.skipped,
-            "per_input": _per_input(inventory, metas, locations),
+            "per_input": count_per_input(inventory.per_input, written=good,
+                                         rejected=[m for m in metas if m["error"] is not None]),
             "duplicates": duplicates,
             "duplicate_label_conflicts": [g for g in duplicates if len({good_paths[p] for p in g}) > 1],
             "per_class": _count(good, "label"),

@@ -331,7 +331,9 @@ def _summary_sections(summary: Mapping[str, Any], classes: Sequence[str]) -> lis
     JSON string for a value that fits no table. Nested ``{row: {col: number}}`` mappings (counts
     per split and class) become matrices with class columns first and a total column; flat
     mappings become two-column tables; lists of ``{"path", "reason"}`` (rejected or skipped
-    inputs) and lists of groups (duplicates) become tables truncated to the first 200 entries.
+    inputs), lists of groups (duplicates) and lists of flat records (``per_input``, one row per
+    input location) become tables truncated to the first 200 entries. ``input`` may be one
+    location (older datasets) or a list of them; both show as one row of the totals.
     """
     blocks: list = []
     scalars = []
@@ -355,6 +357,13 @@ def _summary_sections(summary: Mapping[str, Any], classes: Sequence[str]) -> lis
                 head, shown = _truncated(title, [[str(i + 1), ", ".join(_fmt(x) for x in v)]
                                                  for i, v in enumerate(value)], "group(s)")
                 blocks.append((head, ["#", "members"], shown))
+            elif all(isinstance(v, Mapping) and all(_is_scalar(x) for x in v.values()) for v in value):
+                # e.g. per_input: one row per input location with its counts
+                cols = []
+                for v in value:
+                    cols += [str(c) for c in v if str(c) not in cols]
+                head, shown = _truncated(title, [[_fmt(v.get(c)) for c in cols] for v in value], "row(s)")
+                blocks.append((head, cols, shown))
             else:
                 head, shown = _truncated(title, list(value), "item(s)")
                 blocks.append((head, None, json.dumps(shown, indent=2, sort_keys=True, default=str)))

@@ -1,4 +1,4 @@
-"""spark-submit jobs/pipeline.py --input DIR_OR_MANIFEST --run-dir runs/<run-id> [options]
+"""spark-submit jobs/pipeline.py --input DIR_OR_MANIFEST [--input ...] --run-dir runs/<run-id> [options]
 
 Runs preprocess → train → evaluate → report into one run directory. Safe to rerun: unchanged
 inputs are not preprocessed again, a finished model is not retrained, an interrupted training
@@ -22,7 +22,8 @@ logger = logging.getLogger("covid_spark.jobs.pipeline")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run every stage under one run id.")
-    parser.add_argument("--input", required=True, help="manifest CSV, folder with manifest.csv, or folder per class")
+    parser.add_argument("--input", action="append", required=True,
+                        help="manifest CSV, folder with manifest.csv, or folder per class; repeat to read several")
     parser.add_argument("--run-dir", required=True, help="e.g. runs/nightly-2026-11-26")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--holdout-source", help="leave-one-source-out check: train without this source, test on it")

@@ -1,4 +1,4 @@
-"""spark-submit jobs/predict.py --input DIR_OR_MANIFEST --model-dir DIR --output FILE.csv|FILE.parquet"""
+"""spark-submit jobs/predict.py --input DIR_OR_MANIFEST [--input ...] --model-dir DIR --output FILE.csv|FILE.parquet"""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,8 @@ from covid_spark.predict import predict
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Batch prediction over new images on Spark.")
-    parser.add_argument("--input", required=True, help="flat folder, folder per class, or manifest CSV")
+    parser.add_argument("--input", action="append", required=True,
+                        help="flat folder, folder per class, or manifest CSV; repeat to read several")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--output", required=True, help="FILE.csv or FILE.parquet: one row per input file")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -1,4 +1,4 @@
-"""spark-submit jobs/preprocess.py --input DIR_OR_MANIFEST --output URL [options]"""
+"""spark-submit jobs/preprocess.py --input DIR_OR_MANIFEST [--input ...] --output URL [options]"""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,8 @@ logger = logging.getLogger("covid_spark.jobs.preprocess")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Decode X-ray images into a Petastorm dataset with patient-wise splits.")
-    parser.add_argument("--input", required=True, help="manifest CSV, folder with manifest.csv, or folder per class")
+    parser.add_argument("--input", action="append", required=True,
+                        help="manifest CSV, folder with manifest.csv, or folder per class; repeat to read several")
     parser.add_argument("--output", required=True, help="dataset path or URL (file://, hdfs://, ...)")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--val-fraction", type=float)
@@ -47,6 +48,10 @@ def main(argv=None) -> int:
     print(f"preprocess: {summary['inputs']} inputs = {summary['written']} written + "
           f"{len(summary['rejected'])} rejected + {len(summary['skipped'])} skipped; "
           f"splits {summary['per_split']}; {len(summary['duplicates'])} duplicate group(s) → {summary['dataset']}")
+    per_input = summary.get("per_input") or []
+    if len(per_input) > 1:
+        for entry in per_input:
+            print(f"  input {entry['input']}: " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "input"))
     for item in summary["rejected"][:20]:
         print(f"  rejected {item['path']}: {item['reason']}")
     return 0

@@ -286,3 +286,56 @@ def test_task_retry_loses_and_duplicates_nothing(corpus, tmp_path):
         if summary["per_split"][split]:
             paths += [str(p) for p in load_split(str(out), split, fields=("path",))["path"]]
     assert sorted(paths) == sorted(expected["good"])  # no row missing, none twice
+
+
+def test_several_inputs_in_one_run(spark, tmp_path):
+    """Two collections in one run: sources, namespaced patients, per-input counts, cross-input
+    duplicates in one split, a file listed twice written once, data below a hidden directory."""
+    from covid_spark.data import load_split
+    from covid_spark.preprocess import preprocess
+
+    rng = np.random.default_rng(3)
+    hidden = tmp_path / ".snapshots"
+    folders = hidden / "site_a"                      # folder per class, no manifest: source = "site_a"
+    for label in ("covid", "normal"):
+        (folders / label).mkdir(parents=True)
+        for i in range(4):
+            (folders / label / f"{i}.png").write_bytes(_png(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)))
+    store = tmp_path / "store"                       # images kept apart from their manifest
+    store.mkdir()
+    names = []
+    for i in range(6):
+        name = f"p{i}.png"
+        (store / name).write_bytes(_png(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)))
+        names.append(name)
+    copy = store / "copy_of_site_a.png"              # same content as an image of the other input
+    shutil.copy(folders / "covid" / "0.png", copy)
+    manifest_dir = tmp_path / "lists"
+    manifest_dir.mkdir()
+    lines = ["path,label,patient_id,source"]
+    lines += [f"{store / n},pneumonia,{'p1' if i < 2 else f'q{i}'},{'' if i == 5 else 'hospital'}"
+              for i, n in enumerate(names)]
+    lines += [f"{store / names[0]},pneumonia,p1,hospital",      # listed twice
+              f"{copy},covid,,hospital"]
+    (manifest_dir / "manifest.csv").write_text("\n".join(lines) + "\n")
+
+    out = tmp_path / "ds"
+    summary = preprocess(spark, [str(folders), str(manifest_dir / "manifest.csv")], str(out), _config())
+
+    assert summary["input"] == [str(folders), str(manifest_dir / "manifest.csv")]
+    assert summary["inputs"] == 8 + 8 and summary["written"] == 8 + 7
+    assert summary["skipped"] == [{"path": str(store / names[0]), "reason": "listed twice", "input": 1}]
+    assert [(p["written"], p["rejected"], p["skipped"]) for p in summary["per_input"]] == [(8, 0, 0), (7, 0, 1)]
+    # the row without a source cell takes its input folder's name ("lists")
+    assert summary["per_source"] == {"hospital": 6, "lists": 1, "site_a": 8}
+    assert sorted(map(sorted, summary["duplicates"])) == [sorted([str(folders / "covid" / "0.png"), str(copy)])]
+    rows = {}
+    for split in ("train", "val", "test"):
+        if summary["per_split"][split]:
+            data = load_split(str(out), split, fields=("path", "patient_id", "source"))
+            for path, pid, source in zip(data["path"], data["patient_id"], data["source"]):
+                rows[str(path)] = (split, str(pid), str(source))
+    assert len(rows) == 15                           # written once each
+    assert rows[str(store / names[0])][1:] == ("hospital:p1", "hospital")
+    assert rows[str(store / names[0])][0] == rows[str(store / names[1])][0]   # one patient, one split
+    assert rows[str(copy)][0] == rows[str(folders / "covid" / "0.png")][0]    # duplicates, one split

@@ -1,0 +1,147 @@
+"""python -m bench.dup_bench [--total 100000] [--max-distance 10] [--seed 0] [--hashes FILE.json]
+
+Near-duplicate grouping at scale: the banded ``group_duplicates`` against the all-pairs
+``group_duplicates_all_pairs`` it replaced (covid_spark/images.py), on one thread.
+
+The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``,
+a JSON object of key -> int) or, by default, clustered synthetic 256-bit hashes (chest X-ray
+dHashes are far from uniform: many images sit within a few bits of each other), plus seeded
+copies of base hashes with 0-10 flipped bits. All-pairs is quadratic, so above
+``ALL_PAIRS_MAX`` hashes both methods are also run on a seeded subset of that size, to show
+that they agree and how far apart their times are. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+
+from covid_spark.images import group_duplicates, group_duplicates_all_pairs
+
+logger = logging.getLogger(__name__)
+
+ALL_PAIRS_MAX = 20_000
+SYNTHETIC_BASE = 17_000   # about the size of cxr-xl
+SYNTHETIC_CENTRES = 300
+SYNTHETIC_SPREAD = 14     # members lie 0..14 bits from their centre
+SYNTHETIC_UNIQUE = 0.2    # share of base hashes that belong to no cluster
+COPY_FLIPS = 10           # copies lie 0..10 bits from their original
+
+
+def _flip(value: int, count: int, bits: int, rng: random.Random) -> int:
+    """``value`` with ``count`` distinct bits among the low ``bits`` flipped."""
+    for bit in rng.sample(range(bits), min(count, bits)):
+        value ^= 1 << bit
+    return value
+
+
+def synthetic_hashes(count: int = SYNTHETIC_BASE, seed: int = 0, bits: int = 256) -> dict[str, int]:
+    """Clustered ``bits``-bit hashes: a fifth uniform, the rest near one of a few hundred centres."""
+    rng = random.Random(seed)
+    centres = [rng.getrandbits(bits) for _ in range(SYNTHETIC_CENTRES)]
+    hashes = {}
+    for i in range(count):
+        if rng.random() < SYNTHETIC_UNIQUE:
+            hashes[f"img{i:06d}"] = rng.getrandbits(bits)
+        else:
+            centre = rng.choice(centres)
+            hashes[f"img{i:06d}"] = _flip(centre, rng.randint(0, SYNTHETIC_SPREAD), bits, rng)
+    return hashes
+
+
+def grow(base: dict[str, int], total: int, seed: int = 0) -> dict[str, int]:
+    """``base`` plus seeded copies of its hashes with 0..``COPY_FLIPS`` flipped bits, ``total`` in all.
+
+    When ``base`` alone has more than ``total`` hashes, a seeded sample of ``total`` of them.
+    """
+    rng = random.Random(seed)
+    keys = sorted(base)
+    if len(keys) >= total:
+        return {k: base[k] for k in rng.sample(keys, total)}
+    bits = max(1, max(v.bit_length() for v in base.values()))
+    grown = dict(base)
+    for i in range(total - len(keys)):
+        original = rng.choice(keys)
+        grown[f"copy{i:06d}"] = _flip(base[original], rng.randint(0, COPY_FLIPS), bits, rng)
+    return grown
+
+
+def _timed(function, hashes: dict[str, int], max_distance: int) -> tuple[list[list[str]], float, float]:
+    """Groups, wall seconds and CPU seconds of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    groups = function(hashes, max_distance)
+    return groups, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000,
+                     max_distance: int = 10, seed: int = 0) -> dict:
+    """Time banded grouping of ``total`` hashes, and check it against all-pairs.
+
+    Args:
+        real_hashes: base hashes (e.g. the dHashes of cxr-xl), or None for
+            :func:`synthetic_hashes`.
+        total: hashes to group, base plus copies (see :func:`grow`).
+        max_distance: as in ``group_duplicates``.
+        seed: for the synthetic base, the copies and the all-pairs subset.
+
+    Returns:
+        ``n``, ``seconds_banded``, ``cpu_seconds_banded`` and ``groups`` for the whole set;
+        ``all_pairs_checked_n`` (the whole set, or a subset of ``ALL_PAIRS_MAX``),
+        ``all_pairs_seconds`` and ``banded_seconds_same_set`` on it, and
+        ``same_groups_as_all_pairs``; plus ``base``, ``bits``, ``max_distance``,
+        ``largest_group`` and ``loadavg`` (1, 5, 15 minutes, at the start).
+    """
+    loadavg = list(os.getloadavg())
+    base = synthetic_hashes(seed=seed) if real_hashes is None else real_hashes
+    hashes = grow(base, total, seed)
+    groups, seconds, cpu_seconds = _timed(group_duplicates, hashes, max_distance)
+    logger.info("banded: %d hashes in %.2f s, %d groups", len(hashes), seconds, len(groups))
+    if len(hashes) <= ALL_PAIRS_MAX:
+        checked, banded_same_set = hashes, groups
+        banded_seconds_same_set = seconds
+    else:
+        subset = random.Random(seed).sample(sorted(hashes), ALL_PAIRS_MAX)
+        checked = {k: hashes[k] for k in subset}
+        banded_same_set, banded_seconds_same_set, _cpu = _timed(group_duplicates, checked, max_distance)
+    reference, all_pairs_seconds, _cpu = _timed(group_duplicates_all_pairs, checked, max_distance)
+    logger.info("all-pairs: %d hashes in %.2f s", len(checked), all_pairs_seconds)
+    return {
+        "n": len(hashes),
+        "seconds_banded": round(seconds, 3),
+        "cpu_seconds_banded": round(cpu_seconds, 3),
+        "groups": len(groups),
+        "largest_group": max((len(g) for g in groups), default=0),
+        "all_pairs_checked_n": len(checked),
+        "all_pairs_seconds": round(all_pairs_seconds, 3),
+        "banded_seconds_same_set": round(banded_seconds_same_set, 3),
+        "same_groups_as_all_pairs": banded_same_set == reference,
+        "base": "synthetic" if real_hashes is None else f"{len(real_hashes)} given hashes",
+        "bits": max(v.bit_length() for v in hashes.values()),
+        "max_distance": max_distance,
+        "loadavg": loadavg,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Time banded near-duplicate grouping against all-pairs.")
+    parser.add_argument("--total", type=int, default=100_000, help="hashes to group (default 100000)")
+    parser.add_argument("--max-distance", type=int, default=10, help="Hamming distance (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hashes", help="JSON object key -> hash (int or decimal string) to use as the "
+                                         "base instead of synthetic hashes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    real = None
+    if args.hashes:
+        with open(args.hashes, encoding="utf-8") as handle:
+            real = {k: int(v) for k, v in json.load(handle).items()}
+    result = bench_duplicates(real, total=args.total, max_distance=args.max_distance, seed=args.seed)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""Banded near-duplicate grouping (group_duplicates) against known groups and all-pairs."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from bench.dup_bench import bench_duplicates
+from covid_spark.images import (
+    _band_values,
+    _bands,
+    _interleave,
+    _union_run,
+    group_duplicates,
+    group_duplicates_all_pairs,
+)
+
+
+def flip(value: int, bits) -> int:
+    """``value`` with the given bit positions flipped."""
+    for bit in bits:
+        value ^= 1 << bit
+    return value
+
+
+def spread_bits(count: int, width: int, pieces: int, rng: random.Random, dealt: bool) -> list[int]:
+    """``count`` bit positions in ``count`` different ones of ``pieces`` classes of bits.
+
+    The classes are equal slices of ``width`` bits, or (``dealt``) the bits with one
+    remainder modulo ``pieces``, as group_duplicates' bands are. With ``pieces =
+    max_distance + 1`` this is the hard case for banding: the flips hit as many bands as
+    possible, leaving only ``pieces - count`` bands equal.
+    """
+    chosen = rng.sample(range(pieces), count)
+    if dealt:
+        return [c + pieces * rng.randrange(width // pieces) for c in chosen]
+    return [width * c // pieces + rng.randrange(max(1, width // pieces)) for c in chosen]
+
+
+def brute_force(hashes: dict[str, int], max_distance: int) -> list[list[str]]:
+    """Pure-Python pairs + a dict union-find: an implementation sharing nothing with the module."""
+    parent = {k: k for k in hashes}
+
+    def find(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    for a, b in itertools.combinations(hashes, 2):
+        if (hashes[a] ^ hashes[b]).bit_count() <= max_distance:
+            parent[find(a)] = find(b)
+    groups: dict[str, list[str]] = {}
+    for k in hashes:
+        groups.setdefault(find(k), []).append(k)
+    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def clustered(n: int, bits: int, centres: int, spread: int, seed: int) -> dict[str, int]:
+    """A fifth uniform hashes, the rest ``0..spread`` bits from one of ``centres`` centres."""
+    rng = random.Random(seed)
+    middle = [rng.getrandbits(bits) for _ in range(centres)]
+    hashes = {}
+    for i in range(n):
+        if rng.random() < 0.2:
+            hashes[f"k{i:05d}"] = rng.getrandbits(bits)
+        else:
+            count = min(bits, rng.randint(0, spread))
+            hashes[f"k{i:05d}"] = flip(rng.choice(middle), rng.sample(range(bits), count))
+    return hashes
+
+
+# ---------------------------------------------------------------- bands
+
+
+@pytest.mark.parametrize("width, max_distance", [(256, 10), (256, 0), (256, 1), (130, 2), (64, 10),
+                                                 (8, 3), (200, 12), (1000, 5)])
+def test_bands_cover_the_bits_with_enough_bands_of_at_most_64(width, max_distance):
+    bands = _bands(width, max_distance)
+    assert len(bands) >= max_distance + 1
+    assert bands[0][0] == 0 and bands[-1][1] == width
+    assert all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    assert all(1 <= hi - lo <= 64 for lo, hi in bands)
+    assert max(hi - lo for lo, hi in bands) - min(hi - lo for lo, hi in bands) <= 1
+
+
+def test_interleave_deals_bit_b_plus_k_times_count_into_band_b():
+    rng = random.Random(6)
+    width, count = 200, 11
+    values = [rng.getrandbits(width) for _ in range(40)] + [(1 << width) - 1, 1, 1 << (width - 1)]
+    table = np.array([[(v >> (64 * w)) & ((1 << 64) - 1) for w in range(4)] for v in values],
+                     dtype=np.uint64)
+    dealt = _interleave(table, width, count)
+    bands = _bands(width, count - 1)
+    assert len(bands) == count
+    for band, (lo, hi) in enumerate(bands):
+        expected = [sum(((v >> bit) & 1) << j for j, bit in enumerate(range(band, width, count)))
+                    for v in values]
+        assert _band_values(dealt, lo, hi).tolist() == expected
+
+
+def test_band_values_match_python_ints_across_word_boundaries():
+    rng = random.Random(5)
+    values = [rng.getrandbits(200) for _ in range(50)] + [(1 << 200) - 1, 0]
+    table = np.array([[(v >> (64 * w)) & ((1 << 64) - 1) for w in range(4)] for v in values],
+                     dtype=np.uint64)
+    for lo, hi in [(0, 64), (60, 70), (64, 128), (100, 164), (190, 200), (5, 6), (127, 191)]:
+        expected = [(v >> lo) & ((1 << (hi - lo)) - 1) for v in values]
+        assert _band_values(table, lo, hi).tolist() == expected
+
+
+# ---------------------------------------------------------------- known groups
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 6, 10])
+def test_planted_copies_join_up_to_max_distance_and_not_one_bit_beyond(max_distance):
+    rng = random.Random(max_distance)
+    hashes = {f"u{i:04d}": rng.getrandbits(256) | 1 << 255 for i in range(2000)}
+    expected = []
+    for i in range(20 * (max_distance + 2)):
+        k = i % (max_distance + 2)  # 20 copies at each distance 0 .. max_distance + 1
+        original = f"u{i:04d}"
+        copy = f"u{i:04d}_copy{k}"
+        hashes[copy] = flip(hashes[original], spread_bits(k, 256, max_distance + 1, rng, i % 2 == 0)
+                            if k <= max_distance else rng.sample(range(256), k))
+        if k <= max_distance:
+            expected.append([original, copy])
+    # uniform 256-bit hashes are ~128 bits apart: the planted pairs are the only groups
+    assert group_duplicates(hashes, max_distance) == expected
+    assert group_duplicates_all_pairs(hashes, max_distance) == expected
+
+
+def test_one_flip_in_every_band_but_one_joins_and_in_every_band_does_not():
+    # bands deal bit i to band i % 11; flips in 10 bands leave exactly one band to share
+    d = 10
+    rng = random.Random(1)
+    base = rng.getrandbits(256) | 1 << 255
+    for spared in range(d + 1):
+        bits = [band + 11 * rng.randrange(23) for band in range(d + 1)]
+        near = flip(base, bits[:spared] + bits[spared + 1:])
+        far = flip(base, bits)
+        assert (base ^ near).bit_count() == 10 and (base ^ far).bit_count() == 11
+        assert group_duplicates({"base": base, "near": near}, d) == [["base", "near"]]
+        assert group_duplicates({"base": base, "far": far}, d) == []
+
+
+def test_chains_join_transitively():
+    rng = random.Random(2)
+    a = rng.getrandbits(256)
+    bits = rng.sample(range(256), 60)
+    b = flip(a, bits[:10])       # 10 from a
+    c = flip(b, bits[10:20])     # 10 from b, 20 from a
+    lone = flip(a, bits[20:60])  # 40 from a, 60 from c
+    hashes = {"a": a, "b": b, "c": c, "lone": lone}
+    assert group_duplicates(hashes, 10) == [["a", "b", "c"]]
+    assert group_duplicates(hashes, 9) == []
+    # a chain of 30 links, each 10 bits, in scrambled key order: one group
+    chain, value = {}, a
+    for i in range(30):
+        value = flip(value, rng.sample(range(256), 10))
+        chain[f"{rng.random():.12f}"] = value
+    chain["start"] = a
+    assert group_duplicates(chain, 10) == [sorted(chain)]
+
+
+def test_same_small_contract_as_before():
+    assert group_duplicates({}) == []
+    assert group_duplicates({"only": 5}) == []
+    assert group_duplicates({"y": 7, "x": 7}) == [["x", "y"]]
+    assert group_duplicates({"y": 0, "x": 0}, max_distance=0) == [["x", "y"]]
+    # no two 3-bit hashes are more than 3 apart
+    assert group_duplicates({"a": 0, "b": 7, "c": 5}, max_distance=3) == [["a", "b", "c"]]
+    assert group_duplicates({"a": 0, "b": 7, "c": 5}, max_distance=2) == [["a", "b", "c"]]
+    assert group_duplicates({"a": 0, "b": 7, "c": 6}, max_distance=1) == [["b", "c"]]
+
+
+# ---------------------------------------------------------------- against all-pairs
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 6, 10])
+def test_clustered_256_bit_matches_brute_force(max_distance):
+    hashes = clustered(400, 256, centres=8, spread=14, seed=max_distance)
+    expected = brute_force(hashes, max_distance)
+    assert any(len(g) >= 3 for g in expected)  # there are chains to get right
+    assert group_duplicates(hashes, max_distance) == expected
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 6, 10])
+def test_clustered_with_copies_matches_all_pairs(max_distance):
+    hashes = clustered(3000, 256, centres=40, spread=14, seed=10 + max_distance)
+    rng = random.Random(max_distance)
+    keys = sorted(hashes)
+    for i in range(1500):
+        hashes[f"copy{i:04d}"] = flip(hashes[rng.choice(keys)], rng.sample(range(256), rng.randint(0, 10)))
+    expected = group_duplicates_all_pairs(hashes, max_distance)
+    assert len(expected) > 50
+    assert group_duplicates(hashes, max_distance) == expected
+
+
+@pytest.mark.parametrize("bits, max_distance", [(64, 10), (64, 0), (64, 3), (130, 1), (100, 4)])
+def test_other_widths_match_all_pairs(bits, max_distance):
+    hashes = clustered(2000, bits, centres=30, spread=8, seed=bits + max_distance)
+    expected = group_duplicates_all_pairs(hashes, max_distance)
+    assert len(expected) > 10
+    assert group_duplicates(hashes, max_distance) == expected
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 3, 7, 8, 20])
+def test_8_bit_hashes_match_brute_force(max_distance):
+    rng = random.Random(max_distance)
+    hashes = {f"b{i:03d}": rng.getrandbits(8) for i in range(300)}
+    expected = brute_force(hashes, max_distance)
+    assert group_duplicates(hashes, max_distance) == expected
+    if max_distance >= 8:
+        assert expected == [sorted(hashes)]
+
+
+# ---------------------------------------------------------------- big buckets
+
+
+def test_one_big_bucket_of_identical_hashes_and_neighbours():
+    rng = random.Random(3)
+    blank = rng.getrandbits(256)
+    hashes = {f"blank{i:04d}": blank for i in range(3000)}
+    near = {f"near{i:03d}": flip(blank, rng.sample(range(256), rng.randint(1, 10))) for i in range(300)}
+    far = {f"far{i:03d}": flip(blank, rng.sample(range(256), 40)) for i in range(100)}
+    hashes.update(near)
+    hashes.update(far)
+    groups = group_duplicates(hashes, 10)
+    big = sorted([k for k in hashes if not k.startswith("far")])
+    assert groups[0] == big  # "blank..." sorts first
+    assert all(set(g) <= set(far) for g in groups[1:])  # far ones may pair among themselves only
+    assert groups == group_duplicates_all_pairs(hashes, 10)
+
+
+def test_big_bucket_of_distinct_near_identical_hashes():
+    rng = random.Random(4)
+    centre = rng.getrandbits(256)
+    hashes = {f"n{i:04d}": flip(centre, rng.sample(range(256), rng.randint(0, 3))) for i in range(3000)}
+    # every pair is within 6 bits: one group, whatever the order of the work
+    assert group_duplicates(hashes, 6) == [sorted(hashes)]
+    assert group_duplicates(hashes, 2) == group_duplicates_all_pairs(hashes, 2)
+
+
+def test_big_bucket_that_shares_bands_but_is_far_apart():
+    # 800 hashes equal on the bits of 5 of the 11 bands (bits i with i % 11 < 5) and random
+    # on the rest: every pair is a candidate in those bands, but pairs are ~70 bits apart;
+    # only the planted pairs are close
+    rng = random.Random(5)
+    shared = sum(1 << i for i in range(256) if i % 11 < 5)
+    common = rng.getrandbits(256) & shared
+    hashes = {f"h{i:03d}": rng.getrandbits(256) & ~shared | common | 1 << 255 for i in range(800)}
+    expected = []
+    for i in range(0, 800, 100):
+        hashes[f"h{i:03d}_near"] = flip(hashes[f"h{i:03d}"], rng.sample(range(255), 10))
+        expected.append([f"h{i:03d}", f"h{i:03d}_near"])
+    assert group_duplicates(hashes, 10) == expected
+
+
+def test_union_run_only_stops_when_every_member_left_is_joined():
+    rng = random.Random(8)
+    a, b = rng.getrandbits(256), rng.getrandbits(256)
+    values = ([flip(a, rng.sample(range(256), 2)) for _ in range(300)]
+              + [flip(b, rng.sample(range(256), 2)) for _ in range(300)]
+              + [flip(a, range(8))])  # 8 bits from a, 6..10 from each of a's cluster
+    table = np.array([[(v >> (64 * w)) & ((1 << 64) - 1) for w in range(4)] for v in values],
+                     dtype=np.uint64)
+    parent = np.arange(len(values), dtype=np.int64)
+    parent[1:300], parent[301:600] = 0, 300  # each cluster already joined: 3 components
+    _union_run(table, np.arange(len(values)), 10, parent)
+    roots = parent.tolist()
+    assert roots[600] == roots[0] != roots[300]
+    assert set(roots) == {roots[0], roots[300]}
+
+
+# ---------------------------------------------------------------- errors and bench
+
+
+@pytest.mark.parametrize("function", [group_duplicates, group_duplicates_all_pairs])
+def test_errors(function):
+    with pytest.raises(ValueError, match="max_distance must be >= 0, got -1"):
+        function({"a": 1, "b": 2}, max_distance=-1)
+    with pytest.raises(ValueError, match="max_distance must be >= 0"):
+        function({}, max_distance=-3)
+    with pytest.raises(ValueError, match="hashes must be non-negative integers"):
+        function({"a": 1, "b": -2}, max_distance=3)
+
+
+def test_bench_duplicates_small():
+    result = bench_duplicates(None, total=3000, max_distance=10, seed=1)
+    assert result["n"] == 3000 and result["all_pairs_checked_n"] == 3000
+    assert result["same_groups_as_all_pairs"] is True
+    assert result["groups"] > 0 and result["seconds_banded"] >= 0
+    given = {f"r{i}": v for i, v in enumerate(clustered(500, 256, 10, 6, seed=2).values())}
+    result = bench_duplicates(given, total=1000, max_distance=6)
+    assert result["n"] == 1000 and result["same_groups_as_all_pairs"] is True

@@ -75,7 +75,7 @@ def arrow_schema(with_split: bool = True):
 
     fields = [pa.field("image", pa.binary(), nullable=False), pa.field("label", pa.int32(), nullable=False)]
     fields += [pa.field(name, pa.string(), nullable=False)
-               for name in ("label_name", "patient_id", "source", "path")]
+               for name in ("label_name", "patient_id", "source", "path", "dhash")]
     if with_split:
         fields.append(pa.field("split", pa.string(), nullable=False))
     return pa.schema(fields)
@@ -91,7 +91,7 @@ def _open_writer(url: str, schema):
     # Raw pixels barely compress; the small string columns are snappy-compressed as Spark does.
     return pq.ParquetWriter(path, schema, filesystem=fs, compression={
         "image": "NONE", "label": "SNAPPY", "label_name": "SNAPPY", "patient_id": "SNAPPY",
-        "source": "SNAPPY", "path": "SNAPPY", "split": "SNAPPY"}, use_dictionary=False,
+        "source": "SNAPPY", "path": "SNAPPY", "dhash": "SNAPPY", "split": "SNAPPY"}, use_dictionary=False,
         write_statistics=False)
 
 
@@ -136,6 +136,7 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
                 columns["patient_id"].append(record["patient_id"] or "")
                 columns["source"].append(record["source"] or "")
                 columns["path"].append(record["path"])
+                columns["dhash"].append(format(digest, f"0{HASH_SIZE * HASH_SIZE // 4}x"))
             pending.append(meta)
             if len(columns["image"]) >= rows_per_group:
                 flush()

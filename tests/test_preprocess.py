@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from covid_spark.config import load_config, override
-from covid_spark.images import decode_image
+from covid_spark.images import decode_image, dhash
 
 pytestmark = pytest.mark.slow
 SIZE = 32
@@ -139,10 +139,13 @@ def test_stored_pixels_equal_the_shared_decode(written):
     for split in ("train", "val", "test"):
         if not summary["per_split"][split]:
             continue
-        data = load_split(out, split, fields=("image", "label", "label_name", "path"))
-        for image, label, name, path in zip(data["image"], data["label"], data["label_name"], data["path"]):
+        data = load_split(out, split, fields=("image", "label", "label_name", "path", "dhash"))
+        for image, label, name, path, digest in zip(data["image"], data["label"], data["label_name"],
+                                                    data["path"], data["dhash"]):
             with open(path, "rb") as handle:
-                np.testing.assert_array_equal(image, decode_image(handle.read(), SIZE))
+                decoded = decode_image(handle.read(), SIZE)
+            np.testing.assert_array_equal(image, decoded)
+            assert int(str(digest), 16) == dhash(decoded, hash_size=16) and len(str(digest)) == 64
             assert name == expected["good"][path] and ["covid", "normal", "pneumonia"][label] == name
             seen += 1
     assert seen == len(expected["good"])

@@ -557,3 +557,55 @@ def group_duplicates(hashes: dict[str, int], max_distance: int = 6) -> list[list
         _union_banded(distinct, max_distance, width, parent)
     _root_all(parent)
     return _groups(keys, parent[row_of_key.reshape(-1)])
+
+
+def near_copies(reference: dict[str, int], queries: dict[str, int], max_distance: int = 6,
+                chunk: int = 4096) -> dict[str, str]:
+    """For each query key within ``max_distance`` bits of some reference hash, one such reference key.
+
+    Not transitive (unlike :func:`group_duplicates`): a query counts only when it is itself
+    close to a reference image. Banded like :func:`group_duplicates`: for every band, the
+    queries are looked up among the reference hashes sorted by that band's value, and each
+    candidate is checked with the full Hamming distance. Returns ``{query_key: reference_key}``
+    (the first found, deterministically), for the queries that have one.
+    """
+    if max_distance < 0:
+        raise ValueError(f"max_distance must be >= 0, got {max_distance}")
+    if not reference or not queries:
+        return {}
+    ref_keys, q_keys = sorted(reference), sorted(queries)
+    merged = {("r", k): reference[k] for k in ref_keys}
+    merged.update({("q", k): queries[k] for k in q_keys})
+    keys, table, width = _hash_table(merged, int(max_distance))
+    is_ref = np.array([kind == "r" for kind, _ in keys])
+    ref_rows, q_rows = np.flatnonzero(is_ref), np.flatnonzero(~is_ref)
+    # one reference row per distinct hash: a bucket of identical (e.g. blank) images costs one lookup
+    ref_rows = ref_rows[np.sort(np.unique(table[ref_rows], axis=0, return_index=True)[1])]
+    best = np.full(len(keys), -1, dtype=np.int64)  # per query row: matching reference row
+    if max_distance >= width:  # every pair is close
+        best[q_rows] = ref_rows[0]
+    else:
+        bands = _bands(width, int(max_distance))
+        table = _interleave(table, width, len(bands))
+        for lo, hi in bands:
+            values = _band_values(table, lo, hi)
+            order = ref_rows[np.argsort(values[ref_rows], kind="stable")]
+            sorted_values = values[order]
+            for start in range(0, len(q_rows), chunk):
+                rows = q_rows[start:start + chunk]
+                rows = rows[best[rows] < 0]
+                if not rows.size:
+                    continue
+                left = np.searchsorted(sorted_values, values[rows], side="left")
+                counts = np.searchsorted(sorted_values, values[rows], side="right") - left
+                u = np.repeat(rows, counts)
+                v = order[np.repeat(left, counts) + _ranges(counts)]
+                distance = np.zeros(u.size, dtype=np.uint64)
+                for w in range(table.shape[1]):
+                    distance += _popcount64(table[u, w] ^ table[v, w])
+                close = distance <= np.uint64(max_distance)
+                first = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
+                np.minimum.at(first, u[close], v[close])  # the smallest close reference row
+                hit = np.unique(u[close])
+                best[hit] = first[hit]
+    return {keys[q][1]: keys[int(best[q])][1] for q in q_rows if best[q] >= 0}

@@ -295,3 +295,45 @@ def test_bench_duplicates_small():
     given = {f"r{i}": v for i, v in enumerate(clustered(500, 256, 10, 6, seed=2).values())}
     result = bench_duplicates(given, total=1000, max_distance=6)
     assert result["n"] == 1000 and result["same_groups_as_all_pairs"] is True
+
+
+# ---------------------------------------------------------------- near copies across two sets
+
+
+def test_near_copies_against_brute_force():
+    from covid_spark.images import near_copies
+
+    rng = random.Random(11)
+    reference = clustered(600, 256, centres=40, spread=12, seed=11)
+    queries = {}
+    keys = sorted(reference)
+    for i in range(400):
+        kind = i % 4
+        if kind == 0:    # a near copy, 0..10 bits away
+            value = flip(reference[rng.choice(keys)], rng.sample(range(256), rng.randint(0, 10)))
+        elif kind == 1:  # just outside: 11 bits from one reference (maybe closer to another)
+            value = flip(reference[rng.choice(keys)], rng.sample(range(256), 11))
+        else:
+            value = rng.getrandbits(256)
+        queries[f"q{i:03d}"] = value
+    found = near_copies(reference, queries, 10)
+    expected = {q for q, h in queries.items()
+                if any(bin(h ^ r).count("1") <= 10 for r in reference.values())}
+    assert set(found) == expected and len(expected) >= 100
+    for q, r in found.items():
+        assert bin(queries[q] ^ reference[r]).count("1") <= 10
+
+
+def test_near_copies_is_not_transitive_and_handles_edge_cases():
+    from covid_spark.images import near_copies
+
+    a = 0
+    b = (1 << 6) - 1            # 6 bits from a
+    c = ((1 << 12) - 1)          # 12 bits from a, 6 from b
+    assert near_copies({"ref": a}, {"b": b, "c": c}, 6) == {"b": "ref"}
+    assert near_copies({"ref": a}, {"c": c}, 0) == {}
+    assert near_copies({"r1": c, "r2": c}, {"x": c}, 0) == {"x": "r1"}  # identical references: one lookup
+    assert near_copies({}, {"x": 1}, 3) == {} and near_copies({"r": 1}, {}, 3) == {}
+    assert near_copies({"r": 0b1010}, {"x": 0b0101}, 4) == {"x": "r"}    # distance >= width
+    with pytest.raises(ValueError, match="max_distance must be >= 0"):
+        near_copies({"r": 1}, {"x": 1}, -1)

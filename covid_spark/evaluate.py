@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Sequence
 
 import numpy as np
 
@@ -33,12 +34,38 @@ def predict_probs(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), dtype="float32")
 
 
+def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label",),
+                batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Stream ``split`` through ``model`` batch by batch; ``probs`` and ``fields`` (no images), sorted by path.
+
+    Only one batch of images is in memory at a time (see ``data.iter_split_batches``); what is
+    kept per image is its probabilities and the requested fields, in the stable path order of
+    ``data.load_split``.
+    """
+    from covid_spark.data import iter_split_batches
+
+    wanted = list(dict.fromkeys([f for f in fields if f != "image"] + ["path"]))
+    kept: dict[str, list] = {f: [] for f in wanted + ["probs"]}
+    for batch in iter_split_batches(dataset, split, fields=["image"] + wanted, batch_size=batch_size):
+        kept["probs"].append(predict_probs(model, batch["image"], batch_size))
+        for f in wanted:
+            kept[f].append(batch[f])
+    if not kept["probs"]:
+        raise ValueError(f"split {split!r} of {dataset} holds no rows")
+    out = {f: np.concatenate(parts) for f, parts in kept.items()}
+    order = np.argsort(out["path"].astype(str), kind="stable")
+    return {f: values[order] for f, values in out.items()}
+
+
 def metrics_path(model_dir: str, split: str) -> str:
     return os.path.join(model_dir, "metrics.json" if split == "test" else f"metrics_{split}.json")
 
 
 def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") -> dict:
     """Score ``split`` of ``dataset`` with the model in ``model_dir``; write and return the metrics.
+
+    The split (and val, for the temperature) is streamed batch by batch: memory holds one batch of
+    images, and per image only its probabilities, label, source and path.
 
     Besides accuracy, loss, macro-F1, per-class precision/recall/F1 and the confusion matrix
     (from ``metrics.classification_metrics``), the file holds: ``ci95`` (percentile bootstrap
@@ -49,7 +76,6 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") ->
     Raises:
         ValueError: the split is empty or missing, or image size and model disagree.
     """
-    from covid_spark.data import load_split
     from covid_spark.metrics import (bootstrap_ci, classification_metrics, expected_calibration_error,
                                      fit_temperature, metrics_by_group, softmax)
     from covid_spark.preprocess import read_summary
@@ -61,8 +87,8 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") ->
     expected = tuple(model.input_shape[1:3])
     if expected != (summary["image_size"], summary["image_size"]):
         raise ValueError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
-    data = load_split(dataset, split, fields=("image", "label", "source", "patient_id"))
-    probs = predict_probs(model, data["image"])
+    data = score_split(model, dataset, split, fields=("label", "source"))
+    probs = data["probs"]
     y = data["label"].astype(int)
     metrics = classification_metrics(y, probs, list(CLASSES))
     metrics["split"] = split
@@ -72,8 +98,8 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") ->
     sources = np.array([s or "unknown" for s in data["source"]])
     metrics["per_source"] = metrics_by_group(y, probs, sources, list(CLASSES))
     if split != "val" and summary["per_split"].get("val", 0):
-        val = load_split(dataset, "val", fields=("image", "label"))
-        logits = np.log(np.clip(predict_probs(model, val["image"]), 1e-7, 1.0))
+        val = score_split(model, dataset, "val", fields=("label",))
+        logits = np.log(np.clip(val["probs"], 1e-7, 1.0))
         temperature = fit_temperature(logits, val["label"].astype(int))
         metrics["temperature"] = temperature
         metrics["ece_temperature_scaled"] = expected_calibration_error(

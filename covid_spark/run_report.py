@@ -21,13 +21,19 @@ def _load_json(path: str) -> dict | None:
 
 
 def data_licenses(summary: dict) -> list[str]:
-    """Distinct values of the input manifest's ``license`` column, when it has one."""
-    location = (summary.get("input") or "").replace("file://", "")
-    manifest = location if os.path.isfile(location) else os.path.join(location, "manifest.csv")
-    if not os.path.isfile(manifest):
-        return []
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:
-        return sorted({(row.get("license") or "").strip() for row in csv.DictReader(handle)} - {""})
+    """Distinct values of the input manifests' ``license`` column, where they have one.
+
+    ``summary["input"]`` is one location or, for a dataset made from several inputs, a list.
+    """
+    inputs = summary.get("input") or []
+    licenses: set[str] = set()
+    for location in [inputs] if isinstance(inputs, str) else inputs:
+        location = location.replace("file://", "")
+        manifest = location if os.path.isfile(location) else os.path.join(location, "manifest.csv")
+        if os.path.isfile(manifest):
+            with open(manifest, newline="", encoding="utf-8-sig") as handle:
+                licenses |= {(row.get("license") or "").strip() for row in csv.DictReader(handle)}
+    return sorted(licenses - {""})
 
 
 def pick_examples(y: np.ndarray, pred: np.ndarray, per_kind: int = 2) -> list[int]:
@@ -41,28 +47,41 @@ def pick_examples(y: np.ndarray, pred: np.ndarray, per_kind: int = 2) -> list[in
 
 
 def gradcam_gallery(model, dataset: str, metrics: dict, out_dir: str) -> tuple[list[dict], str]:
-    """Grad-CAM overlays for a sample of test images per class, correct and wrong ones."""
+    """Grad-CAM overlays for a sample of test images per class, correct and wrong ones.
+
+    The examples are chosen from ``metrics["predictions"]``; only their images are read from the
+    dataset (a few, whatever the split's size).
+    """
     from PIL import Image
 
-    from covid_spark.data import load_split
+    from covid_spark.data import iter_split_batches
     from covid_spark.explain import grad_cam, overlay, pick_gradcam_layer
 
     layer = pick_gradcam_layer(model, min_size=7)
-    test = load_split(dataset, metrics.get("split", "test"), fields=("image", "label"))
+    paths = [str(p) for p in metrics["predictions"]["path"]]
     probs = np.array(metrics["predictions"]["probs"])
     y, pred = np.array(metrics["predictions"]["label"]), probs.argmax(1)
     index = pick_examples(y, pred)
     if not index:
         return [], layer
-    maps = grad_cam(model, test["image"][index], layer_name=layer)
+    wanted = {paths[i] for i in index}
+    images = {}
+    for batch in iter_split_batches(dataset, metrics.get("split", "test"), fields=("image",), paths=wanted):
+        images.update(zip((str(p) for p in batch["path"]), batch["image"]))
+    missing = sorted(wanted - set(images))
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) of metrics.json's predictions are not in the "
+                         f"{metrics.get('split', 'test')} split of {dataset}, e.g. {missing[0]}: "
+                         f"was the dataset rewritten after evaluation? Rerun jobs/evaluate.py")
+    maps = grad_cam(model, np.stack([images[paths[i]] for i in index]), layer_name=layer)
     os.makedirs(out_dir, exist_ok=True)
     items = []
     for n, (i, heat) in enumerate(zip(index, maps)):
         path = os.path.join(out_dir, f"gradcam_{n:02d}_{CLASSES[y[i]]}_as_{CLASSES[pred[i]]}.png")
-        Image.fromarray(overlay(test["image"][i], heat)).save(path)
+        Image.fromarray(overlay(images[paths[i]], heat)).save(path)
         verdict = "correct" if y[i] == pred[i] else "WRONG"
         items.append({"png": path, "caption": f"{verdict}: true {CLASSES[y[i]]}, predicted {CLASSES[pred[i]]} "
-                                              f"(p={probs[i, pred[i]]:.2f}) — {os.path.basename(str(test['path'][i]))}"})
+                                              f"(p={probs[i, pred[i]]:.2f}) — {os.path.basename(paths[i])}"})
     return items, layer
 
 

@@ -190,3 +190,18 @@ def test_run_report_is_self_contained(pipeline_run):
         card = handle.read()
     assert "not a diagnostic device" in card
     assert os.listdir(os.path.join(pipeline_run["model_dir"], "gradcam"))
+
+
+def test_data_licenses_of_one_input_or_several(tmp_path):
+    from covid_spark.run_report import data_licenses
+
+    for name, licenses in (("a", ["CC BY 4.0", "", "CC0"]), ("b", ["CC BY 4.0", "Apache-2.0"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.csv").write_text(
+            "path,label,license\n" + "".join(f"x{i}.png,covid,{lic}\n" for i, lic in enumerate(licenses)))
+    (tmp_path / "plain.csv").write_text("path,label\nx.png,covid\n")
+    assert data_licenses({"input": str(tmp_path / "a")}) == ["CC BY 4.0", "CC0"]
+    assert data_licenses({"input": [f"file://{tmp_path / 'a'}", str(tmp_path / "b" / "manifest.csv"),
+                                    str(tmp_path / "plain.csv"), str(tmp_path / "missing")]}) == [
+        "Apache-2.0", "CC BY 4.0", "CC0"]
+    assert data_licenses({}) == []

@@ -114,7 +114,8 @@ def iter_split_batches(dataset: str, split: str, fields: Sequence[str] = ("image
             del table
             for r in range(len(encoded["path"])):
                 for f, field, codec in decoders:
-                    columns[f].append(codec.decode(field, encoded[f][r]))
+                    value = codec.decode(field, encoded[f][r])
+                    columns[f].append(to_three_channels(value) if f == "image" else value)
                 if len(columns["path"]) == batch_size:
                     yield _stack(columns)
                     columns = {f: [] for f in wanted}
@@ -123,6 +124,11 @@ def iter_split_batches(dataset: str, split: str, fields: Sequence[str] = ("image
     finally:
         if handle is not None:
             handle.close()
+
+
+def to_three_channels(image: np.ndarray) -> np.ndarray:
+    """A stored image as (height, width, 3): one stored grey channel is repeated (see schema.py)."""
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
 
 
 def _stack(columns: dict[str, list]) -> dict[str, np.ndarray]:
@@ -253,7 +259,12 @@ def make_train_dataset(dataset: str, batch_size: int, augment: dict, seed: int,
                          num_epochs=None,
                          shuffle_row_groups=True, seed=seed, cur_shard=shard, shard_count=shard_count,
                          reader_pool_type="thread", workers_count=1)
-    ds = make_petastorm_dataset(reader).map(lambda row: (tf.cast(row.image, tf.float32), row.label))
+    def three_channels(row):  # a grey image is stored with one channel (schema.py)
+        image = row.image
+        image = tf.broadcast_to(image, tf.concat([tf.shape(image)[:2], [3]], axis=0))
+        return tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32), row.label
+
+    ds = make_petastorm_dataset(reader).map(three_channels)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     ds = augment_dataset(ds.batch(batch_size, drop_remainder=True), augment, seed)

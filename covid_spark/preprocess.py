@@ -69,6 +69,14 @@ def read_and_decode(path: str, size: int, max_pixels: int) -> tuple:
     return image, dhash(image, hash_size=HASH_SIZE), None
 
 
+def stored_image(image: np.ndarray) -> np.ndarray:
+    """The array stored for a decoded RGB image: one channel when all three are equal (grey)."""
+    grey = image[:, :, :1]
+    if np.array_equal(image[:, :, 1:2], grey) and np.array_equal(image[:, :, 2:3], grey):
+        return np.ascontiguousarray(grey)
+    return image
+
+
 def arrow_schema(with_split: bool = True):
     """The pyarrow schema of the stored rows: ``XraySchema``'s columns as Spark would write them."""
     import pyarrow as pa
@@ -130,7 +138,7 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
             if image is not None:
                 meta["row"] = rows
                 rows += 1
-                columns["image"].append(bytes(image_field.codec.encode(image_field, image)))
+                columns["image"].append(bytes(image_field.codec.encode(image_field, stored_image(image))))
                 columns["label"].append(CLASSES.index(record["label"]))
                 columns["label_name"].append(record["label"])
                 columns["patient_id"].append(record["patient_id"] or "")
@@ -317,10 +325,12 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         # Few, large tasks: every Python task pays a fixed start cost (on Python 3.11 PySpark's
         # importlib.invalidate_caches() re-reads pyspark.zip, ~80 ms), see docs/performance.md.
         slices = max(1, min(len(records), max(2 * sc.defaultParallelism, len(records) // 1000)))
+        phases = {"discover": time.time() - started}
         sc.setJobDescription(f"decode and stage {len(records)} images")
         metas = (sc.parallelize(records, slices)
                  .mapPartitionsWithIndex(lambda i, part: stage_partition(i, part, size, max_pixels, staging))
                  .collect())
+        phases["stage"] = time.time() - started - sum(phases.values())
         metas.sort(key=lambda m: m["path"])
         good = [m for m in metas if m["error"] is None]
         rejected = [{"path": m["path"], "reason": m["error"]} for m in metas if m["error"] is not None]
@@ -348,10 +358,12 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
                 raise RuntimeError(f"internal error: staged file {name} rows are not 0..{len(rows) - 1}")
             tasks.append((f"{staging}/{name}", [s for _, s in rows], f"part-{number:05d}.parquet"))
         split_urls = {s: f"{tmp_url}/{s}" for s in SPLITS}
+        phases["group_and_split"] = time.time() - started - sum(phases.values())
         sc.setJobDescription(f"distribute {len(good)} rows into {len(group_rows)} splits")
         written = (sc.parallelize(tasks, max(1, len(tasks)))
                    .flatMap(lambda t: distribute_file(t[0], t[1], split_urls, group_rows, t[2], staging))
                    .collect()) if tasks else []
+        phases["distribute"] = time.time() - started - sum(phases.values())
         row_groups = {}
         for split in SPLITS:
             files = {name: n for s, name, n in written if s == split}
@@ -359,6 +371,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
                 write_petastorm_metadata(spark, split_urls[split], files)
                 row_groups[split] = sum(files.values())
         HadoopFS(spark, tmp_url).delete(staging)
+        phases["metadata"] = time.time() - started - sum(phases.values())
 
         good_paths = {m["path"]: m["label"] for m in good}
         summary = {
@@ -383,6 +396,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             "row_groups": row_groups,
             "config": cfg,
             "seconds": round(time.time() - started, 1),
+            "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         }
         if summary["inputs"] != summary["written"] + len(rejected) + len(inventory.skipped):
             raise RuntimeError("internal error: input counts do not reconcile")  # never expected

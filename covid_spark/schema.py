@@ -9,8 +9,11 @@ from pyspark.sql.types import IntegerType, StringType
 # One row per readable input image. The image is stored raw (NdarrayCodec): decoding it
 # when training costs a memcpy, not a PNG/JPEG decode. Its side is fixed per dataset
 # (image_size in _summary.json) but not in the schema, so one schema serves every size.
+# A grey image (three equal channels, as every grey X-ray decodes) is stored as ONE channel,
+# a third of the bytes to write, move and read; readers get three channels back from
+# covid_spark.data (to_three_channels), so every consumer sees (size, size, 3) uint8.
 XraySchema = Unischema("XraySchema", [
-    UnischemaField("image", np.uint8, (None, None, 3), NdarrayCodec(), False),
+    UnischemaField("image", np.uint8, (None, None, None), NdarrayCodec(), False),
     UnischemaField("label", np.int32, (), ScalarCodec(IntegerType()), False),
     UnischemaField("label_name", np.str_, (), ScalarCodec(StringType()), False),
     UnischemaField("patient_id", np.str_, (), ScalarCodec(StringType()), False),

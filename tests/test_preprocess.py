@@ -342,3 +342,27 @@ def test_several_inputs_in_one_run(spark, tmp_path):
     assert rows[str(store / names[0])][1:] == ("hospital:p1", "hospital")
     assert rows[str(store / names[0])][0] == rows[str(store / names[1])][0]   # one patient, one split
     assert rows[str(copy)][0] == rows[str(folders / "covid" / "0.png")][0]    # duplicates, one split
+
+
+def test_grey_images_are_stored_with_one_channel_and_read_with_three(written):
+    """A third of the bytes for grey X-rays; every reader still gets (size, size, 3)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from covid_spark.data import load_split
+    from covid_spark.schema import XraySchema
+
+    out, summary, _ = written
+    field = XraySchema.fields["image"]
+    stored = {}
+    for name in glob.glob(os.path.join(out, "*", "*.parquet")):
+        table = pq.read_table(name, columns=["image", "path"])
+        for blob, path in zip(table.column("image").to_pylist(), table.column("path").to_pylist()):
+            stored[os.path.basename(path)] = field.codec.decode(field, blob)
+    assert stored["tiny.png"].shape == (SIZE, SIZE, 1)           # grey (200, 200, 200)
+    assert stored["gradient16.png"].shape == (SIZE, SIZE, 1)     # 16-bit grey
+    assert stored["covid0.png"].shape == (SIZE, SIZE, 3)         # colour noise
+    for split in ("train", "val", "test"):
+        if summary["per_split"][split]:
+            assert load_split(out, split, fields=("image",))["image"].shape[1:] == (SIZE, SIZE, 3)

@@ -36,12 +36,17 @@ class PeakRss:
     ``spark_python_workers`` and ``other_children`` (sums over those processes at one
     instant) and ``tree`` (everything at one instant). Short-lived processes between two
     polls are missed, so children also report their own ``ru_maxrss``.
+
+    ``workers`` holds each Spark Python process's own peak, by pid: ``{"role", "peak_mb"}``, where
+    the role is ``daemon`` (``pyspark.daemon``, which forks the workers) or ``worker`` (a forked
+    worker, which runs the tasks and is reused from one task to the next).
     """
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.peaks = {"driver": 0.0, "jvm": 0.0, "spark_python_workers": 0.0, "other_children": 0.0,
                       "tree": 0.0}
+        self.workers: dict[int, dict] = {}
         self._stop = threading.Event()
         self._thread = None
 
@@ -50,13 +55,20 @@ class PeakRss:
 
         sums = dict.fromkeys(self.peaks, 0.0)
         sums["driver"] = me.memory_info().rss / MB
+        python_workers = {}
         for child in me.children(recursive=True):
             try:
                 rss = child.memory_info().rss / MB
                 kind = _kind(child)  # not cached: spark-submit's shell exec()s the JVM under its pid
+                if kind == "spark_python_workers":
+                    python_workers[child.pid] = (child.ppid(), rss)
             except psutil.Error:
                 continue
             sums[kind] += rss
+        for pid, (parent, rss) in python_workers.items():
+            entry = self.workers.setdefault(pid, {"role": "worker" if parent in python_workers else "daemon",
+                                                  "peak_mb": 0.0})
+            entry["peak_mb"] = max(entry["peak_mb"], round(rss, 1))
         sums["tree"] = sum(v for k, v in sums.items() if k != "tree")
         for key, value in sums.items():
             self.peaks[key] = max(self.peaks[key], round(value, 1))
@@ -172,3 +184,59 @@ class MachineCpu:
 
         first, last = at(start), at(end)
         return None if first is None or last is None else last - first
+
+
+class JvmHeap:
+    """Heap the Spark driver JVM still holds after a full GC, polled every ``interval`` s.
+
+    A sampler thread calls ``System.gc()`` in the JVM through py4j, then reads ``Runtime``'s
+    total minus free memory: the live data at that moment. ``result``: ``after_gc_peak_mb`` (the
+    largest such reading; the figure to compare across input sizes), ``before_gc_peak_mb`` (heap
+    in use, garbage included, read just before each GC), ``committed_peak_mb``, ``max_heap_mb``
+    (the JVM's limit, from ``spark.driver.memory``), ``samples``, and ``gc_s`` (seconds spent in
+    those forced collections: they pause the JVM, so those inside the block are part of its time).
+    One sample is taken on entering the block and one on leaving it, both counted.
+    """
+
+    def __init__(self, spark, interval: float = 2.0):
+        self.interval = interval
+        self._jvm = spark.sparkContext._jvm
+        self._stop = threading.Event()
+        self._thread = None
+        self.result = {"after_gc_peak_mb": 0.0, "before_gc_peak_mb": 0.0, "committed_peak_mb": 0.0,
+                       "max_heap_mb": None, "samples": 0, "gc_s": 0.0}
+
+    def sample(self) -> None:
+        """Force one full GC and record the heap before and after it."""
+        runtime = self._jvm.java.lang.Runtime.getRuntime()
+        before = (runtime.totalMemory() - runtime.freeMemory()) / MB
+        started = time.perf_counter()
+        self._jvm.java.lang.System.gc()
+        self.result["gc_s"] += time.perf_counter() - started
+        total = runtime.totalMemory() / MB
+        after = total - runtime.freeMemory() / MB
+        r = self.result
+        r["max_heap_mb"] = round(runtime.maxMemory() / MB, 1)
+        r["after_gc_peak_mb"] = max(r["after_gc_peak_mb"], round(after, 1))
+        r["before_gc_peak_mb"] = max(r["before_gc_peak_mb"], round(before, 1))
+        r["committed_peak_mb"] = max(r["committed_peak_mb"], round(total, 1))
+        r["samples"] += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - the session may be stopping; the readings so far stand
+                return
+
+    def __enter__(self) -> "JvmHeap":
+        self.sample()  # the baseline before the block: the session's own live heap
+        self._thread = threading.Thread(target=self._loop, name="jvm-heap", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.result["gc_s"] = round(self.result["gc_s"], 2)

@@ -2,8 +2,9 @@
 
 The plain baselines call the job's own per-file function (``read_and_decode``: read, decode,
 resize, perceptual hash) over the same inventory, in fresh processes started before the clock
-starts, and write nothing. The Spark figure is the whole job: decode, duplicate grouping,
-split assignment and the Petastorm write of three splits.
+starts, and write nothing; or (``plain_stage``, for ``bench.xl``) the job's whole first pass,
+``stage_images``, which also writes the rows to Parquet as a Spark task does. The Spark figure is
+the whole job: decode, duplicate grouping, split assignment and the Petastorm write of three splits.
 """
 from __future__ import annotations
 
@@ -73,6 +74,74 @@ def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -
             "images_per_s": round(len(paths) / wall, 1),
             "per_process": [{"images": r["images"], "seconds": round(r["seconds"], 3),
                              "maxrss_mb": r["maxrss_mb"]} for r in reports], "cpu": cpu.result}
+
+
+def _stage_worker(location, index, processes, size, max_pixels, url, barrier, queue, hashes_path) -> None:
+    """Body of one plain staging process: list the input, take its share, wait for the start signal,
+    stage the share to ``url``, report."""
+    from covid_spark.preprocess import stage_images
+    from covid_spark.sources import discover
+
+    records = discover(location).records[index::processes]
+    barrier.wait()
+    started = time.perf_counter()
+    metas = list(stage_images(records, size, max_pixels, url))
+    seconds = time.perf_counter() - started
+    if hashes_path:  # after the clock stops: wanted by the caller, not part of the work timed
+        with open(hashes_path, "w", encoding="utf-8") as handle:
+            json.dump({m["path"]: m["dhash"] for m in metas if m["dhash"] is not None}, handle)
+    queue.put({"pid": os.getpid(), "images": len(records), "staged": sum(m["row"] is not None for m in metas),
+               "seconds": seconds, "maxrss_mb": maxrss_mb()})
+
+
+def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_dir: str,
+                hashes: bool = False) -> dict:
+    """The preprocess job's first pass, ``stage_images``, in ``processes`` independent plain processes at once.
+
+    Each process lists ``location`` as the job does (``discover``), takes every ``processes``-th
+    record (alternate halves for two), and reads, decodes, resizes and hashes those files and
+    writes the good rows with pyarrow to one Parquet file in ``out_dir``, exactly as a Spark task
+    of the job does. Processes are spawned and import everything and list the input before a
+    barrier; the wall time runs from the barrier to the last process's report. This process never
+    holds the records, so its memory stays what it was. With ``hashes``, each process also writes
+    ``{path: dhash}`` to a JSON file after its clock stops; the result's ``hash_files`` names them.
+    The staged files stay in ``out_dir`` (the caller deletes it).
+    """
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    hash_files = [os.path.join(out_dir, f"hashes-{i}.json") if hashes else None for i in range(processes)]
+    workers = [ctx.Process(target=_stage_worker, daemon=True,
+                           args=(location, i, processes, size, max_pixels,
+                                 f"file://{os.path.join(out_dir, f'plain-{i}.parquet')}", barrier, queue,
+                                 hash_files[i]))
+               for i in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        barrier.wait(timeout=600)
+        started = time.perf_counter()
+        with CpuUse() as cpu:
+            reports = collect(queue, workers)
+            wall = time.perf_counter() - started
+            for worker in workers:  # reaped inside the block, so their CPU time is counted
+                worker.join(timeout=60)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+    images = sum(r["images"] for r in reports)
+    written = sum(os.path.getsize(os.path.join(out_dir, name)) for name in os.listdir(out_dir)
+                  if name.endswith(".parquet"))
+    out = {"processes": processes, "images": images, "staged": sum(r["staged"] for r in reports),
+           "seconds": round(wall, 3), "images_per_s": round(images / wall, 1), "written_bytes": written,
+           "written_mb": round(written / MB, 1),
+           "per_process": [{"images": r["images"], "seconds": round(r["seconds"], 3), "maxrss_mb": r["maxrss_mb"]}
+                           for r in reports], "cpu": cpu.result}
+    if hashes:
+        out["hash_files"] = hash_files
+    return out
 
 
 def _top_functions(profile: cProfile.Profile, wanted: tuple[str, ...], limit: int = 12) -> list[dict]:
@@ -167,7 +236,8 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
             "row_groups": summary["row_groups"], "seconds": round(wall, 3),
             "images_per_s": round(summary["inputs"] / wall, 1),
             "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS), "jobs": job_breakdown(spark, first_job),
-            "peak_rss_mb": rss.peaks, "cpu": cpu.result}
+            "peak_rss_mb": rss.peaks,
+            "python_worker_peaks_mb": [dict(w, pid=pid) for pid, w in sorted(rss.workers.items())], "cpu": cpu.result}
 
 
 def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:

@@ -107,3 +107,93 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     save(results, str(out))
     saved = json.loads(out.read_text())
     assert saved["demo"] == {"kept": True} and saved["bench"]["preprocess"][0]["images"] == 6
+
+
+def test_xl_sizes_samples_and_copies(tmp_path):
+    from bench.inputs import copied_input, sampled_input
+    from bench.xl import parse_sizes
+
+    assert parse_sizes("5000, 671,50000,3000c", 17445) == [(671, "sample"), (3000, "copies"), (5000, "sample"),
+                                                           (50000, "copies")]
+    with pytest.raises(ValueError, match="'0' is not a positive number"):
+        parse_sizes("671,0", 17445)
+
+    source = synthetic_input(str(tmp_path / "src"), 9)  # 3 images per class
+    sample = sampled_input(source, str(tmp_path / "sample"), 6, seed=1)
+    with open(os.path.join(sample, "manifest.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["label"] for r in rows].count("covid") == 2 and len(rows) == 6   # stratified: 2 per class
+    assert all(os.path.isabs(r["path"]) and r["path"].startswith(str(tmp_path / "src")) for r in rows)
+    assert len({r["path"] for r in rows}) == 6 and not os.path.exists(os.path.join(sample, "covid"))
+
+    copies = copied_input(source, str(tmp_path / "copies"), 20, seed=1)
+    with open(os.path.join(copies, "manifest.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    files = [os.path.join(copies, r["path"]) for r in rows]
+    assert len(rows) == 20 and len(set(files)) == 20
+    assert not any(os.path.islink(f) for f in files) and all(os.path.isfile(f) for f in files)
+    originals = set()
+    for label in ("covid", "normal", "pneumonia"):
+        for name in os.listdir(os.path.join(source, label)):
+            with open(os.path.join(source, label, name), "rb") as handle:
+                originals.add(handle.read())
+    for path in files:
+        with open(path, "rb") as handle:
+            assert handle.read() in originals            # a byte copy of a source image
+    assert sum(r["path"].startswith("copy2" + os.sep) for r in rows) == 2   # 9 + 9 + 2
+
+
+@pytest.mark.slow
+def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
+    from covid_spark.config import load_config, override
+
+    from bench.xl import PARTS, Profile, format_tables, run_xl
+
+    source = synthetic_input(str(tmp_path / "xl"), 12)
+    config = override(load_config(), "preprocess", {"image_size": 48, "min_row_groups": 2,
+                                                    "val_fraction": 0.2, "test_fraction": 0.2})
+    profile = Profile(quick=True)
+    profile.sizes, profile.memory_reference, profile.hashes_total = "8,12,18", 8, 40
+    profile.predict_images, profile.steps, profile.warmup = 6, {"compact": 2}, 1
+    out = tmp_path / "results-xl.json"
+    results = run_xl(source, str(tmp_path / "work"), parts=PARTS, profile=profile, models=("compact",),
+                     skip_epoch=False, config=config, spark=spark, save_to=str(out), batch_size=2,
+                     predict_model="compact", gc_interval=0.5, train_rates=False)
+
+    pre = results["preprocess"]
+    assert [(e["images"], e["kind"]) for e in pre["sizes"]] == [(8, "sample"), (12, "sample"), (18, "copies")]
+    for entry in pre["sizes"]:
+        assert entry["pair"]["images"] == entry["images"] and entry["pair"]["staged"] == entry["images"]
+        assert entry["pair"]["processes"] == 2 and len(entry["pair"]["per_process"]) == 2
+        assert entry["spark"]["written"] == entry["images"]
+        assert _positive(entry["spark_vs_pair"]) and _positive(entry["pair"]["written_bytes"])
+        memory = entry["memory"]
+        assert _positive(memory["driver_mb"]) and _positive(memory["jvm_heap_after_gc_mb"])
+        assert memory["jvm_heap_after_gc_mb"] <= memory["jvm_max_heap_mb"]
+        assert memory["python_workers_mb"] and all(_positive(m) for m in memory["python_workers_mb"])
+    assert pre["sizes"][2]["spark"]["duplicate_groups"] >= 6   # 18 copies of 12 images: 6 pairs at least
+    assert not os.path.exists(pre["sizes"][2]["input"])        # copies deleted
+    assert [g["key"] for g in pre["memory_growth"]] == ["driver_mb", "python_worker_max_mb", "jvm_heap_after_gc_mb"]
+    assert all(_positive(g["ratio"]) and g["largest_images"] == 18 for g in pre["memory_growth"])
+    assert pre["settings"]["source"] == "the caller's session"
+
+    dup = results["duplicates"]
+    assert dup.get("skipped") or (dup["real_hashes"] == 12 and dup["result"]["n"] == 40)
+    predict = results["predict"]
+    assert predict.get("skipped") or (predict["model"]["model"] == "compact" and predict["result"])
+    train = results["train"]
+    assert train["rates"] == []  # the same horovod_run as test_bench_runs_end_to_end_on_tiny_input; saves 20 s
+    (epoch,) = train["epochs"]
+    assert epoch["train_rows"] == train["per_split"]["train"] and epoch["num_proc"] == 2
+    assert _positive(epoch["run_json_wall_s"]) and _positive(epoch["images_per_s_wall"])
+    assert epoch["epoch_s"] <= epoch["run_json_wall_s"]
+
+    goals = [v["goal"].split(":")[0] for v in results["verdicts"]]
+    assert goals.count("memory") == 3
+    # at 12 images the job may take no longer than its fixed cost: then there is no net rate to judge
+    assert ("preprocess" in goals) == (pre["sizes"][1]["spark_net_vs_pair"] is not None)
+    assert all(part in results and results[part]["seconds"] >= 0 for part in PARTS)
+    assert json.loads(out.read_text())["train"]["epochs"][0]["model"] == "compact"
+    assert not os.path.exists(tmp_path / "work")
+    tables = format_tables(results)
+    assert "| 18 | copies |" in tables and "### Goals" in tables

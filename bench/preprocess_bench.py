@@ -89,8 +89,8 @@ def _stage_worker(location, index, processes, size, max_pixels, url, barrier, qu
     seconds = time.perf_counter() - started
     if hashes_path:  # after the clock stops: wanted by the caller, not part of the work timed
         with open(hashes_path, "w", encoding="utf-8") as handle:
-            json.dump({m["path"]: m["dhash"] for m in metas if m["dhash"] is not None}, handle)
-    queue.put({"pid": os.getpid(), "images": len(records), "staged": sum(m["row"] is not None for m in metas),
+            json.dump({m.path: m.dhash for m in metas if m.dhash is not None}, handle)
+    queue.put({"pid": os.getpid(), "images": len(records), "staged": sum(m.row >= 0 for m in metas),
                "seconds": seconds, "maxrss_mb": maxrss_mb()})
 
 

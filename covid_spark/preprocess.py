@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,7 +46,21 @@ FAIL_ONCE_ENV = "COVID_SPARK_FAIL_ONCE"
 
 # Rows per row group in staged files: the unit a distribute task holds in memory (64 × 150 kB).
 STAGE_ROWS_PER_GROUP = 64
+STAGE_TASK_IMAGES = 2000  # images per first-pass task (rounded to a whole number of tasks per core)
 STAGING = "_staging"  # inside the temporary output; ignored by Parquet readers, deleted at the end
+
+
+class Staged(NamedTuple):
+    """What the first pass returns to the driver for one input file (small: no pixels)."""
+    path: str
+    label: str
+    patient_id: str
+    source: str
+    input: int            # index of the input location the file was listed in
+    dhash: int | None     # 256-bit difference hash; None when rejected
+    error: str | None     # why the file was rejected; None when its image was staged
+    file: str | None      # staged file holding its row (set by stage_partition)
+    row: int              # the row's index in that file; -1 when rejected
 
 
 def read_and_decode(path: str, size: int, max_pixels: int) -> tuple:
@@ -104,13 +118,11 @@ def _open_writer(url: str, schema):
 
 
 def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
-                 rows_per_group: int = STAGE_ROWS_PER_GROUP) -> Iterator[dict]:
+                 rows_per_group: int = STAGE_ROWS_PER_GROUP) -> Iterator[Staged]:
     """Decode each record's file; write good images as rows of one Parquet file at ``url``.
 
-    Yields one metadata dict per record, in order: the record's fields plus ``dhash`` and
-    ``error`` (exactly one of them None) and ``row`` (the row's index in the file, or None).
-    The file is closed before the last metadata is yielded, and only created when some
-    image is good.
+    Yields one :class:`Staged` per record, in order (``file`` None: the caller knows ``url``).
+    The file is closed before the last one is yielded, and only created when some image is good.
     """
     import pyarrow as pa
 
@@ -119,7 +131,7 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
     image_field = XraySchema.fields["image"]
     schema = arrow_schema(with_split=False)
     columns: dict[str, list] = {name: [] for name in schema.names}
-    pending: list[dict] = []
+    pending: list[Staged] = []
     writer, rows = None, 0
 
     def flush():
@@ -134,10 +146,9 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
     try:
         for record in records:
             image, digest, error = read_and_decode(record["path"], size, max_pixels)
-            meta = dict(record, dhash=digest, error=error, row=None)
+            row = -1
             if image is not None:
-                meta["row"] = rows
-                rows += 1
+                row, rows = rows, rows + 1
                 columns["image"].append(bytes(image_field.codec.encode(image_field, stored_image(image))))
                 columns["label"].append(CLASSES.index(record["label"]))
                 columns["label_name"].append(record["label"])
@@ -145,7 +156,8 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
                 columns["source"].append(record["source"] or "")
                 columns["path"].append(record["path"])
                 columns["dhash"].append(format(digest, f"0{HASH_SIZE * HASH_SIZE // 4}x"))
-            pending.append(meta)
+            pending.append(Staged(record["path"], record["label"], record["patient_id"] or "",
+                                  record["source"] or "", record.get("input", 0), digest, error, None, row))
             if len(columns["image"]) >= rows_per_group:
                 flush()
                 yield from pending
@@ -158,16 +170,15 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
 
 
 def stage_partition(index: int, records: Iterable[dict], size: int, max_pixels: int,
-                    staging_url: str) -> Iterator[dict]:
+                    staging_url: str) -> Iterator[Staged]:
     """mapPartitionsWithIndex body: one staged file per task attempt, named so attempts never collide."""
     marker = os.environ.get(FAIL_ONCE_ENV)
     if marker and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(3)
     name = f"stage-{index:05d}-{uuid.uuid4().hex[:12]}.parquet"
-    for meta in stage_images(records, size, max_pixels, f"{staging_url}/{name}"):
-        meta["file"] = name if meta["row"] is not None else None
-        yield meta
+    for staged in stage_images(records, size, max_pixels, f"{staging_url}/{name}"):
+        yield staged._replace(file=name) if staged.row >= 0 else staged
 
 
 def distribute_file(staged_url: str, splits: Sequence[str], split_urls: dict[str, str],
@@ -253,34 +264,36 @@ def write_petastorm_metadata(spark, split_url: str, row_groups_per_file: dict[st
     load_row_groups(pq.ParquetDataset(path, filesystem=fs, validate_schema=False))  # raises if unreadable
 
 
-def split_images(good: list[dict], cfg: dict, duplicates: list[list[str]]) -> dict[str, str]:
-    """Split name per path: patient-wise and stratified, or leave-one-source-out.
+def split_images(good: Sequence[Staged], cfg: dict, duplicates: list[list[str]]) -> list[str]:
+    """Split name per image of ``good`` (in its order): patient-wise and stratified, or leave-one-source-out.
 
     With ``holdout_source`` set, every image of that source goes to test and the others are
     split into train and val only (a shortcut check: does the model work on a source it never
     saw?). Duplicate groups that straddle the held-out source are dropped from train/val.
     """
     holdout = cfg.get("holdout_source") or ""
-    rest = [m for m in good if m["source"] != holdout] if holdout else good
+    rest = [i for i, m in enumerate(good) if m.source != holdout] if holdout else range(len(good))
     if holdout and len(rest) == len(good):
-        known = sorted({m["source"] for m in good})
+        known = sorted({m.source for m in good})
         raise ValueError(f"preprocess.holdout_source {holdout!r} matches no image; sources: {known}")
     test_fraction = 0.0 if holdout else float(cfg["test_fraction"])
-    splits = assign_splits([m["path"] for m in rest], [m["label"] for m in rest],
-                           [m["patient_id"] for m in rest], float(cfg["val_fraction"]), test_fraction,
-                           int(cfg["seed"]), linked=duplicates)
-    split_of = dict(zip((m["path"] for m in rest), splits))
+    splits = ["test"] * len(good)
+    assigned = assign_splits([good[i].path for i in rest], [good[i].label for i in rest],
+                             [good[i].patient_id for i in rest], float(cfg["val_fraction"]), test_fraction,
+                             int(cfg["seed"]), linked=duplicates)
+    for i, split in zip(rest, assigned):
+        splits[i] = split
     if holdout:
-        held = {m["path"] for m in good if m["source"] == holdout}
-        split_of.update({p: "test" for p in held})
+        index = {m.path: i for i, m in enumerate(good)}
         for group in duplicates:  # a copy of a held-out image must not be trained on
-            if held & set(group):
-                split_of.update({p: "test" for p in group})
-    return split_of
+            if any(good[index[p]].source == holdout for p in group):
+                for p in group:
+                    splits[index[p]] = "test"
+    return splits
 
 
-def _count(rows: Iterable[dict], key: str) -> dict[str, int]:
-    return dict(sorted(Counter(r[key] for r in rows).items()))
+def _count(values: Iterable[str]) -> dict[str, int]:
+    return dict(sorted(Counter(values).items()))
 
 
 def _num_row_groups(rows: int, rows_per_group: int, min_groups: int) -> int:
@@ -318,29 +331,33 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
     sc = spark.sparkContext
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
         inventory = discover(locations, skip_unknown=bool(cfg["skip_unknown_classes"]))
+        found, skipped, per_input = len(inventory.records), inventory.skipped, inventory.per_input
         # Shuffled (seeded) so every staged file, and so every row group, mixes classes and sources.
-        records = inventory.records
-        records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
+        order = np.random.default_rng(seed).permutation(found)
+        records = [inventory.records[i] for i in order]
+        del inventory, order  # the driver keeps only the small per-file results from here on
         staging = f"{tmp_url}/{STAGING}"
-        # Few, large tasks: every Python task pays a fixed start cost (on Python 3.11 PySpark's
-        # importlib.invalidate_caches() re-reads pyspark.zip, ~80 ms), see docs/performance.md.
-        slices = max(1, min(len(records), max(2 * sc.defaultParallelism, len(records) // 1000)))
+        # Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on
+        # Python 3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and
+        # an odd last task would run alone. Memory does not grow with a task's size (streamed).
+        cores = max(1, sc.defaultParallelism)
+        slices = max(1, min(found, cores * math.ceil(found / (STAGE_TASK_IMAGES * cores))))
         phases = {"discover": time.time() - started}
-        sc.setJobDescription(f"decode and stage {len(records)} images")
-        metas = (sc.parallelize(records, slices)
-                 .mapPartitionsWithIndex(lambda i, part: stage_partition(i, part, size, max_pixels, staging))
-                 .collect())
+        sc.setJobDescription(f"decode and stage {found} images")
+        rdd = sc.parallelize(records, slices)
+        del records
+        staged = (rdd.mapPartitionsWithIndex(lambda i, part: stage_partition(i, part, size, max_pixels, staging))
+                  .collect())
+        del rdd
         phases["stage"] = time.time() - started - sum(phases.values())
-        metas.sort(key=lambda m: m["path"])
-        good = [m for m in metas if m["error"] is None]
-        rejected = [{"path": m["path"], "reason": m["error"]} for m in metas if m["error"] is not None]
-        duplicates = group_duplicates({m["path"]: m["dhash"] for m in good},
-                                      max_distance=int(cfg["duplicate_distance"]))
-        split_of = split_images(good, cfg, duplicates)
-        for m in good:
-            m["split"] = split_of[m["path"]]
+        staged.sort()  # by path (the first field)
+        good = [m for m in staged if m.error is None]
+        rejected = [{"path": m.path, "reason": m.error, "input": m.input} for m in staged if m.error is not None]
+        del staged
+        duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=int(cfg["duplicate_distance"]))
+        splits = split_images(good, cfg, duplicates)
 
-        per_split = {s: sum(1 for m in good if m["split"] == s) for s in SPLITS}
+        per_split = Counter(splits)
         group_rows = {}
         for split in SPLITS:
             if per_split[split] == 0:
@@ -349,11 +366,11 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             groups = _num_row_groups(per_split[split], int(cfg["rows_per_row_group"]), int(cfg["min_row_groups"]))
             group_rows[split] = max(1, per_split[split] // groups)  # so that there are at least `groups`
         rows_of: dict[str, list[tuple[int, str]]] = {}
-        for m in good:
-            rows_of.setdefault(m["file"], []).append((m["row"], m["split"]))
+        for m, split in zip(good, splits):
+            rows_of.setdefault(m.file, []).append((m.row, split))
         tasks = []
         for number, name in enumerate(sorted(rows_of)):
-            rows = sorted(rows_of[name])
+            rows = sorted(rows_of.pop(name))
             if [r for r, _ in rows] != list(range(len(rows))):
                 raise RuntimeError(f"internal error: staged file {name} rows are not 0..{len(rows) - 1}")
             tasks.append((f"{staging}/{name}", [s for _, s in rows], f"part-{number:05d}.parquet"))
@@ -363,6 +380,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         written = (sc.parallelize(tasks, max(1, len(tasks)))
                    .flatMap(lambda t: distribute_file(t[0], t[1], split_urls, group_rows, t[2], staging))
                    .collect()) if tasks else []
+        del tasks
         phases["distribute"] = time.time() - started - sum(phases.values())
         row_groups = {}
         for split in SPLITS:
@@ -373,38 +391,54 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         HadoopFS(spark, tmp_url).delete(staging)
         phases["metadata"] = time.time() - started - sum(phases.values())
 
-        good_paths = {m["path"]: m["label"] for m in good}
+        label_of = {m.path: m.label for m in good}
         summary = {
             "dataset": url,
             "input": [_absolute(loc) for loc in locations],
             "classes": list(CLASSES),
             "image_size": size,
-            "inputs": inventory.inputs,
+            "inputs": found + len(skipped),
             "written": len(good),
-            "rejected": rejected,
-            "skipped": inventory.skipped,
-            "per_input": count_per_input(inventory.per_input, written=good,
-                                         rejected=[m for m in metas if m["error"] is not None]),
+            "rejected": [{"path": r["path"], "reason": r["reason"]} for r in rejected],
+            "skipped": skipped,
+            "per_input": count_per_input(per_input, written=({"input": m.input} for m in good), rejected=rejected),
             "duplicates": duplicates,
-            "duplicate_label_conflicts": [g for g in duplicates if len({good_paths[p] for p in g}) > 1],
-            "per_class": _count(good, "label"),
-            "per_split": per_split,
-            "per_split_class": {s: _count([m for m in good if m["split"] == s], "label") for s in SPLITS},
-            "per_source": _count(good, "source"),
-            "patients_per_split": {s: len({m["patient_id"] or m["path"] for m in good if m["split"] == s})
+            "duplicate_label_conflicts": [g for g in duplicates if len({label_of[p] for p in g}) > 1],
+            "per_class": _count(m.label for m in good),
+            "per_split": {s: per_split[s] for s in SPLITS},
+            "per_split_class": {s: _count(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
+            "per_source": _count(m.source for m in good),
+            "patients_per_split": {s: len({m.patient_id or m.path for m, t in zip(good, splits) if t == s})
                                    for s in SPLITS},
             "row_groups": row_groups,
             "config": cfg,
             "seconds": round(time.time() - started, 1),
             "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         }
-        if summary["inputs"] != summary["written"] + len(rejected) + len(inventory.skipped):
+        if summary["inputs"] != summary["written"] + len(rejected) + len(skipped):
             raise RuntimeError("internal error: input counts do not reconcile")  # never expected
-        HadoopFS(spark, tmp_url).write_text(f"{tmp_url}/_summary.json", json.dumps(summary, indent=2) + "\n")
+        write_json_stream(f"{tmp_url}/_summary.json", summary)
     logger.info("preprocess: %d inputs = %d written + %d rejected + %d skipped; per split %s; "
                 "%d duplicate group(s); %.1f s", summary["inputs"], summary["written"], len(rejected),
-                len(inventory.skipped), summary["per_split"], len(duplicates), summary["seconds"])
+                len(skipped), summary["per_split"], len(duplicates), summary["seconds"])
     return summary
+
+
+def write_json_stream(url: str, data: dict, chunk: int = 1 << 20) -> None:
+    """Write ``data`` as indented JSON through pyarrow's filesystem, in chunks (never one big string)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(url)
+    parts, size = [], 0
+    with fs.open_output_stream(path) as stream:
+        for piece in json.JSONEncoder(indent=2).iterencode(data):
+            parts.append(piece)
+            size += len(piece)
+            if size >= chunk:
+                stream.write("".join(parts).encode("utf-8"))
+                parts, size = [], 0
+        parts.append("\n")
+        stream.write("".join(parts).encode("utf-8"))
 
 
 def read_summary(spark_or_none, dataset: str) -> dict:

@@ -22,7 +22,7 @@ import csv
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from covid_spark.images import skip_reason
@@ -100,7 +100,7 @@ class Inventory:
         return len(self.records) + len(self.skipped)
 
 
-def count_per_input(per_input: Sequence[dict], **items: Sequence[dict]) -> list[dict]:
+def count_per_input(per_input: Sequence[dict], **items: Iterable[dict]) -> list[dict]:
     """``per_input`` with one more count per keyword, counting the items' ``input`` indices.
 
     E.g. ``count_per_input(inventory.per_input, written=good, rejected=rejected)``.
@@ -129,8 +129,11 @@ def _path_key(path: str) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
-def _inside(base: str, path: str) -> bool:
-    return os.path.commonpath([base, path]) == base
+def _below(prefix: str, path: str) -> str | None:
+    """``path`` relative to the folder whose ``prefix`` (its path ending in a separator) is given,
+    or None when it lies outside; both normalised and absolute (a string test: os.path.relpath
+    and commonpath cost more than reading the manifest row itself)."""
+    return path[len(prefix):] if path.startswith(prefix) else None
 
 
 # The readers below yield one entry per file listed, in listing order: path, label,
@@ -138,6 +141,7 @@ def _inside(base: str, path: str) -> bool:
 
 def _manifest_entries(path: str, skip_unknown: bool, labelled: bool) -> Iterator[dict]:
     base = os.path.dirname(os.path.abspath(path))
+    prefix = base.rstrip(os.sep) + os.sep
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
@@ -153,13 +157,13 @@ def _manifest_entries(path: str, skip_unknown: bool, labelled: bool) -> Iterator
                 # Absolute paths may point anywhere; outside the manifest's folder only the
                 # file name is judged, since the folders above it are not the data's.
                 full = os.path.normpath(listed)
-                judged = os.path.relpath(full, base) if _inside(base, full) else os.path.basename(full)
+                judged = _below(prefix, full) or os.path.basename(full)
             else:
                 full = os.path.normpath(os.path.join(base, listed))
-                if not _inside(base, full):
+                judged = _below(prefix, full)
+                if judged is None:
                     raise ValueError(f"manifest {path} line {line}: path {listed!r} lies outside "
                                      f"the manifest's folder {base}")
-                judged = os.path.relpath(full, base)
             entry = {"path": full, "label": "", "patient_id": (row.get("patient_id") or "").strip(),
                      "source": (row.get("source") or "").strip(), "reason": None}
             label = class_of(row.get("label") or "")

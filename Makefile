@@ -15,7 +15,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
+.PHONY: setup demo preprocess train predict loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -24,6 +24,25 @@ demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
 	  $(if $(MODEL),--model $(MODEL))
+
+# One stage at a time, under .venv (the README's cxr-xl commands):
+#   make preprocess DATA="dir [dir ...]" OUT=runs/<name>/dataset
+#   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1]
+#   make predict DATA="dir [dir ...]" MODEL_DIR=runs/<name>/model OUT=runs/<name>/predictions.parquet
+# MEASURE=1 runs the job under python -m bench.treemem (wall time and peak memory of its process tree).
+SPARK_SUBMIT = $(if $(MEASURE),$(PY) -m bench.treemem) spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf
+preprocess: setup
+	@test -n "$(OUT)" || { echo "make preprocess: set OUT=runs/<name>/dataset"; exit 2; }
+	$(SPARK_SUBMIT) jobs/preprocess.py $(INPUTS) --output $(OUT)
+
+train: setup
+	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make train: set DATASET=… and MODEL_DIR=…"; exit 2; }
+	$(SPARK_SUBMIT) jobs/train.py --dataset $(DATASET) --model-dir $(MODEL_DIR) \
+	  $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+predict: setup
+	@test -n "$(MODEL_DIR)" -a -n "$(OUT)" || { echo "make predict: set MODEL_DIR=… and OUT=….csv|.parquet"; exit 2; }
+	$(SPARK_SUBMIT) jobs/predict.py $(INPUTS) --model-dir $(MODEL_DIR) --output $(OUT)
 
 # Leave-one-source-out shortcut check: train without SOURCE, test on all of SOURCE.
 SOURCE ?= kaggle3way

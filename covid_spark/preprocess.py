@@ -46,7 +46,7 @@ FAIL_ONCE_ENV = "COVID_SPARK_FAIL_ONCE"
 
 # Rows per row group in staged files: the unit a distribute task holds in memory (64 × 150 kB).
 STAGE_ROWS_PER_GROUP = 64
-STAGE_TASK_IMAGES = 2000  # images per first-pass task (rounded to a whole number of tasks per core)
+STAGE_TASK_IMAGES = 5000  # images per first-pass task (rounded to a whole number of tasks per core)
 STAGING = "_staging"  # inside the temporary output; ignored by Parquet readers, deleted at the end
 
 
@@ -181,13 +181,15 @@ def stage_partition(index: int, records: Iterable[dict], size: int, max_pixels: 
         yield staged._replace(file=name) if staged.row >= 0 else staged
 
 
-def distribute_file(staged_url: str, splits: Sequence[str], split_urls: dict[str, str],
-                    group_rows: dict[str, int], name: str, tmp_url: str) -> list[tuple[str, str, int]]:
-    """Move the rows of one staged file into their splits' datasets, without decoding.
+def distribute_files(staged: Sequence[tuple[str, Sequence[str]]], split_urls: dict[str, str],
+                     group_rows: dict[str, int], name: str, tmp_url: str) -> list[tuple[str, str, int]]:
+    """Move the rows of some staged files into their splits' datasets, without decoding.
 
-    ``splits[i]`` is row i's split. Each split gets one file ``name`` with row groups of
-    ``group_rows[split]`` rows, written under ``tmp_url`` and renamed into place (so a
-    retried task replaces its own output). Returns ``(split, name, row_groups)`` per file written.
+    ``staged`` lists ``(staged_url, splits)`` with ``splits[i]`` row i's split. Each split gets
+    one file ``name`` with row groups of ``group_rows[split]`` rows, written under ``tmp_url``
+    and renamed into place (so a retried task replaces its own output). Memory: one staged row
+    group and less than one output row group per split. Returns ``(split, name, row_groups)``
+    per file written.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -195,8 +197,7 @@ def distribute_file(staged_url: str, splits: Sequence[str], split_urls: dict[str
     import pyarrow.parquet as pq
 
     schema = arrow_schema(with_split=True)
-    fs, staged_path = pafs.FileSystem.from_uri(staged_url)
-    wanted = sorted(set(splits))
+    wanted = sorted({split for _, splits in staged for split in splits})
     writers, buffers, groups, temps = {}, {s: [] for s in wanted}, Counter(), {}
 
     def write(split, final=False):
@@ -211,21 +212,23 @@ def distribute_file(staged_url: str, splits: Sequence[str], split_urls: dict[str
             groups[split] += 1
             buffers[split] = buffer = [table.slice(size)] if size < len(table) else []
 
-    split_array = pa.array(list(splits), pa.string())
     try:
-        with fs.open_input_file(staged_path) as handle:
-            staged = pq.ParquetFile(handle)
-            start = 0
-            for g in range(staged.num_row_groups):
-                table = staged.read_row_group(g)
-                part = split_array.slice(start, len(table))
-                start += len(table)
-                table = table.append_column(schema.field("split"), part)
-                for split in wanted:
-                    rows = table.filter(pc.equal(part, split))
-                    if len(rows):
-                        buffers[split].append(rows)
-                        write(split)
+        for staged_url, splits in staged:
+            fs, staged_path = pafs.FileSystem.from_uri(staged_url)
+            split_array = pa.array(list(splits), pa.string())
+            with fs.open_input_file(staged_path) as handle:
+                parquet = pq.ParquetFile(handle)
+                start = 0
+                for g in range(parquet.num_row_groups):
+                    table = parquet.read_row_group(g)
+                    part = split_array.slice(start, len(table))
+                    start += len(table)
+                    table = table.append_column(schema.field("split"), part)
+                    for split in wanted:
+                        rows = table.filter(pc.equal(part, split))
+                        if len(rows):
+                            buffers[split].append(rows)
+                            write(split)
             if start != len(splits):
                 raise RuntimeError(f"{staged_url} holds {start} rows, expected {len(splits)}")
         for split in wanted:
@@ -368,17 +371,19 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         rows_of: dict[str, list[tuple[int, str]]] = {}
         for m, split in zip(good, splits):
             rows_of.setdefault(m.file, []).append((m.row, split))
-        tasks = []
+        # One distribute task per core (each a few staged files): the pass moves bytes, and every
+        # task costs a fixed start; one output file per split per task.
+        tasks = [([], f"part-{number:05d}.parquet") for number in range(min(cores, len(rows_of)))]
         for number, name in enumerate(sorted(rows_of)):
             rows = sorted(rows_of.pop(name))
             if [r for r, _ in rows] != list(range(len(rows))):
                 raise RuntimeError(f"internal error: staged file {name} rows are not 0..{len(rows) - 1}")
-            tasks.append((f"{staging}/{name}", [s for _, s in rows], f"part-{number:05d}.parquet"))
+            tasks[number % len(tasks)][0].append((f"{staging}/{name}", [s for _, s in rows]))
         split_urls = {s: f"{tmp_url}/{s}" for s in SPLITS}
         phases["group_and_split"] = time.time() - started - sum(phases.values())
         sc.setJobDescription(f"distribute {len(good)} rows into {len(group_rows)} splits")
         written = (sc.parallelize(tasks, max(1, len(tasks)))
-                   .flatMap(lambda t: distribute_file(t[0], t[1], split_urls, group_rows, t[2], staging))
+                   .flatMap(lambda t: distribute_files(t[0], split_urls, group_rows, t[1], staging))
                    .collect()) if tasks else []
         del tasks
         phases["distribute"] = time.time() - started - sum(phases.values())

@@ -83,7 +83,7 @@ def train_fn(job: dict) -> dict:
     import tensorflow as tf
     import horovod.tensorflow.keras as hvd
 
-    from covid_spark.data import load_split, make_train_dataset
+    from covid_spark.data import iter_split_batches, make_train_dataset
     from covid_spark.models import make_model
 
     hvd.init()
@@ -105,9 +105,16 @@ def train_fn(job: dict) -> dict:
     val = None
     if job["val_rows"]:
         shard = (rank, size) if job["val_row_groups"] >= size else (None, None)
-        arrays = load_split(job["dataset"], "val", shard=shard[0], shard_count=shard[1])
-        val = tf.data.Dataset.from_tensor_slices(
-            (arrays["image"].astype("float32"), arrays["label"].astype("int64"))).batch(job["batch_size"])
+        # Streamed from the split's row groups each epoch (one batch in memory at a time), not loaded:
+        # a whole val shard as float32 is ~0.8 GB per rank at cxr-xl's size.
+        def val_batches(dataset=job["dataset"], batch=job["batch_size"], shard=shard):
+            for rows in iter_split_batches(dataset, "val", fields=("image", "label"), batch_size=batch,
+                                           shard=shard[0], shard_count=shard[1]):
+                yield rows["image"], rows["label"].astype("int64")
+
+        val = tf.data.Dataset.from_generator(val_batches, output_signature=(
+            tf.TensorSpec((None, None, None, 3), tf.uint8), tf.TensorSpec((None,), tf.int64))
+        ).map(lambda image, label: (tf.cast(image, tf.float32), label))
 
     history: dict[str, list] = {}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ def predict_probs(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray
 
 
 def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label",),
-                batch_size: int = 32) -> dict[str, np.ndarray]:
+                batch_size: int = 32, paths: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Stream ``split`` through ``model`` batch by batch; ``probs`` and ``fields`` (no images), sorted by path.
 
     Only one batch of images is in memory at a time (see ``data.iter_split_batches``); what is
@@ -46,7 +46,7 @@ def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label
 
     wanted = list(dict.fromkeys([f for f in fields if f != "image"] + ["path"]))
     kept: dict[str, list] = {f: [] for f in wanted + ["probs"]}
-    for batch in iter_split_batches(dataset, split, fields=["image"] + wanted, batch_size=batch_size):
+    for batch in iter_split_batches(dataset, split, fields=["image"] + wanted, batch_size=batch_size, paths=paths):
         kept["probs"].append(predict_probs(model, batch["image"], batch_size))
         for f in wanted:
             kept[f].append(batch[f])
@@ -57,11 +57,64 @@ def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label
     return {f: values[order] for f, values in out.items()}
 
 
+def stored_hashes(dataset: str, splits: Sequence[str]) -> dict[str, tuple[int, int, str]]:
+    """``{path: (dhash, label, split)}`` of the given splits, read from the stored hash column (no image decoded).
+
+    Raises:
+        ValueError: the dataset was written before hashes were stored (names it).
+    """
+    from covid_spark.data import iter_split_batches
+    from covid_spark.preprocess import read_summary
+
+    summary = read_summary(None, dataset)
+    out: dict[str, tuple[int, int]] = {}
+    for split in splits:
+        if not summary["per_split"].get(split):
+            continue
+        try:
+            for batch in iter_split_batches(dataset, split, fields=("dhash", "label"), batch_size=4096):
+                out.update((str(p), (int(str(h), 16), int(y), split))
+                           for p, h, y in zip(batch["path"], batch["dhash"], batch["label"]))
+        except (KeyError, ValueError) as exc:
+            if "dhash" not in str(exc):
+                raise
+            raise ValueError(f"{dataset} holds no stored image hashes (written before they were stored): "
+                             f"preprocess it again to find near-copies") from exc
+    return out
+
+
+def near_copy_exclusion(dataset: str, splits: Sequence[str], reference: str, max_distance: int) -> dict:
+    """Which images of ``dataset``'s ``splits`` are near-copies of an image of ``reference``'s train or val.
+
+    Near-copy: 256-bit dHashes within ``max_distance`` bits (``images.near_copies``; not transitive).
+    Returns ``kept`` (per split, the paths to evaluate) and a report: per class how many were dropped and kept.
+    """
+    from covid_spark.images import near_copies
+
+    queries = stored_hashes(dataset, splits)
+    seen = stored_hashes(reference, ("train", "val"))
+    close = near_copies({p: v[0] for p, v in seen.items()}, {p: v[0] for p, v in queries.items()},
+                        max_distance)
+    dropped = {c: 0 for c in CLASSES}
+    kept_count = {c: 0 for c in CLASSES}
+    kept: dict[str, set[str]] = {s: set() for s in splits}
+    for path, (_, label, split) in queries.items():
+        (dropped if path in close else kept_count)[CLASSES[label]] += 1
+        if path not in close:
+            kept[split].add(path)
+    return {"kept": kept,
+            "report": {"reference": reference, "reference_splits": ["train", "val"], "max_distance": max_distance,
+                       "dropped": len(close), "kept": len(queries) - len(close),
+                       "dropped_per_class": dropped, "kept_per_class": kept_count,
+                       "dropped_examples": [[q, close[q]] for q in sorted(close)[:50]]}}
+
+
 def metrics_path(model_dir: str, split: str) -> str:
     return os.path.join(model_dir, "metrics.json" if split == "test" else f"metrics_{split}.json")
 
 
-def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") -> dict:
+def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
+             exclude_near_copies_of: str | None = None, output: str | None = None) -> dict:
     """Score ``split`` of ``dataset`` with the model in ``model_dir``; write and return the metrics.
 
     The split (and val, for the temperature) is streamed batch by batch: memory holds one batch of
@@ -73,31 +126,56 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") ->
     (the same metrics for each image source), and, when the val split exists, ``temperature``
     fitted on val with ``ece_temperature_scaled``.
 
+    Across datasets: ``split="all"`` scores every split of ``dataset`` (no temperature: its val is
+    not this model's); ``exclude_near_copies_of`` (a dataset, usually the model's own) drops every
+    image within ``preprocess.duplicate_distance`` bits of an image of that dataset's train or val
+    split, and records per class how many were dropped and kept (``near_copies``). ``output``
+    replaces the default file (``metrics.json`` for test, ``metrics_<split>.json`` otherwise).
+
     Raises:
-        ValueError: the split is empty or missing, or image size and model disagree.
+        ValueError: the split is empty or missing, image size and model disagree, or every image
+            is a near-copy.
     """
     from covid_spark.metrics import (bootstrap_ci, classification_metrics, expected_calibration_error,
                                      fit_temperature, metrics_by_group, softmax)
     from covid_spark.preprocess import read_summary
+    from covid_spark.splits import SPLITS
 
     summary = read_summary(None, dataset)
-    if summary["per_split"].get(split, 0) == 0:
+    splits = [s for s in SPLITS if summary["per_split"].get(s, 0)] if split == "all" else [split]
+    if not splits or summary["per_split"].get(splits[0], 0) == 0:
         raise ValueError(f"split {split!r} of {dataset} is empty; nothing to evaluate")
     model = load_model(model_dir)
     expected = tuple(model.input_shape[1:3])
     if expected != (summary["image_size"], summary["image_size"]):
         raise ValueError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
-    data = score_split(model, dataset, split, fields=("label", "source"))
+    kept, exclusion = None, None
+    if exclude_near_copies_of:
+        found = near_copy_exclusion(dataset, splits, exclude_near_copies_of,
+                                    int(config["preprocess"]["duplicate_distance"]))
+        kept, exclusion = found["kept"], found["report"]
+        logger.info("evaluate: %d near-copies of %s dropped, %d images kept", exclusion["dropped"],
+                    exclude_near_copies_of, exclusion["kept"])
+        if not exclusion["kept"]:
+            raise ValueError(f"every image of {dataset} ({split}) is a near-copy of {exclude_near_copies_of}")
+    parts = [score_split(model, dataset, s, fields=("label", "source"), paths=None if kept is None else kept[s])
+             for s in splits if kept is None or kept[s]]
+    data = {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
+    order = np.argsort(data["path"].astype(str), kind="stable")
+    data = {f: values[order] for f, values in data.items()}
     probs = data["probs"]
     y = data["label"].astype(int)
     metrics = classification_metrics(y, probs, list(CLASSES))
     metrics["split"] = split
+    metrics["dataset"] = dataset
+    if exclusion:
+        metrics["near_copies"] = exclusion
     metrics["ci95"] = bootstrap_ci(y, probs, list(CLASSES), n_boot=int(config["evaluate"]["bootstrap"]),
                                    seed=int(config["train"]["seed"]))
     metrics["ece"] = expected_calibration_error(y, probs)
     sources = np.array([s or "unknown" for s in data["source"]])
     metrics["per_source"] = metrics_by_group(y, probs, sources, list(CLASSES))
-    if split != "val" and summary["per_split"].get("val", 0):
+    if split not in ("val", "all") and summary["per_split"].get("val", 0):
         val = score_split(model, dataset, "val", fields=("label",))
         logits = np.log(np.clip(val["probs"], 1e-7, 1.0))
         temperature = fit_temperature(logits, val["label"].astype(int))
@@ -108,5 +186,5 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test") ->
         "path": [str(p) for p in data["path"]], "label": y.tolist(),
         "probs": np.round(probs, 6).tolist(), "source": sources.tolist(),
     }
-    atomic_write_json(metrics_path(model_dir, split), metrics)
+    atomic_write_json(output or metrics_path(model_dir, split), metrics)
     return metrics

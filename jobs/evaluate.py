@@ -14,7 +14,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Score a trained model on one split of a dataset.")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                        help="all: every split (to score a model on another dataset)")
+    parser.add_argument("--exclude-near-copies-of", metavar="DATASET",
+                        help="drop images within preprocess.duplicate_distance bits of an image of this "
+                             "dataset's train or val split (the model's own dataset), and count them per class")
+    parser.add_argument("--output", help="metrics file (default: <model-dir>/metrics.json for test, "
+                                         "metrics_<split>.json otherwise); use one when scoring another dataset")
     add_spark_args(parser)
     return parser.parse_args(argv)
 
@@ -25,14 +31,19 @@ def main(argv=None) -> int:
     config = load_config(args.config)
     spark, owned = build_spark(args, "covid-spark evaluate")
     try:
-        metrics = evaluate(args.dataset, args.model_dir, config, split=args.split)
+        metrics = evaluate(args.dataset, args.model_dir, config, split=args.split,
+                           exclude_near_copies_of=args.exclude_near_copies_of, output=args.output)
     finally:
         if owned:
             spark.stop()
+    if "near_copies" in metrics:
+        near = metrics["near_copies"]
+        print(f"near-copies of {near['reference']} dropped: {near['dropped']} {near['dropped_per_class']}; "
+              f"kept {near['kept']} {near['kept_per_class']}")
     print(f"\nEvaluation on the {args.split} split ({metrics['n']} images):")
     print(format_table(metrics))
     print(f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1'] or float('nan'):.3f}, "
-          f"ECE {metrics['ece']:.3f} → {metrics_path(args.model_dir, args.split)}")
+          f"ECE {metrics['ece']:.3f} → {args.output or metrics_path(args.model_dir, args.split)}")
     return 0
 
 

@@ -393,3 +393,46 @@ def test_partition_count():
     assert partition_count(1000, 2) == 2
     assert partition_count(17445, 2) == 8
     assert partition_count(17445, 16) == 16
+
+
+# ----------------------------------------------------------------------------- across datasets
+
+
+def test_evaluate_another_dataset_without_near_copies_of_the_training_data(spark, tiny, tmp_path):
+    """--split all on another dataset, dropping near-copies of the model's train/val images by their stored hashes."""
+    import shutil
+
+    from covid_spark.data import load_split
+    from covid_spark.evaluate import evaluate
+    from covid_spark.preprocess import preprocess
+
+    other = tmp_path / "other"
+    _random_images(str(other), 30, seed=11)                     # new images: none is a copy
+    seen = load_split(tiny["dataset"], "train", fields=("label",))
+    copied = {}
+    for i, (path, label) in enumerate(zip(seen["path"][:7], seen["label"][:7])):
+        name = CLASSES[int(label)]
+        target = other / name / f"copy{i}.png"
+        shutil.copy(str(path), target)                          # a byte copy of a training image
+        copied[str(target)] = name
+    with open(other / "manifest.csv", "a", newline="") as handle:
+        csv.writer(handle).writerows([[os.path.relpath(p, other), lab, f"c{i}", "a"]
+                                      for i, (p, lab) in enumerate(copied.items())])
+    dataset = str(tmp_path / "other-ds")
+    summary = preprocess(spark, str(other), dataset, tiny["config"])
+    assert summary["written"] == 37
+
+    output = str(tmp_path / "metrics_other.json")
+    metrics = evaluate(dataset, tiny["model_dir"], tiny["config"], split="all",
+                       exclude_near_copies_of=tiny["dataset"], output=output)
+    near = metrics["near_copies"]
+    assert near["dropped"] == 7 and near["kept"] == 30
+    expected_dropped = {c: sum(1 for lab in copied.values() if lab == c) for c in CLASSES}
+    assert near["dropped_per_class"] == expected_dropped
+    assert near["kept_per_class"] == {c: 10 for c in CLASSES}  # _random_images: i % 3 per class
+    assert metrics["n"] == 30 and not set(metrics["predictions"]["path"]) & set(copied)
+    assert "temperature" not in metrics                        # another dataset's val is not this model's
+    with open(output) as handle:
+        assert json.load(handle)["near_copies"]["dropped"] == 7
+    everything = evaluate(dataset, tiny["model_dir"], tiny["config"], split="all", output=str(tmp_path / "all.json"))
+    assert everything["n"] == 37 and "near_copies" not in everything

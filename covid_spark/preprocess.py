@@ -7,9 +7,11 @@ Two passes, neither of which holds more than one Parquet row group of images in 
    and returns only small metadata per file: label, patient, source, perceptual hash, error.
 2. The driver groups near-duplicates (banded hash search) and assigns patient-wise splits from that
    metadata alone.
-3. **Distribute** (executors): each task reads one staged file row group by row group and moves every
-   row into its split's dataset, without decoding again; the driver then writes Petastorm's metadata
-   from the row-group counts the tasks return.
+3. **Distribute** (executors, one task per core): each task reads its share of the staged files row
+   group by row group and moves every row into its split's dataset, without decoding again; the
+   driver then writes Petastorm's metadata from the row-group counts the tasks return.
+
+A grey image (three equal channels) is stored with one channel (see ``schema.py``).
 
 Staged files are named per task attempt, and only the files of successful attempts (the ones whose
 metadata reached the driver) are read, so a retried task neither loses nor repeats a row. Split files

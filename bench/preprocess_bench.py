@@ -53,20 +53,7 @@ def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -
     chunks = [paths[i::processes] for i in range(processes)]
     workers = [ctx.Process(target=_decode_worker, args=(chunk, size, max_pixels, barrier, queue), daemon=True)
                for chunk in chunks]
-    for worker in workers:
-        worker.start()
-    try:
-        barrier.wait(timeout=120)
-        started = time.perf_counter()
-        with CpuUse() as cpu:
-            reports = collect(queue, workers)
-            wall = time.perf_counter() - started
-            for worker in workers:  # reaped inside the block, so their CPU time is counted
-                worker.join(timeout=30)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
+    reports, wall, cpu = run_at_barrier(workers, barrier, queue, start_timeout=120, join_timeout=30)
     decoded = sum(r["decoded"] for r in reports)
     if decoded != len(paths):
         logger.warning("plain decode: %d of %d images decoded", decoded, len(paths))
@@ -74,6 +61,29 @@ def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -
             "images_per_s": round(len(paths) / wall, 1),
             "per_process": [{"images": r["images"], "seconds": round(r["seconds"], 3),
                              "maxrss_mb": r["maxrss_mb"]} for r in reports], "cpu": cpu.result}
+
+
+def run_at_barrier(workers, barrier, queue, start_timeout: float, join_timeout: float):
+    """Start ``workers``, release them together at ``barrier`` and time them until each has reported.
+
+    Returns ``(reports, wall seconds, CpuUse)``; the workers are reaped inside the CPU window so
+    their CPU time is counted, and any still alive at the end are terminated.
+    """
+    for worker in workers:
+        worker.start()
+    try:
+        barrier.wait(timeout=start_timeout)
+        started = time.perf_counter()
+        with CpuUse() as cpu:
+            reports = collect(queue, workers)
+            wall = time.perf_counter() - started
+            for worker in workers:
+                worker.join(timeout=join_timeout)
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+    return reports, wall, cpu
 
 
 def _stage_worker(location, index, processes, size, max_pixels, url, barrier, queue, hashes_path) -> None:
@@ -117,20 +127,7 @@ def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_d
                                  f"file://{os.path.join(out_dir, f'plain-{i}.parquet')}", barrier, queue,
                                  hash_files[i]))
                for i in range(processes)]
-    for worker in workers:
-        worker.start()
-    try:
-        barrier.wait(timeout=600)
-        started = time.perf_counter()
-        with CpuUse() as cpu:
-            reports = collect(queue, workers)
-            wall = time.perf_counter() - started
-            for worker in workers:  # reaped inside the block, so their CPU time is counted
-                worker.join(timeout=60)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
+    reports, wall, cpu = run_at_barrier(workers, barrier, queue, start_timeout=600, join_timeout=60)
     images = sum(r["images"] for r in reports)
     written = sum(os.path.getsize(os.path.join(out_dir, name)) for name in os.listdir(out_dir)
                   if name.endswith(".parquet"))

@@ -63,23 +63,24 @@ def stored_hashes(dataset: str, splits: Sequence[str]) -> dict[str, tuple[int, i
     Raises:
         ValueError: the dataset was written before hashes were stored (names it).
     """
-    from covid_spark.data import iter_split_batches
+    import pyarrow.parquet as pq
+
+    from covid_spark.data import iter_split_batches, split_row_groups
     from covid_spark.preprocess import read_summary
 
     summary = read_summary(None, dataset)
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, str]] = {}
     for split in splits:
         if not summary["per_split"].get(split):
             continue
-        try:
-            for batch in iter_split_batches(dataset, split, fields=("dhash", "label"), batch_size=4096):
-                out.update((str(p), (int(str(h), 16), int(y), split))
-                           for p, h, y in zip(batch["path"], batch["dhash"], batch["label"]))
-        except (KeyError, ValueError) as exc:
-            if "dhash" not in str(exc):
-                raise
-            raise ValueError(f"{dataset} holds no stored image hashes (written before they were stored): "
-                             f"preprocess it again to find near-copies") from exc
+        fs, groups = split_row_groups(dataset, split)
+        with fs.open_input_file(groups[0][0]) as handle:
+            if "dhash" not in pq.ParquetFile(handle).schema_arrow.names:
+                raise ValueError(f"{dataset} holds no stored image hashes (written before they were stored): "
+                                 f"preprocess it again to find near-copies")
+        for batch in iter_split_batches(dataset, split, fields=("dhash", "label"), batch_size=4096):
+            out.update((str(p), (int(str(h), 16), int(y), split))
+                       for p, h, y in zip(batch["path"], batch["dhash"], batch["label"]))
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from covid_spark.config import CLASSES
 from covid_spark.sources import count_per_input, discover
 from covid_spark.splits import SPLITS, assign_splits
-from covid_spark.storage import HadoopFS, atomic_directory, to_url
+from covid_spark.storage import HadoopFS, atomic_directory, to_url, write_json_stream
 
 logger = logging.getLogger(__name__)
 
@@ -429,23 +429,6 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
                 "%d duplicate group(s); %.1f s", summary["inputs"], summary["written"], len(rejected),
                 len(skipped), summary["per_split"], len(duplicates), summary["seconds"])
     return summary
-
-
-def write_json_stream(url: str, data: dict, chunk: int = 1 << 20) -> None:
-    """Write ``data`` as indented JSON through pyarrow's filesystem, in chunks (never one big string)."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(url)
-    parts, size = [], 0
-    with fs.open_output_stream(path) as stream:
-        for piece in json.JSONEncoder(indent=2).iterencode(data):
-            parts.append(piece)
-            size += len(piece)
-            if size >= chunk:
-                stream.write("".join(parts).encode("utf-8"))
-                parts, size = [], 0
-        parts.append("\n")
-        stream.write("".join(parts).encode("utf-8"))
 
 
 def read_summary(spark_or_none, dataset: str) -> dict:

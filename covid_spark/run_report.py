@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from covid_spark.config import CLASSES
+from covid_spark.sources import as_locations, manifest_of
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +26,10 @@ def data_licenses(summary: dict) -> list[str]:
 
     ``summary["input"]`` is one location or, for a dataset made from several inputs, a list.
     """
-    inputs = summary.get("input") or []
     licenses: set[str] = set()
-    for location in [inputs] if isinstance(inputs, str) else inputs:
-        location = location.replace("file://", "")
-        manifest = location if os.path.isfile(location) else os.path.join(location, "manifest.csv")
-        if os.path.isfile(manifest):
+    for location in as_locations(summary.get("input")):
+        manifest = manifest_of(location) if location else None
+        if manifest is not None:
             with open(manifest, newline="", encoding="utf-8-sig") as handle:
                 licenses |= {(row.get("license") or "").strip() for row in csv.DictReader(handle)}
     return sorted(licenses - {""})

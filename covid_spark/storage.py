@@ -30,6 +30,24 @@ def atomic_write_json(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def write_json_stream(url: str, data: Any, chunk: int = 1 << 20) -> None:
+    """Write ``data`` as indented JSON through pyarrow's filesystem (any URL the executors write), in
+    chunks: never one big string, so a large summary costs no more memory than its parts."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(url)
+    parts, size = [], 0
+    with fs.open_output_stream(path) as stream:
+        for piece in json.JSONEncoder(indent=2).iterencode(data):
+            parts.append(piece)
+            size += len(piece)
+            if size >= chunk:
+                stream.write("".join(parts).encode("utf-8"))
+                parts, size = [], 0
+        parts.append("\n")
+        stream.write("".join(parts).encode("utf-8"))
+
+
 class HadoopFS:
     """The few filesystem calls the jobs need, through Spark's JVM (works for file://, hdfs://, s3a://)."""
 
@@ -51,13 +69,6 @@ class HadoopFS:
     def rename(self, src: str, dst: str) -> None:
         if not self._fs.rename(self._path(src), self._path(dst)):
             raise OSError(f"could not rename {src} to {dst}")
-
-    def write_text(self, url: str, text: str) -> None:
-        stream = self._fs.create(self._path(url), True)
-        try:
-            stream.write(bytearray(text.encode("utf-8")))
-        finally:
-            stream.close()
 
     def read_text(self, url: str) -> str:
         stream = self._fs.open(self._path(url))

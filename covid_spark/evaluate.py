@@ -110,6 +110,41 @@ def near_copy_exclusion(dataset: str, splits: Sequence[str], reference: str, max
                        "dropped_examples": [[q, close[q]] for q in sorted(close)[:50]]}}
 
 
+def collection_names(summary: dict) -> dict[str, str] | None:
+    """``{source: input name}`` for a dataset made from several inputs, or None (one input, or a source
+    that more than one input holds: then images cannot be told apart by collection).
+
+    An input's name is its folder's name (the folder holding a manifest file given directly).
+    """
+    from covid_spark.sources import as_locations
+
+    locations = as_locations(summary.get("input"))
+    per_input = summary.get("per_input_source")
+    if len(locations) < 2 or not per_input:
+        return None
+    names = [os.path.basename(os.path.dirname(loc) if loc.endswith(".csv") else loc.rstrip("/")) for loc in locations]
+    if len(set(names)) < len(names):
+        names = list(locations)
+    owner: dict[str, str] = {}
+    for name, counts in zip(names, per_input):
+        for source in counts:
+            if source in owner:
+                logger.warning("evaluate: source %r comes from more than one input; no per-input metrics", source)
+                return None
+            owner[source] = name
+    return owner
+
+
+def subset_metrics(y: np.ndarray, probs: np.ndarray, keep: np.ndarray, config: dict) -> dict:
+    """Classification metrics (with bootstrap intervals) of the images where ``keep`` is true."""
+    from covid_spark.metrics import bootstrap_ci, classification_metrics
+
+    out = classification_metrics(y[keep], probs[keep], list(CLASSES))
+    out["ci95"] = bootstrap_ci(y[keep], probs[keep], list(CLASSES), n_boot=int(config["evaluate"]["bootstrap"]),
+                               seed=int(config["train"]["seed"]))
+    return out
+
+
 def metrics_path(model_dir: str, split: str) -> str:
     return os.path.join(model_dir, "metrics.json" if split == "test" else f"metrics_{split}.json")
 
@@ -125,7 +160,10 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
     (from ``metrics.classification_metrics``), the file holds: ``ci95`` (percentile bootstrap
     over images), ``ece`` (top-label expected calibration error, 15 bins), ``per_source``
     (the same metrics for each image source), and, when the val split exists, ``temperature``
-    fitted on val with ``ece_temperature_scaled``.
+    fitted on val with ``ece_temperature_scaled``. Where only some images carry a patient id,
+    ``patient_wise`` holds the metrics (with intervals) of those alone: the part whose split was
+    made per patient, not per image. For a dataset made from several inputs, ``per_input`` holds the
+    metrics per input (collection), told apart by source (``collection_names``).
 
     Across datasets: ``split="all"`` scores every split of ``dataset`` (no temperature: its val is
     not this model's); ``exclude_near_copies_of`` (a dataset, usually the model's own) drops every
@@ -159,7 +197,8 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
                     exclude_near_copies_of, exclusion["kept"])
         if not exclusion["kept"]:
             raise ValueError(f"every image of {dataset} ({split}) is a near-copy of {exclude_near_copies_of}")
-    parts = [score_split(model, dataset, s, fields=("label", "source"), paths=None if kept is None else kept[s])
+    parts = [score_split(model, dataset, s, fields=("label", "source", "patient_id"),
+                         paths=None if kept is None else kept[s])
              for s in splits if kept is None or kept[s]]
     data = {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
     order = np.argsort(data["path"].astype(str), kind="stable")
@@ -176,6 +215,15 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
     metrics["ece"] = expected_calibration_error(y, probs)
     sources = np.array([s or "unknown" for s in data["source"]])
     metrics["per_source"] = metrics_by_group(y, probs, sources, list(CLASSES))
+    with_id = np.array([bool(str(p)) for p in data["patient_id"]])
+    if with_id.any() and not with_id.all():
+        metrics["patient_wise"] = dict(subset_metrics(y, probs, with_id, config),
+                                       sources=sorted(set(sources[with_id])))
+    owner = collection_names(summary)
+    if owner:
+        collection = np.array([owner.get(s, "unknown") for s in sources])
+        metrics["per_input"] = {str(name): subset_metrics(y, probs, collection == name, config)
+                                for name in np.unique(collection)}
     if split not in ("val", "all") and summary["per_split"].get("val", 0):
         val = score_split(model, dataset, "val", fields=("label",))
         logits = np.log(np.clip(val["probs"], 1e-7, 1.0))

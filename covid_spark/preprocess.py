@@ -415,6 +415,11 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             "per_split": {s: per_split[s] for s in SPLITS},
             "per_split_class": {s: _count(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
             "per_source": _count(m.source for m in good),
+            "per_source_class": {src: _count(m.label for m in good if m.source == src)
+                                 for src in sorted({m.source for m in good})},
+            "per_input_source": [_count(m.source for m in good if m.input == i) for i in range(len(locations))],
+            "patient_ids_per_source": {src: sum(1 for m in good if m.source == src and m.patient_id)
+                                       for src in sorted({m.source for m in good})},
             "patients_per_split": {s: len({m.patient_id or m.path for m, t in zip(good, splits) if t == s})
                                    for s in SPLITS},
             "row_groups": row_groups,

@@ -12,6 +12,7 @@ import html
 import json
 import logging
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib
@@ -463,7 +464,7 @@ def write_html_report(
                                 [[c] + [str(v) for v in r] for c, r in zip(classes, cm)], caption="Confusion matrix"))
     if metrics.get("per_source"):
         body.append("<h3>Per source</h3>")
-        body.append('<p class="note">Sources are confounded with labels: compare recall within each source.</p>')
+        body.append(f'<p class="note">{_md_bold_to_html(source_confounding(dataset_summary, classes))}</p>')
         body.append(_per_source_table(metrics["per_source"], classes))
 
     if figures:
@@ -479,6 +480,10 @@ def write_html_report(
                 body.append(f"<h3>{_e(block_title)}</h3><pre>{_e(content)}</pre>")
             else:
                 body.append(_html_table(block_header, content, caption=block_title))
+
+    body.append("<h2>Known limitations</h2>")
+    body.append("<ul>" + "".join(f"<li>{_md_bold_to_html(item)}</li>"
+                                 for item in data_limitations(dataset_summary, metrics)) + "</ul>")
 
     if gradcam:
         body.append("<h2>Grad-CAM</h2>")
@@ -521,24 +526,285 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]
     return lines + [""]
 
 
-DEFAULT_LIMITATIONS = [
-    "**Source/label confounding.** Most COVID-19 images come from one collection (ieee8023) and most "
-    "normal and pneumonia images from another (kaggle3way). The model can score well by recognising "
-    "the source (scanner, resolution, text markers) rather than disease; compare the per-source metrics.",
-    "**Pediatric normals.** The kaggle3way normal and pneumonia images are of children, while COVID-19 "
-    "images are of adults, so age is another shortcut between classes.",
-    "**Small test set.** A few hundred images from a few hundred patients: confidence intervals are wide, "
-    "and a difference of a few points between runs is mostly noise.",
-    "**Class imbalance.** COVID-19 images outnumber normal and pneumonia ones several times; accuracy "
-    "hides poor recall on the small classes, so read per-class recall and macro-F1.",
-    "**Not externally validated.** All images come from public collections assembled in 2020; "
-    "performance on another hospital's images is unknown.",
-]
+#: One sentence each about public collections we know; shown only for sources present in the data.
+KNOWN_SOURCES = {
+    "kaggle3way": "Pediatric patients (Guangzhou); where the other classes are adults, age is a shortcut "
+                  "between classes.",
+    "kermany": "Pediatric patients (Guangzhou); where the other classes are adults, age is a shortcut "
+               "between classes.",
+    "ieee8023": "COVID-19 images collected from publications and websites, of mixed quality.",
+    "radiography2021": "Kaggle COVID-19 Radiography Database (2021), without patient ids; its COVID-19 images "
+                       "come mostly from BIMCV/PadChest (Spain) and its normals mostly from RSNA (USA).",
+    "nih": "NIH ChestX-ray14, adults; labels were mined from radiology reports and are noisy.",
+    "hannover": "Hannover Medical School; COVID-19 images only.",
+}
+
+CONFOUND_SHARE = 0.5    # a class is confounded when at least this share of it comes from one source ...
+CONFOUND_PURITY = 0.9   # ... of which at least this share is that class (it holds almost nothing else)
+SMALL_TEST_CLASS = 100  # fewer test images than this in some class: the test set is called small
+
+_NC = re.compile(r"(?<![A-Za-z])NC(?![A-Za-z])|(?i:non-?commercial)")
+
+
+def _n(value: Any) -> str:
+    """An image count with thousands separators."""
+    return f"{int(value):,}"
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:.1f}%"
+
+
+def _cap(text: str) -> str:
+    """``text`` with its first letter upper-cased (unlike str.capitalize, the rest is kept)."""
+    return text[:1].upper() + text[1:]
+
+
+def _inputs_of(summary: Mapping) -> list[str]:
+    """The summary's input location(s): a list, or one string in summaries of single-input datasets."""
+    value = summary.get("input")
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _sources_of(summary: Mapping) -> list[str]:
+    """Sources present in the data (with at least one image), in the summary's order."""
+    names: list[str] = []
+    for key in ("per_source", "per_source_class", "patient_ids_per_source"):
+        names += [str(s) for s in (summary.get(key) or {}) if str(s) not in names]
+    return [s for s in names if _source_total(summary, s) != 0]
+
+
+def _source_total(summary: Mapping, source: str) -> int | None:
+    """Images of ``source``, from ``per_source`` or else ``per_source_class``; None when unknown."""
+    if source in (summary.get("per_source") or {}):
+        return int(summary["per_source"][source])
+    if source in (summary.get("per_source_class") or {}):
+        return int(sum(summary["per_source_class"][source].values()))
+    return None
+
+
+def _summary_classes(summary: Mapping, metrics: Mapping) -> list[str]:
+    classes = list(_classes_of(metrics)) or [str(c) for c in summary.get("classes") or []]
+    for counts in [summary.get("per_class") or {}, *(summary.get("per_source_class") or {}).values()]:
+        classes += [str(c) for c in counts if str(c) not in classes]
+    return classes
+
+
+def _patient_id_counts(summary: Mapping) -> dict[str, tuple[int, int | None]]:
+    """Per source: (images with a patient id, images); empty without ``patient_ids_per_source``."""
+    with_ids = summary.get("patient_ids_per_source")
+    if not isinstance(with_ids, Mapping):
+        return {}
+    return {str(s): (int(k), _source_total(summary, str(s))) for s, k in with_ids.items()}
+
+
+def patient_id_status(summary: Mapping) -> dict[str, str]:
+    """Per source, whether its images carry patient ids: ``"yes"``, ``"no"`` or ``"partly (k of n)"``.
+
+    Empty when the summary has no ``patient_ids_per_source`` (older datasets). Images without a
+    patient id were split per image.
+    """
+    status = {}
+    for source, (k, total) in _patient_id_counts(summary).items():
+        if k == 0:
+            status[source] = "no"
+        elif total is None or k >= total:
+            status[source] = "yes"
+        else:
+            status[source] = f"partly ({_n(k)} of {_n(total)})"
+    return status
+
+
+def source_confounding(summary: Mapping | None, classes: Sequence[str] = ()) -> str:
+    """One sentence (or a few) on source/label confounding, computed from ``per_source_class``.
+
+    For each class: the source holding the largest share of its images. A class is called
+    confounded with a source when at least half of its images come from it and at least 90% of
+    that source's images are of that class; sources that hold one class only are named. Without
+    ``per_source_class`` the sentence says confounding could not be checked.
+    """
+    table = (summary or {}).get("per_source_class")
+    if not isinstance(table, Mapping) or not table:
+        return ("**Source/label confounding not checked.** Class counts per source were not recorded for this "
+                "dataset, so whether a class comes mostly from one collection is unknown; a model can score well "
+                "by recognising the source (scanner, resolution, text markers) rather than disease, so compare "
+                "the per-source metrics.")
+    classes = list(classes) or []
+    for counts in table.values():
+        classes += [str(c) for c in counts if str(c) not in classes]
+    source_total = {s: sum(int(v) for v in counts.values()) for s, counts in table.items()}
+    largest, confounded = [], []
+    for c in classes:
+        per_source = {s: int(counts.get(c, 0)) for s, counts in table.items()}
+        total = sum(per_source.values())
+        if total == 0:
+            largest.append(f"{c} has no images")
+            continue
+        top = max(per_source, key=lambda s: per_source[s])
+        largest.append(f"{c} {_pct(per_source[top], total)} from {top}")
+        purity = per_source[top] / source_total[top]
+        if per_source[top] >= CONFOUND_SHARE * total and purity >= CONFOUND_PURITY:
+            confounded.append(f"{_pct(per_source[top], total)} of {c} images come from {top}, "
+                              f"and {_pct(per_source[top], source_total[top])} of {top}'s images are {c}")
+    single = [f"{s} ({next(c for c, v in counts.items() if int(v) > 0)})" for s, counts in table.items()
+              if sum(1 for v in counts.values() if int(v) > 0) == 1]
+    text = "Largest source per class: " + ", ".join(largest) + "."
+    if confounded:
+        text = ("**Source/label confounding.** " + text + " " + _cap("; ".join(confounded))
+                + ": the model can score well by recognising the source (scanner, resolution, text markers) "
+                  "rather than disease.")
+    else:
+        text = ("**Sources mixed across classes.** " + text + " No class has half or more of its images from a "
+                "source that holds almost no other class.")
+    if single:
+        text += " Sources holding only one class: " + ", ".join(single) + "."
+    return text + " Compare the per-source metrics."
+
+
+def data_limitations(summary: Mapping | None, metrics: Mapping) -> list[str]:
+    """The model card's "Known limitations" bullets (markdown), computed from a dataset summary.
+
+    Args:
+        summary: a preprocess ``_summary.json`` dict, or ``None`` (a short generic list then).
+            Uses ``per_source_class``, ``patient_ids_per_source`` (both optional), ``per_source``,
+            ``per_class``, ``per_split``, ``per_split_class`` and ``config.holdout_source``.
+        metrics: the test metrics; only their class order is used.
+    """
+    not_validated = ("**Not externally validated.** All images come from public collections{}; performance "
+                     "on another hospital's images is unknown.")
+    if not summary:
+        return ["**Source/label confounding unknown.** No dataset summary was recorded, so where each class's "
+                "images come from is unknown; a model can learn the source rather than the disease.",
+                not_validated.format("")]
+    classes = _summary_classes(summary, metrics)
+    sources = _sources_of(summary)
+    out = [source_confounding(summary, classes)]
+
+    out += [f"**Source {s}.** {KNOWN_SOURCES[s.lower()]}" for s in sources if s.lower() in KNOWN_SOURCES]
+
+    counts = _patient_id_counts(summary)
+    if counts:
+        missing = [src for src in sources if src in counts and counts[src][0] == 0]
+        partly = [src for src in sources if src in counts and 0 < counts[src][0] < (counts[src][1] or 0)]
+        parts = [f"images of {', '.join(missing)} carry no patient id"] if missing else []
+        parts += [f"only {_n(counts[src][0])} of {_n(counts[src][1])} images of {src} carry one" for src in partly]
+        if parts:
+            out.append("**Per-image split where patient ids are missing.** " + _cap("; ".join(parts))
+                       + ". Those images were split per image: near-identical images of one patient may sit in "
+                         "both train and test, so figures on "
+                       + ("these sources" if len(missing) + len(partly) > 1 else "that source") + " are optimistic.")
+        else:
+            out.append("**Patient-level split.** Every image carries a patient id, so no patient's images are "
+                       "in more than one split.")
+    else:
+        out.append("**Patient ids not recorded per source.** Images without a patient id are split per image, "
+                   "so near-identical images of one patient may sit in both train and test.")
+
+    test_total = (summary.get("per_split") or {}).get("test")
+    test_class = (summary.get("per_split_class") or {}).get("test") or {}
+    if test_total is not None:
+        text = f"{_n(test_total)} test images"
+        if test_class:
+            text += " (" + ", ".join(f"{c} {_n(test_class.get(c, 0))}" for c in classes) + ")"
+            smallest = min(int(test_class.get(c, 0)) for c in classes)
+            small = smallest < SMALL_TEST_CLASS
+        else:
+            small = int(test_total) < SMALL_TEST_CLASS * max(len(classes), 1)
+        if small:
+            out.append(f"**Small test set.** {text}: confidence intervals are wide, and a difference of a few "
+                       f"points between runs is mostly noise.")
+        else:
+            out.append(f"**Test set.** {text}; read the confidence intervals before comparing runs.")
+
+    per_class = {c: int((summary.get("per_class") or {}).get(c, 0)) for c in classes}
+    if len(per_class) > 1 and max(per_class.values()) > 0:
+        big = max(per_class, key=lambda c: per_class[c])
+        low = min(per_class, key=lambda c: per_class[c])
+        if per_class[low] == 0:
+            out.append(f"**Class imbalance.** There are no {low} images; the model cannot have learned that class.")
+        else:
+            ratio = per_class[big] / per_class[low]
+            head = "**Class imbalance.**" if ratio >= 1.5 else "**Class balance.**"
+            out.append(f"{head} {big} {_n(per_class[big])} images vs {low} {_n(per_class[low])} "
+                       f"({ratio:.1f}×); accuracy can hide poor recall on the smaller classes, so read "
+                       f"per-class recall and macro-F1.")
+
+    holdout = (summary.get("config") or {}).get("holdout_source")
+    if holdout:
+        out.append(f"**Leave-one-source-out.** Every test image comes from source {holdout}, which training and "
+                   f"validation never saw; the test set covers only the classes that source holds.")
+
+    out.append(not_validated.format(f" ({', '.join(sources)})" if sources else ""))
+    return out
+
+
+def licence_note(licenses: Sequence[str] | None) -> str:
+    """The model card's note under the licence list, derived from the licence strings found.
+
+    Names the non-commercial licences (an ``NC`` element, as in "CC BY-NC-SA 4.0", or the word
+    non-commercial) when there are any; always asks to check each image's licence.
+    """
+    if not licenses:
+        return ("No licence column was found in the input manifests: check each source's terms of use yourself "
+                "before using or redistributing the images or models trained on them.")
+    nc = [str(x) for x in licenses if _NC.search(str(x))]
+    text = ""
+    if nc:
+        text = ("Some training images are licensed non-commercial (" + "; ".join(nc) + "): the images, and "
+                "arguably models trained on them, are fine for research but not for a commercial product. ")
+    return text + "Check each image's licence in the manifest before any redistribution."
+
+
+def training_data_lines(summary: Mapping, classes: Sequence[str] = ()) -> list[str]:
+    """Markdown for the "Training data" paragraph: inputs with images written, source × class counts.
+
+    The source × class table (with a "patient ids" column: yes / no / partly) needs
+    ``per_source_class`` (and ``patient_ids_per_source``); older summaries get the inputs only.
+    """
+    total = sum(int(v) for v in (summary.get("per_class") or {}).values()) or summary.get("written")
+    inputs = _inputs_of(summary)
+    out = ["**Training data**", ""]
+    head = f"{_n(total)} images" if total is not None else "Images"
+    out += [f"{head} from {len(inputs)} input location(s)." if inputs else f"{head}; input locations not recorded.",
+            ""]
+    per_input = [r for r in summary.get("per_input") or [] if isinstance(r, Mapping)]
+    if per_input:
+        rows = [[r.get("input", "?"), _n(r["written"]) if isinstance(r.get("written"), int) else _fmt(r.get("written"))]
+                for r in per_input]
+        out += _md_table(["input", "images written"], rows)
+    elif inputs:
+        out += [f"- {_md(loc)}" for loc in inputs] + [""]
+    table = summary.get("per_source_class")
+    if isinstance(table, Mapping) and table:
+        classes = _summary_classes(summary, {"classes": list(classes)})
+        status = patient_id_status(summary)
+        header = ["source"] + classes + ["total"] + (["patient ids"] if status else [])
+        rows = []
+        for source, counts in table.items():
+            row = [source] + [_n(counts.get(c, 0)) for c in classes] + [_n(sum(counts.values()))]
+            rows.append(row + ([status.get(str(source), "n/a")] if status else []))
+        out += _md_table(header, rows)
+    return out
+
+
+# summary keys the "Training data" table of the model card shows in full
+_IN_TRAINING_DATA = ("per_source_class", "patient_ids_per_source")
+
+
+def _md_bold_to_html(text: str) -> str:
+    """Escape ``text`` and turn markdown ``**bold**`` into ``<strong>``."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", _e(text))
 
 
 def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: dict | None,
                      licenses: list[str] | None) -> None:
     """Write a markdown model card (model, data, metrics, intended use, limitations, licences).
+
+    The training-data description, the known limitations (:func:`data_limitations`) and the
+    licence note (:func:`licence_note`) are derived from ``dataset_summary`` and ``licenses``,
+    so the card describes whichever collection the model was trained on.
 
     Args:
         path: output ``.md`` file, written atomically.
@@ -565,7 +831,9 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
 
     out += ["## Data and splits", ""]
     if dataset_summary:
-        for block_title, header, content in _summary_sections(dataset_summary, classes):
+        out += training_data_lines(dataset_summary, classes)
+        shown = {k: v for k, v in dataset_summary.items() if k not in _IN_TRAINING_DATA}  # not twice
+        for block_title, header, content in _summary_sections(shown, classes):
             out += [f"**{_md(block_title)}**", ""]
             if header is None:
                 out += ["```json", content, "```", ""]
@@ -599,13 +867,11 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
             "treat patients, or in any clinical decision.", ""]
 
     out += ["## Known limitations", ""]
-    out += [f"- {item}" for item in DEFAULT_LIMITATIONS] + [""]
+    out += [f"- {item}" for item in data_limitations(dataset_summary, metrics)] + [""]
 
     out += ["## Data licences", ""]
-    out += [f"- {_md(item)}" for item in (licenses or ["(no licence list was recorded)"])]
-    out += ["", "Note: many images in cxr3 (notably from the covid-chestxray-dataset) are licensed "
-            "CC BY-NC-SA — non-commercial use only, share-alike. The images, and arguably models trained "
-            "on them, are fine for research but not for a commercial product; check each image's licence "
-            "in the manifest before any redistribution.", ""]
+    if licenses:
+        out += [f"- {_md(item)}" for item in licenses] + [""]
+    out += ["Note: " + licence_note(licenses), ""]
     atomic_write_text(path, "\n".join(out))
     log.info("wrote model card %s", path)

@@ -42,6 +42,12 @@ def main(argv=None) -> int:
               f"kept {near['kept']} {near['kept_per_class']}")
     print(f"\nEvaluation on the {args.split} split ({metrics['n']} images):")
     print(format_table(metrics))
+    parts = [(f"images with a patient id ({', '.join(metrics['patient_wise']['sources'])})", metrics["patient_wise"])] \
+        if "patient_wise" in metrics else []
+    parts += [(f"input {name}", values) for name, values in metrics.get("per_input", {}).items()]
+    for title, values in parts:
+        print(f"\n{title} ({values['n']} images):")
+        print(format_table(values))
     print(f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1'] or float('nan'):.3f}, "
           f"ECE {metrics['ece']:.3f} → {args.output or metrics_path(args.model_dir, args.split)}")
     return 0

@@ -331,6 +331,10 @@ def test_several_inputs_in_one_run(spark, tmp_path):
     assert [(p["written"], p["rejected"], p["skipped"]) for p in summary["per_input"]] == [(8, 0, 0), (7, 0, 1)]
     # the row without a source cell takes its input folder's name ("lists")
     assert summary["per_source"] == {"hospital": 6, "lists": 1, "site_a": 8}
+    assert summary["per_source_class"] == {"hospital": {"covid": 1, "pneumonia": 5}, "lists": {"pneumonia": 1},
+                                           "site_a": {"covid": 4, "normal": 4}}
+    assert summary["per_input_source"] == [{"site_a": 8}, {"hospital": 6, "lists": 1}]
+    assert summary["patient_ids_per_source"] == {"hospital": 5, "lists": 1, "site_a": 0}  # the copy has no id
     assert sorted(map(sorted, summary["duplicates"])) == [sorted([str(folders / "covid" / "0.png"), str(copy)])]
     rows = {}
     for split in ("train", "val", "test"):

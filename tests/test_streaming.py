@@ -436,3 +436,43 @@ def test_evaluate_another_dataset_without_near_copies_of_the_training_data(spark
         assert json.load(handle)["near_copies"]["dropped"] == 7
     everything = evaluate(dataset, tiny["model_dir"], tiny["config"], split="all", output=str(tmp_path / "all.json"))
     assert everything["n"] == 37 and "near_copies" not in everything
+
+
+def test_evaluate_gives_the_patient_wise_part_and_each_input_alone(spark, tiny, tmp_path):
+    """Two inputs, one without patient ids: ``per_input`` and ``patient_wise`` hold the metrics of
+    exactly the images we put there (checked from the per-image predictions, grouped by file name)."""
+    from covid_spark.evaluate import evaluate
+    from covid_spark.metrics import classification_metrics
+    from covid_spark.preprocess import preprocess
+
+    with_ids, without = tmp_path / "clinic", tmp_path / "archive"
+    _random_images(str(with_ids), 24, seed=5)                     # sources a and b, one patient each
+    rows = _random_images(str(without), 18, seed=6)
+    with open(without / "manifest.csv", "w", newline="") as handle:  # source c, no patient ids
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([dict(row, patient_id="", source="c") for row in rows])
+    dataset = str(tmp_path / "two-ds")
+    summary = preprocess(spark, [str(with_ids), str(without)], dataset, tiny["config"])
+    assert summary["per_input_source"] == [{"a": 19, "b": 5}, {"c": 18}]
+    metrics = evaluate(dataset, tiny["model_dir"], tiny["config"], split="all", output=str(tmp_path / "m.json"))
+
+    paths = np.array(metrics["predictions"]["path"])
+    y = np.array(metrics["predictions"]["label"])
+    probs = np.array(metrics["predictions"]["probs"])
+    in_archive = np.array([p.startswith(str(without) + os.sep) for p in paths])
+    assert in_archive.sum() == 18 and (~in_archive).sum() == 24
+    assert set(metrics["per_input"]) == {"clinic", "archive"}
+    for name, keep in (("archive", in_archive), ("clinic", ~in_archive)):
+        expected = classification_metrics(y[keep], probs[keep], CLASSES)
+        assert metrics["per_input"][name]["n"] == keep.sum()
+        assert metrics["per_input"][name]["confusion_matrix"] == expected["confusion_matrix"]
+        assert "macro_f1" in metrics["per_input"][name]["ci95"]
+    wise = metrics["patient_wise"]
+    expected = classification_metrics(y[~in_archive], probs[~in_archive], CLASSES)
+    assert wise["n"] == 24 and wise["sources"] == ["a", "b"]
+    assert wise["confusion_matrix"] == expected["confusion_matrix"]
+    assert wise["macro_f1"] == pytest.approx(expected["macro_f1"])
+    # One input, all with ids: neither part is added.
+    alone = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], output=str(tmp_path / "alone.json"))
+    assert "per_input" not in alone and "patient_wise" not in alone

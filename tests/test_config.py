@@ -65,3 +65,36 @@ def test_make_job_passes_gradient_compression_and_refuses_unknown_ones():
     cfg["gradient_compression"] = "int8"
     with pytest.raises(ValueError, match="train.gradient_compression.*'int8'"):
         make_job(cfg, summary, "/tmp/ds", 2, 1, "/tmp/ckpt")
+
+
+def test_every_job_config_loads_and_xl_trains_five_epochs():
+    import glob
+    import os
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
+    for path in glob.glob(os.path.join(conf, "*.yaml")):
+        load_config(path)                                   # no unknown key in any shipped config
+    xl = load_config(os.path.join(conf, "xl.yaml"))
+    assert (xl["train"]["model"], xl["train"]["epochs"], xl["train"]["num_proc"]) == ("efficientnet_lite0", 5, 2)
+    assert load_config(os.path.join(conf, "xl.yaml"), model="original")["train"]["epochs"] == 40
+
+
+def _make_dry_run(*args: str) -> str:
+    import os
+    import subprocess
+
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    return subprocess.run(["make", "-n", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+def test_make_targets_pass_inputs_config_and_epochs():
+    xl = _make_dry_run("demo-xl", "RUN_ID=demo-t")
+    assert "--input ../shared/data/cxr-xl --run-dir runs/xl-t --config conf/xl.yaml" in xl
+    both = _make_dry_run("demo-xl", "RUN_ID=demo-t", "DATA=../shared/data/cxr3 ../shared/data/cxr-xl")
+    assert "--input ../shared/data/cxr3 --input ../shared/data/cxr-xl --run-dir runs/xl-t" in both
+    loso = _make_dry_run("loso", "DATA=d", "SOURCE=nih", "CONFIG=conf/xl.yaml", "EPOCHS=1", "RUN_ID=t")
+    assert "--input d --run-dir runs/loso-nih-t --config conf/xl.yaml" in loso
+    assert "--holdout-source nih" in loso and "--epochs 1" in loso
+    assert "--config conf/demo.yaml" in _make_dry_run("loso", "RUN_ID=t")
+    train = _make_dry_run("train", "DATASET=ds", "MODEL_DIR=m", "CONFIG=conf/xl.yaml")
+    assert "--dataset ds --model-dir m" in train and "--config conf/xl.yaml" in train

@@ -171,3 +171,142 @@ def test_model_card(tmp_path, report_inputs):
     assert f"{m['per_class']['covid']['recall']:.3f} [{lo:.3f}, {hi:.3f}]" in text
     assert "kaggle3way" in text  # per-source table
     assert "| train | 300 | 60 | 90 | 450 |" in text
+
+
+# --------------------------------------------------------------------------- data-derived card text
+
+XL_SUMMARY = {  # a cxr-xl-like summary, with the per-source keys newer preprocess runs write
+    "input": ["/data/radiography2021", "/data/xl-rest"],
+    "per_input": [{"input": "/data/radiography2021", "found": 12400, "skipped": 0, "written": 12341, "rejected": 59},
+                  {"input": "/data/xl-rest", "found": 5110, "skipped": 0, "written": 5104, "rejected": 6}],
+    "per_class": {"covid": 3374, "normal": 9818, "pneumonia": 4253},
+    "per_split": {"train": 12000, "val": 2885, "test": 2560},
+    "per_split_class": {"train": {"covid": 2300, "normal": 6900, "pneumonia": 2800},
+                        "val": {"covid": 579, "normal": 1477, "pneumonia": 829},
+                        "test": {"covid": 495, "normal": 1441, "pneumonia": 624}},
+    "per_source": {"radiography2021": 12341, "kermany": 4009, "nih": 889, "hannover": 206},
+    "per_source_class": {"radiography2021": {"covid": 3168, "normal": 9173},
+                         "kermany": {"pneumonia": 3818, "normal": 191},
+                         "nih": {"pneumonia": 435, "normal": 454},
+                         "hannover": {"covid": 206}},
+    "patient_ids_per_source": {"radiography2021": 0, "kermany": 4009, "nih": 889, "hannover": 206},
+    "patients_per_split": {"train": 9000, "val": 2000, "test": 1900},
+    "config": {"seed": 0, "holdout_source": ""},
+}
+
+CXR3_SUMMARY = {
+    "input": ["/data/cxr3"],
+    "per_class": {"covid": 420, "normal": 98, "pneumonia": 120},
+    "per_split": {"train": 500, "val": 48, "test": 90},
+    "per_split_class": {"test": {"covid": 60, "normal": 14, "pneumonia": 16}},
+    "per_source": {"ieee8023": 400, "actualmed": 20, "kaggle3way": 210, "rsna": 8},
+    "per_source_class": {"ieee8023": {"covid": 400}, "actualmed": {"covid": 20},
+                         "kaggle3way": {"normal": 90, "pneumonia": 120}, "rsna": {"normal": 8}},
+    "config": {"holdout_source": ""},
+}
+
+
+def _card(tmp_path, metrics, summary, licenses=None, name="card.md"):
+    out = tmp_path / name
+    R.write_model_card(str(out), run={"run_id": "r1", "model": "compact"}, metrics=metrics,
+                       dataset_summary=summary, licenses=licenses)
+    return out.read_text(encoding="utf-8")
+
+
+def _xl_metrics():
+    y, probs = _case()
+    groups = np.array(["radiography2021", "kermany", "nih", "hannover"])[np.arange(len(y)) % 4]
+    m = M.classification_metrics(y, probs, CLASSES)
+    m["per_source"] = M.metrics_by_group(y, probs, groups, CLASSES)
+    return m
+
+
+def test_model_card_cxr3_like_names_the_confounding_source(tmp_path, report_inputs):
+    text = _card(tmp_path, report_inputs["metrics"], CXR3_SUMMARY)
+    limitations = text.split("## Known limitations")[1].split("## Data licences")[0]
+    # covid: 400 of 400 + 20 = 420 images from ieee8023 = 95.2%; ieee8023 holds covid only
+    assert "**Source/label confounding.**" in limitations
+    assert "covid 95.2% from ieee8023" in limitations
+    assert "95.2% of covid images come from ieee8023, and 100.0% of ieee8023's images are covid" in limitations
+    # normal: 90 of 98 from kaggle3way = 91.8%; pneumonia: 120 of 120
+    assert "normal 91.8% from kaggle3way" in limitations and "pneumonia 100.0% from kaggle3way" in limitations
+    assert "ieee8023 (covid), actualmed (covid), rsna (normal)" in limitations  # single-class sources
+    assert "pediatric" in limitations.lower()
+    # smallest test class has 14 < 100 images; covid 420 / normal 98 = 4.3x
+    assert "**Small test set.** 90 test images (covid 60, normal 14, pneumonia 16)" in limitations
+    assert "covid 420 images vs normal 98 (4.3×)" in limitations
+    assert "| ieee8023 | 400 | 0 | 0 | 400 |" in text  # training-data source x class table, no id column
+    assert "patient ids |" not in text
+
+
+def test_model_card_cxr_xl_like_describes_its_own_data(tmp_path):
+    text = _card(tmp_path, _xl_metrics(), XL_SUMMARY, licenses=["CC BY 4.0"])
+    for word in ("cxr3", "ieee8023", "kaggle3way"):
+        assert word not in text
+    # 3168 + 206 = 3374 covid, 9173 + 191 + 454 = 9818 normal, 3818 + 435 = 4253 pneumonia: 17,445 images
+    assert "17,445 images from 2 input location(s)" in text
+    assert "| /data/radiography2021 | 12,341 |" in text and "| /data/xl-rest | 5,104 |" in text
+    assert "| source | covid | normal | pneumonia | total | patient ids |" in text
+    assert "| radiography2021 | 3,168 | 9,173 | 0 | 12,341 | no |" in text
+    assert "| hannover | 206 | 0 | 0 | 206 | yes |" in text
+    limitations = text.split("## Known limitations")[1].split("## Data licences")[0]
+    assert "Images of radiography2021 carry no patient id" in limitations
+    assert "optimistic" in limitations
+    # 2560 test images, smallest class covid 495 >= 100: not called small
+    assert "2,560 test images (covid 495, normal 1,441, pneumonia 624)" in limitations
+    assert "small test set" not in limitations.lower()
+    # covid 3168/3374 = 93.9% and normal 9173/9818 = 93.4% from radiography2021 (74% normal: mixed);
+    # pneumonia 3818/4253 = 89.8% from kermany, which is 3818/4009 = 95.2% pneumonia: confounded
+    assert "covid 93.9% from radiography2021, normal 93.4% from radiography2021, pneumonia 89.8% from kermany" \
+        in limitations
+    assert "95.2% of kermany's images are pneumonia" in limitations
+    assert "of covid images come from" not in limitations
+    assert "Sources holding only one class: hannover (covid)" in limitations
+    assert "normal 9,818 images vs covid 3,374 (2.9×)" in limitations  # 9818 / 3374 = 2.91
+    for source in ("radiography2021", "kermany", "nih", "hannover"):
+        assert f"**Source {source}.**" in limitations
+    assert "Leave-one-source-out" not in limitations
+
+
+def test_model_card_holdout_and_partial_patient_ids(tmp_path):
+    summary = dict(XL_SUMMARY, config={"holdout_source": "hannover"},
+                   patient_ids_per_source={"radiography2021": 0, "kermany": 120, "nih": 889, "hannover": 206})
+    text = _card(tmp_path, _xl_metrics(), summary)
+    assert "| kermany | 0 | 191 | 3,818 | 4,009 | partly (120 of 4,009) |" in text
+    assert "only 120 of 4,009 images of kermany carry one" in text
+    assert "**Leave-one-source-out.** Every test image comes from source hannover" in text
+
+
+def test_model_card_licence_note(tmp_path):
+    m = _xl_metrics()
+    text = _card(tmp_path, m, XL_SUMMARY, licenses=["CC BY-NC-SA 4.0", "CC BY 4.0"], name="a.md")
+    assert "non-commercial (CC BY-NC-SA 4.0)" in text
+    assert "check each image's licence in the manifest" in text.lower()
+    text = _card(tmp_path, m, XL_SUMMARY, licenses=["CC BY 4.0"], name="b.md")
+    assert "non-commercial" not in text.lower() and "NC" not in text.split("## Data licences")[1]
+    assert "check each image's licence in the manifest" in text.lower()
+    text = _card(tmp_path, m, XL_SUMMARY, licenses=[], name="c.md")
+    assert "No licence column was found" in text and "non-commercial" not in text.lower()
+
+
+def test_model_card_old_summary_and_none(tmp_path, report_inputs):
+    old = dict(report_inputs["summary"], input="/data/old-cxr3")  # no per_source_class / patient ids
+    text = _card(tmp_path, report_inputs["metrics"], old, name="old.md")
+    assert "560 images from 1 input location(s)" in text and "- /data/old-cxr3" in text
+    assert "Class counts per source were not recorded" in text
+    assert "patient ids |" not in text
+    text = _card(tmp_path, report_inputs["metrics"], None, name="none.md")
+    assert "No dataset summary was recorded" in text
+    limitations = text.split("## Known limitations")[1].split("## Data licences")[0]
+    assert "confounding unknown" in limitations and "Not externally validated" in limitations
+
+
+def test_html_report_limitations_follow_the_data(tmp_path):
+    out = tmp_path / "xl.html"
+    R.write_html_report(str(out), title="xl", metrics=_xl_metrics(), figures={}, dataset_summary=XL_SUMMARY,
+                        config={}, versions={})
+    text = out.read_text(encoding="utf-8")
+    assert "<h2>Known limitations</h2>" in text
+    assert "<strong>Source/label confounding.</strong>" in text
+    assert "95.2% of kermany&#x27;s images are pneumonia" in text
+    assert "ieee8023" not in text and "kaggle3way" not in text

@@ -92,7 +92,8 @@ def train_fold(images, labels, cfg: dict, seed: int):
     keras.utils.set_random_seed(seed)
     batch = int(cfg["batch_size"]) * int(cfg["num_proc"])
     epochs = int(cfg["epochs"])
-    model = make_model(cfg["model"], input_shape=images.shape[1:], num_classes=len(CLASSES))
+    model = make_model(cfg["model"], input_shape=images.shape[1:], num_classes=len(CLASSES),
+                       input_norm=cfg.get("input_norm", "none"))
     steps = math.ceil(len(labels) / batch)
     schedule = keras.optimizers.schedules.CosineDecay(float(cfg["learning_rate"]) * int(cfg["num_proc"]),
                                                       epochs * steps, alpha=0.02)

@@ -21,6 +21,8 @@ def load_model(model_dir: str):
     """
     import tensorflow as tf
 
+    import covid_spark.layers  # noqa: F401  (registers our layers for loading)
+
     path = os.path.join(model_dir, "model.keras")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: train a model into {model_dir} first (jobs/train.py)")

@@ -8,15 +8,37 @@ BN_MOMENTUM = 0.9
 ORIGINAL_FILTERS = (8, 16, 32, 16, 32, 64, 32, 64, 128, 64, 256, 128, 256)
 
 
-def original_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.5):
+INPUT_NORMS = ("none", "equalize")
+
+
+def model_input(input_shape, input_norm: str = "none"):
+    """``(inputs, x)``: the model's 0..255 image input, and what its first layer reads: the input itself, or
+    with ``input_norm="equalize"`` its per-image histogram equalisation (``layers.HistogramEqualization``).
+
+    Raises:
+        ValueError: ``input_norm`` is not one of INPUT_NORMS.
+    """
+    from tensorflow import keras
+
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"config key 'train.input_norm' must be one of {', '.join(INPUT_NORMS)}, found {input_norm!r}")
+    inputs = keras.Input(shape=input_shape, name="image")
+    if input_norm == "none":
+        return inputs, inputs
+    from covid_spark.layers import HistogramEqualization
+
+    return inputs, HistogramEqualization(name="equalize")(inputs)
+
+
+def original_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.5, input_norm: str = "none"):
     """The university project's CNN, unchanged: 13 × [Conv 3×3 same → LeakyReLU → MaxPool 2 same],
     Flatten → Dense 256 → LeakyReLU → Dropout → Dense softmax (1,022,883 parameters at 224×224×3).
     """
     from tensorflow import keras
     from tensorflow.keras import layers
 
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    inputs, x = model_input(input_shape, input_norm)
+    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
     for i, filters in enumerate(ORIGINAL_FILTERS, start=1):
         x = layers.Conv2D(filters, 3, padding="same", name=f"conv{i}")(x)
         x = layers.LeakyReLU(name=f"lrelu{i}")(x)
@@ -30,7 +52,7 @@ def original_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: flo
 
 
 def compact_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.3,
-                  weight_decay: float = 1e-4):
+                  weight_decay: float = 1e-4, input_norm: str = "none"):
     """A small residual, depthwise-separable CNN with batch normalisation and global average pooling.
 
     224 → stem conv s2 (112) → 4 stages of [SeparableConv → BN → ReLU] ×2 with a strided
@@ -42,8 +64,8 @@ def compact_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: floa
     from tensorflow.keras import layers, regularizers
 
     reg = regularizers.l2(weight_decay)
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    inputs, x = model_input(input_shape, input_norm)
+    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
     x = layers.Conv2D(24, 3, strides=2, padding="same", use_bias=False, kernel_regularizer=reg, name="stem_conv")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(name="stem_relu")(x)
@@ -105,7 +127,7 @@ def efficientnet_lite0_features(inputs, bn_epsilon: float = 1e-3):
 
 
 def efficientnet_lite0_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.2,
-                             pretrained: bool = True, train_bn: bool = False):
+                             pretrained: bool = True, train_bn: bool = False, input_norm: str = "none"):
     """EfficientNet-Lite0 with ImageNet weights (transfer learning), GAP → Dropout → Dense softmax.
 
     3.4 M parameters. The ImageNet weights come from an installed package (see ``pretrained``), not a
@@ -116,8 +138,8 @@ def efficientnet_lite0_model(input_shape=(224, 224, 3), num_classes: int = 3, dr
     from tensorflow import keras
     from tensorflow.keras import layers
 
-    inputs = keras.Input(shape=input_shape, name="image")
-    x = efficientnet_lite0_features(inputs)
+    inputs, x = model_input(input_shape, input_norm)
+    x = efficientnet_lite0_features(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probs")(x)
@@ -150,12 +172,12 @@ MODELS: dict[str, Callable] = {"original": original_model, "compact": compact_mo
                                "efficientnet_lite0": efficientnet_lite0_model}
 
 
-def make_model(name: str, input_shape=(224, 224, 3), num_classes: int = 3):
-    """Build the named architecture.
+def make_model(name: str, input_shape=(224, 224, 3), num_classes: int = 3, input_norm: str = "none"):
+    """Build the named architecture; ``input_norm`` as for :func:`model_input`.
 
     Raises:
-        ValueError: ``name`` is not one of MODELS.
+        ValueError: ``name`` is not one of MODELS, or ``input_norm`` not one of INPUT_NORMS.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    return MODELS[name](input_shape=input_shape, num_classes=num_classes)
+    return MODELS[name](input_shape=input_shape, num_classes=num_classes, input_norm=input_norm)

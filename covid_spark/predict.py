@@ -55,6 +55,8 @@ def cached_model(model_bytes: bytes):
             path = os.path.join(tmp, "model.keras")
             with open(path, "wb") as handle:
                 handle.write(model_bytes)
+            import covid_spark.layers  # noqa: F401  (registers our layers for loading)
+
             _MODEL_CACHE[key] = tf.keras.models.load_model(path, compile=False)
     return _MODEL_CACHE[key]
 

@@ -94,7 +94,8 @@ def train_fn(job: dict) -> dict:
     say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
     size_px = job["image_size"]
-    model = make_model(job["model"], input_shape=(size_px, size_px, 3), num_classes=len(CLASSES))
+    model = make_model(job["model"], input_shape=(size_px, size_px, 3), num_classes=len(CLASSES),
+                       input_norm=job.get("input_norm", "none"))
     if job.get("resume_weights"):
         model.load_weights(job["resume_weights"])
     lr = job["learning_rate"] * size
@@ -228,12 +229,25 @@ def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | 
     return None
 
 
+def check_input_norm(value: str) -> str:
+    """``train.input_norm``, checked here on the driver (before any rank starts).
+
+    Raises:
+        ValueError: not one of ``models.INPUT_NORMS`` (names the key and the value).
+    """
+    from covid_spark.models import INPUT_NORMS
+
+    if value not in INPUT_NORMS:
+        raise ValueError(f"config key 'train.input_norm' must be one of {', '.join(INPUT_NORMS)}, found {value!r}")
+    return value
+
+
 def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, checkpoint_dir: str) -> dict:
     """The plain dict each rank's ``train_fn`` receives, from the ``train`` config and the dataset summary.
 
     Raises:
-        ValueError: ``train.gradient_compression`` is neither ``none`` nor ``fp16``, or a ``train.augment``
-            value is not a number in its range.
+        ValueError: ``train.gradient_compression`` is neither ``none`` nor ``fp16``, ``train.input_norm`` is
+            unknown, or a ``train.augment`` value is not a number in its range.
     """
     if cfg["gradient_compression"] not in ("none", "fp16"):
         raise ValueError(f"config key 'train.gradient_compression' must be 'none' or 'fp16', "
@@ -247,6 +261,7 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
         "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
         "val_rows": summary["per_split"].get("val", 0), "val_row_groups": summary["row_groups"].get("val", 0),
         "checkpoint_dir": checkpoint_dir, "compression": cfg["gradient_compression"],
+        "input_norm": check_input_norm(cfg.get("input_norm", "none")),
     }
 
 

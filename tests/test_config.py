@@ -65,6 +65,11 @@ def test_make_job_passes_gradient_compression_and_refuses_unknown_ones():
     cfg["gradient_compression"] = "int8"
     with pytest.raises(ValueError, match="train.gradient_compression.*'int8'"):
         make_job(cfg, summary, "/tmp/ds", 2, 1, "/tmp/ckpt")
+    assert make_job(override(load_config(), "train", {"input_norm": "equalize"})["train"], summary, "/tmp/ds",
+                    2, 1, "/tmp/ckpt")["input_norm"] == "equalize"
+    cfg = override(load_config(), "train", {"input_norm": "clahe"})["train"]
+    with pytest.raises(ValueError, match="train.input_norm.*'clahe'"):
+        make_job(cfg, summary, "/tmp/ds", 2, 1, "/tmp/ckpt")
 
 
 def test_every_job_config_loads_and_xl_trains_five_epochs():

@@ -1,3 +1,6 @@
+import os
+
+import numpy as np
 import pytest
 
 from covid_spark.models import ORIGINAL_FILTERS, make_model
@@ -29,3 +32,37 @@ def test_compact_model_shapes_and_grad_cam_layer():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown model 'resnet'.*compact.*original"):
         make_model("resnet")
+
+
+def _equalize_numpy(grey: np.ndarray) -> np.ndarray:
+    """Textbook histogram equalisation of one uint8 image, written independently of the layer."""
+    values, counts = np.unique(grey, return_counts=True)
+    cdf = np.cumsum(counts)
+    lookup = np.zeros(256)
+    lookup[values] = (cdf - cdf[0]) / max(grey.size - cdf[0], 1) * 255.0
+    return lookup[grey]
+
+
+def test_histogram_equalization_layer_matches_the_textbook_and_survives_saving(tmp_path):
+    from covid_spark.evaluate import load_model  # loads our layer without custom_objects
+    from covid_spark.layers import HistogramEqualization
+
+    rng = np.random.default_rng(1)
+    grey = rng.integers(40, 120, (3, 20, 24)).astype(np.uint8)     # a low-contrast image uses 0..255 after
+    grey[2] = 77                                                  # a constant image becomes black
+    images = np.repeat(grey[..., None], 3, axis=-1).astype("float32")
+    out = HistogramEqualization()(images).numpy()
+    assert out.shape == images.shape and np.all(out[..., 0] == out[..., 2])
+    for i in range(3):
+        np.testing.assert_allclose(out[i, ..., 0], _equalize_numpy(grey[i]), atol=1e-3)
+    assert out[0].min() == 0 and out[0].max() == pytest.approx(255) and not out[2].any()
+
+    model = make_model("compact", (32, 32, 3), input_norm="equalize")
+    assert model.layers[1].name == "equalize"
+    os.makedirs(tmp_path / "m")
+    model.save(str(tmp_path / "m" / "model.keras"))
+    batch = rng.integers(0, 255, (2, 32, 32, 3)).astype("float32")
+    again = load_model(str(tmp_path / "m"))
+    np.testing.assert_allclose(again(batch, training=False).numpy(), model(batch, training=False).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="train.input_norm.*'clahe'"):
+        make_model("compact", (32, 32, 3), input_norm="clahe")

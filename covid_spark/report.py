@@ -287,16 +287,32 @@ def _overall_rows(metrics: Mapping) -> list[list[str]]:
     return rows
 
 
-def _per_source_table(per_source: Mapping[str, Mapping], classes: Sequence[str]) -> str:
-    header = ["source", "images", "accuracy", "macro-F1"] + [f"{c} recall (support)" for c in classes]
+def _group_rows(groups: Mapping[str, Mapping], classes: Sequence[str],
+                first: str = "source") -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a table with one row per group of test images (source, input, ...)."""
+    header = [first, "images", "accuracy", "macro-F1"] + [f"{c} recall (support)" for c in classes]
     rows = []
-    for source, m in per_source.items():
-        row = [source, _fmt(m.get("n")), _fmt(m.get("accuracy")), _fmt(m.get("macro_f1"))]
+    for group, m in groups.items():
+        row = [group, _fmt(m.get("n")), _fmt(m.get("accuracy")), _fmt_ci(m.get("macro_f1"), (m.get("ci95") or {}).get("macro_f1"))]
         for c in classes:
             pc = (m.get("per_class") or {}).get(c) or {}
             row.append(f"{_fmt(pc.get('recall'))} ({_fmt(pc.get('support'))})")
         rows.append(row)
-    return _html_table(header, rows)
+    return header, rows
+
+
+def _parts(metrics: Mapping) -> dict[str, Mapping]:
+    """The evaluation's parts beside the sources: each input of a several-input dataset, and the
+    images with a patient id (split per patient) where only some have one."""
+    parts = {f"input {name}": m for name, m in (metrics.get("per_input") or {}).items()}
+    if metrics.get("patient_wise"):
+        wise = metrics["patient_wise"]
+        parts[f"images with a patient id ({', '.join(wise.get('sources') or [])})"] = wise
+    return parts
+
+
+def _per_source_table(per_source: Mapping[str, Mapping], classes: Sequence[str]) -> str:
+    return _html_table(*_group_rows(per_source, classes))
 
 
 def _is_scalar(v: Any) -> bool:
@@ -466,6 +482,9 @@ def write_html_report(
         body.append("<h3>Per source</h3>")
         body.append(f'<p class="note">{_md_bold_to_html(source_confounding(dataset_summary, classes))}</p>')
         body.append(_per_source_table(metrics["per_source"], classes))
+    if _parts(metrics):
+        body.append("<h3>Per input, and the part split per patient</h3>")
+        body.append(_html_table(*_group_rows(_parts(metrics), classes, first="part")))
 
     if figures:
         body.append("<h2>Figures</h2>")
@@ -852,14 +871,10 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
                 f"intervals over test images ({ci.get('n_boot', '?')} resamples).", ""]
     if metrics.get("per_source"):
         out += ["### Per source", ""]
-        src_header = ["source", "images", "accuracy", "macro-F1"] + [f"{c} recall (support)" for c in classes]
-        src_rows = []
-        for source, m in metrics["per_source"].items():
-            pcs = m.get("per_class") or {}
-            src_rows.append([source, _fmt(m.get("n")), _fmt(m.get("accuracy")), _fmt(m.get("macro_f1"))]
-                            + [f"{_fmt((pcs.get(c) or {}).get('recall'))} ({_fmt((pcs.get(c) or {}).get('support'))})"
-                               for c in classes])
-        out += _md_table(src_header, src_rows)
+        out += _md_table(*_group_rows(metrics["per_source"], classes))
+    if _parts(metrics):
+        out += ["### Per input, and the part split per patient", ""]
+        out += _md_table(*_group_rows(_parts(metrics), classes, first="part"))
 
     out += ["## Intended use", "",
             "**Research only — not a diagnostic device.** This model is for studying distributed training "

@@ -310,3 +310,24 @@ def test_html_report_limitations_follow_the_data(tmp_path):
     assert "<strong>Source/label confounding.</strong>" in text
     assert "95.2% of kermany&#x27;s images are pneumonia" in text
     assert "ieee8023" not in text and "kaggle3way" not in text
+
+
+def test_card_and_report_give_each_input_and_the_patient_wise_part(tmp_path):
+    y, probs = _case()
+    metrics = _xl_metrics()
+    first = np.arange(len(y)) < 30
+    metrics["per_input"] = {"cxr3": M.classification_metrics(y[first], probs[first], CLASSES),
+                            "cxr-xl": M.classification_metrics(y[~first], probs[~first], CLASSES)}
+    metrics["per_input"]["cxr3"]["ci95"] = {"macro_f1": [0.25, 0.75]}
+    metrics["patient_wise"] = dict(M.classification_metrics(y[~first], probs[~first], CLASSES),
+                                   sources=["hannover", "kermany", "nih"])
+    text = _card(tmp_path, metrics, XL_SUMMARY)
+    cxr3 = next(line for line in text.splitlines() if line.startswith("| input cxr3 |"))
+    assert cxr3.startswith(f"| input cxr3 | 30 | {metrics['per_input']['cxr3']['accuracy']:.3f} | ")
+    assert f"{metrics['per_input']['cxr3']['macro_f1']:.3f} [0.250, 0.750]" in cxr3
+    assert f"| images with a patient id (hannover, kermany, nih) | {len(y) - 30} |" in text
+    html = tmp_path / "r.html"
+    R.write_html_report(str(html), title="t", metrics=metrics, figures={}, dataset_summary=XL_SUMMARY,
+                        config={}, versions={})
+    assert "Per input, and the part split per patient" in html.read_text(encoding="utf-8")
+    assert "Per input" not in _card(tmp_path, _xl_metrics(), XL_SUMMARY, name="plain.md")

@@ -15,7 +15,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo demo-xl preprocess train predict loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
+.PHONY: setup demo demo-xl preprocess train evaluate predict loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -47,6 +47,13 @@ train: setup
 	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make train: set DATASET=… and MODEL_DIR=…"; exit 2; }
 	$(SPARK_SUBMIT) jobs/train.py --dataset $(DATASET) --model-dir $(MODEL_DIR) \
 	  $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+# make evaluate DATASET=… MODEL_DIR=… [SPLIT=test|val|all] [EXCLUDE=<dataset>] [OUT=<metrics file>]
+# EXCLUDE drops the near-copies of that dataset's train and val images (scoring a model on another collection).
+evaluate: setup
+	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make evaluate: set DATASET=… and MODEL_DIR=…"; exit 2; }
+	$(SPARK_SUBMIT) jobs/evaluate.py --dataset $(DATASET) --model-dir $(MODEL_DIR) $(if $(CONFIG),--config $(CONFIG)) \
+	  $(if $(SPLIT),--split $(SPLIT)) $(if $(EXCLUDE),--exclude-near-copies-of $(EXCLUDE)) $(if $(OUT),--output $(OUT))
 
 predict: setup
 	@test -n "$(MODEL_DIR)" -a -n "$(OUT)" || { echo "make predict: set MODEL_DIR=… and OUT=….csv|.parquet"; exit 2; }

@@ -103,3 +103,6 @@ def test_make_targets_pass_inputs_config_and_epochs():
     assert "--config conf/demo.yaml" in _make_dry_run("loso", "RUN_ID=t")
     train = _make_dry_run("train", "DATASET=ds", "MODEL_DIR=m", "CONFIG=conf/xl.yaml")
     assert "--dataset ds --model-dir m" in train and "--config conf/xl.yaml" in train
+    ev = " ".join(_make_dry_run("evaluate", "DATASET=ds", "MODEL_DIR=m", "SPLIT=all", "EXCLUDE=other",
+                                "OUT=x.json").split())
+    assert "jobs/evaluate.py --dataset ds --model-dir m --split all --exclude-near-copies-of other --output x.json" in ev

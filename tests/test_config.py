@@ -104,5 +104,5 @@ def test_make_targets_pass_inputs_config_and_epochs():
     train = _make_dry_run("train", "DATASET=ds", "MODEL_DIR=m", "CONFIG=conf/xl.yaml")
     assert "--dataset ds --model-dir m" in train and "--config conf/xl.yaml" in train
     ev = " ".join(_make_dry_run("evaluate", "DATASET=ds", "MODEL_DIR=m", "SPLIT=all", "EXCLUDE=other",
-                                "OUT=x.json").split())
+                                "OUT=x.json").replace("\\\n", " ").split())
     assert "jobs/evaluate.py --dataset ds --model-dir m --split all --exclude-near-copies-of other --output x.json" in ev

@@ -37,16 +37,18 @@ demo-xl: setup
 #   make preprocess DATA="dir [dir ...]" OUT=runs/<name>/dataset
 #   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1]
 #   make predict DATA="dir [dir ...]" MODEL_DIR=runs/<name>/model OUT=runs/<name>/predictions.parquet
+# An existing OUT / MODEL_DIR is refused, as by every job; OVERWRITE=1 passes --overwrite to replace it.
 # MEASURE=1 runs the job under python -m bench.treemem (wall time and peak memory of its process tree).
 SPARK_SUBMIT = $(if $(MEASURE),$(PY) -m bench.treemem) spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf
 preprocess: setup
 	@test -n "$(OUT)" || { echo "make preprocess: set OUT=runs/<name>/dataset"; exit 2; }
-	$(SPARK_SUBMIT) jobs/preprocess.py $(INPUTS) --output $(OUT)
+	$(SPARK_SUBMIT) jobs/preprocess.py $(INPUTS) --output $(OUT) $(if $(OVERWRITE),--overwrite)
 
 train: setup
 	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make train: set DATASET=… and MODEL_DIR=…"; exit 2; }
 	$(SPARK_SUBMIT) jobs/train.py --dataset $(DATASET) --model-dir $(MODEL_DIR) \
-	  $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS))
+	  $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+	  $(if $(OVERWRITE),--overwrite)
 
 # make evaluate DATASET=… MODEL_DIR=… [SPLIT=test|val|all] [EXCLUDE=<dataset>] [OUT=<metrics file>]
 # EXCLUDE drops the near-copies of that dataset's train and val images (scoring a model on another collection).
@@ -57,7 +59,7 @@ evaluate: setup
 
 predict: setup
 	@test -n "$(MODEL_DIR)" -a -n "$(OUT)" || { echo "make predict: set MODEL_DIR=… and OUT=….csv|.parquet"; exit 2; }
-	$(SPARK_SUBMIT) jobs/predict.py $(INPUTS) --model-dir $(MODEL_DIR) --output $(OUT)
+	$(SPARK_SUBMIT) jobs/predict.py $(INPUTS) --model-dir $(MODEL_DIR) --output $(OUT) $(if $(OVERWRITE),--overwrite)
 
 # Leave-one-source-out shortcut check: train without SOURCE, test on all of SOURCE.
 # On cxr-xl: make loso DATA=../shared/data/cxr-xl SOURCE=nih CONFIG=conf/xl.yaml EPOCHS=1
@@ -69,12 +71,13 @@ loso: setup
 
 # Patient-grouped 5-fold cross-validation over train + val of a preprocessed dataset (the test split is
 # never read), to choose a model: make cv DATASET=runs/<run>/dataset [MODEL=compact] [TRANSFORM=equalize]
-# [COMPARE=runs/cv-….json]. Writes runs/cv-<model>[-<transform>].json.
+# [COMPARE=runs/cv-….json] [OVERWRITE=1]. Writes runs/cv-<model>[-<transform>].json (jobs/crossval.py: one
+# process, no Spark); an existing one is refused unless OVERWRITE=1.
 cv: setup
 	@test -n "$(DATASET)" || { echo "make cv: set DATASET=runs/<run>/dataset (written by make demo)"; exit 2; }
-	$(PY) -m covid_spark.crossval --dataset $(DATASET) --config conf/demo.yaml $(if $(MODEL),--model $(MODEL)) \
+	$(PY) jobs/crossval.py --dataset $(DATASET) --config conf/demo.yaml $(if $(MODEL),--model $(MODEL)) \
 	  $(if $(TRANSFORM),--transform $(TRANSFORM)) $(if $(COMPARE),--compare $(COMPARE)) \
-	  --output runs/cv-$(or $(MODEL),default)$(if $(TRANSFORM),-$(TRANSFORM)).json
+	  --output runs/cv-$(or $(MODEL),default)$(if $(TRANSFORM),-$(TRANSFORM)).json $(if $(OVERWRITE),--overwrite)
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)

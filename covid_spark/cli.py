@@ -1,13 +1,83 @@
-"""Options every job takes, and the SparkSession built from them."""
+"""What every job shares: its options, its SparkSession, its logging, and how it fails.
+
+A job's ``main(argv)`` is wrapped in :func:`job_main`: an expected user error (bad arguments or
+input, see ``USER_ERRORS``) ends the job with exit status 2 and ONE line on stderr,
+``<job>: <message>``; anything else is a bug and keeps its traceback. Set ``COVID_SPARK_TRACEBACK=1``
+to see the traceback of a user error too.
+"""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
-from typing import Sequence
+import traceback
+from typing import Callable, Sequence
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+logger = logging.getLogger(__name__)
+
+
+class JobError(ValueError):
+    """A user error a job detects itself (bad arguments or input); reported as one line, exit 2."""
+
+
+# Errors a job reports as ``<job>: <message>`` with exit status 2: the user's arguments or input are
+# wrong (missing or existing paths, bad values). argparse's own errors already exit 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               PermissionError)
+TRACEBACK_ENV = "COVID_SPARK_TRACEBACK"
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line; an OS error from ``open()`` and the like as ``<path>: <reason>``."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def fail(job: str, message: str, error: BaseException | None = None) -> int:
+    """Print ``<job>: <message>`` as one line on stderr and return exit status 2.
+
+    ``error``'s traceback goes to the log at DEBUG, and to stderr when ``COVID_SPARK_TRACEBACK`` is set.
+    """
+    if error is not None:
+        logger.debug("%s: %s", job, message, exc_info=error)
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    print(f"{job}: {message}", file=sys.stderr)
+    return 2
+
+
+def job_main(job: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorate a job's ``main(argv)``: a ``USER_ERRORS`` error becomes :func:`fail` (exit status 2).
+
+    The job's own ``finally`` blocks (stopping its SparkSession) run before the error is reported.
+    """
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: Sequence[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except USER_ERRORS as error:
+                return fail(job, one_line(error), error)
+        return run
+    return decorate
+
+
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    """Add --config (a YAML job config) to ``parser``."""
+    parser.add_argument("--config", default=None,
+                        help="YAML job config overriding the packaged defaults (see conf/)")
+
+
+def add_overwrite_arg(parser, what: str = "an existing --output"):
+    """Add --overwrite (the only way any job replaces an output that exists) to ``parser``."""
+    return parser.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 
 
 def add_spark_args(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +86,7 @@ def add_spark_args(parser: argparse.ArgumentParser) -> None:
                         help="Spark master URL; unset lets spark-submit (or Spark's default) decide")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Spark setting, repeatable; split on the first '='")
-    parser.add_argument("--config", default=None,
-                        help="YAML job config overriding the packaged defaults (see conf/)")
+    add_config_arg(parser)
 
 
 def parse_conf(pairs: Sequence[str]) -> dict[str, str]:
@@ -43,10 +112,12 @@ def build_spark(args: argparse.Namespace, app_name: str):
     """Return ``(spark, owned)``: the active session if there is one, else a new one.
 
     ``owned`` tells the caller whether it must stop the session. Never sets
-    ``spark.master`` unless --master was given explicitly.
+    ``spark.master`` unless --master was given explicitly. A bad --conf is refused (ValueError)
+    even when there is an active session.
     """
     from pyspark.sql import SparkSession
 
+    conf = parse_conf(args.conf)
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
@@ -55,7 +126,7 @@ def build_spark(args: argparse.Namespace, app_name: str):
         builder = builder.master(args.master)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = builder.config("spark.ui.showConsoleProgress", "true")
-    for key, value in parse_conf(args.conf).items():
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

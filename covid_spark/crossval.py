@@ -15,8 +15,10 @@ initialisation and shuffling with ``i``; the augmentation of batch ``b`` with (`
 themselves are fixed (``StratifiedGroupKFold`` with random state 0), so two models compared by this
 command are scored on the same folds.
 
-    python -m covid_spark.crossval --dataset runs/<run>/dataset --model efficientnet_lite0 \\
+    python jobs/crossval.py --dataset runs/<run>/dataset --model efficientnet_lite0 \\
         --output runs/cv-efficientnet_lite0.json [--compare runs/cv-compact.json]
+
+(``make cv`` runs it; ``jobs/crossval.py`` is the command line, this module the functions.)
 
 The output holds the out-of-fold probabilities (with path, label, source, patient id and fold of each
 image), the pooled metrics (``classification_metrics``), ``per_source`` and ``ci95``, and per-fold
@@ -26,17 +28,15 @@ images.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import math
-import os
-import sys
 import time
 
 import numpy as np
 
-from covid_spark.config import CLASSES, load_config, override
-from covid_spark.storage import atomic_write_json
+from covid_spark.config import CLASSES
+from covid_spark.storage import atomic_write_json, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -134,21 +134,46 @@ def paired_difference(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> di
 
 
 def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, transform: str = "none",
-                   compare: str | None = None) -> dict:
-    """Run the cross-validation described in the module docstring; write and return its results."""
-    import json
+                   compare: str | None = None, overwrite: bool = False) -> dict:
+    """Run the cross-validation described in the module docstring; write and return its results.
 
+    Raises (before any training):
+        FileExistsError: ``output`` exists and ``overwrite`` is false.
+        FileNotFoundError: no dataset summary, or no ``compare`` file.
+        ValueError: fewer than 2 folds, unknown model or transform, unreadable ``compare`` file,
+            or fewer patients than folds.
+    """
     from covid_spark.data import load_split
     from covid_spark.metrics import bootstrap_ci, classification_metrics, metrics_by_group
-    from covid_spark.train import git_commit
+    from covid_spark.preprocess import read_summary
+    from covid_spark.train import check_model, git_commit
 
     cfg = config["train"]
+    if folds < 2:
+        raise ValueError(f"--folds must be at least 2, found {folds}")
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; choose from {', '.join(TRANSFORMS)}")
+    check_model(cfg["model"])
+    refuse_existing(output, overwrite)
+    against = None
+    if compare:  # read now, not after hours of training
+        with open(compare, encoding="utf-8") as handle:
+            try:
+                against = json.load(handle)
+            except ValueError as err:
+                raise ValueError(f"--compare {compare} is not JSON: {err}") from err
+        if not isinstance(against, dict) or not isinstance(against.get("predictions"), dict):
+            raise ValueError(f"--compare {compare} is not a complete output of jobs/crossval.py (no 'predictions')")
+    read_summary(None, dataset)  # names the dataset when it is not one
     parts = [load_split(dataset, split, fields=("image", "label", "source", "patient_id")) for split in ("train", "val")]
     pooled = {key: np.concatenate([p[key] for p in parts]) for key in ("image", "label", "source", "patient_id", "path")}
     if len(pooled["label"]) == 0:
         raise ValueError(f"{dataset}: the train and val splits are empty; nothing to cross-validate")
-    images = transform_images(pooled["image"], transform)
     labels = pooled["label"].astype(int)
+    if against is not None and ([str(p) for p in pooled["path"]] != against["predictions"].get("path")
+                                or labels.tolist() != against["predictions"].get("label")):
+        raise ValueError(f"--compare {compare} does not hold the same images and labels as {dataset}'s train + val")
+    images = transform_images(pooled["image"], transform)
     fold_of = grouped_folds(labels, pooled["patient_id"], folds)
     probs = np.full((len(labels), len(CLASSES)), np.nan, dtype=np.float32)
     result = {"dataset": dataset, "model": cfg["model"], "folds": folds, "transform": transform,
@@ -174,50 +199,7 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
                              "source": sources.tolist(), "patient_id": [str(p) for p in pooled["patient_id"]],
                              "fold": fold_of.tolist(), "probs": np.round(probs, 6).tolist()}
     result["complete"] = True
-    if compare:
-        with open(compare, encoding="utf-8") as handle:
-            result["compare"] = paired_difference(result, json.load(handle))
+    if against is not None:
+        result["compare"] = paired_difference(result, against)
     atomic_write_json(output, result)
     return result
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="a dataset written by jobs/preprocess.py")
-    parser.add_argument("--output", required=True, help="JSON file to write (atomically)")
-    parser.add_argument("--config", default=None, help="job config YAML (default: the packaged defaults)")
-    parser.add_argument("--model", default=None, help="model name (default: the config's train.model)")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--transform", choices=TRANSFORMS, default="none", help="input variant to compare")
-    parser.add_argument("--compare", default=None, help="another output of this command, on the same dataset")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if args.folds < 2:
-        print("crossval: --folds must be at least 2", file=sys.stderr)
-        return 2
-    config = override(load_config(args.config, model=args.model), "train", {"model": args.model, "epochs": args.epochs})
-    try:
-        result = cross_validate(args.dataset, config, args.output, args.folds, args.transform, args.compare)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"crossval: {err}", file=sys.stderr)
-        return 2
-    def two(x):
-        return "n/a" if x is None else f"{x:.2f}"
-
-    per_class = ", ".join(f"{c} P {two(v['precision'])} R {two(v['recall'])}" for c, v in result["per_class"].items())
-    print(f"{result['label_of_run']}: {args.folds}-fold macro-F1 {result['macro_f1']:.3f} "
-          f"{[round(x, 3) for x in result['ci95']['macro_f1']]}, accuracy {result['accuracy']:.3f}; {per_class}")
-    if "compare" in result:
-        c = result["compare"]
-        print(f"difference against {c['against']}: {c['macro_f1_difference']:+.3f} {[round(x, 3) for x in c['ci95']]}")
-    print(f"written: {os.path.abspath(args.output)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

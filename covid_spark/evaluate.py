@@ -8,7 +8,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from covid_spark.config import CLASSES
-from covid_spark.storage import atomic_write_json
+from covid_spark.storage import atomic_write_json, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -19,13 +19,13 @@ def load_model(model_dir: str):
     Raises:
         FileNotFoundError: no model there (names the path).
     """
+    path = os.path.join(model_dir, "model.keras")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: train a model into {model_dir} first (jobs/train.py)")
     import tensorflow as tf
 
     import covid_spark.layers  # noqa: F401  (registers our layers for loading)
 
-    path = os.path.join(model_dir, "model.keras")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: train a model into {model_dir} first (jobs/train.py)")
     return tf.keras.models.load_model(path, compile=False)
 
 
@@ -152,7 +152,7 @@ def metrics_path(model_dir: str, split: str) -> str:
 
 
 def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
-             exclude_near_copies_of: str | None = None, output: str | None = None) -> dict:
+             exclude_near_copies_of: str | None = None, output: str | None = None, overwrite: bool = False) -> dict:
     """Score ``split`` of ``dataset`` with the model in ``model_dir``; write and return the metrics.
 
     The split (and val, for the temperature) is streamed batch by batch: memory holds one batch of
@@ -171,17 +171,22 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
     not this model's); ``exclude_near_copies_of`` (a dataset, usually the model's own) drops every
     image within ``preprocess.duplicate_distance`` bits of an image of that dataset's train or val
     split, and records per class how many were dropped and kept (``near_copies``). ``output``
-    replaces the default file (``metrics.json`` for test, ``metrics_<split>.json`` otherwise).
+    replaces the default file (``metrics.json`` for test, ``metrics_<split>.json`` otherwise); an
+    existing one is refused unless ``overwrite`` (checked before any work).
 
     Raises:
         ValueError: the split is empty or missing, image size and model disagree, or every image
             is a near-copy.
+        FileExistsError: the metrics file exists and ``overwrite`` is false.
+        FileNotFoundError: no dataset summary or no model.
     """
     from covid_spark.metrics import (bootstrap_ci, classification_metrics, expected_calibration_error,
                                      fit_temperature, metrics_by_group, softmax)
     from covid_spark.preprocess import read_summary
     from covid_spark.splits import SPLITS
 
+    output = output or metrics_path(model_dir, split)
+    refuse_existing(output, overwrite)
     summary = read_summary(None, dataset)
     splits = [s for s in SPLITS if summary["per_split"].get(s, 0)] if split == "all" else [split]
     if not splits or summary["per_split"].get(splits[0], 0) == 0:
@@ -237,5 +242,5 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
         "path": [str(p) for p in data["path"]], "label": y.tolist(),
         "probs": np.round(probs, 6).tolist(), "source": sources.tolist(),
     }
-    atomic_write_json(output or metrics_path(model_dir, split), metrics)
+    atomic_write_json(output, metrics)
     return metrics

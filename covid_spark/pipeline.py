@@ -119,7 +119,7 @@ def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, conf
     results = {
         "preprocess": stage("preprocess", do_preprocess),
         "train": stage("train", do_train),
-        "evaluate": stage("evaluate", lambda: evaluate(dataset, run_dir, config, "test") and "ran"),
+        "evaluate": stage("evaluate", lambda: evaluate(dataset, run_dir, config, "test", overwrite=True) and "ran"),
         "report": stage("report", lambda: build_report(run_dir, dataset, config)),
     }
     return {"run_dir": run_dir, "dataset": dataset, "stages": results, "timings": timings}

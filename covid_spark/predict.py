@@ -9,6 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 from covid_spark.config import CLASSES
 from covid_spark.sources import discover
+from covid_spark.storage import refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def partition_count(files: int, parallelism: int, files_per_partition: int = 200
 
 
 def predict(spark, input_locations: str | Sequence[str], model_dir: str, output: str, config: dict,
-            batch_size: int = 32, overwrite: bool = True, explain_dir: str | None = None) -> dict:
+            batch_size: int = 32, overwrite: bool = False, explain_dir: str | None = None) -> dict:
     """Score every file at ``input_locations`` (one location or a list); one output row per input file.
 
     Rows are sorted by path and streamed: files are sorted before they are distributed, partitions
@@ -248,8 +249,7 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
     started = time.time()
     if not output.lower().endswith((".csv", ".parquet")):
         raise ValueError(f"--output {output} must end in .csv or .parquet")
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"output {output} already exists; pass --overwrite")
+    refuse_existing(output, overwrite)
     model_path = os.path.join(model_dir, "model.keras")
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"{model_path} not found: train a model into {model_dir} first")

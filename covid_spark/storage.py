@@ -13,6 +13,18 @@ def to_url(location: str) -> str:
     return location if "://" in location else "file://" + os.path.abspath(location)
 
 
+def exists_error(path: str, alternative: str = "") -> FileExistsError:
+    """The one message every job gives for an output that exists: ``<path> already exists: pass --overwrite
+    to replace it`` (``alternative`` appends another way out, e.g. `` or --resume …``)."""
+    return FileExistsError(f"{path.removeprefix('file://')} already exists: pass --overwrite to replace it{alternative}")
+
+
+def refuse_existing(path: str, overwrite: bool) -> None:
+    """Raise :func:`exists_error` when the local file or folder ``path`` exists and ``overwrite`` is false."""
+    if not overwrite and os.path.lexists(path):
+        raise exists_error(path)
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write a local file through a temporary sibling and a rename (creating its folder)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -88,7 +100,7 @@ def atomic_directory(spark, url: str, overwrite: bool) -> Iterator[str]:
     url = url.rstrip("/")
     fs = HadoopFS(spark, url)
     if fs.exists(url) and not overwrite:
-        raise FileExistsError(f"output {url} already exists; pass --overwrite to replace it")
+        raise exists_error(url)
     tag = uuid.uuid4().hex[:8]
     tmp, old = f"{url}.tmp-{tag}", f"{url}.old-{tag}"
     try:

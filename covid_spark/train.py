@@ -14,7 +14,7 @@ import time
 from covid_spark.config import CLASSES
 from covid_spark.data import check_augment
 from covid_spark.preprocess import read_summary
-from covid_spark.storage import atomic_write_json, to_url
+from covid_spark.storage import atomic_write_json, exists_error, to_url
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +219,26 @@ def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | 
             with open(state_path, encoding="utf-8") as handle:
                 return json.load(handle)
         if not overwrite:
-            raise FileExistsError(f"model dir {model_dir} already exists; pass --overwrite to replace "
-                                  f"it or --resume to continue from its last checkpoint")
+            raise exists_error(model_dir, " or --resume to continue from its last checkpoint")
         for name in ARTEFACTS:
             if os.path.exists(os.path.join(model_dir, name)):
                 os.remove(os.path.join(model_dir, name))
         shutil.rmtree(ckpt, ignore_errors=True)
     os.makedirs(model_dir, exist_ok=True)
     return None
+
+
+def check_model(value: str) -> str:
+    """``train.model``, checked on the driver before any work (a flag or a config file may name it).
+
+    Raises:
+        ValueError: not one of ``models.MODELS`` (names the key and the value).
+    """
+    from covid_spark.models import MODELS
+
+    if value not in MODELS:
+        raise ValueError(f"config key 'train.model' must be one of {', '.join(sorted(MODELS))}, found {value!r}")
+    return value
 
 
 def check_input_norm(value: str) -> str:
@@ -279,6 +291,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
 
     started = time.time()
     cfg = config["train"]
+    check_model(cfg["model"])
     summary = read_summary(spark, dataset)
     num_proc = int(cfg["num_proc"])
     if summary.get("classes") != list(CLASSES):

@@ -1,10 +1,10 @@
-"""spark-submit jobs/evaluate.py --dataset URL --model-dir DIR [--split test]"""
+"""spark-submit jobs/evaluate.py --dataset URL --model-dir DIR [--split test] [--output FILE] [--overwrite]"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config
 from covid_spark.evaluate import evaluate, metrics_path
 from covid_spark.metrics import format_table
@@ -12,8 +12,8 @@ from covid_spark.metrics import format_table
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Score a trained model on one split of a dataset.")
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--dataset", required=True, help="dataset written by jobs/preprocess.py")
+    parser.add_argument("--model-dir", required=True, help="model dir written by jobs/train.py")
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
                         help="all: every split (to score a model on another dataset)")
     parser.add_argument("--exclude-near-copies-of", metavar="DATASET",
@@ -21,10 +21,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "dataset's train or val split (the model's own dataset), and count them per class")
     parser.add_argument("--output", help="metrics file (default: <model-dir>/metrics.json for test, "
                                          "metrics_<split>.json otherwise); use one when scoring another dataset")
+    add_overwrite_arg(parser, "an existing metrics file")
     add_spark_args(parser)
     return parser.parse_args(argv)
 
 
+@job_main("evaluate")
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
@@ -32,7 +34,8 @@ def main(argv=None) -> int:
     spark, owned = build_spark(args, "covid-spark evaluate")
     try:
         metrics = evaluate(args.dataset, args.model_dir, config, split=args.split,
-                           exclude_near_copies_of=args.exclude_near_copies_of, output=args.output)
+                           exclude_near_copies_of=args.exclude_near_copies_of, output=args.output,
+                           overwrite=args.overwrite)
     finally:
         if owned:
             spark.stop()

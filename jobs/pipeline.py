@@ -2,7 +2,8 @@
 
 Runs preprocess → train → evaluate → report into one run directory. Safe to rerun: unchanged
 inputs are not preprocessed again, a finished model is not retrained, an interrupted training
-resumes from its checkpoint. Exits 2 naming the stage that failed.
+resumes from its checkpoint. Exits 2 naming the stage that failed (with the traceback in the log
+when the stage failed on something other than bad input), or naming the bad argument or input.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import logging
 import os
 import sys
 
-from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.cli import USER_ERRORS, add_spark_args, build_spark, fail, job_main, one_line, setup_logging
 from covid_spark.config import load_config, override
 from covid_spark.metrics import format_table
+from covid_spark.models import MODELS
 from covid_spark.pipeline import STAGES, StageFailed, run_pipeline
+from covid_spark.train import check_model
 
 logger = logging.getLogger("covid_spark.jobs.pipeline")
 
@@ -27,13 +30,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="e.g. runs/nightly-2026-11-26")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--holdout-source", help="leave-one-source-out check: train without this source, test on it")
-    parser.add_argument("--model", help="architecture (overrides the config's train.model)")
+    parser.add_argument("--model", choices=sorted(MODELS), help="architecture (overrides the config's train.model)")
     parser.add_argument("--epochs", type=int, help="overrides the config's train.epochs")
     parser.add_argument("--force", action="store_true", help="rerun every stage even if its inputs did not change")
     add_spark_args(parser)
     return parser.parse_args(argv)
 
 
+@job_main("pipeline")
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
@@ -44,13 +48,14 @@ def main(argv=None) -> int:
         return 2
     config = override(load_config(args.config, model=args.model), "preprocess", {"holdout_source": args.holdout_source})
     config = override(config, "train", {"model": args.model, "epochs": args.epochs})
+    check_model(config["train"]["model"])  # not only after preprocessing
     spark, owned = build_spark(args, "covid-spark pipeline")
     try:
         result = run_pipeline(spark, args.input, args.run_dir, config, force=args.force, stages=stages)
     except StageFailed as exc:
-        logger.error("pipeline: %s", exc, exc_info=exc.__cause__)
-        print(f"pipeline: FAILED at stage '{exc.stage}': {exc}", file=sys.stderr)
-        return 2
+        if not isinstance(exc.__cause__, USER_ERRORS):  # a bug, not bad input: keep its traceback
+            logger.error("pipeline: %s", exc, exc_info=exc.__cause__)
+        return fail("pipeline", f"FAILED at stage '{exc.stage}': {one_line(exc)}", exc.__cause__)
     finally:
         if owned:
             spark.stop()

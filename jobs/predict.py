@@ -1,10 +1,10 @@
-"""spark-submit jobs/predict.py --input DIR_OR_MANIFEST [--input ...] --model-dir DIR --output FILE.csv|FILE.parquet"""
+"""spark-submit jobs/predict.py --input DIR_OR_MANIFEST [--input ...] --model-dir DIR --output FILE.csv|FILE.parquet [--overwrite]"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config
 from covid_spark.predict import predict
 
@@ -13,17 +13,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Batch prediction over new images on Spark.")
     parser.add_argument("--input", action="append", required=True,
                         help="flat folder, folder per class, or manifest CSV; repeat to read several")
-    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--model-dir", required=True, help="model dir written by jobs/train.py")
     parser.add_argument("--output", required=True, help="FILE.csv or FILE.parquet: one row per input file")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--explain", metavar="DIR",
                         help="also write one Grad-CAM overlay PNG per readable image into DIR "
                              "(a path every executor can write)")
-    parser.add_argument("--no-overwrite", action="store_true", help="refuse to replace an existing --output")
+    add_overwrite_arg(parser)
+    # Refusing is the default now (as in every job); the old flag is accepted and does nothing.
+    parser.add_argument("--no-overwrite", action="store_true", help=argparse.SUPPRESS)
     add_spark_args(parser)
     return parser.parse_args(argv)
 
 
+@job_main("predict")
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
@@ -31,7 +34,7 @@ def main(argv=None) -> int:
     spark, owned = build_spark(args, "covid-spark predict")
     try:
         result = predict(spark, args.input, args.model_dir, args.output, config,
-                         batch_size=args.batch_size, overwrite=not args.no_overwrite,
+                         batch_size=args.batch_size, overwrite=args.overwrite and not args.no_overwrite,
                          explain_dir=args.explain)
     finally:
         if owned:

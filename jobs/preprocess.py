@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config, override
 from covid_spark.preprocess import preprocess
 
@@ -26,11 +26,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-unknown-classes", action="store_true", default=None,
                         help="skip folders/labels that name no class instead of failing")
     parser.add_argument("--holdout-source", help="leave-one-source-out: put every image of this source in test")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    add_overwrite_arg(parser)
     add_spark_args(parser)
     return parser.parse_args(argv)
 
 
+@job_main("preprocess")
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)

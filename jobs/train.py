@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from covid_spark.cli import add_spark_args, build_spark, setup_logging
+from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config, override
 from covid_spark.models import MODELS
 from covid_spark.train import run_training
@@ -23,12 +23,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: off)")
     parser.add_argument("--class-weights", choices=["balanced", "none"])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
+    add_overwrite_arg(group, "an existing --model-dir")
     group.add_argument("--resume", action="store_true", help="continue from the model dir's last checkpoint")
     add_spark_args(parser)
     return parser.parse_args(argv)
 
 
+@job_main("train")
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)

@@ -1,4 +1,5 @@
-"""Patient-grouped cross-validation (covid_spark.crossval): folds, input variants, comparison, a real run."""
+"""Patient-grouped cross-validation (covid_spark.crossval, jobs/crossval.py): folds, input variants, comparison,
+a real run."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from covid_spark import crossval
+from jobs import crossval as crossval_job
 
 
 def test_folds_keep_each_patient_together_and_stratify():
@@ -74,8 +76,8 @@ def test_paired_difference_is_zero_against_itself_and_refuses_other_images():
 
 
 def test_main_refuses_one_fold(capsys):
-    assert crossval.main(["--dataset", "x", "--output", "y.json", "--folds", "1"]) == 2
-    assert "--folds must be at least 2" in capsys.readouterr().err
+    assert crossval_job.main(["--dataset", "x", "--output", "y.json", "--folds", "1"]) == 2
+    assert capsys.readouterr().err == "crossval: --folds must be at least 2, found 1\n"
 
 
 @pytest.mark.slow
@@ -85,8 +87,8 @@ def test_cross_validation_on_the_pipeline_dataset(pipeline_run, tmp_path):
     from covid_spark.data import load_split
 
     out = str(tmp_path / "cv.json")
-    assert crossval.main(["--dataset", pipeline_run["dataset"], "--output", out, "--model", "compact",
-                          "--epochs", "1", "--folds", "2"]) == 0
+    assert crossval_job.main(["--dataset", pipeline_run["dataset"], "--output", out, "--model", "compact",
+                              "--epochs", "1", "--folds", "2"]) == 0
     with open(out, encoding="utf-8") as handle:
         result = json.load(handle)
     pooled = [load_split(pipeline_run["dataset"], s, fields=("label", "patient_id")) for s in ("train", "val")]

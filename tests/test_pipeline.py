@@ -142,17 +142,22 @@ def test_predict_one_row_per_input_including_bad(pipeline_run, tmp_path):
     assert "HTML" in by_name["page.jpg"]["error"]
 
 
-def test_resume_continues_from_checkpoint(pipeline_run, tmp_path):
+def test_resume_continues_from_checkpoint(pipeline_run, tmp_path, capsys):
+    import re
     import shutil
 
     model_dir = str(tmp_path / "resumed")
     shutil.copytree(pipeline_run["model_dir"], model_dir)
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
-                                            "--epochs", "3", "--batch-size", "4"])
-    with pytest.raises(ValueError, match="checkpoint of model 'compact'.*--model compact"):
-        pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
-                                            "--epochs", "3", "--batch-size", "4", "--resume", "--model", "original"])
+    assert pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
+                                               "--epochs", "3", "--batch-size", "4"]) == 2
+    assert capsys.readouterr().err == (f"train: {model_dir} already exists: pass --overwrite to replace it "
+                                       f"or --resume to continue from its last checkpoint\n")
+    assert pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
+                                               "--epochs", "3", "--batch-size", "4", "--resume",
+                                               "--model", "original"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train: --resume: ") and err.count("\n") == 1
+    assert re.search("checkpoint of model 'compact'.*--model compact", err)
     assert pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
                                                "--epochs", "3", "--batch-size", "4", "--resume",
                                                "--model", "compact"]) == 0

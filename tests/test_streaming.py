@@ -182,7 +182,7 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
         raise AssertionError("evaluate must not load a whole split")
 
     monkeypatch.setattr(data, "load_split", refuse)
-    metrics = evaluate.evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"])
+    metrics = evaluate.evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], overwrite=True)
     assert counting.calls and max(counting.calls) <= 32
     assert sum(counting.calls) == len(y) + len(val["label"])
 
@@ -222,7 +222,7 @@ def test_gradcam_gallery_reads_only_its_examples(tiny, model, monkeypatch, tmp_p
     from covid_spark.explain import grad_cam, overlay
     from covid_spark.run_report import gradcam_gallery, pick_examples
 
-    metrics = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"])
+    metrics = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], overwrite=True)
     whole = data.load_split(tiny["dataset"], "test", fields=("image",))
     requested = []
     streaming = data.iter_split_batches
@@ -330,8 +330,10 @@ def test_predict_refuses_to_overwrite_when_asked(spark, tiny, new_images, tmp_pa
 
     out = tmp_path / "pred.csv"
     out.write_text("old")
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists: pass --overwrite"):
         predict(spark, new_images["folder"], tiny["model_dir"], str(out), tiny["config"], overwrite=False)
+    with pytest.raises(FileExistsError, match="already exists: pass --overwrite"):
+        predict(spark, new_images["folder"], tiny["model_dir"], str(out), tiny["config"])  # the default
     assert out.read_text() == "old"
 
 

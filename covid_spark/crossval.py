@@ -203,3 +203,11 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
         result["compare"] = paired_difference(result, against)
     atomic_write_json(output, result)
     return result
+
+
+if __name__ == "__main__":  # the command line moved: fail loudly instead of doing nothing
+    import sys
+
+    print("covid_spark.crossval: the command line is now jobs/crossval.py (python jobs/crossval.py --help, "
+          "or make cv)", file=sys.stderr)
+    sys.exit(2)

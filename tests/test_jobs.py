@@ -304,6 +304,14 @@ def test_crossval_refuses_an_existing_output_and_unknown_models(tmp_path, capsys
     assert caught.value.code == 2 and "invalid choice: 'resnet'" in capsys.readouterr().err
 
 
+def test_the_old_crossval_command_points_to_the_job():
+    import sys
+
+    old = subprocess.run([sys.executable, "-m", "covid_spark.crossval", "--dataset", "d", "--output", "o.json"],
+                         capture_output=True, text=True)
+    assert old.returncode == 2 and "jobs/crossval.py" in old.stderr and old.stderr.count("\n") == 1
+
+
 def test_make_cv_runs_the_job():
     repo = os.path.join(os.path.dirname(__file__), "..")
     dry = subprocess.run(["make", "-n", "cv", "DATASET=ds", "MODEL=compact", "TRANSFORM=equalize", "OVERWRITE=1"],

@@ -50,12 +50,13 @@ train: setup
 	  $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
 	  $(if $(OVERWRITE),--overwrite)
 
-# make evaluate DATASET=… MODEL_DIR=… [SPLIT=test|val|all] [EXCLUDE=<dataset>] [OUT=<metrics file>]
+# make evaluate DATASET=… MODEL_DIR=… [SPLIT=test|val|all] [EXCLUDE=<dataset>] [OUT=<metrics file>] [OVERWRITE=1]
 # EXCLUDE drops the near-copies of that dataset's train and val images (scoring a model on another collection).
 evaluate: setup
 	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make evaluate: set DATASET=… and MODEL_DIR=…"; exit 2; }
 	$(SPARK_SUBMIT) jobs/evaluate.py --dataset $(DATASET) --model-dir $(MODEL_DIR) $(if $(CONFIG),--config $(CONFIG)) \
-	  $(if $(SPLIT),--split $(SPLIT)) $(if $(EXCLUDE),--exclude-near-copies-of $(EXCLUDE)) $(if $(OUT),--output $(OUT))
+	  $(if $(SPLIT),--split $(SPLIT)) $(if $(EXCLUDE),--exclude-near-copies-of $(EXCLUDE)) $(if $(OUT),--output $(OUT)) \
+	  $(if $(OVERWRITE),--overwrite)
 
 predict: setup
 	@test -n "$(MODEL_DIR)" -a -n "$(OUT)" || { echo "make predict: set MODEL_DIR=… and OUT=….csv|.parquet"; exit 2; }

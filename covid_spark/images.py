@@ -52,12 +52,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-)
 DEFAULT_MAX_PIXELS = 50_000_000
 
-_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 # Errors Pillow raises for bad data while parsing or decoding.
@@ -71,32 +67,6 @@ class ImageRejected(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def skip_reason(path: str) -> str | None:
-    """Return why a file should be skipped, judging by its path alone, or None to read it."""
-    parts = [p for p in re.split(r"[\\/]+", path) if p not in ("", ".", "..")]
-    if not parts or path.endswith(("/", "\\")):
-        return f"not a file name: {path!r}"
-    *folders, name = parts
-    for folder in folders:
-        if folder.startswith("."):
-            return f"inside hidden folder {folder}"
-    if name.startswith("._"):
-        return f"macOS resource-fork file {name}"
-    if name.startswith("."):
-        return f"hidden file {name}"
-    if name.lower() in _SYSTEM_FILES:
-        return f"Windows system file {name}"
-    dot = name.rfind(".")
-    if dot <= 0:
-        return f"no file extension on {name}"
-    extension = name[dot:].lower()
-    if extension not in IMAGE_EXTENSIONS:
-        hint = " (DICOM: convert to PNG first)" if extension in (".dcm", ".dicom") else ""
-        return (f"unsupported extension '{extension}'{hint}; expected one of "
-                f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
-    return None
 
 
 def _sniff(data: bytes) -> None:

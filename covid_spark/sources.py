@@ -11,7 +11,7 @@ One run may read several inputs (``discover([a, b, ...])``). Rules that hold acr
   manifest or in a later input, is read once: every listing after the first is skipped with the
   reason ``"listed twice"``, whatever became of the first. A symlink or copy under another path is
   not a repeat (the preprocess stage finds such content duplicates by hash).
-* The hidden-file rule (:func:`covid_spark.images.skip_reason`) judges only the part of a path
+* The hidden-file rule (:func:`skip_reason`) judges only the part of a path
   below the input's root (the manifest's folder, or the folder given), so a data folder under a
   hidden directory (``~/.local/share/xrays``) is read. An absolute manifest path outside the
   manifest's folder is judged by its file name alone.
@@ -25,11 +25,15 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from covid_spark.images import skip_reason
-
 logger = logging.getLogger(__name__)
 
 LISTED_TWICE = "listed twice"
+
+# File extensions read as images (compared lower-cased); any other file is skipped by name.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+)
+_SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
 
 # Folder or label names accepted for each class, compared after lower-casing and turning
 # '_', '-' and runs of spaces into one space.
@@ -40,6 +44,32 @@ CLASS_ALIASES: dict[str, str] = {
     "pneumonia": "pneumonia", "viral pneumonia": "pneumonia", "bacterial pneumonia": "pneumonia",
     "pneumonia viral": "pneumonia", "pneumonia bacterial": "pneumonia", "other pneumonia": "pneumonia",
 }
+
+
+def skip_reason(path: str) -> str | None:
+    """Return why a file should be skipped, judging by its path alone, or None to read it."""
+    parts = [p for p in re.split(r"[\\/]+", path) if p not in ("", ".", "..")]
+    if not parts or path.endswith(("/", "\\")):
+        return f"not a file name: {path!r}"
+    *folders, name = parts
+    for folder in folders:
+        if folder.startswith("."):
+            return f"inside hidden folder {folder}"
+    if name.startswith("._"):
+        return f"macOS resource-fork file {name}"
+    if name.startswith("."):
+        return f"hidden file {name}"
+    if name.lower() in _SYSTEM_FILES:
+        return f"Windows system file {name}"
+    dot = name.rfind(".")
+    if dot <= 0:
+        return f"no file extension on {name}"
+    extension = name[dot:].lower()
+    if extension not in IMAGE_EXTENSIONS:
+        hint = " (DICOM: convert to PNG first)" if extension in (".dcm", ".dicom") else ""
+        return (f"unsupported extension '{extension}'{hint}; expected one of "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return None
 
 
 def class_of(name: str) -> str | None:

@@ -14,14 +14,13 @@ from PIL import Image
 
 from covid_spark.images import (
     DEFAULT_MAX_PIXELS,
-    IMAGE_EXTENSIONS,
     ImageRejected,
     decode_image,
     dhash,
     group_duplicates,
     hamming,
-    skip_reason,
 )
+from covid_spark.sources import skip_reason
 
 REAL_COVID_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3" / "covid"
 
@@ -325,41 +324,6 @@ def test_pillow_global_limit_untouched():
     with pytest.raises(ImageRejected):
         decode_image(png_with_size(30000, 30000))
     assert Image.MAX_IMAGE_PIXELS == before
-
-
-# ---------------------------------------------------------------- skip_reason
-
-
-@pytest.mark.parametrize("path, expected", [
-    (".DS_Store", "hidden file .DS_Store"),
-    ("data/covid/._scan.jpg", "macOS resource-fork file ._scan.jpg"),
-    ("a/.hidden/x.jpg", "inside hidden folder .hidden"),
-    ("C:\\data\\.git\\x.png", "inside hidden folder .git"),
-    ("Thumbs.db", "Windows system file Thumbs.db"),
-    ("covid/desktop.ini", "Windows system file desktop.ini"),
-    ("README", "no file extension on README"),
-])
-def test_skip_reason_names_the_problem(path, expected):
-    assert skip_reason(path) == expected
-
-
-def test_skip_reason_unsupported_extension_names_it():
-    reason = skip_reason("x.txt")
-    assert reason is not None and "'.txt'" in reason
-    assert "DICOM" in skip_reason("study/scan.dcm")
-
-
-@pytest.mark.parametrize("path", [
-    "x.JPG", "a/b/scan.png", "./data/x.jpeg", "hdfs://nn:8020/cxr/normal/img.TIFF",
-    "file:/tmp/a.webp", "../shared/x.pgm",
-])
-def test_skip_reason_accepts_images(path):
-    assert skip_reason(path) is None
-
-
-def test_image_extensions():
-    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
-                                ".webp", ".pgm", ".ppm"}
 
 
 # ---------------------------------------------------------------- hashing

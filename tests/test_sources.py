@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_spark.sources import LISTED_TWICE, class_of, count_per_input, discover, patient_key
+from covid_spark.sources import (
+    IMAGE_EXTENSIONS,
+    LISTED_TWICE,
+    class_of,
+    count_per_input,
+    discover,
+    patient_key,
+    skip_reason,
+)
 
 
 def _png(path, value=0) -> str:
@@ -242,3 +250,38 @@ def test_jobs_take_input_repeatedly(job, extra):
     assert parse_args(["--input", "d1"] + extra).input == ["d1"]
     with pytest.raises(SystemExit):
         parse_args(extra)
+
+
+# ---------------------------------------------------------------- skip_reason
+
+
+@pytest.mark.parametrize("path, expected", [
+    (".DS_Store", "hidden file .DS_Store"),
+    ("data/covid/._scan.jpg", "macOS resource-fork file ._scan.jpg"),
+    ("a/.hidden/x.jpg", "inside hidden folder .hidden"),
+    ("C:\\data\\.git\\x.png", "inside hidden folder .git"),
+    ("Thumbs.db", "Windows system file Thumbs.db"),
+    ("covid/desktop.ini", "Windows system file desktop.ini"),
+    ("README", "no file extension on README"),
+])
+def test_skip_reason_names_the_problem(path, expected):
+    assert skip_reason(path) == expected
+
+
+def test_skip_reason_unsupported_extension_names_it():
+    reason = skip_reason("x.txt")
+    assert reason is not None and "'.txt'" in reason
+    assert "DICOM" in skip_reason("study/scan.dcm")
+
+
+@pytest.mark.parametrize("path", [
+    "x.JPG", "a/b/scan.png", "./data/x.jpeg", "hdfs://nn:8020/cxr/normal/img.TIFF",
+    "file:/tmp/a.webp", "../shared/x.pgm",
+])
+def test_skip_reason_accepts_images(path):
+    assert skip_reason(path) is None
+
+
+def test_image_extensions():
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                                ".webp", ".pgm", ".ppm"}

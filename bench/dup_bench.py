@@ -1,7 +1,8 @@
-"""python -m bench.dup_bench [--total 100000] [--max-distance 10] [--seed 0] [--hashes FILE.json]
+"""python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]
 
 Near-duplicate grouping at scale: the banded ``group_duplicates`` against the all-pairs
-``group_duplicates_all_pairs`` it replaced (covid_spark/images.py), on one thread.
+``group_duplicates_all_pairs`` it replaced (covid_spark/duplicates.py), on one thread.
+``--max-distance`` defaults to the configured ``preprocess.duplicate_distance``.
 
 The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``,
 a JSON object of key -> int) or, by default, clustered synthetic 256-bit hashes (chest X-ray
@@ -19,7 +20,8 @@ import os
 import random
 import time
 
-from covid_spark.images import group_duplicates, group_duplicates_all_pairs
+from covid_spark.config import load_config
+from covid_spark.duplicates import group_duplicates, group_duplicates_all_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +78,8 @@ def _timed(function, hashes: dict[str, int], max_distance: int) -> tuple[list[li
     return groups, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000,
-                     max_distance: int = 10, seed: int = 0) -> dict:
+def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000, *,
+                     max_distance: int, seed: int = 0) -> dict:
     """Time banded grouping of ``total`` hashes, and check it against all-pairs.
 
     Args:
@@ -128,7 +130,9 @@ def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Time banded near-duplicate grouping against all-pairs.")
     parser.add_argument("--total", type=int, default=100_000, help="hashes to group (default 100000)")
-    parser.add_argument("--max-distance", type=int, default=10, help="Hamming distance (default 10)")
+    default_distance = int(load_config()["preprocess"]["duplicate_distance"])
+    parser.add_argument("--max-distance", type=int, default=default_distance,
+                        help=f"Hamming distance (default: preprocess.duplicate_distance, {default_distance})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hashes", help="JSON object key -> hash (int or decimal string) to use as the "
                                          "base instead of synthetic hashes")

@@ -92,7 +92,7 @@ def near_copy_exclusion(dataset: str, splits: Sequence[str], reference: str, max
     Near-copy: 256-bit dHashes within ``max_distance`` bits (``images.near_copies``; not transitive).
     Returns ``kept`` (per split, the paths to evaluate) and a report: per class how many were dropped and kept.
     """
-    from covid_spark.images import near_copies
+    from covid_spark.duplicates import near_copies
 
     queries = stored_hashes(dataset, splits)
     seen = stored_hashes(reference, ("train", "val"))

@@ -32,15 +32,12 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from covid_spark.config import CLASSES
+from covid_spark.duplicates import HASH_SIZE
 from covid_spark.sources import count_per_input, discover
 from covid_spark.splits import SPLITS, assign_splits
 from covid_spark.storage import HadoopFS, atomic_directory, to_url, write_json_stream
 
 logger = logging.getLogger(__name__)
-
-# 256-bit difference hashes: at 64 bits many unrelated chest X-rays lie within a few bits of
-# each other, and near-duplicate groups chain across hundreds of images (seen on cxr3).
-HASH_SIZE = 16
 
 # Test hook: when set to a file path that does not exist yet, the first Python worker to
 # decode creates it and dies, so a test can show that Spark's task retry loses nothing.
@@ -67,7 +64,8 @@ class Staged(NamedTuple):
 
 def read_and_decode(path: str, size: int, max_pixels: int) -> tuple:
     """Return ``(image, dhash, error)`` for one file; exactly one of image/error is None."""
-    from covid_spark.images import ImageRejected, decode_image, dhash
+    from covid_spark.duplicates import dhash
+    from covid_spark.images import ImageRejected, decode_image
 
     try:
         with open(path, "rb") as handle:
@@ -326,7 +324,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             (before anything is written).
         FileExistsError: ``output`` exists and ``overwrite`` is false.
     """
-    from covid_spark.images import group_duplicates
+    from covid_spark.duplicates import group_duplicates
 
     started = time.time()
     locations = [input_locations] if isinstance(input_locations, str) else list(input_locations)

@@ -19,7 +19,7 @@ XraySchema = Unischema("XraySchema", [
     UnischemaField("patient_id", np.str_, (), ScalarCodec(StringType()), False),
     UnischemaField("source", np.str_, (), ScalarCodec(StringType()), False),
     UnischemaField("path", np.str_, (), ScalarCodec(StringType()), False),
-    # The image's 256-bit difference hash (covid_spark.images.dhash, 16×16) as 64 hex digits: lets a
+    # The image's 256-bit difference hash (covid_spark.duplicates.dhash, 16×16) as 64 hex digits: lets a
     # later stage find near-copies of these images in another dataset without decoding them again.
     UnischemaField("dhash", np.str_, (), ScalarCodec(StringType()), False),
     UnischemaField("split", np.str_, (), ScalarCodec(StringType()), False),

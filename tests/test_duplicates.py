@@ -1,21 +1,36 @@
-"""Banded near-duplicate grouping (group_duplicates) against known groups and all-pairs."""
+"""covid_spark.duplicates: dHash, the union-find, and banded near-duplicate grouping
+(group_duplicates) against known groups and all-pairs."""
 from __future__ import annotations
 
+import inspect
+import io
 import itertools
+import json
 import random
+import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from bench.dup_bench import bench_duplicates
-from covid_spark.images import (
+from bench.dup_bench import main as dup_bench_main
+from covid_spark.config import load_config
+from covid_spark.duplicates import (
+    HASH_SIZE,
     _band_values,
     _bands,
     _interleave,
     _union_run,
+    dhash,
     group_duplicates,
     group_duplicates_all_pairs,
+    hamming,
+    near_copies,
 )
+from covid_spark.images import decode_image
+
+CONFIGURED_DISTANCE = int(load_config()["preprocess"]["duplicate_distance"])
 
 
 def flip(value: int, bits) -> int:
@@ -69,6 +84,79 @@ def clustered(n: int, bits: int, centres: int, spread: int, seed: int) -> dict[s
             count = min(bits, rng.randint(0, spread))
             hashes[f"k{i:05d}"] = flip(rng.choice(middle), rng.sample(range(bits), count))
     return hashes
+
+
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    """Save a Pillow image to bytes."""
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def smooth_noise(seed: int, size: int = 128) -> np.ndarray:
+    """A smooth random RGB picture (low-frequency noise), so JPEG keeps its structure."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
+
+
+# ---------------------------------------------------------------- one definition of each number
+
+
+def test_hash_size_and_duplicate_distance_are_defined_once():
+    from covid_spark import preprocess
+
+    assert HASH_SIZE == 16                      # 256-bit hashes, as the stored 64 hex digits say
+    assert preprocess.HASH_SIZE is HASH_SIZE    # preprocess hashes with the library's size
+    assert inspect.signature(dhash).parameters["hash_size"].default == HASH_SIZE
+    # the duplicate distance has one default, the configured one: no library function has its own
+    for function in (group_duplicates, group_duplicates_all_pairs, near_copies, bench_duplicates):
+        assert inspect.signature(function).parameters["max_distance"].default is inspect.Parameter.empty
+    assert CONFIGURED_DISTANCE == 10
+
+
+def test_dup_bench_defaults_to_the_configured_distance(capsys):
+    assert dup_bench_main(["--total", "300"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["max_distance"] == CONFIGURED_DISTANCE and result["same_groups_as_all_pairs"] is True
+
+
+# ---------------------------------------------------------------- dhash and hamming
+
+
+def test_dhash_of_gradients_is_all_ones_or_all_zeros():
+    rising = np.tile(np.linspace(0, 255, 90).astype(np.uint8), (80, 1))
+    assert dhash(np.stack([rising] * 3, axis=-1)) == 2 ** (HASH_SIZE * HASH_SIZE) - 1
+    assert dhash(rising[:, ::-1].copy()) == 0
+    assert dhash(np.stack([rising] * 3, axis=-1), hash_size=8) == 2 ** 64 - 1
+    assert dhash(rising[:, :, None], hash_size=4) == 2 ** 16 - 1
+
+
+def test_dhash_survives_jpeg_reencoding_and_separates_images():
+    original = encode(Image.fromarray(smooth_noise(10, 256)), "PNG")
+    reencoded = encode(Image.open(io.BytesIO(original)), "JPEG", quality=90)
+    other = encode(Image.fromarray(smooth_noise(11, 256)), "PNG")
+    h_original = dhash(decode_image(original))
+    h_reencoded = dhash(decode_image(reencoded))
+    h_other = dhash(decode_image(other))
+    assert isinstance(h_original, int) and 0 <= h_original < 2 ** 256
+    # at the configured distance the re-encoded copy is a duplicate and the other image is not
+    # (measured: 0 and 126 bits of 256)
+    assert hamming(h_original, h_reencoded) <= CONFIGURED_DISTANCE
+    assert hamming(h_original, h_other) > 4 * CONFIGURED_DISTANCE
+
+
+def test_dhash_rejects_wrong_input():
+    with pytest.raises(ValueError, match="uint8"):
+        dhash(np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="hash_size must be >= 1"):
+        dhash(np.zeros((8, 8), dtype=np.uint8), hash_size=0)
+
+
+def test_hamming():
+    assert hamming(0b1011, 0b0001) == 2
+    assert hamming(0, 2 ** 64 - 1) == 64
+    assert hamming(12345, 12345) == 0
 
 
 # ---------------------------------------------------------------- bands
@@ -165,14 +253,37 @@ def test_chains_join_transitively():
 
 
 def test_same_small_contract_as_before():
-    assert group_duplicates({}) == []
-    assert group_duplicates({"only": 5}) == []
-    assert group_duplicates({"y": 7, "x": 7}) == [["x", "y"]]
+    assert group_duplicates({}, 6) == []
+    assert group_duplicates({"only": 5}, 6) == []
+    assert group_duplicates({"y": 7, "x": 7}, 6) == [["x", "y"]]
     assert group_duplicates({"y": 0, "x": 0}, max_distance=0) == [["x", "y"]]
     # no two 3-bit hashes are more than 3 apart
     assert group_duplicates({"a": 0, "b": 7, "c": 5}, max_distance=3) == [["a", "b", "c"]]
     assert group_duplicates({"a": 0, "b": 7, "c": 5}, max_distance=2) == [["a", "b", "c"]]
     assert group_duplicates({"a": 0, "b": 7, "c": 6}, max_distance=1) == [["b", "c"]]
+
+
+def test_components_and_chains_of_64_bit_hashes():
+    hashes = {
+        "z_far": 0x0000_FFFF_FFFF_0000,
+        "c": 0b1_1111_1111,            # 6 bits from b, 9 from a: joins a's group via b
+        "a": 0,
+        "b": 0b111,                    # 3 bits from a
+        "e": 0xFFFF_0000_0000_0001,    # 1 bit from d
+        "d": 0xFFFF_0000_0000_0000,
+    }
+    assert group_duplicates(hashes, 6) == [["a", "b", "c"], ["d", "e"]]
+    assert group_duplicates(hashes, max_distance=3) == [["a", "b"], ["d", "e"]]
+    assert group_duplicates(hashes, max_distance=0) == []
+
+
+def test_two_keys_join_through_a_middle_one():
+    # a and b are 12 bits apart; m is 6 from each, so all three are one component.
+    # Both edges land on m in the same pass, which a naive one-shot union would split.
+    hashes = {"a": 0, "b": 0b1111_1111_1111, "m": 0b11_1111}
+    assert group_duplicates(hashes, 6) == [["a", "b", "m"]]
+    hashes["n"] = 0b1111_1111_1111 << 40  # far from everything
+    assert group_duplicates(hashes, 6) == [["a", "b", "m"]]
 
 
 # ---------------------------------------------------------------- against all-pairs
@@ -214,6 +325,43 @@ def test_8_bit_hashes_match_brute_force(max_distance):
     assert group_duplicates(hashes, max_distance) == expected
     if max_distance >= 8:
         assert expected == [sorted(hashes)]
+
+
+def clustered_hashes(rng: np.random.Generator, n: int, bits: int) -> dict[str, int]:
+    """Random hashes, a third of them near-copies (a few flipped bits) of earlier ones."""
+    hashes: dict[str, int] = {}
+    values: list[int] = []
+    for i in range(n):
+        if values and rng.random() < 0.35:
+            value = values[rng.integers(len(values))]
+            for bit in rng.choice(bits, size=int(rng.integers(0, 6)), replace=False):
+                value ^= 1 << int(bit)
+        else:
+            value = int.from_bytes(rng.bytes(bits // 8), "big")
+        values.append(value)
+        hashes[f"img{i:05d}"] = value
+    return hashes
+
+
+@pytest.mark.parametrize("bits", [64, 256])
+def test_near_copies_of_earlier_hashes_match_brute_force(bits):
+    hashes = clustered_hashes(np.random.default_rng(bits), 300, bits)
+    expected = brute_force(hashes, 6)
+    assert any(len(g) >= 3 for g in expected)  # the data has chains worth testing
+    assert group_duplicates(hashes, 6) == expected
+
+
+def test_is_fast_for_10k_64_bit_hashes():
+    rng = np.random.default_rng(0)
+    hashes = {f"k{i:05d}": int(v) for i, v in
+              enumerate(rng.integers(0, 2 ** 63, 10_000, dtype=np.int64))}
+    hashes["k00000_copy"] = hashes["k00000"] ^ 0b101
+    hashes["k09999_copy"] = hashes["k09999"]
+    started = time.perf_counter()
+    groups = group_duplicates(hashes, 6)
+    elapsed = time.perf_counter() - started
+    assert ["k00000", "k00000_copy"] in groups and ["k09999", "k09999_copy"] in groups
+    assert elapsed < 10.0, f"took {elapsed:.1f}s"
 
 
 # ---------------------------------------------------------------- big buckets
@@ -301,8 +449,6 @@ def test_bench_duplicates_small():
 
 
 def test_near_copies_against_brute_force():
-    from covid_spark.images import near_copies
-
     rng = random.Random(11)
     reference = clustered(600, 256, centres=40, spread=12, seed=11)
     queries = {}
@@ -325,8 +471,6 @@ def test_near_copies_against_brute_force():
 
 
 def test_near_copies_is_not_transitive_and_handles_edge_cases():
-    from covid_spark.images import near_copies
-
     a = 0
     b = (1 << 6) - 1            # 6 bits from a
     c = ((1 << 12) - 1)          # 12 bits from a, 6 from b

@@ -1,8 +1,7 @@
-"""Tests for covid_spark.images: decoding rules, rejections, hashing and duplicate groups."""
+"""Tests for covid_spark.images: decoding rules and rejections."""
 from __future__ import annotations
 
 import io
-import itertools
 import struct
 import time
 import zlib
@@ -12,14 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_spark.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageRejected,
-    decode_image,
-    dhash,
-    group_duplicates,
-    hamming,
-)
+from covid_spark.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from covid_spark.sources import skip_reason
 
 REAL_COVID_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3" / "covid"
@@ -324,128 +316,6 @@ def test_pillow_global_limit_untouched():
     with pytest.raises(ImageRejected):
         decode_image(png_with_size(30000, 30000))
     assert Image.MAX_IMAGE_PIXELS == before
-
-
-# ---------------------------------------------------------------- hashing
-
-
-def test_dhash_of_gradients_is_all_ones_or_all_zeros():
-    rising = np.tile(np.linspace(0, 255, 90).astype(np.uint8), (80, 1))
-    assert dhash(np.stack([rising] * 3, axis=-1)) == 2 ** 64 - 1
-    assert dhash(rising[:, ::-1].copy()) == 0
-    assert dhash(np.stack([rising] * 3, axis=-1), hash_size=4) == 2 ** 16 - 1
-
-
-def test_dhash_survives_jpeg_reencoding_and_separates_images():
-    original = encode(Image.fromarray(smooth_noise(10, 256)), "PNG")
-    reencoded = encode(Image.open(io.BytesIO(original)), "JPEG", quality=90)
-    other = encode(Image.fromarray(smooth_noise(11, 256)), "PNG")
-    h_original = dhash(decode_image(original))
-    h_reencoded = dhash(decode_image(reencoded))
-    h_other = dhash(decode_image(other))
-    assert isinstance(h_original, int) and 0 <= h_original < 2 ** 64
-    assert hamming(h_original, h_reencoded) <= 6
-    assert hamming(h_original, h_other) > 10
-
-
-def test_dhash_rejects_wrong_input():
-    with pytest.raises(ValueError, match="uint8"):
-        dhash(np.zeros((8, 8, 3), dtype=np.float32))
-
-
-def test_hamming():
-    assert hamming(0b1011, 0b0001) == 2
-    assert hamming(0, 2 ** 64 - 1) == 64
-    assert hamming(12345, 12345) == 0
-
-
-# ---------------------------------------------------------------- duplicate groups
-
-
-def test_group_duplicates_components_and_chains():
-    hashes = {
-        "z_far": 0x0000_FFFF_FFFF_0000,
-        "c": 0b1_1111_1111,            # 6 bits from b, 9 from a: joins a's group via b
-        "a": 0,
-        "b": 0b111,                    # 3 bits from a
-        "e": 0xFFFF_0000_0000_0001,    # 1 bit from d
-        "d": 0xFFFF_0000_0000_0000,
-    }
-    assert group_duplicates(hashes) == [["a", "b", "c"], ["d", "e"]]
-    assert group_duplicates(hashes, max_distance=3) == [["a", "b"], ["d", "e"]]
-    assert group_duplicates(hashes, max_distance=0) == []
-
-
-def test_group_duplicates_joins_two_keys_through_a_middle_one():
-    # a and b are 12 bits apart; m is 6 from each, so all three are one component.
-    # Both edges land on m in the same pass, which a naive one-shot union would split.
-    hashes = {"a": 0, "b": 0b1111_1111_1111, "m": 0b11_1111}
-    assert group_duplicates(hashes) == [["a", "b", "m"]]
-    hashes["n"] = 0b1111_1111_1111 << 40  # far from everything
-    assert group_duplicates(hashes) == [["a", "b", "m"]]
-
-
-def test_group_duplicates_small_inputs():
-    assert group_duplicates({}) == []
-    assert group_duplicates({"only": 5}) == []
-    assert group_duplicates({"y": 7, "x": 7}) == [["x", "y"]]
-    with pytest.raises(ValueError, match="max_distance"):
-        group_duplicates({"a": 1, "b": 2}, max_distance=-1)
-
-
-def reference_groups(hashes: dict[str, int], max_distance: int) -> list[list[str]]:
-    """Brute-force pairs + a dict union-find, as an independent implementation."""
-    parent = {k: k for k in hashes}
-
-    def find(k):
-        while parent[k] != k:
-            k = parent[k]
-        return k
-
-    for a, b in itertools.combinations(hashes, 2):
-        if bin(hashes[a] ^ hashes[b]).count("1") <= max_distance:
-            parent[find(a)] = find(b)
-    groups: dict[str, list[str]] = {}
-    for k in hashes:
-        groups.setdefault(find(k), []).append(k)
-    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
-
-
-def clustered_hashes(rng: np.random.Generator, n: int, bits: int) -> dict[str, int]:
-    """Random hashes, a third of them near-copies (a few flipped bits) of earlier ones."""
-    hashes: dict[str, int] = {}
-    values: list[int] = []
-    for i in range(n):
-        if values and rng.random() < 0.35:
-            value = values[rng.integers(len(values))]
-            for bit in rng.choice(bits, size=int(rng.integers(0, 6)), replace=False):
-                value ^= 1 << int(bit)
-        else:
-            value = int.from_bytes(rng.bytes(bits // 8), "big")
-        values.append(value)
-        hashes[f"img{i:05d}"] = value
-    return hashes
-
-
-@pytest.mark.parametrize("bits", [64, 256])
-def test_group_duplicates_matches_brute_force(bits):
-    hashes = clustered_hashes(np.random.default_rng(bits), 300, bits)
-    expected = reference_groups(hashes, 6)
-    assert any(len(g) >= 3 for g in expected)  # the data has chains worth testing
-    assert group_duplicates(hashes, 6) == expected
-
-
-def test_group_duplicates_is_fast_for_10k():
-    rng = np.random.default_rng(0)
-    hashes = {f"k{i:05d}": int(v) for i, v in
-              enumerate(rng.integers(0, 2 ** 63, 10_000, dtype=np.int64))}
-    hashes["k00000_copy"] = hashes["k00000"] ^ 0b101
-    hashes["k09999_copy"] = hashes["k09999"]
-    started = time.perf_counter()
-    groups = group_duplicates(hashes)
-    elapsed = time.perf_counter() - started
-    assert ["k00000", "k00000_copy"] in groups and ["k09999", "k09999_copy"] in groups
-    assert elapsed < 10.0, f"took {elapsed:.1f}s"
 
 
 # ---------------------------------------------------------------- real X-rays

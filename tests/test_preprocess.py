@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from covid_spark.config import load_config, override
-from covid_spark.images import decode_image, dhash
+from covid_spark.duplicates import dhash
+from covid_spark.images import decode_image
 
 pytestmark = pytest.mark.slow
 SIZE = 32
@@ -145,7 +146,8 @@ def test_stored_pixels_equal_the_shared_decode(written):
             with open(path, "rb") as handle:
                 decoded = decode_image(handle.read(), SIZE)
             np.testing.assert_array_equal(image, decoded)
-            assert int(str(digest), 16) == dhash(decoded, hash_size=16) and len(str(digest)) == 64
+            # stored: the library's dHash (HASH_SIZE 16: 256 bits) as 64 hex digits
+            assert int(str(digest), 16) == dhash(decoded) and len(str(digest)) == 64
             assert name == expected["good"][path] and ["covid", "normal", "pneumonia"][label] == name
             seen += 1
     assert seen == len(expected["good"])

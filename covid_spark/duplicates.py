@@ -1,8 +1,9 @@
 """Near-duplicate images: difference hashes, and groups of hashes within a Hamming distance.
 
-Used by preprocess (hash every decoded image, group near-duplicates so that they share a split)
-and evaluate (drop test images that are near-copies of another dataset's). Pure: imports no Spark,
-and Pillow only when :func:`dhash` is called.
+Used by preprocess (hash every decoded image, group near-duplicates so that they share a split),
+evaluate (drop test images that are near-copies of another dataset's) and splits (whose units are
+joined with :func:`components`, the one union-find of the package). Pure: imports no Spark, and
+Pillow only when :func:`dhash` is called.
 
 Two numbers define a duplicate, each in one place:
 
@@ -11,6 +12,8 @@ Two numbers define a duplicate, each in one place:
   functions here take ``max_distance`` as a required argument, so there is no second default.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -66,6 +69,12 @@ def _popcount64(x: np.ndarray) -> np.ndarray:
     return (x * _H01) >> np.uint64(56)
 
 
+# ---------------------------------------------------------------- union-find
+# One array ``parent`` over the nodes 0..n-1; a root points to itself and every root is the
+# smallest node of its component. Edges are merged a whole array at a time (no Python loop per
+# edge), so the banded grouping below can drop candidate pairs already joined.
+
+
 def _root_all(parent: np.ndarray) -> None:
     """Point every node straight at its root (pointer jumping, in place)."""
     while True:
@@ -83,6 +92,28 @@ def _union_edges(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
         apart = ru != rv
         u, v, ru, rv = u[apart], v[apart], ru[apart], rv[apart]
         np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
+
+
+def components(count: int, u: Sequence[int] | np.ndarray, v: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Connected components of the graph on nodes ``0..count-1`` with the edges ``u[i]-v[i]``.
+
+    Returns an int64 array: for each node, the smallest node of its component (so a node
+    joined to nothing is labelled with itself).
+
+    Raises:
+        ValueError: ``u`` and ``v`` differ in length.
+    """
+    u = np.asarray(u, dtype=np.int64).reshape(-1)
+    v = np.asarray(v, dtype=np.int64).reshape(-1)
+    if u.shape != v.shape:
+        raise ValueError(f"u and v must have the same length, got {u.size} and {v.size}")
+    parent = np.arange(count, dtype=np.int64)
+    _union_edges(parent, u, v)
+    _root_all(parent)
+    return parent
+
+
+# ---------------------------------------------------------------- groups within a distance
 
 
 def _hash_table(hashes: dict[str, int], max_distance: int) -> tuple[list[str], np.ndarray, int]:

@@ -6,23 +6,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from covid_spark.duplicates import components
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def group_units(paths: Sequence[str], patient_ids: Sequence[str],
@@ -32,19 +18,21 @@ def group_units(paths: Sequence[str], patient_ids: Sequence[str],
     Images of one patient form a unit; an image without a patient id is its own unit;
     each group in ``linked`` (e.g. duplicate images) joins the units of its members.
     """
-    uf = _UnionFind(len(paths))
+    u: list[int] = []  # edges u[k]-v[k] between images that must share a split
+    v: list[int] = []
     first_of_patient: dict[str, int] = {}
     for i, pid in enumerate(patient_ids):
         if pid:
-            uf.union(i, first_of_patient.setdefault(pid, i))
+            u.append(first_of_patient.setdefault(pid, i))
+            v.append(i)
     index = {p: i for i, p in enumerate(paths)}
     for group in linked:
         members = [index[p] for p in group if p in index]
-        for m in members[1:]:
-            uf.union(members[0], m)
+        u.extend(members[:1] * (len(members) - 1))
+        v.extend(members[1:])
     units: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(paths)):
-        units[uf.find(i)].append(i)
+    for i, unit in enumerate(components(len(paths), u, v).tolist()):
+        units[unit].append(i)
     return list(units.values())
 
 

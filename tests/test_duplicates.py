@@ -22,6 +22,7 @@ from covid_spark.duplicates import (
     _bands,
     _interleave,
     _union_run,
+    components,
     dhash,
     group_duplicates,
     group_duplicates_all_pairs,
@@ -157,6 +158,35 @@ def test_hamming():
     assert hamming(0b1011, 0b0001) == 2
     assert hamming(0, 2 ** 64 - 1) == 64
     assert hamming(12345, 12345) == 0
+
+
+# ---------------------------------------------------------------- union-find
+
+
+def test_components_label_each_node_with_the_smallest_of_its_component():
+    assert components(6, [4, 3, 5], [3, 0, 1]).tolist() == [0, 1, 2, 0, 0, 1]
+    assert components(3, [], []).tolist() == [0, 1, 2]
+    assert components(0, [], []).tolist() == []
+    assert components(4, np.array([1, 2, 2]), np.array([1, 3, 3])).tolist() == [0, 1, 2, 2]  # loops, repeats
+    with pytest.raises(ValueError, match="same length"):
+        components(3, [0, 1], [2])
+
+
+def test_components_match_a_dict_union_find_on_random_graphs():
+    rng = np.random.default_rng(7)
+    for n, edges in [(50, 30), (500, 400), (2000, 3000)]:
+        u, v = rng.integers(0, n, edges), rng.integers(0, n, edges)
+        parent = list(range(n))
+
+        def find(i):
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for a, b in zip(u.tolist(), v.tolist()):
+            ra, rb = find(a), find(b)
+            parent[max(ra, rb)] = min(ra, rb)
+        assert components(n, u, v).tolist() == [find(i) for i in range(n)]
 
 
 # ---------------------------------------------------------------- bands

@@ -52,6 +52,16 @@ def test_without_patient_ids_each_image_is_a_unit_and_links_join_units():
     assert splits[0] == splits[3] == splits[5]
 
 
+def test_units_join_patients_and_linked_groups_across_them():
+    paths = [f"{i}.png" for i in range(8)]
+    pids = ["p1", "", "p2", "p1", "", "p2", "p3", ""]
+    # 4 is linked to p1's image 3 and to 7; 6 (p3) to 5 (p2); "gone.png" is not among the paths
+    units = group_units(paths, pids, linked=[["3.png", "4.png", "gone.png"], ["7.png", "4.png"],
+                                             ["6.png", "5.png"], ["1.png"]])
+    assert units == [[0, 3, 4, 7], [1], [2, 5, 6]]  # each unit in index order, by its first index
+    assert group_units([], [], linked=[["a.png", "b.png"]]) == []
+
+
 def test_bad_fractions_are_refused():
     with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be below 1"):
         assign_splits(["a"], ["covid"], [""], 0.5, 0.5, seed=0)

@@ -89,7 +89,7 @@ def stored_hashes(dataset: str, splits: Sequence[str]) -> dict[str, tuple[int, i
 def near_copy_exclusion(dataset: str, splits: Sequence[str], reference: str, max_distance: int) -> dict:
     """Which images of ``dataset``'s ``splits`` are near-copies of an image of ``reference``'s train or val.
 
-    Near-copy: 256-bit dHashes within ``max_distance`` bits (``images.near_copies``; not transitive).
+    Near-copy: 256-bit dHashes within ``max_distance`` bits (``duplicates.near_copies``; not transitive).
     Returns ``kept`` (per split, the paths to evaluate) and a report: per class how many were dropped and kept.
     """
     from covid_spark.duplicates import near_copies

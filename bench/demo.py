@@ -15,6 +15,7 @@ import sys
 import time
 
 from bench.memory import PeakRss
+from covid_spark.rundir import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL_TRAINING_S = 48 * 60  # the university project's reported training time
@@ -30,14 +31,14 @@ def run_demo(run_id: str, make: str = "make") -> dict:
     result = {"run_id": run_id, "run_dir": run_dir, "exit_status": status, "wall_s": round(wall, 1),
               "peak_rss_mb": {"jvm": rss.peaks["jvm"], "whole_tree": rss.peaks["tree"]},
               "original_training_s": ORIGINAL_TRAINING_S}
-    state_path = os.path.join(run_dir, "pipeline.json")
+    state_path = RunDir(run_dir).pipeline_state
     timings = {}
     if os.path.exists(state_path):
         with open(state_path, encoding="utf-8") as handle:
             timings = json.load(handle).get("timings", {})
     result["stages_s"] = timings
     result["outside_stages_s"] = round(wall - sum(timings.values()), 1)
-    run_path = os.path.join(run_dir, "run.json")
+    run_path = RunDir(run_dir).run_json
     if os.path.exists(run_path):
         with open(run_path, encoding="utf-8") as handle:
             run = json.load(handle)

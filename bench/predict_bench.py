@@ -31,10 +31,11 @@ def make_model_dir(folder: str, model: str = "efficientnet_lite0", image_size: i
     """A model dir as train.py leaves it (``model.keras`` and ``run.json``), with an untrained head."""
     from covid_spark.config import CLASSES
     from covid_spark.models import make_model
+    from covid_spark.rundir import RunDir
 
     os.makedirs(folder, exist_ok=True)
-    make_model(model, (image_size, image_size, 3), len(CLASSES)).save(os.path.join(folder, "model.keras"))
-    with open(os.path.join(folder, "run.json"), "w", encoding="utf-8") as handle:
+    make_model(model, (image_size, image_size, 3), len(CLASSES)).save(RunDir(folder).model)
+    with open(RunDir(folder).run_json, "w", encoding="utf-8") as handle:
         json.dump({"model": model, "image_size": image_size, "classes": list(CLASSES)}, handle)
     return folder
 
@@ -69,12 +70,13 @@ def _plain_main(folder: str, model_dir: str, batch_size: int) -> dict:
 
     from covid_spark.config import load_config
     from covid_spark.predict import cached_model, predict_partition, set_tf_threads
+    from covid_spark.rundir import RunDir
     from covid_spark.sources import discover
 
     config = load_config()
-    with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
+    with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
         size = int(json.load(handle)["image_size"])
-    with open(os.path.join(model_dir, "model.keras"), "rb") as handle:
+    with open(RunDir(model_dir).model, "rb") as handle:
         model_bytes = handle.read()
     inventory = discover(folder, labelled=False)
     records = sorted([(r["path"], None) for r in inventory.records]
@@ -97,11 +99,12 @@ def profile_partitions(spark, folder: str, model_dir: str, batch_size: int = 32)
     load, decoding + scoring, and whether the worker process had run an earlier partition."""
     from covid_spark.config import load_config
     from covid_spark.predict import partition_count
+    from covid_spark.rundir import RunDir
     from covid_spark.sources import discover
 
-    with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
+    with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
         size = int(json.load(handle)["image_size"])
-    with open(os.path.join(model_dir, "model.keras"), "rb") as handle:
+    with open(RunDir(model_dir).model, "rb") as handle:
         model_bytes = handle.read()
     records = sorted((r["path"], None) for r in discover(folder, labelled=False).records)
     max_pixels = int(load_config()["preprocess"]["max_pixels"])

@@ -37,7 +37,7 @@ FIXED_COST_IMAGES = 6
 
 def machine() -> dict:
     """nproc, CPU model, RAM and load of this machine, and the library versions."""
-    from covid_spark.train import versions
+    from covid_spark.rundir import versions
 
     cpu = "unknown"
     try:

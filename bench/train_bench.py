@@ -38,7 +38,7 @@ def rank_env(spark, threads: int) -> dict[str, str]:
 def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, checkpoint_dir: str,
              batch_size: int | None = None) -> dict:
     """A ``train_fn`` job for ``steps`` steps of one epoch on ``dataset``'s train split."""
-    from covid_spark.preprocess import read_summary
+    from covid_spark.dataset import read_summary
     from covid_spark.train import make_job as train_job
 
     cfg = dict(config["train"], model=model, epochs=1, batch_size=int(batch_size or config["train"]["batch_size"]))

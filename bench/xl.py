@@ -346,17 +346,18 @@ def _save_untrained(model: str, image_size: int, model_dir: str, queue) -> None:
 
     from covid_spark.config import CLASSES
     from covid_spark.models import make_model
+    from covid_spark.rundir import RunDir, versions
     from covid_spark.storage import atomic_write_json
-    from covid_spark.train import versions
 
     net = make_model(model, input_shape=(image_size, image_size, 3), num_classes=len(CLASSES))
     net.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
                 metrics=["accuracy"])
     os.makedirs(model_dir, exist_ok=True)
-    tmp = os.path.join(model_dir, ".model.keras.tmp.keras")
+    run_dir = RunDir(model_dir)
+    tmp = os.path.join(model_dir, f".{os.path.basename(run_dir.model)}.tmp.keras")
     net.save(tmp)
-    os.replace(tmp, os.path.join(model_dir, "model.keras"))
-    atomic_write_json(os.path.join(model_dir, "run.json"), {
+    os.replace(tmp, run_dir.model)
+    atomic_write_json(run_dir.run_json, {
         "model": model, "num_proc": 0, "classes": list(CLASSES), "image_size": image_size, "epochs": 0,
         "epochs_run": 0, "best_epoch": None, "untrained": True, "versions": versions(),
         "note": "untrained (fresh head; ImageNet weights where the model has them): for throughput only"})
@@ -425,10 +426,11 @@ def run_predict(source: str, workdir: str, images: int, model: str, image_size: 
 
 def ensure_dataset(spark, source: str, workdir: str, images: int, config: dict) -> str:
     """The preprocessed dataset of the ``images`` sample: kept from the preprocess part, or made now (untimed)."""
+    from covid_spark.dataset import has_summary
     from covid_spark.preprocess import preprocess
 
     output = os.path.join(workdir, f"ds-{images}")
-    if not os.path.exists(os.path.join(output, "_summary.json")):
+    if not has_summary(spark, output):
         location, _ = make_input(source, workdir, images, "sample")
         logger.info("xl train: preprocessing the %d-image sample for training", images)
         preprocess(spark, location, output, config, overwrite=True)
@@ -441,7 +443,8 @@ def run_train(spark, dataset: str, config: dict, models, steps: dict, warmup: in
     one whole epoch each."""
     from bench import train_bench
     from covid_spark.config import load_config, override
-    from covid_spark.preprocess import read_summary
+    from covid_spark.dataset import read_summary
+    from covid_spark.rundir import RunDir
     from covid_spark.train import run_training
 
     summary = read_summary(None, dataset)
@@ -467,7 +470,7 @@ def run_train(spark, dataset: str, config: dict, models, steps: dict, warmup: in
             started = time.perf_counter()
             run = run_training(spark, dataset, model_dir, cfg, overwrite=True)
             outer = time.perf_counter() - started
-        with open(os.path.join(model_dir, "history.json"), encoding="utf-8") as handle:
+        with open(RunDir(model_dir).history, encoding="utf-8") as handle:
             history = json.load(handle)
         rows = summary["per_split"]["train"]
         epoch_s = history["seconds"][0]
@@ -537,7 +540,7 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
     from bench.inputs import source_rows
     from bench.run import machine, spark_settings, start_spark
     from covid_spark.config import load_config
-    from covid_spark.train import git_commit
+    from covid_spark.rundir import git_commit
 
     profile = profile or Profile(False)
     config = config or load_config(config_path)

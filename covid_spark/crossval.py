@@ -87,7 +87,7 @@ def train_fold(images, labels, cfg: dict, seed: int):
 
     from covid_spark.data import augment_dataset
     from covid_spark.models import make_model
-    from covid_spark.train import class_weights
+    from covid_spark.training import class_weights
 
     keras.utils.set_random_seed(seed)
     batch = int(cfg["batch_size"]) * int(cfg["num_proc"])
@@ -143,10 +143,10 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
         ValueError: fewer than 2 folds, unknown model or transform, unreadable ``compare`` file,
             or fewer patients than folds.
     """
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split, read_summary
     from covid_spark.metrics import bootstrap_ci, classification_metrics, metrics_by_group
-    from covid_spark.preprocess import read_summary
-    from covid_spark.train import check_model, git_commit
+    from covid_spark.rundir import git_commit
+    from covid_spark.training import check_model
 
     cfg = config["train"]
     if folds < 2:

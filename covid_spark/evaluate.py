@@ -1,4 +1,4 @@
-"""Evaluate stage: a trained model on one split → metrics.json and a printed table."""
+"""Evaluate stage: a trained model on one split → its metrics file (``RunDir.metrics_path``) and a printed table."""
 from __future__ import annotations
 
 import logging
@@ -8,25 +8,11 @@ from typing import Collection, Sequence
 import numpy as np
 
 from covid_spark.config import CLASSES
+from covid_spark.dataset import read_summary
+from covid_spark.rundir import RunDir
 from covid_spark.storage import atomic_write_json, refuse_existing
 
 logger = logging.getLogger(__name__)
-
-
-def load_model(model_dir: str):
-    """Load ``<model_dir>/model.keras``.
-
-    Raises:
-        FileNotFoundError: no model there (names the path).
-    """
-    path = os.path.join(model_dir, "model.keras")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: train a model into {model_dir} first (jobs/train.py)")
-    import tensorflow as tf
-
-    import covid_spark.layers  # noqa: F401  (registers our layers for loading)
-
-    return tf.keras.models.load_model(path, compile=False)
 
 
 def predict_probs(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -40,11 +26,11 @@ def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label
                 batch_size: int = 32, paths: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Stream ``split`` through ``model`` batch by batch; ``probs`` and ``fields`` (no images), sorted by path.
 
-    Only one batch of images is in memory at a time (see ``data.iter_split_batches``); what is
+    Only one batch of images is in memory at a time (see ``dataset.iter_split_batches``); what is
     kept per image is its probabilities and the requested fields, in the stable path order of
-    ``data.load_split``.
+    ``dataset.load_split``.
     """
-    from covid_spark.data import iter_split_batches
+    from covid_spark.dataset import iter_split_batches
 
     wanted = list(dict.fromkeys([f for f in fields if f != "image"] + ["path"]))
     kept: dict[str, list] = {f: [] for f in wanted + ["probs"]}
@@ -67,8 +53,7 @@ def stored_hashes(dataset: str, splits: Sequence[str]) -> dict[str, tuple[int, i
     """
     import pyarrow.parquet as pq
 
-    from covid_spark.data import iter_split_batches, split_row_groups
-    from covid_spark.preprocess import read_summary
+    from covid_spark.dataset import iter_split_batches, split_row_groups
 
     summary = read_summary(None, dataset)
     out: dict[str, tuple[int, int, str]] = {}
@@ -147,10 +132,6 @@ def subset_metrics(y: np.ndarray, probs: np.ndarray, keep: np.ndarray, config: d
     return out
 
 
-def metrics_path(model_dir: str, split: str) -> str:
-    return os.path.join(model_dir, "metrics.json" if split == "test" else f"metrics_{split}.json")
-
-
 def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
              exclude_near_copies_of: str | None = None, output: str | None = None, overwrite: bool = False) -> dict:
     """Score ``split`` of ``dataset`` with the model in ``model_dir``; write and return the metrics.
@@ -171,8 +152,9 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
     not this model's); ``exclude_near_copies_of`` (a dataset, usually the model's own) drops every
     image within ``preprocess.duplicate_distance`` bits of an image of that dataset's train or val
     split, and records per class how many were dropped and kept (``near_copies``). ``output``
-    replaces the default file (``metrics.json`` for test, ``metrics_<split>.json`` otherwise); an
-    existing one is refused unless ``overwrite`` (checked before any work).
+    replaces the default file (``RunDir.metrics_path``: ``metrics.json`` for test,
+    ``metrics_<split>.json`` otherwise); an existing one is refused unless ``overwrite`` (checked
+    before any work).
 
     Raises:
         ValueError: the split is empty or missing, image size and model disagree, or every image
@@ -182,16 +164,15 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
     """
     from covid_spark.metrics import (bootstrap_ci, classification_metrics, expected_calibration_error,
                                      fit_temperature, metrics_by_group, softmax)
-    from covid_spark.preprocess import read_summary
     from covid_spark.splits import SPLITS
 
-    output = output or metrics_path(model_dir, split)
+    output = output or RunDir(model_dir).metrics_path(split)
     refuse_existing(output, overwrite)
     summary = read_summary(None, dataset)
     splits = [s for s in SPLITS if summary["per_split"].get(s, 0)] if split == "all" else [split]
     if not splits or summary["per_split"].get(splits[0], 0) == 0:
         raise ValueError(f"split {split!r} of {dataset} is empty; nothing to evaluate")
-    model = load_model(model_dir)
+    model = RunDir(model_dir).load_model()
     expected = tuple(model.input_shape[1:3])
     if expected != (summary["image_size"], summary["image_size"]):
         raise ValueError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")

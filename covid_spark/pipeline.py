@@ -8,6 +8,8 @@ import os
 import time
 from collections.abc import Sequence
 
+from covid_spark.dataset import has_summary
+from covid_spark.rundir import RunDir
 from covid_spark.sources import as_locations, discover
 from covid_spark.storage import atomic_write_json
 
@@ -64,13 +66,14 @@ def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, conf
     from covid_spark.evaluate import evaluate
     from covid_spark.preprocess import preprocess
     from covid_spark.run_report import build_report
-    from covid_spark.train import CHECKPOINT_DIR, run_training
+    from covid_spark.train import run_training
 
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    dataset = os.path.join(run_dir, "dataset")
+    paths = RunDir(run_dir)
+    dataset = paths.dataset
     timings: dict[str, float] = {}
-    state_path = os.path.join(run_dir, "pipeline.json")
+    state_path = paths.pipeline_state
     state = {}
     if os.path.exists(state_path):
         with open(state_path, encoding="utf-8") as handle:
@@ -93,11 +96,11 @@ def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, conf
     def do_preprocess():
         digest = input_digest(input_locations, bool(config["preprocess"]["skip_unknown_classes"]))
         key = hashlib.sha256(json.dumps([digest, config["preprocess"]], sort_keys=True).encode()).hexdigest()
-        if not force and state.get("preprocess_key") == key and os.path.exists(os.path.join(dataset, "_summary.json")):
+        if not force and state.get("preprocess_key") == key and has_summary(None, dataset):
             logger.info("pipeline: inputs unchanged since the last run; preprocessing skipped")
             return "skipped"
         preprocess(spark, as_locations(input_locations), dataset, config, overwrite=True)
-        atomic_write_json(os.path.join(run_dir, "inputs.json"), digest)
+        atomic_write_json(paths.inputs, digest)
         state["preprocess_key"] = key
         state.pop("train_key", None)
         return "ran"
@@ -105,11 +108,11 @@ def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, conf
     def do_train():
         key = hashlib.sha256(json.dumps([state.get("preprocess_key"), config["train"]],
                                         sort_keys=True).encode()).hexdigest()
-        if not force and state.get("train_key") == key and os.path.exists(os.path.join(run_dir, "model.keras")):
+        if not force and state.get("train_key") == key and os.path.exists(paths.model):
             logger.info("pipeline: model already trained on this dataset and config; training skipped")
             return "skipped"
         resume = (not force and state.get("train_started_key") == key
-                  and os.path.exists(os.path.join(run_dir, CHECKPOINT_DIR, "state.json")))
+                  and os.path.exists(paths.checkpoint_state))
         state["train_started_key"] = key
         atomic_write_json(state_path, state)
         run_training(spark, dataset, run_dir, config, overwrite=not resume, resume=resume)

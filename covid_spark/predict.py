@@ -8,6 +8,7 @@ import time
 from typing import Iterable, Iterator, Sequence
 
 from covid_spark.config import CLASSES
+from covid_spark.rundir import RunDir
 from covid_spark.sources import discover
 from covid_spark.storage import refuse_existing
 
@@ -47,18 +48,13 @@ def cached_model(model_bytes: bytes):
     import hashlib
     import tempfile
 
-    import tensorflow as tf
-
     key = hashlib.sha1(model_bytes).hexdigest()
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
-            with open(path, "wb") as handle:
+            with open(RunDir(tmp).model, "wb") as handle:
                 handle.write(model_bytes)
-            import covid_spark.layers  # noqa: F401  (registers our layers for loading)
-
-            _MODEL_CACHE[key] = tf.keras.models.load_model(path, compile=False)
+            _MODEL_CACHE[key] = RunDir(tmp).load_model()
     return _MODEL_CACHE[key]
 
 
@@ -250,12 +246,12 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
     if not output.lower().endswith((".csv", ".parquet")):
         raise ValueError(f"--output {output} must end in .csv or .parquet")
     refuse_existing(output, overwrite)
-    model_path = os.path.join(model_dir, "model.keras")
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(f"{model_path} not found: train a model into {model_dir} first")
-    with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
+    run_dir = RunDir(model_dir)
+    if not os.path.exists(run_dir.model):
+        raise FileNotFoundError(f"{run_dir.model} not found: train a model into {model_dir} first")
+    with open(run_dir.run_json, encoding="utf-8") as handle:
         size = int(json.load(handle)["image_size"])
-    with open(model_path, "rb") as handle:
+    with open(run_dir.model, "rb") as handle:
         model_bytes = handle.read()
     inventory = discover(input_locations, labelled=False,
                          skip_unknown=bool(config["preprocess"]["skip_unknown_classes"]))

@@ -32,10 +32,11 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from covid_spark.config import CLASSES
+from covid_spark.dataset import split_url, write_summary
 from covid_spark.duplicates import HASH_SIZE
 from covid_spark.sources import count_per_input, discover
 from covid_spark.splits import SPLITS, assign_splits
-from covid_spark.storage import HadoopFS, atomic_directory, to_url, write_json_stream
+from covid_spark.storage import HadoopFS, atomic_directory, to_url
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ def _absolute(location: str) -> str:
 
 def preprocess(spark, input_locations: str | Sequence[str], output: str, config: dict,
                overwrite: bool = False) -> dict:
-    """Run the whole stage and return the summary written to ``<output>/_summary.json``.
+    """Run the whole stage and return the summary it writes into ``output`` (``dataset.write_summary``).
 
     Args:
         input_locations: one input (manifest CSV, folder with ``manifest.csv``, folder per class)
@@ -379,7 +380,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             if [r for r, _ in rows] != list(range(len(rows))):
                 raise RuntimeError(f"internal error: staged file {name} rows are not 0..{len(rows) - 1}")
             tasks[number % len(tasks)][0].append((f"{staging}/{name}", [s for _, s in rows]))
-        split_urls = {s: f"{tmp_url}/{s}" for s in SPLITS}
+        split_urls = {s: split_url(tmp_url, s) for s in SPLITS}
         phases["group_and_split"] = time.time() - started - sum(phases.values())
         sc.setJobDescription(f"distribute {len(good)} rows into {len(group_rows)} splits")
         written = (sc.parallelize(tasks, max(1, len(tasks)))
@@ -427,27 +428,8 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         }
         if summary["inputs"] != summary["written"] + len(rejected) + len(skipped):
             raise RuntimeError("internal error: input counts do not reconcile")  # never expected
-        write_json_stream(f"{tmp_url}/_summary.json", summary)
+        write_summary(tmp_url, summary)
     logger.info("preprocess: %d inputs = %d written + %d rejected + %d skipped; per split %s; "
                 "%d duplicate group(s); %.1f s", summary["inputs"], summary["written"], len(rejected),
                 len(skipped), summary["per_split"], len(duplicates), summary["seconds"])
     return summary
-
-
-def read_summary(spark_or_none, dataset: str) -> dict:
-    """Read ``<dataset>/_summary.json`` (local path or URL).
-
-    Raises:
-        FileNotFoundError: the dataset has no summary (not made by the preprocess job).
-    """
-    url = to_url(dataset).rstrip("/")
-    if url.startswith("file://"):
-        path = url[len("file://"):] + "/_summary.json"
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: is {dataset} a dataset written by jobs/preprocess.py?")
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    fs = HadoopFS(spark_or_none, url)
-    if not fs.exists(url + "/_summary.json"):
-        raise FileNotFoundError(f"{url}/_summary.json not found: is {dataset} a dataset written by jobs/preprocess.py?")
-    return json.loads(fs.read_text(url + "/_summary.json"))

@@ -9,6 +9,8 @@ import os
 import numpy as np
 
 from covid_spark.config import CLASSES
+from covid_spark.dataset import read_summary
+from covid_spark.rundir import RunDir
 from covid_spark.sources import as_locations, manifest_of
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def gradcam_gallery(model, dataset: str, metrics: dict, out_dir: str) -> tuple[l
     """
     from PIL import Image
 
-    from covid_spark.data import iter_split_batches
+    from covid_spark.dataset import iter_split_batches
     from covid_spark.explain import grad_cam, overlay, pick_gradcam_layer
 
     layer = pick_gradcam_layer(model, min_size=7)
@@ -86,18 +88,17 @@ def gradcam_gallery(model, dataset: str, metrics: dict, out_dir: str) -> tuple[l
 
 def build_report(run_dir: str, dataset: str, config: dict) -> str:
     """Write figures, ``report.html`` and ``model_card.md`` into ``run_dir``; return the report path."""
-    from covid_spark.evaluate import load_model
-    from covid_spark.preprocess import read_summary
     from covid_spark.report import (plot_confusion, plot_history, plot_roc_pr, write_html_report,
                                     write_model_card)
 
-    metrics = _load_json(os.path.join(run_dir, "metrics.json"))
+    paths = RunDir(run_dir)
+    metrics = _load_json(paths.metrics)
     if metrics is None:
-        raise FileNotFoundError(f"{run_dir}/metrics.json not found: run jobs/evaluate.py first")
-    run = _load_json(os.path.join(run_dir, "run.json")) or {}
-    history = _load_json(os.path.join(run_dir, "history.json")) or {}
+        raise FileNotFoundError(f"{paths.metrics} not found: run jobs/evaluate.py first")
+    run = _load_json(paths.run_json) or {}
+    history = _load_json(paths.history) or {}
     summary = read_summary(None, dataset)
-    figures_dir = os.path.join(run_dir, "figures")
+    figures_dir = paths.figures
     os.makedirs(figures_dir, exist_ok=True)
     figures = {}
     if history.get("loss"):
@@ -110,8 +111,8 @@ def build_report(run_dir: str, dataset: str, config: dict) -> str:
     figures["ROC and precision-recall curves (test, one-vs-rest)"] = os.path.join(figures_dir, "roc_pr.png")
     curves = plot_roc_pr(y, probs, CLASSES, figures["ROC and precision-recall curves (test, one-vs-rest)"])
     metrics_for_report = dict(metrics, **curves)
-    model = load_model(run_dir)
-    gallery, layer = gradcam_gallery(model, dataset, metrics, os.path.join(run_dir, "gradcam"))
+    model = paths.load_model()
+    gallery, layer = gradcam_gallery(model, dataset, metrics, paths.gradcam)
     extra = {}
     holdout = summary.get("config", {}).get("holdout_source")
     if holdout:
@@ -119,14 +120,14 @@ def build_report(run_dir: str, dataset: str, config: dict) -> str:
             f"Every test image comes from source '{holdout}', which training and validation never saw "
             f"(train and val hold the other sources only). Compare with an in-distribution run to see "
             f"how much of the score depends on recognising the source.")
-    report = os.path.join(run_dir, "report.html")
+    report = paths.report
     write_html_report(report, title=f"covid-spark run {os.path.basename(run_dir)} — {run.get('model', '')}",
                       metrics=metrics_for_report, figures=figures, dataset_summary=summary,
                       config=run.get("config", config), versions=run.get("versions", {}),
                       gradcam=gallery, gradcam_layer=layer, extra_sections=extra or None)
     card_run = {"run_id": os.path.basename(run_dir), **{k: v for k, v in run.items()
                                                         if k not in ("config", "dataset_summary")}}
-    write_model_card(os.path.join(run_dir, "model_card.md"), run=card_run, metrics=metrics_for_report,
+    write_model_card(paths.model_card, run=card_run, metrics=metrics_for_report,
                      dataset_summary=summary, licenses=data_licenses(summary))
     logger.info("report: %s (%d figures, %d Grad-CAM overlays at layer %s)", report, len(figures), len(gallery), layer)
     return report

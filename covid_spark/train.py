@@ -6,59 +6,17 @@ import logging
 import math
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
 from covid_spark.config import CLASSES
 from covid_spark.data import check_augment
-from covid_spark.preprocess import read_summary
+from covid_spark.dataset import read_summary
+from covid_spark.rundir import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, RunDir, git_commit, versions
 from covid_spark.storage import atomic_write_json, exists_error, to_url
+from covid_spark.training import check_input_norm, check_model, class_weights
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-ARTEFACTS = ("model.keras", "history.json", "run.json", "metrics.json", "report.html", "model_card.md")
-
-
-def class_weights(train_counts: dict[str, int], mode: str) -> dict[int, float] | None:
-    """``balanced``: n / (k · n_c) per class index (as scikit-learn's); ``none``: None."""
-    if mode == "none":
-        return None
-    if mode != "balanced":
-        raise ValueError(f"train.class_weights must be 'balanced' or 'none', found {mode!r}")
-    total = sum(train_counts.get(c, 0) for c in CLASSES)
-    present = [c for c in CLASSES if train_counts.get(c, 0) > 0]
-    return {i: (total / (len(present) * train_counts[c]) if train_counts.get(c, 0) else 0.0)
-            for i, c in enumerate(CLASSES)}
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries a result depends on (those importable here)."""
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for dist in ("tensorflow-cpu", "tensorflow", "keras", "horovod", "pyspark", "petastorm",
-                 "pyarrow", "numpy", "pillow", "covid-spark"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def git_commit() -> str | None:
-    """The commit of the code that ran, or None outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def rank_env(sc, threads: int) -> dict[str, str]:
@@ -83,7 +41,8 @@ def train_fn(job: dict) -> dict:
     import tensorflow as tf
     import horovod.tensorflow.keras as hvd
 
-    from covid_spark.data import iter_split_batches, make_train_dataset
+    from covid_spark.data import make_train_dataset
+    from covid_spark.dataset import iter_split_batches
     from covid_spark.models import make_model
 
     hvd.init()
@@ -161,11 +120,12 @@ def train_fn(job: dict) -> dict:
             os.makedirs(folder, exist_ok=True)
             tmp = os.path.join(folder, f".last-{os.getpid()}.weights.h5")
             self.model.save_weights(tmp)
-            os.replace(tmp, os.path.join(folder, "last.weights.h5"))
+            os.replace(tmp, os.path.join(folder, CHECKPOINT_WEIGHTS))
             state = {"epoch": epoch + 1, "model": job["model"], "history": history}
-            with open(os.path.join(folder, ".state.json.tmp"), "w") as handle:
+            tmp_state = os.path.join(folder, f".{CHECKPOINT_STATE}.tmp")
+            with open(tmp_state, "w") as handle:
                 json.dump(state, handle)
-            os.replace(os.path.join(folder, ".state.json.tmp"), os.path.join(folder, "state.json"))
+            os.replace(tmp_state, os.path.join(folder, CHECKPOINT_STATE))
 
     best = BestWeights(job["patience"])
     callbacks = [
@@ -201,7 +161,7 @@ def train_fn(job: dict) -> dict:
               "best_epoch": None if best.best_epoch is None else best.best_epoch + 1}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
+            path = RunDir(tmp).model  # a .keras name: Keras picks the format by it
             model.save(path)
             with open(path, "rb") as handle:
                 result["model_bytes"] = handle.read()
@@ -209,49 +169,26 @@ def train_fn(job: dict) -> dict:
 
 
 def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | None:
-    """Check the model dir; return the checkpoint state to resume from, if any."""
-    ckpt = os.path.join(model_dir, CHECKPOINT_DIR)
+    """Check the model dir; return the checkpoint state to resume from, if any.
+
+    With ``overwrite``, the model's artefacts (``rundir.ARTEFACTS``) and its checkpoints are deleted
+    first; anything else in the folder (a dataset, other metrics files) is kept.
+    """
+    run = RunDir(model_dir)
     if os.path.isdir(model_dir) and os.listdir(model_dir):
         if resume:
-            state_path = os.path.join(ckpt, "state.json")
-            if not os.path.exists(state_path):
-                raise FileNotFoundError(f"--resume: no checkpoint in {ckpt} (state.json missing)")
-            with open(state_path, encoding="utf-8") as handle:
+            if not os.path.exists(run.checkpoint_state):
+                raise FileNotFoundError(f"--resume: no checkpoint in {run.checkpoints} ({CHECKPOINT_STATE} missing)")
+            with open(run.checkpoint_state, encoding="utf-8") as handle:
                 return json.load(handle)
         if not overwrite:
             raise exists_error(model_dir, " or --resume to continue from its last checkpoint")
-        for name in ARTEFACTS:
-            if os.path.exists(os.path.join(model_dir, name)):
-                os.remove(os.path.join(model_dir, name))
-        shutil.rmtree(ckpt, ignore_errors=True)
+        for path in run.artefacts():
+            if os.path.exists(path):
+                os.remove(path)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
     os.makedirs(model_dir, exist_ok=True)
     return None
-
-
-def check_model(value: str) -> str:
-    """``train.model``, checked on the driver before any work (a flag or a config file may name it).
-
-    Raises:
-        ValueError: not one of ``models.MODELS`` (names the key and the value).
-    """
-    from covid_spark.models import MODELS
-
-    if value not in MODELS:
-        raise ValueError(f"config key 'train.model' must be one of {', '.join(sorted(MODELS))}, found {value!r}")
-    return value
-
-
-def check_input_norm(value: str) -> str:
-    """``train.input_norm``, checked here on the driver (before any rank starts).
-
-    Raises:
-        ValueError: not one of ``models.INPUT_NORMS`` (names the key and the value).
-    """
-    from covid_spark.models import INPUT_NORMS
-
-    if value not in INPUT_NORMS:
-        raise ValueError(f"config key 'train.input_norm' must be one of {', '.join(INPUT_NORMS)}, found {value!r}")
-    return value
 
 
 def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, checkpoint_dir: str) -> dict:
@@ -310,17 +247,18 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     if n_train < batch * num_proc:
         raise ValueError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
     model_dir = os.path.abspath(model_dir)
+    run_dir = RunDir(model_dir)
     state = _prepare_model_dir(model_dir, overwrite, resume)
     cores = spark.sparkContext.defaultParallelism
     threads = int(cfg["threads_per_rank"]) or max(1, (os.cpu_count() or cores) // num_proc)
     steps = math.ceil(n_train / (batch * num_proc))
-    job = make_job(cfg, summary, dataset, steps, threads, os.path.join(model_dir, CHECKPOINT_DIR))
+    job = make_job(cfg, summary, dataset, steps, threads, run_dir.checkpoints)
     if state and state.get("model", cfg["model"]) != cfg["model"]:
         raise ValueError(f"--resume: {model_dir} holds a checkpoint of model {state['model']!r}, but this run "
                          f"trains {cfg['model']!r}; pass --model {state['model']} to continue it")
     if state:
         job.update(initial_epoch=int(state["epoch"]), resume_history=state.get("history", {}),
-                   resume_weights=os.path.join(model_dir, CHECKPOINT_DIR, "last.weights.h5"))
+                   resume_weights=run_dir.checkpoint_weights)
         logger.info("resuming from epoch %d of %s", state["epoch"], model_dir)
     logger.info("training %s on %d train images with %d Horovod rank(s), %d step(s) per epoch, "
                 "%d thread(s) per rank", cfg["model"], n_train, num_proc, steps, threads)
@@ -328,11 +266,11 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
                                 env=rank_env(spark.sparkContext, threads),
                                 executable=spark.sparkContext.pythonExec, start_timeout=600, verbose=1)
     rank0 = next(r for r in results if r["rank"] == 0)
-    tmp_model = os.path.join(model_dir, ".model.keras.tmp")
+    tmp_model = os.path.join(model_dir, f".{os.path.basename(run_dir.model)}.tmp")
     with open(tmp_model, "wb") as handle:
         handle.write(rank0["model_bytes"])
-    os.replace(tmp_model, os.path.join(model_dir, "model.keras"))
-    atomic_write_json(os.path.join(model_dir, "history.json"), rank0["history"])
+    os.replace(tmp_model, run_dir.model)
+    atomic_write_json(run_dir.history, rank0["history"])
     run = {
         "model": cfg["model"], "num_proc": num_proc, "classes": list(CLASSES),
         "image_size": int(summary["image_size"]), "epochs": int(cfg["epochs"]),
@@ -350,7 +288,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         "spark_master": spark.sparkContext.master,
         "wall_seconds": round(time.time() - started, 1),
     }
-    atomic_write_json(os.path.join(model_dir, "run.json"), run)
+    atomic_write_json(run_dir.run_json, run)
     logger.info("train: %s, %d epoch(s) (best %s), %.0f s → %s", cfg["model"], run["epochs_run"],
                 run["best_epoch"], run["wall_seconds"], model_dir)
     return run

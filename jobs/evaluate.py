@@ -6,8 +6,9 @@ import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config
-from covid_spark.evaluate import evaluate, metrics_path
+from covid_spark.evaluate import evaluate
 from covid_spark.metrics import format_table
+from covid_spark.rundir import RunDir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         print(f"\n{title} ({values['n']} images):")
         print(format_table(values))
     print(f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1'] or float('nan'):.3f}, "
-          f"ECE {metrics['ece']:.3f} → {args.output or metrics_path(args.model_dir, args.split)}")
+          f"ECE {metrics['ece']:.3f} → {args.output or RunDir(args.model_dir).metrics_path(args.split)}")
     return 0
 
 

@@ -18,7 +18,8 @@ from covid_spark.config import load_config, override
 from covid_spark.metrics import format_table
 from covid_spark.models import MODELS
 from covid_spark.pipeline import STAGES, StageFailed, run_pipeline
-from covid_spark.train import check_model
+from covid_spark.rundir import RunDir
+from covid_spark.training import check_model
 
 logger = logging.getLogger("covid_spark.jobs.pipeline")
 
@@ -60,18 +61,17 @@ def main(argv=None) -> int:
         if owned:
             spark.stop()
     run_dir = result["run_dir"]
-    metrics_file = os.path.join(run_dir, "metrics.json")
-    if os.path.exists(metrics_file):
-        with open(metrics_file, encoding="utf-8") as handle:
+    paths = RunDir(run_dir)
+    if os.path.exists(paths.metrics):
+        with open(paths.metrics, encoding="utf-8") as handle:
             metrics = json.load(handle)
         print(f"\nEvaluation on the test split ({metrics['n']} images):")
         print(format_table(metrics))
     print("\nstage timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()))
     print(f"pipeline: {', '.join(f'{k} {v}' for k, v in result['stages'].items() if v)}")
     print(f"outputs:  {run_dir}")
-    report = os.path.join(run_dir, "report.html")
-    if os.path.exists(report):
-        print(f"report:   {report}")
+    if os.path.exists(paths.report):
+        print(f"report:   {paths.report}")
     return 0
 
 

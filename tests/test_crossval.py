@@ -84,7 +84,7 @@ def test_main_refuses_one_fold(capsys):
 def test_cross_validation_on_the_pipeline_dataset(pipeline_run, tmp_path):
     from sklearn.metrics import f1_score
 
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     out = str(tmp_path / "cv.json")
     assert crossval_job.main(["--dataset", pipeline_run["dataset"], "--output", out, "--model", "compact",

@@ -44,7 +44,7 @@ def _equalize_numpy(grey: np.ndarray) -> np.ndarray:
 
 
 def test_histogram_equalization_layer_matches_the_textbook_and_survives_saving(tmp_path):
-    from covid_spark.evaluate import load_model  # loads our layer without custom_objects
+    from covid_spark.rundir import RunDir  # loads our layer without custom_objects
     from covid_spark.layers import HistogramEqualization
 
     rng = np.random.default_rng(1)
@@ -62,7 +62,7 @@ def test_histogram_equalization_layer_matches_the_textbook_and_survives_saving(t
     os.makedirs(tmp_path / "m")
     model.save(str(tmp_path / "m" / "model.keras"))
     batch = rng.integers(0, 255, (2, 32, 32, 3)).astype("float32")
-    again = load_model(str(tmp_path / "m"))
+    again = RunDir(tmp_path / "m").load_model()
     np.testing.assert_allclose(again(batch, training=False).numpy(), model(batch, training=False).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="train.input_norm.*'clahe'"):
         make_model("compact", (32, 32, 3), input_norm="clahe")

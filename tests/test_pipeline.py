@@ -19,7 +19,7 @@ def _summary(run):
 
 
 def test_dataset_rows_equal_readable_inputs(pipeline_run):
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     summary = _summary(pipeline_run)
     # 40 real images + 1 corrupt (rejected) + 1 hidden file (skipped by name)
@@ -54,7 +54,7 @@ def test_run_json_and_history(pipeline_run):
 
 def test_metrics_match_recomputation_from_predict_csv(pipeline_run, tmp_path):
     """Predict the test split's files, recompute metrics from the CSV and the true labels."""
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     test = load_split(pipeline_run["dataset"], "test", fields=("label", "path"))
     manifest = tmp_path / "manifest.csv"

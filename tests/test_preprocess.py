@@ -133,7 +133,7 @@ def test_every_input_is_accounted_for(written):
 
 
 def test_stored_pixels_equal_the_shared_decode(written):
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     out, summary, expected = written
     seen = 0
@@ -154,7 +154,7 @@ def test_stored_pixels_equal_the_shared_decode(written):
 
 
 def test_unusual_formats_keep_their_content(written):
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     out, summary, _ = written
     rows = {}
@@ -173,7 +173,7 @@ def test_unusual_formats_keep_their_content(written):
 
 
 def test_duplicates_are_reported_and_share_a_split(written):
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     out, summary, _ = written
     groups = [sorted(os.path.basename(p) for p in g) for g in summary["duplicates"]]
@@ -282,7 +282,7 @@ def test_task_retry_loses_and_duplicates_nothing(corpus, tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists()  # the fault really happened
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     with open(out / "_summary.json") as handle:
         summary = json.load(handle)
@@ -296,7 +296,7 @@ def test_task_retry_loses_and_duplicates_nothing(corpus, tmp_path):
 def test_several_inputs_in_one_run(spark, tmp_path):
     """Two collections in one run: sources, namespaced patients, per-input counts, cross-input
     duplicates in one split, a file listed twice written once, data below a hidden directory."""
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
     from covid_spark.preprocess import preprocess
 
     rng = np.random.default_rng(3)
@@ -356,7 +356,7 @@ def test_grey_images_are_stored_with_one_channel_and_read_with_three(written):
 
     import pyarrow.parquet as pq
 
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
     from covid_spark.schema import XraySchema
 
     out, summary, _ = written

@@ -46,7 +46,7 @@ def tiny(spark, tmp_path_factory) -> dict:
     import tensorflow as tf
 
     from covid_spark.config import load_config, override
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
     from covid_spark.models import make_model
     from covid_spark.preprocess import preprocess
 
@@ -75,16 +75,16 @@ def tiny(spark, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    from covid_spark.evaluate import load_model
+    from covid_spark.rundir import RunDir
 
-    return load_model(tiny["model_dir"])
+    return RunDir(tiny["model_dir"]).load_model()
 
 
-# ----------------------------------------------------------------------------- data.iter_split_batches
+# ----------------------------------------------------------------------------- dataset.iter_split_batches
 
 
 def test_split_batches_hold_every_row_once_with_its_image(tiny):
-    from covid_spark.data import iter_split_batches, load_split
+    from covid_spark.dataset import iter_split_batches, load_split
 
     whole = load_split(tiny["dataset"], "train", fields=("image", "label", "source"))
     batches = list(iter_split_batches(tiny["dataset"], "train", fields=("image", "label", "source"), batch_size=7))
@@ -100,7 +100,7 @@ def test_split_batches_hold_every_row_once_with_its_image(tiny):
 
 def test_whole_split_reads_never_drop_rows(tiny):
     """Petastorm's make_reader(num_epochs=1) dropped the last row groups of about one read in four here."""
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
 
     expected = tiny["summary"]["per_split"]
     for _ in range(8):
@@ -113,7 +113,7 @@ def test_whole_split_reads_never_drop_rows(tiny):
 
 
 def test_split_batches_can_read_only_some_paths(tiny):
-    from covid_spark.data import iter_split_batches, load_split
+    from covid_spark.dataset import iter_split_batches, load_split
 
     whole = load_split(tiny["dataset"], "test", fields=("image",))
     wanted = {str(whole["path"][i]): whole["image"][i] for i in (0, 5, len(whole["path"]) - 1)}
@@ -132,7 +132,7 @@ def test_split_batches_memory_does_not_grow_with_the_split(tiny):
     import gc
     import tracemalloc
 
-    from covid_spark.data import iter_split_batches, load_split
+    from covid_spark.dataset import iter_split_batches, load_split
 
     split_bytes = load_split(tiny["dataset"], "train", fields=("image",))["image"].nbytes
     gc.collect()
@@ -164,7 +164,9 @@ class CountingModel:
 
 
 def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monkeypatch):
-    from covid_spark import data, evaluate
+    from covid_spark import dataset as data
+    from covid_spark import evaluate
+    from covid_spark.rundir import RunDir
     from covid_spark.metrics import (bootstrap_ci, expected_calibration_error, fit_temperature, metrics_by_group,
                                      softmax)
 
@@ -176,7 +178,7 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
     y = test["label"].astype(int)
 
     counting = CountingModel(model)
-    monkeypatch.setattr(evaluate, "load_model", lambda model_dir: counting)
+    monkeypatch.setattr(RunDir, "load_model", lambda self: counting)
 
     def refuse(*args, **kwargs):
         raise AssertionError("evaluate must not load a whole split")
@@ -217,7 +219,7 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
 def test_gradcam_gallery_reads_only_its_examples(tiny, model, monkeypatch, tmp_path):
     from PIL import Image
 
-    from covid_spark import data
+    from covid_spark import dataset as data
     from covid_spark.evaluate import evaluate
     from covid_spark.explain import grad_cam, overlay
     from covid_spark.run_report import gradcam_gallery, pick_examples
@@ -404,7 +406,7 @@ def test_evaluate_another_dataset_without_near_copies_of_the_training_data(spark
     """--split all on another dataset, dropping near-copies of the model's train/val images by their stored hashes."""
     import shutil
 
-    from covid_spark.data import load_split
+    from covid_spark.dataset import load_split
     from covid_spark.evaluate import evaluate
     from covid_spark.preprocess import preprocess
 

@@ -27,12 +27,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_model_dir(folder: str, model: str = "efficientnet_lite0", image_size: int = 224) -> str:
-    """A model dir as train.py leaves it (``model.keras`` and ``run.json``), with an untrained head."""
-    from covid_spark.config import CLASSES
+def make_model_dir(folder: str, model: str = "efficientnet_lite0", image_size: int | None = None) -> str:
+    """A model dir as train.py leaves it (``model.keras`` and ``run.json``), with an untrained head;
+    ``image_size`` defaults to the library's ``DEFAULT_IMAGE_SIZE``."""
+    from covid_spark.config import CLASSES, DEFAULT_IMAGE_SIZE
     from covid_spark.models import make_model
     from covid_spark.rundir import RunDir
 
+    image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
     os.makedirs(folder, exist_ok=True)
     make_model(model, (image_size, image_size, 3), len(CLASSES)).save(RunDir(folder).model)
     with open(RunDir(folder).run_json, "w", encoding="utf-8") as handle:

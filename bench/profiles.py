@@ -81,9 +81,10 @@ def keras_layer_stack(augment: dict):
     return keras.Sequential(stack, name="augment")
 
 
-def profile_augment(batch_size: int = 32, size: int = 224, repeats: int = 5) -> str:
+def profile_augment(batch_size: int = 32, size: int | None = None, repeats: int = 5) -> str:
     """Milliseconds per image of the augmentation as trained (``covid_spark.data.augment_batch``: one
-    composed resampling) against the former Keras layer stack, layer by layer, on one intra-op thread."""
+    composed resampling) against the former Keras layer stack, layer by layer, on one intra-op thread.
+    ``size``: image side in pixels, by default the config's ``preprocess.image_size``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
     import tensorflow as tf
@@ -93,7 +94,9 @@ def profile_augment(batch_size: int = 32, size: int = 224, repeats: int = 5) -> 
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
-    augment = default_config()["train"]["augment"]
+    config = default_config()
+    augment = config["train"]["augment"]
+    size = int(config["preprocess"]["image_size"]) if size is None else size
     stack = keras_layer_stack(augment)
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch_size, size, size, 3)), tf.float32)
     lines = [f"augmentation of a {batch_size}×{size}×{size}×3 float batch, 1 intra-op thread "

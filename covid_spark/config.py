@@ -8,6 +8,11 @@ from typing import Any, Mapping
 import yaml
 
 CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
+# The one definition of the default input image size (square, pixels) in the library: where a function
+# needs a default size it takes this one. The user's default is ``preprocess.image_size`` in
+# defaults.yaml, which must equal it (tests/test_config.py checks); a dataset's own size is the
+# ``image_size`` of its _summary.json, and a run's the ``image_size`` of its run.json.
+DEFAULT_IMAGE_SIZE: int = 224
 
 
 def _merge(base: dict, override: Mapping, where: str) -> dict:

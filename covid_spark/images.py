@@ -50,6 +50,8 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from covid_spark.config import DEFAULT_IMAGE_SIZE
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -174,7 +176,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         raise ImageRejected(f"unsupported colour mode {mode}: {exc}") from exc
 
 
-def decode_image(data: bytes, size: int = 224, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes into a ``(size, size, 3)`` uint8 RGB array.
 
     Args:

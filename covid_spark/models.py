@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+from covid_spark.config import DEFAULT_IMAGE_SIZE
+
+# Builders' default input: the library's default image size, RGB.
+DEFAULT_INPUT_SHAPE = (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3)
+
 # Few steps per epoch on small datasets: a faster-moving BN average keeps inference statistics current.
 BN_MOMENTUM = 0.9
 ORIGINAL_FILTERS = (8, 16, 32, 16, 32, 64, 32, 64, 128, 64, 256, 128, 256)
@@ -30,9 +35,10 @@ def model_input(input_shape, input_norm: str = "none"):
     return inputs, HistogramEqualization(name="equalize")(inputs)
 
 
-def original_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.5, input_norm: str = "none"):
+def original_model(input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 3, dropout: float = 0.5, input_norm: str = "none"):
     """The university project's CNN, unchanged: 13 × [Conv 3×3 same → LeakyReLU → MaxPool 2 same],
-    Flatten → Dense 256 → LeakyReLU → Dropout → Dense softmax (1,022,883 parameters at 224×224×3).
+    Flatten → Dense 256 → LeakyReLU → Dropout → Dense softmax (1,022,883 parameters for 3 classes;
+    the same at any input up to 8192×8192, which 13 poolings bring to 1×1).
     """
     from tensorflow import keras
     from tensorflow.keras import layers
@@ -51,7 +57,7 @@ def original_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: flo
     return keras.Model(inputs, outputs, name="original")
 
 
-def compact_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.3,
+def compact_model(input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 3, dropout: float = 0.3,
                   weight_decay: float = 1e-4, input_norm: str = "none"):
     """A small residual, depthwise-separable CNN with batch normalisation and global average pooling.
 
@@ -95,6 +101,9 @@ LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# The size the ImageNet weights were trained at and the ImageNet check runs at: a fact of the weights,
+# not a default of this project (that is config.DEFAULT_IMAGE_SIZE).
+IMAGENET_INPUT_SIZE = 224
 
 
 def efficientnet_lite0_features(inputs, bn_epsilon: float = 1e-3):
@@ -126,7 +135,7 @@ def efficientnet_lite0_features(inputs, bn_epsilon: float = 1e-3):
     return conv_bn(x, 1280, 1, 1, "head_conv")
 
 
-def efficientnet_lite0_model(input_shape=(224, 224, 3), num_classes: int = 3, dropout: float = 0.2,
+def efficientnet_lite0_model(input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 3, dropout: float = 0.2,
                              pretrained: bool = True, train_bn: bool = False, input_norm: str = "none"):
     """EfficientNet-Lite0 with ImageNet weights (transfer learning), GAP → Dropout → Dense softmax.
 
@@ -161,7 +170,7 @@ def efficientnet_lite0_imagenet():
 
     from covid_spark.pretrained import load_efficientnet_lite0
 
-    inputs = keras.Input(shape=(224, 224, 3), name="image")
+    inputs = keras.Input(shape=(IMAGENET_INPUT_SIZE, IMAGENET_INPUT_SIZE, 3), name="image")
     x = layers.GlobalAveragePooling2D(name="gap")(efficientnet_lite0_features(inputs))
     model = keras.Model(inputs, layers.Dense(1000, name="imagenet_logits")(x), name="efficientnet_lite0_imagenet")
     load_efficientnet_lite0(model, include_top=True)
@@ -172,7 +181,7 @@ MODELS: dict[str, Callable] = {"original": original_model, "compact": compact_mo
                                "efficientnet_lite0": efficientnet_lite0_model}
 
 
-def make_model(name: str, input_shape=(224, 224, 3), num_classes: int = 3, input_norm: str = "none"):
+def make_model(name: str, input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 3, input_norm: str = "none"):
     """Build the named architecture; ``input_norm`` as for :func:`model_input`.
 
     Raises:

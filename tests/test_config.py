@@ -106,3 +106,49 @@ def test_make_targets_pass_inputs_config_and_epochs():
     ev = " ".join(_make_dry_run("evaluate", "DATASET=ds", "MODEL_DIR=m", "SPLIT=all", "EXCLUDE=other",
                                 "OUT=x.json").replace("\\\n", " ").split())
     assert "jobs/evaluate.py --dataset ds --model-dir m --split all --exclude-near-copies-of other --output x.json" in ev
+
+
+# ----------------------------------------------------------------------------- the input image size, defined once
+
+# The literal 224 may appear in code only here: the library's default, and the ImageNet weights' own size.
+ALLOWED_224 = {("covid_spark/config.py", "DEFAULT_IMAGE_SIZE"), ("covid_spark/models.py", "IMAGENET_INPUT_SIZE")}
+
+
+def test_the_users_default_image_size_is_the_librarys():
+    import inspect
+
+    from covid_spark.config import DEFAULT_IMAGE_SIZE
+    from covid_spark.images import decode_image
+    from covid_spark.models import DEFAULT_INPUT_SHAPE
+
+    assert load_config()["preprocess"]["image_size"] == DEFAULT_IMAGE_SIZE
+    assert DEFAULT_INPUT_SHAPE == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3)
+    assert inspect.signature(decode_image).parameters["size"].default == DEFAULT_IMAGE_SIZE
+
+
+def test_no_other_224_in_the_code():
+    """Numbers in code, not docstrings or comments (those may say what a map's size is at 224)."""
+    import ast
+    import io
+    import os
+    import tokenize
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found, allowed = [], set()
+    for folder in ("covid_spark", "jobs", "bench"):
+        for name in sorted(os.listdir(os.path.join(repo, folder))):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(repo, folder, name), encoding="utf-8") as handle:
+                text = handle.read()
+            for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+                if tok.type == tokenize.NUMBER and ast.literal_eval(tok.string) == 224:
+                    line = tok.line.strip()
+                    here = [(f"{folder}/{name}", const) for f, const in ALLOWED_224
+                            if f == f"{folder}/{name}" and line.split("=")[0].split(":")[0].strip() == const]
+                    if here:
+                        allowed.update(here)
+                    else:
+                        found.append(f"{folder}/{name}:{tok.start[0]}: {line}")
+    assert found == [], "use covid_spark.config.DEFAULT_IMAGE_SIZE or the config's preprocess.image_size"
+    assert allowed == ALLOWED_224

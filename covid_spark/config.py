@@ -29,17 +29,23 @@ def _merge(base: dict, override: Mapping, where: str) -> dict:
 
 
 def default_config() -> dict[str, Any]:
-    """Return a fresh copy of the packaged defaults."""
+    """Return a fresh copy of the packaged defaults: defaults.yaml, with ``train.per_model`` filled from
+    the model registry (``covid_spark.models.REGISTRY``: each architecture's own train values)."""
+    from covid_spark.models import REGISTRY
+
     text = resources.files("covid_spark").joinpath("defaults.yaml").read_text()
-    return yaml.safe_load(text)
+    config = yaml.safe_load(text)
+    config["train"]["per_model"] = {name: copy.deepcopy(dict(spec.train_defaults)) for name, spec in REGISTRY.items()}
+    return config
 
 
 def load_config(path: str | None = None, model: str | None = None) -> dict[str, Any]:
     """Load the defaults, overlaid with the YAML file at ``path`` when given.
 
     ``train.per_model`` holds each architecture's own hyperparameters (a pretrained network wants a
-    smaller learning rate than one trained from scratch). Those of the model named by ``model`` (a
-    command-line flag) or else by ``train.model`` replace the general ``train`` values, except the
+    smaller learning rate than one trained from scratch): ``models.REGISTRY[name].train_defaults``,
+    unless the YAML file sets ``train.per_model.<name>.<key>``. Those of the model named by ``model``
+    (a command-line flag) or else by ``train.model`` replace the general ``train`` values, except the
     ones the YAML file sets itself: defaults < per-model defaults < YAML file < flags.
 
     Raises:

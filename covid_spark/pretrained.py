@@ -154,14 +154,20 @@ def load_efficientnet_lite0(model, state: dict | None = None, include_top: bool 
 
 
 def provenance(model_name: str) -> dict | None:
-    """Where a model's starting weights came from (for run.json and the model card); None when from scratch."""
-    if model_name != "efficientnet_lite0":
-        return None
+    """Where a model's starting weights came from (for run.json and the model card), from its entry in
+    ``models.REGISTRY`` with the installed package's version and the file's SHA-256; None when the
+    model is trained from scratch or is not in the registry."""
     import hashlib
     from importlib.metadata import version
 
-    path = efficientnet_lite0_weights_path()
+    from covid_spark.models import REGISTRY
+
+    spec = REGISTRY.get(model_name)
+    if spec is None or spec.weights is None:
+        return None
+    weights = spec.weights
+    path = weights.path()
     with open(path, "rb") as handle:
         digest = hashlib.sha256(handle.read()).hexdigest()
-    return {"weights": "EfficientNet-Lite0, ImageNet-1k", "package": f"{WEIGHTS_PACKAGE}=={version(WEIGHTS_PACKAGE)}",
-            "license": "Apache-2.0", "file": os.path.basename(path), "sha256": digest}
+    return {"weights": weights.description, "package": f"{weights.package}=={version(weights.package)}",
+            "license": weights.license, "file": os.path.basename(path), "sha256": digest}

@@ -66,3 +66,50 @@ def test_histogram_equalization_layer_matches_the_textbook_and_survives_saving(t
     np.testing.assert_allclose(again(batch, training=False).numpy(), model(batch, training=False).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="train.input_norm.*'clahe'"):
         make_model("compact", (32, 32, 3), input_norm="clahe")
+
+
+# ----------------------------------------------------------------------------- the model registry
+
+
+def _build(spec, size: int):
+    """The entry's model without its pretrained weights (shapes and layers are the same)."""
+    extra = {"pretrained": False} if spec.pretrained else {}
+    return spec.build(input_shape=(size, size, 3), num_classes=3, input_norm="none", **extra)
+
+
+def test_registry_is_what_models_and_make_model_offer():
+    from covid_spark.models import MODELS, REGISTRY
+
+    assert sorted(MODELS) == sorted(REGISTRY) == ["compact", "efficientnet_lite0", "original"]
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and MODELS[name] is spec.build and spec.description
+    assert [n for n, s in REGISTRY.items() if s.pretrained] == ["efficientnet_lite0"]
+    model = make_model("compact", (32, 32, 3))
+    assert model.name == "compact" and model.count_params() == REGISTRY["compact"].params
+
+
+def test_registry_train_defaults_are_what_load_config_gives(tmp_path):
+    from covid_spark.config import default_config, load_config
+    from covid_spark.models import REGISTRY
+
+    assert default_config()["train"]["per_model"] == {n: dict(s.train_defaults) for n, s in REGISTRY.items()}
+    for name, spec in REGISTRY.items():
+        train = load_config(model=name)["train"]
+        assert {k: train[k] for k in spec.train_defaults} == dict(spec.train_defaults)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  per_model:\n    compact: {epochs: 3}\n")
+    train = load_config(str(mine), model="compact")["train"]
+    assert train["epochs"] == 3 and train["learning_rate"] == REGISTRY["compact"].train_defaults["learning_rate"]
+    assert REGISTRY["compact"].train_defaults["epochs"] == 40  # the registry itself is not changed
+    with pytest.raises(TypeError):
+        REGISTRY["compact"].train_defaults["epochs"] = 1
+
+
+def test_registry_weights_name_the_package_provenance_reports():
+    from covid_spark.models import REGISTRY
+    from covid_spark.pretrained import WEIGHTS_PACKAGE, provenance
+
+    spec = REGISTRY["efficientnet_lite0"]
+    assert spec.weights.package == WEIGHTS_PACKAGE and spec.weights.license == "Apache-2.0"
+    assert all(provenance(n) is None for n, s in REGISTRY.items() if not s.pretrained)
+    assert provenance("resnet") is None

@@ -48,6 +48,43 @@ def _spatial_size(layer) -> tuple[int | None, int | None] | None:
 
 
 def pick_gradcam_layer(model, min_size: int = 7) -> str:
+    """Name of the convolution layer Grad-CAM reads for ``model``.
+
+    The model registry's layer (``models.REGISTRY[model.name].gradcam_layer``; a saved model keeps
+    its architecture's name) when the model holds it with a feature map at least ``min_size`` in both
+    dims; otherwise :func:`last_conv_layer`: a model the registry does not know, one saved by a version
+    whose layers differ, or an input so small that the registry's map is below ``min_size``.
+
+    Raises:
+        ValueError: if the model has no such layer (the message names the model and its conv layers).
+    """
+    name = registry_layer(model)
+    if name is not None:
+        h, w = _spatial_size(model.get_layer(name))
+        if h is not None and w is not None and h >= min_size and w >= min_size:
+            return name
+        log.info("Grad-CAM: %r's registry layer %s is %sx%s, under %d; searching for a larger one",
+                 model.name, name, h, w, min_size)
+    return last_conv_layer(model, min_size)
+
+
+def registry_layer(model) -> str | None:
+    """The Grad-CAM layer the model registry names for ``model.name``, when the model has that layer
+    and its output is 4-D (n, h, w, c); otherwise None."""
+    from covid_spark.models import REGISTRY
+
+    spec = REGISTRY.get(model.name)
+    if spec is None:
+        return None
+    try:
+        layer = model.get_layer(spec.gradcam_layer)
+    except ValueError:
+        log.info("Grad-CAM: model %r has no layer %s (saved by an older version?)", model.name, spec.gradcam_layer)
+        return None
+    return spec.gradcam_layer if _spatial_size(layer) is not None else None
+
+
+def last_conv_layer(model, min_size: int = 7) -> str:
     """Name of the last convolution layer whose feature map is at least ``min_size`` in both dims.
 
     Convolution layers are those whose class name contains "Conv" (Conv2D, SeparableConv2D,
@@ -110,7 +147,8 @@ def grad_cam(
     Args:
         model: a built tf.keras classifier taking raw pixel values (it rescales internally).
         images: uint8 array (n, h, w, c), as fed to the model.
-        layer_name: convolution layer to explain; default :func:`pick_gradcam_layer`.
+        layer_name: convolution layer to explain; default :func:`pick_gradcam_layer` (the model
+            registry's layer for a model it knows).
         class_index: class to explain: one int for all images, an int array (n,), or ``None``
             for each image's predicted class.
         batch_size: images per forward/backward pass.

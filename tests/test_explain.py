@@ -149,3 +149,40 @@ def test_overlay():
     np.testing.assert_array_equal(grey, img)
     with pytest.raises(ValueError, match="does not match"):
         overlay(img, np.zeros((3, 3)))
+
+
+def _named(name: str, conv_names: tuple[str, str]):
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = layers.Conv2D(4, 3, padding="same", name=conv_names[0])(inputs)  # 32x32
+    x = layers.Conv2D(4, 3, padding="same", name=conv_names[1])(layers.MaxPooling2D(2)(x))  # 16x16
+    outputs = layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name=name)
+
+
+def test_pick_layer_reads_the_model_registry_by_model_name():
+    from covid_spark.explain import last_conv_layer, registry_layer
+
+    model = _named("compact", ("stage4_conv2", "later"))  # the registry's layer is not the last conv here
+    assert registry_layer(model) == "stage4_conv2"
+    assert pick_gradcam_layer(model) == "stage4_conv2" and last_conv_layer(model) == "later"
+    # the registry's map under min_size (a small input): the last convolution that is big enough
+    small = _named("compact", ("first", "stage4_conv2"))
+    assert pick_gradcam_layer(small) == "stage4_conv2" and pick_gradcam_layer(small, min_size=20) == "first"
+    with pytest.raises(ValueError, match="at least 40x40"):
+        pick_gradcam_layer(small, min_size=40)
+    # saved by an older version without the registry's layer: the last convolution, as before
+    older = _named("compact", ("c1", "c2"))
+    assert registry_layer(older) is None and pick_gradcam_layer(older) == "c2"
+    # a model the registry does not know
+    assert registry_layer(_named("mine", ("stage4_conv2", "later"))) is None
+
+
+def test_a_saved_model_keeps_its_name_and_so_its_registry_layer(tmp_path):
+    from covid_spark.explain import registry_layer
+    from covid_spark.models import make_model
+    from covid_spark.rundir import RunDir
+
+    os.makedirs(tmp_path / "m")
+    make_model("compact", (32, 32, 3)).save(RunDir(tmp_path / "m").model)
+    loaded = RunDir(tmp_path / "m").load_model()
+    assert loaded.name == "compact" and registry_layer(loaded) == "stage4_conv2"

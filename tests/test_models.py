@@ -88,6 +88,34 @@ def test_registry_is_what_models_and_make_model_offer():
     assert model.name == "compact" and model.count_params() == REGISTRY["compact"].params
 
 
+def test_every_entry_builds_small_with_its_grad_cam_layer():
+    from covid_spark.explain import last_conv_layer, pick_gradcam_layer, registry_layer
+    from covid_spark.models import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        model = _build(spec, 64)
+        assert model.name == name  # a saved model keeps it: how explain finds the entry
+        assert model.output_shape == (None, 3)
+        assert model.count_params() == spec.params  # GAP, or 13 poolings to 1×1: the same at any size
+        layer = model.get_layer(spec.gradcam_layer)
+        assert "Conv" in type(layer).__name__ and len(layer.output_shape) == 4, name
+        assert registry_layer(model) == spec.gradcam_layer
+        # at 64 px the registry's map is under 7×7: Grad-CAM takes the last larger one instead
+        assert layer.output_shape[1] < 7
+        assert pick_gradcam_layer(model) == last_conv_layer(model, 7) != spec.gradcam_layer
+
+
+def test_registry_grad_cam_layer_is_the_last_7x7_map_at_the_default_size():
+    from covid_spark.config import DEFAULT_IMAGE_SIZE
+    from covid_spark.explain import last_conv_layer, pick_gradcam_layer
+    from covid_spark.models import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        model = _build(spec, DEFAULT_IMAGE_SIZE)
+        assert model.get_layer(spec.gradcam_layer).output_shape[1:3] == (7, 7), name
+        assert pick_gradcam_layer(model) == last_conv_layer(model, 7) == spec.gradcam_layer
+
+
 def test_registry_train_defaults_are_what_load_config_gives(tmp_path):
     from covid_spark.config import default_config, load_config
     from covid_spark.models import REGISTRY

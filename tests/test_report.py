@@ -407,3 +407,57 @@ def test_per_source_rows_are_built_once_for_the_report_and_the_card(tmp_path, re
     for r in table.rows:
         assert "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" in page
         assert "| " + " | ".join(r) + " |" in card
+
+
+DATA_CARD = """# tiny: a data card
+
+| source | covid | normal | what it is |
+|---|---:|---:|---|
+| kermany | 0 | 191 | Kermany et al. pediatric chest X-rays (Guangzhou). |
+| nih | 0 | 454 | NIH ChestX-ray14, adults |
+
+| split | images |
+|---|---|
+| hannover | not a source table |
+"""
+
+
+def test_data_card_sources_reads_the_source_table_only():
+    assert R.data_card_sources(DATA_CARD) == {"kermany": "Kermany et al. pediatric chest X-rays (Guangzhou).",
+                                              "nih": "NIH ChestX-ray14, adults"}
+    assert R.data_card_sources("| source | covid |\n|---|---|\n| nih | 3 |\n") == {}  # no description column
+
+
+def test_card_describes_sources_from_the_data_card_first(tmp_path):
+    from covid_spark.run_report import data_card_notes
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "manifest.csv").write_text("path,label,source\nx.png,normal,nih\n")
+    (tmp_path / "tiny" / "README.md").write_text(DATA_CARD)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "manifest.csv").write_text("path,label,source\nx.png,covid,hannover\n")
+    notes = data_card_notes({"input": [str(tmp_path / "tiny"), str(tmp_path / "bare"), str(tmp_path / "missing")]})
+    assert sorted(notes) == ["kermany", "nih"]
+    out = tmp_path / "card.md"
+    R.write_model_card(str(out), run={"run_id": "r1"}, metrics=_xl_metrics(), dataset_summary=XL_SUMMARY,
+                       licenses=None, source_notes=notes)
+    limitations = out.read_text(encoding="utf-8").split("## Known limitations")[1]
+    assert "**Source kermany** (data card): Kermany et al. pediatric chest X-rays (Guangzhou).\n" in limitations
+    assert "**Source nih** (data card): NIH ChestX-ray14" in limitations
+    # sources the card does not describe keep the built-in sentence
+    assert f"**Source hannover.** {R.KNOWN_SOURCES['hannover']}" in limitations
+    assert R.KNOWN_SOURCES["kermany"] not in limitations
+    page = R.render_html_report(title="t", metrics=_xl_metrics(), figures={}, dataset_summary=XL_SUMMARY,
+                                config={}, versions={}, source_notes=notes)
+    assert "<strong>Source kermany</strong> (data card): Kermany et al." in page
+
+
+def test_data_card_notes_of_the_real_cxr3():
+    from covid_spark.run_report import data_card_notes
+    from tests.conftest import CXR3
+
+    if not os.path.isfile(os.path.join(CXR3, "README.md")):
+        pytest.skip(f"no data card at {CXR3}")
+    notes = data_card_notes({"input": [CXR3]})
+    assert sorted(notes) == ["actualmed", "ieee8023", "kaggle3way"]
+    assert "pediatric" in notes["kaggle3way"]

@@ -12,8 +12,8 @@ The names below are the public interface; ``covid_spark.run_report`` assembles a
 """
 
 from covid_spark.metrics import roc_pr_curves
-from covid_spark.report.card import (KNOWN_SOURCES, data_limitations, licence_note, source_confounding,
-                                     training_data_lines, write_model_card)
+from covid_spark.report.card import (KNOWN_SOURCES, data_card_sources, data_limitations, licence_note,
+                                     source_confounding, training_data_lines, write_model_card)
 from covid_spark.report.figures import (confusion_figure, history_figure, plot_confusion, plot_history,
                                         plot_roc_pr, roc_pr_figure)
 from covid_spark.report.html import render_html_report, write_html_report
@@ -21,7 +21,7 @@ from covid_spark.report.summary import patient_id_status
 from covid_spark.report.tables import MAX_LIST_SHOWN
 
 __all__ = [
-    "KNOWN_SOURCES", "MAX_LIST_SHOWN", "confusion_figure", "data_limitations", "history_figure",
+    "KNOWN_SOURCES", "MAX_LIST_SHOWN", "confusion_figure", "data_card_sources", "data_limitations", "history_figure",
     "licence_note", "patient_id_status", "plot_confusion", "plot_history", "plot_roc_pr",
     "render_html_report", "roc_pr_curves", "roc_pr_figure", "source_confounding", "training_data_lines",
     "write_html_report", "write_model_card",

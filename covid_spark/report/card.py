@@ -20,7 +20,8 @@ from covid_spark.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-#: One sentence each about public collections we know; shown only for sources present in the data.
+#: One sentence each about public collections we know: shown for a source present in the data
+#: only when the dataset's own data card (see :func:`data_card_sources`) does not describe it.
 KNOWN_SOURCES = {
     "kaggle3way": "Pediatric patients (Guangzhou); where the other classes are adults, age is a shortcut "
                   "between classes.",
@@ -53,6 +54,28 @@ def _cap(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- text about the data
+
+
+def data_card_sources(markdown: str) -> dict[str, str]:
+    """Per source, its description in a data card: the rows of markdown tables whose header starts
+    with a ``source`` column and has a ``what it is`` (or ``description``) column."""
+    out: dict[str, str] = {}
+    column = None
+    for line in markdown.splitlines():
+        line = line.strip()
+        if not (line.startswith("|") and line.endswith("|")):
+            column = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if column is None:
+            names = [c.lower() for c in cells]
+            if names and names[0] == "source":
+                column = next((i for i, c in enumerate(names) if c in ("what it is", "description")), None)
+        elif set(line.replace("|", "").strip()) <= set("-: ") or len(cells) <= column:
+            continue  # the separator row
+        elif cells[0] and cells[column]:
+            out[cells[0]] = cells[column]
+    return out
 
 
 def source_confounding(summary: Mapping | None, classes: Sequence[str] = ()) -> str:
@@ -101,7 +124,8 @@ def source_confounding(summary: Mapping | None, classes: Sequence[str] = ()) -> 
     return text + " Compare the per-source metrics."
 
 
-def data_limitations(summary: Mapping | None, metrics: Mapping) -> list[str]:
+def data_limitations(summary: Mapping | None, metrics: Mapping,
+                     source_notes: Mapping[str, str] | None = None) -> list[str]:
     """The model card's "Known limitations" bullets (markdown), computed from a dataset summary.
 
     Args:
@@ -109,6 +133,8 @@ def data_limitations(summary: Mapping | None, metrics: Mapping) -> list[str]:
             Uses ``per_source_class``, ``patient_ids_per_source`` (both optional), ``per_source``,
             ``per_class``, ``per_split``, ``per_split_class`` and ``config.holdout_source``.
         metrics: the test metrics; only their class order is used.
+        source_notes: per source, its description from the data's own data card
+            (:func:`data_card_sources`); :data:`KNOWN_SOURCES` describes the sources it lacks.
     """
     not_validated = ("**Not externally validated.** All images come from public collections{}; performance "
                      "on another hospital's images is unknown.")
@@ -120,7 +146,11 @@ def data_limitations(summary: Mapping | None, metrics: Mapping) -> list[str]:
     sources = sources_of(summary)
     out = [source_confounding(summary, classes)]
 
-    out += [f"**Source {s}.** {KNOWN_SOURCES[s.lower()]}" for s in sources if s.lower() in KNOWN_SOURCES]
+    for s in sources:
+        if (source_notes or {}).get(s):
+            out.append(f"**Source {s}** (data card): {source_notes[s].rstrip('.')}.")
+        elif s.lower() in KNOWN_SOURCES:
+            out.append(f"**Source {s}.** {KNOWN_SOURCES[s.lower()]}")
 
     counts = patient_id_counts(summary)
     if counts:
@@ -238,7 +268,7 @@ def training_data_lines(summary: Mapping, classes: Sequence[str] = ()) -> list[s
 
 
 def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: dict | None,
-                     licenses: list[str] | None) -> None:
+                     licenses: list[str] | None, source_notes: Mapping[str, str] | None = None) -> None:
     """Write a markdown model card (model, data, metrics, intended use, limitations, licences).
 
     The training-data description, the known limitations (:func:`data_limitations`) and the
@@ -252,6 +282,7 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
             ``per_source``, ``per_input`` and ``patient_wise`` used when present).
         dataset_summary: a preprocess ``_summary.json`` dict, or ``None``.
         licenses: licence statements of the training data, or ``None``.
+        source_notes: per source, its description in the data card (see :func:`data_limitations`).
     """
     classes = classes_of(metrics)
     title = run.get("run_id") or run.get("name") or "unnamed run"
@@ -302,7 +333,7 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
             "treat patients, or in any clinical decision.", ""]
 
     out += ["## Known limitations", ""]
-    out += [f"- {item}" for item in data_limitations(dataset_summary, metrics)] + [""]
+    out += [f"- {item}" for item in data_limitations(dataset_summary, metrics, source_notes)] + [""]
 
     out += ["## Data licences", ""]
     if licenses:

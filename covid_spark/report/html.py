@@ -70,6 +70,7 @@ def render_html_report(
     gradcam: list[dict] | None = None,
     gradcam_layer: str | None = None,
     extra_sections: dict[str, str] | None = None,
+    source_notes: dict[str, str] | None = None,
 ) -> str:
     """The page :func:`write_html_report` writes, as a string (arguments as there)."""
     classes = classes_of(metrics)
@@ -90,7 +91,7 @@ def render_html_report(
         "parts": group_table(parts(metrics), classes, first="part") if parts(metrics) else None,
         "figures": figure_items,
         "dataset": summary_tables(dataset_summary, classes) if dataset_summary else [],
-        "limitations": data_limitations(dataset_summary, metrics),
+        "limitations": data_limitations(dataset_summary, metrics, source_notes),
         "gradcam": gallery,
         "gradcam_layer": gradcam_layer or "unknown",
         "extra_sections": list((extra_sections or {}).items()),
@@ -112,6 +113,7 @@ def write_html_report(
     gradcam: list[dict] | None = None,
     gradcam_layer: str | None = None,
     extra_sections: dict[str, str] | None = None,
+    source_notes: dict[str, str] | None = None,
 ) -> None:
     """Write one self-contained HTML evaluation report.
 
@@ -130,6 +132,8 @@ def write_html_report(
         gradcam: items ``{"png": path, "caption": str}`` for the Grad-CAM gallery.
         gradcam_layer: the convolution layer the Grad-CAM maps come from.
         extra_sections: title -> plain text, each shown in its own section.
+        source_notes: per source, its description in the data card, for the known limitations
+            (:func:`covid_spark.report.card.data_limitations`).
 
     Raises:
         FileNotFoundError: if a figure or Grad-CAM PNG is missing.
@@ -137,6 +141,6 @@ def write_html_report(
     """
     page = render_html_report(title=title, metrics=metrics, figures=figures, dataset_summary=dataset_summary,
                               config=config, versions=versions, gradcam=gradcam, gradcam_layer=gradcam_layer,
-                              extra_sections=extra_sections)
+                              extra_sections=extra_sections, source_notes=source_notes)
     atomic_write_text(path, page)
     log.info("wrote HTML report %s (%d bytes)", path, len(page))

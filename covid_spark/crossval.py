@@ -110,27 +110,21 @@ def train_fold(images, labels, cfg: dict, seed: int):
 def paired_difference(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict:
     """Macro-F1 of ``a`` minus that of ``b`` over the same images, with a paired percentile bootstrap.
 
+    The interval is :func:`covid_spark.metrics.bootstrap_ci`'s paired mode: both models are scored
+    on the same resamples of the images.
+
     Raises:
         ValueError: the two outputs do not hold the same images with the same labels.
     """
-    from covid_spark.metrics import classification_metrics
+    from covid_spark.metrics import bootstrap_ci
 
     pa, pb = a["predictions"], b["predictions"]
     if pa["path"] != pb["path"] or pa["label"] != pb["label"]:
         raise ValueError("--compare: the two cross-validations do not hold the same images and labels")
-    y = np.asarray(pa["label"])
-    probs_a, probs_b = np.asarray(pa["probs"]), np.asarray(pb["probs"])
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        fa = classification_metrics(y[i], probs_a[i], list(CLASSES))["macro_f1"]
-        fb = classification_metrics(y[i], probs_b[i], list(CLASSES))["macro_f1"]
-        if fa is not None and fb is not None:
-            diffs.append(fa - fb)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    ci = bootstrap_ci(np.asarray(pa["label"]), np.asarray(pa["probs"]), list(CLASSES), n_boot=n_boot, seed=seed,
+                      paired_with=np.asarray(pb["probs"]))
     return {"against": b.get("label_of_run"), "macro_f1_difference": a["macro_f1"] - b["macro_f1"],
-            "ci95": [float(lo), float(hi)], "n_boot": n_boot}
+            "ci95": ci["macro_f1"], "n_boot": n_boot}
 
 
 def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, transform: str = "none",

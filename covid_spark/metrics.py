@@ -1,4 +1,7 @@
-"""Classification metrics, bootstrap confidence intervals and calibration, in plain numpy.
+"""Classification metrics, ROC/PR curves, bootstrap confidence intervals and calibration.
+
+Counting is numpy; where a library already does the maths it is used: scikit-learn for the ROC and
+precision-recall curves, SciPy for the softmax and the temperature search.
 
 Everything returned is JSON-ready: Python ints/floats/lists/dicts, and ``None`` (never NaN)
 where a value is undefined, e.g. the precision of a class the model never predicts.
@@ -95,17 +98,16 @@ def _rates(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` (numerically stable), as float64.
+    """Row-wise softmax of ``logits / temperature`` (``scipy.special.softmax``), as float64.
 
     Raises:
         ValueError: if ``temperature`` is not a positive finite number.
     """
+    from scipy.special import softmax as _softmax
+
     if not (isinstance(temperature, (int, float, np.floating)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number; got {temperature!r}")
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return _softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -164,7 +166,72 @@ def metrics_by_group(y_true: np.ndarray, probs: np.ndarray, groups: np.ndarray, 
     return {str(v): classification_metrics(y[g == v], p[g == v], classes) for v in np.unique(g)}
 
 
+# --------------------------------------------------------------------------- curves
+
+
+def roc_pr_curves(labels: Any, scores: Any) -> dict:
+    """One-vs-rest ROC and precision-recall curves with ROC AUC and average precision (scikit-learn).
+
+    ROC: ``roc_curve`` (every threshold kept, from (0, 0)) and its trapezoidal ``auc``, so ties in
+    ``scores`` give diagonal segments. Precision-recall: ``precision_recall_curve`` in the order of
+    decreasing threshold, from (recall 0, precision 1), and ``average_precision_score`` =
+    sum_n (R_n - R_{n-1}) P_n, without interpolation. Values that need both positives and
+    negatives (ROC) or positives (PR) are ``None`` otherwise.
+
+    Returns:
+        ``{"fpr", "tpr", "precision", "recall"}`` (arrays or ``None``) and ``"roc_auc"``,
+        ``"pr_auc"`` (floats or ``None``).
+    """
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    out: dict = {"fpr": None, "tpr": None, "precision": None, "recall": None, "roc_auc": None, "pr_auc": None}
+    if pos > 0 and neg > 0:
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+        out.update(fpr=fpr, tpr=tpr, roc_auc=float(auc(fpr, tpr)))
+    if pos > 0:
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        out.update(precision=precision[::-1], recall=recall[::-1],
+                   pr_auc=float(average_precision_score(labels, scores)))
+    return out
+
+
 # --------------------------------------------------------------------------- bootstrap
+
+
+def _resampled_statistics(y: np.ndarray, prob_sets: Sequence[np.ndarray], n_boot: int,
+                          seed: int) -> list[dict[str, np.ndarray]]:
+    """Statistics of each ``probs`` in ``prob_sets`` over the same ``n_boot`` resamples of the images.
+
+    The resamples are rows of ``default_rng(seed).integers(0, n, size=(b, n))`` drawn chunk after
+    chunk, shared by every set, so a set's statistics do not depend on the others. Each result
+    holds arrays over resamples: ``accuracy``, ``macro_f1``, ``loss`` (n_boot,) and ``precision``,
+    ``recall``, ``f1`` (n_boot, k), NaN where undefined.
+    """
+    n, k = prob_sets[0].shape
+    rows = np.arange(n)
+    codes = [y * k + p.argmax(axis=1) for p in prob_sets]  # one bincount over (resample, true, pred)
+    sample_losses = [-np.log(np.clip(p[rows, y], PROB_CLIP, 1.0)) for p in prob_sets]
+    rng = np.random.default_rng(seed)
+    cms: list[list[np.ndarray]] = [[] for _ in prob_sets]
+    losses: list[list[np.ndarray]] = [[] for _ in prob_sets]
+    chunk = max(1, _BOOT_CHUNK_ELEMENTS // (n * len(prob_sets)))
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(b, n))
+        offset = np.arange(b)[:, None] * (k * k)
+        for j, (code, sample_loss) in enumerate(zip(codes, sample_losses)):
+            cms[j].append(np.bincount((offset + code[idx]).ravel(), minlength=b * k * k).reshape(b, k, k))
+            losses[j].append(sample_loss[idx].mean(axis=1))
+    out = []
+    for j in range(len(prob_sets)):
+        cm = np.concatenate(cms[j])
+        precision, recall, f1, macro = _rates(cm)
+        out.append({"accuracy": np.trace(cm, axis1=1, axis2=2) / n, "macro_f1": macro,
+                    "loss": np.concatenate(losses[j]), "precision": precision, "recall": recall, "f1": f1})
+    return out
 
 
 def bootstrap_ci(
@@ -174,41 +241,37 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    paired_with: np.ndarray | None = None,
 ) -> dict:
     """Percentile-bootstrap confidence intervals, resampling images with replacement.
 
+    Args:
+        paired_with: probabilities of a second model on the same images, shape like ``probs``.
+            Given, every interval is of the difference (``probs``'s statistic minus this one's)
+            over the same resamples: a paired bootstrap, which cancels the variation both models
+            share because they are scored on the same images.
+
     Returns:
         ``{"accuracy": [lo, hi], "macro_f1": [lo, hi], "loss": [lo, hi], "per_class": {name:
-        {"precision": [lo, hi], "recall": [lo, hi], "f1": [lo, hi]}}, "n_boot", "alpha"}``.
-        An interval is taken over the resamples where the statistic is defined; it is ``None``
-        when the statistic is undefined in more than a fraction ``alpha`` of the resamples,
-        since the interval could then not hold its nominal coverage.
+        {"precision": [lo, hi], "recall": [lo, hi], "f1": [lo, hi]}}, "n_boot", "alpha"}``, with
+        ``"paired": true`` added in the paired mode. An interval is taken over the resamples where
+        the statistic (or, paired, both statistics) is defined; it is ``None`` when that fails in
+        more than a fraction ``alpha`` of the resamples, since the interval could then not hold
+        its nominal coverage.
 
     Raises:
-        ValueError: on bad inputs, ``n_boot < 1`` or ``alpha`` outside (0, 1).
+        ValueError: on bad inputs (``paired_with`` included), ``n_boot < 1`` or ``alpha`` outside (0, 1).
     """
     y, p = _check_inputs(y_true, probs, classes)
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1; got {n_boot}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1); got {alpha}")
-    n, k = p.shape
-    pred = p.argmax(axis=1)
-    sample_loss = -np.log(np.clip(p[np.arange(n), y], PROB_CLIP, 1.0))
-    code = y * k + pred  # one bincount over (resample, true, pred) per chunk
-    rng = np.random.default_rng(seed)
-
-    cms, losses = [], []
-    chunk = max(1, _BOOT_CHUNK_ELEMENTS // n)
-    for start in range(0, int(n_boot), chunk):
-        b = min(chunk, int(n_boot) - start)
-        idx = rng.integers(0, n, size=(b, n))
-        flat = (np.arange(b)[:, None] * (k * k) + code[idx]).ravel()
-        cms.append(np.bincount(flat, minlength=b * k * k).reshape(b, k, k))
-        losses.append(sample_loss[idx].mean(axis=1))
-    cm = np.concatenate(cms)
-    precision, recall, f1, macro = _rates(cm)
-    accuracy = np.trace(cm, axis1=1, axis2=2) / n
+    prob_sets = [p]
+    if paired_with is not None:
+        prob_sets.append(_check_inputs(y_true, paired_with, classes)[1])
+    stats = _resampled_statistics(y, prob_sets, int(n_boot), seed)
+    s = stats[0] if paired_with is None else {key: stats[0][key] - stats[1][key] for key in stats[0]}
 
     def interval(values: np.ndarray) -> list[float] | None:
         ok = values[~np.isnan(values)]
@@ -217,21 +280,24 @@ def bootstrap_ci(
         lo, hi = np.percentile(ok, [100 * alpha / 2, 100 * (1 - alpha / 2)])
         return [float(lo), float(hi)]
 
-    return {
-        "accuracy": interval(accuracy),
-        "macro_f1": interval(macro),
-        "loss": interval(np.concatenate(losses)),
+    out = {
+        "accuracy": interval(s["accuracy"]),
+        "macro_f1": interval(s["macro_f1"]),
+        "loss": interval(s["loss"]),
         "per_class": {
             name: {
-                "precision": interval(precision[:, i]),
-                "recall": interval(recall[:, i]),
-                "f1": interval(f1[:, i]),
+                "precision": interval(s["precision"][:, i]),
+                "recall": interval(s["recall"][:, i]),
+                "f1": interval(s["f1"][:, i]),
             }
             for i, name in enumerate(classes)
         },
         "n_boot": int(n_boot),
         "alpha": float(alpha),
     }
+    if paired_with is not None:
+        out["paired"] = True
+    return out
 
 
 # --------------------------------------------------------------------------- calibration
@@ -255,10 +321,9 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 
 
 def _nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> float:
-    z = logits / temperature
-    zmax = z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z - zmax).sum(axis=1)) + zmax[:, 0]
-    return float((lse - z[np.arange(len(y)), y]).mean())
+    from scipy.special import log_softmax
+
+    return float(-log_softmax(logits / temperature, axis=1)[np.arange(len(y)), y].mean())
 
 
 def fit_temperature(
@@ -269,12 +334,15 @@ def fit_temperature(
 ) -> float:
     """Temperature T > 0 minimising the NLL of ``softmax(logits / T)`` (temperature scaling).
 
-    Golden-section search on log T within ``log_t_bounds``: the NLL is convex in 1/T, hence
-    unimodal in log T, so the search finds the minimum (or the nearer bound, with a warning).
+    A bounded scalar minimisation (``scipy.optimize.minimize_scalar``, Brent's method) of the NLL
+    over log T within ``log_t_bounds``, to ``tol`` in log T: the NLL is convex in 1/T, hence
+    unimodal in log T, so it finds the minimum (or the nearer bound, with a warning).
 
     Raises:
         ValueError: on mismatched shapes, out-of-range labels or non-finite logits.
     """
+    from scipy.optimize import minimize_scalar
+
     z = np.asarray(logits, dtype=np.float64)
     if z.ndim != 2 or not np.all(np.isfinite(z)):
         raise ValueError(f"logits must be a finite 2-D array (n, k); got shape {z.shape}")
@@ -282,20 +350,9 @@ def fit_temperature(
     lo, hi = (float(b) for b in log_t_bounds)
     if not lo < hi:
         raise ValueError(f"log_t_bounds must be (low, high) with low < high; got {log_t_bounds}")
-    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo, hi
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = _nll(z, y, math.exp(c)), _nll(z, y, math.exp(d))
-    while b - a > tol:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = _nll(z, y, math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = _nll(z, y, math.exp(d))
-    log_t = (a + b) / 2.0
+    found = minimize_scalar(lambda log_t: _nll(z, y, math.exp(log_t)), bounds=(lo, hi), method="bounded",
+                            options={"xatol": tol})
+    log_t = float(found.x)
     if min(log_t - lo, hi - log_t) < 1e-3:
         log.warning("fit_temperature: optimum at the search bound (T=%.4g); bounds log T in %s",
                     math.exp(log_t), log_t_bounds)

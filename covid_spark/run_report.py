@@ -1,4 +1,8 @@
-"""Assemble a run's figures, Grad-CAM gallery, HTML report and model card from its records."""
+"""Assemble a run's figures, Grad-CAM gallery, HTML report and model card from its records.
+
+The I/O edge of :mod:`covid_spark.report`: reads the run's files, the dataset summary, and the input
+manifests' licences and data cards.
+"""
 from __future__ import annotations
 
 import csv
@@ -35,6 +39,25 @@ def data_licenses(summary: dict) -> list[str]:
             with open(manifest, newline="", encoding="utf-8-sig") as handle:
                 licenses |= {(row.get("license") or "").strip() for row in csv.DictReader(handle)}
     return sorted(licenses - {""})
+
+
+def data_card_notes(summary: dict) -> dict[str, str]:
+    """Per source, its description in the data card (``README.md``) beside each input's manifest.
+
+    Inputs without a manifest or a data card add nothing; where two cards describe one source,
+    the first input's wins.
+    """
+    from covid_spark.report import data_card_sources
+
+    notes: dict[str, str] = {}
+    for location in as_locations(summary.get("input")):
+        manifest = manifest_of(location) if location else None
+        card = os.path.join(os.path.dirname(manifest), "README.md") if manifest else None
+        if card and os.path.isfile(card):
+            with open(card, encoding="utf-8") as handle:
+                for source, text in data_card_sources(handle.read()).items():
+                    notes.setdefault(source, text)
+    return notes
 
 
 def pick_examples(y: np.ndarray, pred: np.ndarray, per_kind: int = 2) -> list[int]:
@@ -121,13 +144,14 @@ def build_report(run_dir: str, dataset: str, config: dict) -> str:
             f"(train and val hold the other sources only). Compare with an in-distribution run to see "
             f"how much of the score depends on recognising the source.")
     report = paths.report
+    notes = data_card_notes(summary)
     write_html_report(report, title=f"covid-spark run {os.path.basename(run_dir)} — {run.get('model', '')}",
                       metrics=metrics_for_report, figures=figures, dataset_summary=summary,
                       config=run.get("config", config), versions=run.get("versions", {}),
-                      gradcam=gallery, gradcam_layer=layer, extra_sections=extra or None)
+                      gradcam=gallery, gradcam_layer=layer, extra_sections=extra or None, source_notes=notes)
     card_run = {"run_id": os.path.basename(run_dir), **{k: v for k, v in run.items()
                                                         if k not in ("config", "dataset_summary")}}
     write_model_card(paths.model_card, run=card_run, metrics=metrics_for_report,
-                     dataset_summary=summary, licenses=data_licenses(summary))
+                     dataset_summary=summary, licenses=data_licenses(summary), source_notes=notes)
     logger.info("report: %s (%d figures, %d Grad-CAM overlays at layer %s)", report, len(figures), len(gallery), layer)
     return report

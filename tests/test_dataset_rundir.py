@@ -147,12 +147,15 @@ STAGES = ("preprocess", "train", "evaluate", "predict", "run_report", "crossval"
 
 
 def _sources(*folders: str):
+    """(repository-relative path, AST) of every .py file under ``folders``, subpackages included."""
     for folder in folders:
-        for name in sorted(os.listdir(os.path.join(REPO, folder))):
-            if name.endswith(".py"):
-                path = os.path.join(REPO, folder, name)
-                with open(path, encoding="utf-8") as handle:
-                    yield f"{folder}/{name}", ast.parse(handle.read())
+        for root, dirs, files in os.walk(os.path.join(REPO, folder)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    path = os.path.join(root, name)
+                    with open(path, encoding="utf-8") as handle:
+                        yield os.path.relpath(path, REPO).replace(os.sep, "/"), ast.parse(handle.read())
 
 
 def test_run_and_dataset_file_names_are_spelled_only_in_their_homes():

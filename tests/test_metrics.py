@@ -131,6 +131,25 @@ def test_metrics_by_group_splits_by_value():
         assert by[name]["loss"] == pytest.approx(log_loss(y[sel], probs[sel], labels=[0, 1, 2]))
 
 
+# --------------------------------------------------------------------------- curves
+
+
+def test_roc_pr_hand_computed_and_undefined():
+    # scores .9 (pos) .8 (neg) .7 (pos) .1 (neg): of the 4 pos/neg pairs, 3 are ranked right -> AUC 3/4
+    # AP: recall steps 1/2 at precision 1 (after .9) and 1/2 at precision 2/3 (after .7) -> 5/6
+    c = M.roc_pr_curves(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1]))
+    assert c["roc_auc"] == pytest.approx(0.75)
+    assert c["pr_auc"] == pytest.approx(5 / 6)
+    np.testing.assert_allclose(c["fpr"], [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(c["tpr"], [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(c["recall"], [0, 0.5, 0.5, 1, 1])  # from the highest threshold down
+    np.testing.assert_allclose(c["precision"], [1, 1, 0.5, 2 / 3, 0.5])
+    none = M.roc_pr_curves(np.array([0, 0, 0]), np.array([0.2, 0.5, 0.1]))
+    assert none["roc_auc"] is None and none["pr_auc"] is None and none["fpr"] is None
+    only_pos = M.roc_pr_curves(np.array([1, 1]), np.array([0.2, 0.5]))
+    assert only_pos["roc_auc"] is None and only_pos["pr_auc"] == pytest.approx(1.0)
+
+
 # --------------------------------------------------------------------------- bootstrap
 
 
@@ -181,6 +200,32 @@ def test_bootstrap_is_reproducible_and_none_when_mostly_undefined():
     assert a["per_class"]["pneumonia"]["recall"] is None
     assert a["accuracy"] is not None
     json.dumps(a)
+
+
+def test_paired_bootstrap_is_the_difference_over_the_same_draws():
+    y, probs_a = _random_case(90, 5)
+    _, probs_b = _random_case(90, 6)
+    n_boot, seed = 300, 3
+    ci = M.bootstrap_ci(y, probs_a, CLASSES, n_boot=n_boot, seed=seed, paired_with=probs_b)
+    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_boot, len(y)))
+    acc, macro, loss = [], [], []
+    for row in idx:
+        yt = y[row]
+        pa, pb = probs_a[row].argmax(1), probs_b[row].argmax(1)
+        acc.append(np.mean(yt == pa) - np.mean(yt == pb))
+        macro.append(precision_recall_fscore_support(yt, pa, labels=np.union1d(yt, pa), zero_division=0)[2].mean()
+                     - precision_recall_fscore_support(yt, pb, labels=np.union1d(yt, pb), zero_division=0)[2].mean())
+        loss.append(log_loss(yt, probs_a[row], labels=[0, 1, 2]) - log_loss(yt, probs_b[row], labels=[0, 1, 2]))
+    assert ci["paired"] is True
+    assert ci["accuracy"] == pytest.approx(list(np.percentile(acc, [2.5, 97.5])))
+    assert ci["macro_f1"] == pytest.approx(list(np.percentile(macro, [2.5, 97.5])))
+    assert ci["loss"] == pytest.approx(list(np.percentile(loss, [2.5, 97.5])))
+    # against itself every difference is exactly zero; unpaired results carry no "paired" key
+    same = M.bootstrap_ci(y, probs_a, CLASSES, n_boot=50, paired_with=probs_a)
+    assert same["macro_f1"] == [0.0, 0.0] and same["per_class"]["covid"]["recall"] == [0.0, 0.0]
+    assert "paired" not in M.bootstrap_ci(y, probs_a, CLASSES, n_boot=50)
+    with pytest.raises(ValueError, match="y_true has 90 samples but probs has 89 rows"):
+        M.bootstrap_ci(y, probs_a, CLASSES, n_boot=50, paired_with=probs_b[:-1])
 
 
 def test_bootstrap_is_fast():

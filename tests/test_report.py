@@ -1,16 +1,19 @@
-"""Tests for covid_spark.report: figures, the self-contained HTML report and the model card."""
+"""Tests for covid_spark.report: figures (what they draw), the self-contained HTML report and the model card."""
 
 import base64
+import html
 import os
 import re
 
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_curve
 
 from covid_spark import metrics as M
 from covid_spark import report as R
+from covid_spark.report import figures as F
+from covid_spark.report import tables as T
 
 CLASSES = ["covid", "normal", "pneumonia"]
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -32,10 +35,31 @@ def _assert_png(path, min_w=300, min_h=200):
         assert im.size[0] >= min_w and im.size[1] >= min_h
 
 
-def test_plot_history(tmp_path):
+def _texts(ax):
+    """{(x, y): string} of the texts drawn in data coordinates on ``ax``."""
+    return {tuple(t.get_position()): t.get_text() for t in ax.texts}
+
+
+def test_history_figure_draws_each_series_per_epoch():
+    history = {"loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.9, 0.8],
+               "accuracy": [0.4, 0.6, 0.7], "val_accuracy": [0.35, 0.5, 0.55]}
+    loss_ax, acc_ax = F.history_figure(history).axes
+    for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        assert ax.get_title() == metric
+        train, val = ax.get_lines()
+        assert (train.get_label(), val.get_label()) == ("train", "validation")
+        np.testing.assert_array_equal(train.get_xdata(), [1, 2, 3])  # epochs count from 1
+        np.testing.assert_allclose(train.get_ydata(), history[metric])
+        np.testing.assert_allclose(val.get_ydata(), history[f"val_{metric}"])
+    # a missing series leaves its panel empty, and says so
+    loss_ax, acc_ax = F.history_figure({"loss": [0.9, 0.4]}).axes
+    assert len(loss_ax.get_lines()) == 1 and not acc_ax.get_lines()
+    assert [t.get_text() for t in acc_ax.texts] == ["no accuracy recorded"]
+
+
+def test_plot_history_writes_png_atomically(tmp_path):
     path = tmp_path / "history.png"
-    R.plot_history({"loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.9, 0.8],
-                    "accuracy": [0.4, 0.6, 0.7], "val_accuracy": [0.35, 0.5, 0.55]}, str(path))
+    R.plot_history({"loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.9, 0.8]}, str(path))
     _assert_png(path)
     assert not os.path.exists(str(path) + ".tmp")
 
@@ -43,43 +67,73 @@ def test_plot_history(tmp_path):
 def test_plot_history_without_series_raises(tmp_path):
     with pytest.raises(ValueError, match="no loss or accuracy"):
         R.plot_history({"lr": [0.1]}, str(tmp_path / "h.png"))
+    assert not (tmp_path / "h.png").exists()
 
 
-def test_plot_confusion(tmp_path):
+def test_confusion_figure_labels_every_cell():
+    cm = [[5, 1, 0], [2, 7, 1], [0, 0, 0]]  # an empty row is allowed
+    counts_ax, norm_ax = (ax for ax in F.confusion_figure(cm, CLASSES).axes if ax.get_title())
+    assert counts_ax.get_title() == "counts"
+    # the text at (column j, row i) is the count of true class i predicted as j
+    assert _texts(counts_ax) == {(j, i): str(cm[i][j]) for i in range(3) for j in range(3)}
+    # right panel: each row divided by its total (recall on the diagonal), n/a for a class with no images
+    expected = {(0, 0): "0.83", (1, 0): "0.17", (2, 0): "0.00", (0, 1): "0.20", (1, 1): "0.70", (2, 1): "0.10",
+                (0, 2): "n/a", (1, 2): "n/a", (2, 2): "n/a"}
+    assert _texts(norm_ax) == expected
+    for ax in (counts_ax, norm_ax):
+        assert [t.get_text() for t in ax.get_xticklabels()] == CLASSES
+        assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
+
+
+def test_plot_confusion_writes_png_and_checks_shape(tmp_path):
     path = tmp_path / "sub" / "cm.png"
-    R.plot_confusion([[5, 1, 0], [2, 7, 1], [0, 0, 0]], CLASSES, str(path))  # an empty row is allowed
+    R.plot_confusion([[5, 1, 0], [2, 7, 1], [0, 0, 0]], CLASSES, str(path))
     _assert_png(path)
     with pytest.raises(ValueError, match="must be 3x3"):
         R.plot_confusion([[1, 2], [3, 4]], CLASSES, str(path))
 
 
-def test_plot_roc_pr_matches_sklearn(tmp_path):
+def _mann_whitney_auc(labels, scores):
+    """P(a positive outscores a negative), ties counted half: the ROC AUC, computed independently."""
+    pos, neg = scores[labels], scores[~labels]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def test_roc_pr_figure_draws_the_curves_and_their_areas(tmp_path):
     y, probs = _case(200, 1)
     probs = np.round(probs, 1)  # create ties, which the curves must handle like sklearn
-    path = tmp_path / "roc.png"
-    aucs = R.plot_roc_pr(y, probs, CLASSES, str(path))
-    _assert_png(path)
+    fig, aucs = F.roc_pr_figure(y, probs, CLASSES)
+    ax_roc, ax_pr = fig.axes
+    roc_lines = [line for line in ax_roc.get_lines() if not line.get_label().startswith("_")]
+    pr_lines = [line for line in ax_pr.get_lines() if not line.get_label().startswith("_")]
     for c, name in enumerate(CLASSES):
-        assert aucs["roc_auc"][name] == pytest.approx(roc_auc_score(y == c, probs[:, c]))
+        auc = _mann_whitney_auc(y == c, probs[:, c])
+        assert aucs["roc_auc"][name] == pytest.approx(auc)
         assert aucs["pr_auc"][name] == pytest.approx(average_precision_score(y == c, probs[:, c]))
+        assert roc_lines[c].get_label() == f"{name} (AUC {auc:.3f})"
+        assert pr_lines[c].get_label() == f"{name} (AP {aucs['pr_auc'][name]:.3f})"
+        fpr, tpr, _ = roc_curve(y == c, probs[:, c], drop_intermediate=False)
+        np.testing.assert_allclose(roc_lines[c].get_xdata(), fpr)
+        np.testing.assert_allclose(roc_lines[c].get_ydata(), tpr)
+        # the area under the drawn ROC polyline is the AUC reported
+        assert np.trapz(roc_lines[c].get_ydata(), roc_lines[c].get_xdata()) == pytest.approx(auc)
+    # one dotted prevalence line per class on the PR panel
+    prevalence = sorted(float(line.get_ydata()[0]) for line in ax_pr.get_lines() if line.get_linestyle() == ":")
+    assert prevalence == pytest.approx(sorted(np.bincount(y, minlength=3) / len(y)))
+    path = tmp_path / "roc.png"
+    assert R.plot_roc_pr(y, probs, CLASSES, str(path)) == aucs
+    _assert_png(path)
 
 
-def test_roc_pr_hand_computed_and_undefined():
-    # scores .9 (pos) .8 (neg) .7 (pos) .1 (neg): of the 4 pos/neg pairs, 3 are ranked right -> AUC 3/4
-    # AP: recall steps 1/2 at precision 1 (after .9) and 1/2 at precision 2/3 (after .7) -> 5/6
-    c = R.roc_pr_curves(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1]))
-    assert c["roc_auc"] == pytest.approx(0.75)
-    assert c["pr_auc"] == pytest.approx(5 / 6)
-    none = R.roc_pr_curves(np.array([0, 0, 0]), np.array([0.2, 0.5, 0.1]))
-    assert none["roc_auc"] is None and none["pr_auc"] is None
-
-
-def test_plot_roc_pr_absent_class_is_none(tmp_path):
+def test_plot_roc_pr_absent_class_is_none():
     y, probs = _case(60, 2)
     y = np.where(y == 2, 0, y)
-    aucs = R.plot_roc_pr(y, probs, CLASSES, str(tmp_path / "roc.png"))
+    fig, aucs = F.roc_pr_figure(y, probs, CLASSES)
     assert aucs["roc_auc"]["pneumonia"] is None and aucs["pr_auc"]["pneumonia"] is None
     assert aucs["roc_auc"]["covid"] is not None
+    assert "pneumonia (AUC n/a)" in [line.get_label() for line in fig.axes[0].get_lines()]
 
 
 @pytest.fixture()
@@ -308,7 +362,7 @@ def test_html_report_limitations_follow_the_data(tmp_path):
     text = out.read_text(encoding="utf-8")
     assert "<h2>Known limitations</h2>" in text
     assert "<strong>Source/label confounding.</strong>" in text
-    assert "95.2% of kermany&#x27;s images are pneumonia" in text
+    assert "95.2% of kermany's images are pneumonia" in html.unescape(text)
     assert "ieee8023" not in text and "kaggle3way" not in text
 
 
@@ -331,3 +385,79 @@ def test_card_and_report_give_each_input_and_the_patient_wise_part(tmp_path):
                         config={}, versions={})
     assert "Per input, and the part split per patient" in html.read_text(encoding="utf-8")
     assert "Per input" not in _card(tmp_path, _xl_metrics(), XL_SUMMARY, name="plain.md")
+
+
+def test_per_source_rows_are_built_once_for_the_report_and_the_card(tmp_path, report_inputs):
+    m = report_inputs["metrics"]
+    y, probs = _case()
+    actualmed = np.arange(len(y)) % 3 == 2
+    table = T.group_table(m["per_source"], CLASSES)
+    row = next(r for r in table.rows if r[0] == "actualmed")
+    assert row[:3] == ["actualmed", "40", f"{np.mean(probs[actualmed].argmax(1) == y[actualmed]):.3f}"]
+    covid = actualmed & (y == 0)
+    assert row[4] == f"{np.mean(probs[covid].argmax(1) == 0):.3f} ({covid.sum()})"  # covid recall (support)
+    R.write_html_report(str(tmp_path / "r.html"), title="t", metrics=m, figures={},
+                        dataset_summary=report_inputs["summary"], config={}, versions={})
+    R.write_model_card(str(tmp_path / "card.md"), run={"run_id": "r"}, metrics=m,
+                       dataset_summary=report_inputs["summary"], licenses=None)
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    card = (tmp_path / "card.md").read_text(encoding="utf-8")
+    assert "<tr>" + "".join(f"<th>{h}</th>" for h in table.header) + "</tr>" in page
+    assert "| " + " | ".join(table.header) + " |" in card
+    for r in table.rows:
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" in page
+        assert "| " + " | ".join(r) + " |" in card
+
+
+DATA_CARD = """# tiny: a data card
+
+| source | covid | normal | what it is |
+|---|---:|---:|---|
+| kermany | 0 | 191 | Kermany et al. pediatric chest X-rays (Guangzhou). |
+| nih | 0 | 454 | NIH ChestX-ray14, adults |
+
+| split | images |
+|---|---|
+| hannover | not a source table |
+"""
+
+
+def test_data_card_sources_reads_the_source_table_only():
+    assert R.data_card_sources(DATA_CARD) == {"kermany": "Kermany et al. pediatric chest X-rays (Guangzhou).",
+                                              "nih": "NIH ChestX-ray14, adults"}
+    assert R.data_card_sources("| source | covid |\n|---|---|\n| nih | 3 |\n") == {}  # no description column
+
+
+def test_card_describes_sources_from_the_data_card_first(tmp_path):
+    from covid_spark.run_report import data_card_notes
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "manifest.csv").write_text("path,label,source\nx.png,normal,nih\n")
+    (tmp_path / "tiny" / "README.md").write_text(DATA_CARD)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "manifest.csv").write_text("path,label,source\nx.png,covid,hannover\n")
+    notes = data_card_notes({"input": [str(tmp_path / "tiny"), str(tmp_path / "bare"), str(tmp_path / "missing")]})
+    assert sorted(notes) == ["kermany", "nih"]
+    out = tmp_path / "card.md"
+    R.write_model_card(str(out), run={"run_id": "r1"}, metrics=_xl_metrics(), dataset_summary=XL_SUMMARY,
+                       licenses=None, source_notes=notes)
+    limitations = out.read_text(encoding="utf-8").split("## Known limitations")[1]
+    assert "**Source kermany** (data card): Kermany et al. pediatric chest X-rays (Guangzhou).\n" in limitations
+    assert "**Source nih** (data card): NIH ChestX-ray14" in limitations
+    # sources the card does not describe keep the built-in sentence
+    assert f"**Source hannover.** {R.KNOWN_SOURCES['hannover']}" in limitations
+    assert R.KNOWN_SOURCES["kermany"] not in limitations
+    page = R.render_html_report(title="t", metrics=_xl_metrics(), figures={}, dataset_summary=XL_SUMMARY,
+                                config={}, versions={}, source_notes=notes)
+    assert "<strong>Source kermany</strong> (data card): Kermany et al." in page
+
+
+def test_data_card_notes_of_the_real_cxr3():
+    from covid_spark.run_report import data_card_notes
+    from tests.conftest import CXR3
+
+    if not os.path.isfile(os.path.join(CXR3, "README.md")):
+        pytest.skip(f"no data card at {CXR3}")
+    notes = data_card_notes({"input": [CXR3]})
+    assert sorted(notes) == ["actualmed", "ieee8023", "kaggle3way"]
+    assert "pediatric" in notes["kaggle3way"]

@@ -76,12 +76,77 @@ def markdown_table(columns: Sequence[tuple[str, Mapping | None]], classes: Seque
     return "\n".join(lines)
 
 
+def part_mask(predictions: Mapping, part: str):
+    """Which of a metrics file's per-image ``predictions`` belong to ``part`` (see :func:`select_part`).
+
+    Raises:
+        ValueError: the file does not record which images belong to the part (written before it did).
+    """
+    import numpy as np
+
+    n = len(predictions["path"])
+    if part == "all":
+        return np.ones(n, dtype=bool)
+    kind, _, name = part.partition(":")
+    column = {"patient_wise": "with_patient_id", "input": "input", "source": "source"}.get(kind)
+    if column is None:
+        select_part({}, part)  # raises the message for an unknown part
+    if column not in predictions:
+        raise ValueError(f"the file does not record each image's {column} (evaluate it again)")
+    values = np.array(predictions[column])
+    return values.astype(bool) if kind == "patient_wise" else values == name
+
+
+def paired_differences(columns: Sequence[tuple[str, Mapping]], classes: Sequence[str], part: str = "all",
+                       n_boot: int = 1000, seed: int = 42) -> list[list[str]]:
+    """Rows "first − other": the difference in accuracy and macro-F1 between the first column and each
+    other one on ``part``, with a paired-bootstrap 95 % interval over the same resampled images
+    (``metrics.bootstrap_ci(paired_with=...)``). ``columns`` hold whole metrics files, which must hold
+    predictions for the same images.
+
+    Raises:
+        ValueError: a file has no per-image predictions, or not for the same images as the first.
+    """
+    import numpy as np
+
+    from covid_spark.metrics import bootstrap_ci, classification_metrics
+
+    def predictions(name, m):
+        pred = (m or {}).get("predictions")
+        if not pred:
+            raise ValueError(f"column {name!r} holds no per-image predictions")
+        try:
+            keep = part_mask(pred, part)
+        except ValueError as err:
+            raise ValueError(f"column {name!r}: {err}") from None
+        paths = np.array(pred["path"], dtype=str)[keep]
+        order = np.argsort(paths, kind="stable")
+        return paths[order], np.array(pred["label"])[keep][order], np.array(pred["probs"], dtype=float)[keep][order]
+
+    first_name, first = columns[0]
+    paths, y, probs = predictions(first_name, first)
+    rows = []
+    for name, m in columns[1:]:
+        other_paths, other_y, other_probs = predictions(name, m)
+        if not np.array_equal(paths, other_paths) or not np.array_equal(y, other_y):
+            raise ValueError(f"columns {first_name!r} and {name!r} are not scored on the same images")
+        a, b = (classification_metrics(y, p, list(classes)) for p in (probs, other_probs))
+        ci = bootstrap_ci(y, probs, list(classes), n_boot=n_boot, seed=seed, paired_with=other_probs)
+        for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+            rows.append([f"{label}: {first_name} − {name}", _cell(a[key] - b[key], ci[key])])
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Side-by-side table of metrics files (markdown).")
     parser.add_argument("columns", nargs="+", metavar="NAME=FILE", help="column title and a metrics.json")
     parser.add_argument("--part", default="all", help="all | patient_wise | input:<name> | source:<name>")
+    parser.add_argument("--paired", action="store_true",
+                        help="also the difference first − each other column in accuracy and macro-F1, with a "
+                             "paired-bootstrap 95%% interval (the files must score the same images)")
     args = parser.parse_args(argv)
     columns = []
+    whole = []
     classes: list[str] = []
     for spec in args.columns:
         name, sep, path = spec.partition("=")
@@ -97,7 +162,16 @@ def main(argv=None) -> int:
             return 2
         classes = classes or list(metrics.get("classes") or (metrics.get("per_class") or {}))
         columns.append((name, part))
+        whole.append((name, metrics))
     print(markdown_table(columns, classes))
+    if args.paired:
+        try:
+            rows = paired_differences(whole, classes, part=args.part)
+        except ValueError as err:
+            print(f"compare: {err}", file=sys.stderr)
+            return 2
+        print("\n| paired difference | value [95% paired bootstrap] |\n|---|---:|")
+        print("\n".join(f"| {a} | {b} |" for a, b in rows))
     return 0
 
 

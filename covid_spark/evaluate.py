@@ -223,5 +223,9 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
         "path": [str(p) for p in data["path"]], "label": y.tolist(),
         "probs": np.round(probs, 6).tolist(), "source": sources.tolist(),
     }
+    if "patient_wise" in metrics:
+        metrics["predictions"]["with_patient_id"] = with_id.tolist()
+    if "per_input" in metrics:
+        metrics["predictions"]["input"] = collection.tolist()
     atomic_write_json(output, metrics)
     return metrics

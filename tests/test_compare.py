@@ -49,3 +49,33 @@ def test_bad_arguments_exit_2_naming_them(tmp_path, capsys):
     assert "missing.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown part 'bogus'"):
         select_part({}, "bogus")
+
+
+def _scored(labels, predicted, with_id):
+    """A metrics file's per-image predictions: one-hot-ish probabilities of the given predicted classes."""
+    probs = [[0.8 if k == p else 0.1 for k in range(3)] for p in predicted]
+    return {"classes": CLASSES, "per_class": {c: {} for c in CLASSES},
+            "predictions": {"path": [f"/x/{i:02d}.png" for i in range(len(labels))], "label": labels,
+                            "probs": probs, "source": ["s"] * len(labels), "with_patient_id": with_id}}
+
+
+def test_paired_differences_on_the_whole_and_on_a_part(tmp_path, capsys):
+    labels = [0, 1, 2] * 8                                   # 24 images
+    with_id = [i % 2 == 0 for i in range(24)]
+    a_pred = list(labels)                                    # A: all right
+    b_pred = [(l + 1) % 3 if i < 6 else l for i, l in enumerate(labels)]  # B: the first 6 wrong
+    (tmp_path / "a.json").write_text(json.dumps(_scored(labels, a_pred, with_id)))
+    (tmp_path / "b.json").write_text(json.dumps(_scored(labels, b_pred, with_id)))
+    assert main(["--paired", f"A={tmp_path / 'a.json'}", f"B={tmp_path / 'b.json'}"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| accuracy: A − B"))
+    assert line.startswith(f"| accuracy: A − B | {6 / 24:.3f} [")   # 24/24 − 18/24
+    lo, hi = (float(v) for v in line.split("[")[1].rstrip("] |").split(","))
+    assert 0 < lo <= 6 / 24 <= hi
+    # images with a patient id: the even ones, of which 0, 2, 4 are among B's 6 mistakes → 12/12 − 9/12
+    assert main(["--paired", "--part", "patient_wise", f"A={tmp_path / 'a.json'}", f"B={tmp_path / 'b.json'}"]) == 0
+    assert f"| accuracy: A − B | {3 / 12:.3f} [" in capsys.readouterr().out
+
+    other = _scored(labels[:-1], a_pred[:-1], with_id[:-1])  # not the same images
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    assert main(["--paired", f"A={tmp_path / 'a.json'}", f"C={tmp_path / 'c.json'}"]) == 2
+    assert "not scored on the same images" in capsys.readouterr().err

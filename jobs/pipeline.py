@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     if unknown:
         print(f"pipeline: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    config = override(load_config(args.config, model=args.model), "preprocess", {"holdout_source": args.holdout_source})
+    config = load_config(args.config, model=args.model, sets=args.set)
+    config = override(config, "preprocess", {"holdout_source": args.holdout_source})
     config = override(config, "train", {"model": args.model, "epochs": args.epochs})
     check_model(config["train"]["model"])  # not only after preprocessing
     spark, owned = build_spark(args, "covid-spark pipeline")

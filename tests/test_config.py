@@ -54,6 +54,42 @@ def test_per_model_values_sit_between_defaults_and_the_users_file(tmp_path):
 
 # ----------------------------------------------------------------------------- the schema, --set and precedence
 
+def _train_config_of_the_train_job(monkeypatch, argv: list[str]) -> dict:
+    """The config the train job would train with, given ``argv`` (no Spark, no training)."""
+    import importlib
+
+    train_job = importlib.import_module("jobs.train")
+    seen = {}
+
+    def fake_run_training(spark, dataset, model_dir, config, overwrite=False, resume=False):
+        seen["config"] = config
+        return {"model": config["train"]["model"], "num_proc": 1, "epochs_run": 0, "best_epoch": None,
+                "wall_seconds": 0.0}
+
+    monkeypatch.setattr(train_job, "build_spark", lambda args, app_name: (None, False))
+    monkeypatch.setattr(train_job, "run_training", fake_run_training)
+    assert train_job.main(["--dataset", "d", "--model-dir", "m"] + argv) == 0
+    return seen["config"]
+
+
+def test_precedence_defaults_per_model_file_set_flag_end_to_end(tmp_path, monkeypatch, capsys):
+    from covid_spark.models import REGISTRY
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  epochs: 5\n")
+    run = lambda *argv: _train_config_of_the_train_job(monkeypatch, list(argv))["train"]  # noqa: E731
+    default_model = load_config()["train"]["model"]
+    assert run()["epochs"] == REGISTRY[default_model].train_defaults["epochs"]       # per-model > defaults
+    assert run("--config", str(mine))["epochs"] == 5                                  # file > per-model
+    assert run("--config", str(mine), "--set", "train.epochs=7")["epochs"] == 7       # --set > file
+    assert run("--config", str(mine), "--set", "train.epochs=7", "--epochs", "9")["epochs"] == 9  # flag > --set
+    assert run("--set", "train.epochs=7", "--set", "train.epochs=8")["epochs"] == 8   # the last --set wins
+    # --set picks the model whose own values apply, as the file's train.model does; a flag picks another.
+    assert run("--set", "train.model=original")["epochs"] == REGISTRY["original"].train_defaults["epochs"]
+    train = run("--set", "train.model=original", "--model", "compact")
+    assert train["model"] == "compact" and train["learning_rate"] == REGISTRY["compact"].train_defaults["learning_rate"]
+
+
 def test_set_reaches_nested_keys_and_per_model_groups():
     config = load_config(sets=["train.augment.flip=true", "preprocess.holdout_source=nih", "evaluate.bootstrap=50"])
     assert config["train"]["augment"]["flip"] is True and config["evaluate"]["bootstrap"] == 50
@@ -189,6 +225,18 @@ def test_schema_and_defaults_yaml_declare_the_same_keys():
         for part in key.split("."):
             node = node[part]
         assert isinstance(node, (Field, PerModel)) and node.help, key
+
+
+@pytest.mark.parametrize("name", ["preprocess", "train", "evaluate", "predict", "pipeline", "crossval"])
+def test_every_job_takes_set_and_states_the_precedence_in_its_help(name, capsys):
+    import importlib
+
+    from covid_spark.config import PRECEDENCE
+
+    parse_args = importlib.import_module(f"jobs.{name}").parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert PRECEDENCE in " ".join(capsys.readouterr().out.split())
 
 
 def test_make_job_passes_gradient_compression_and_input_norm_which_the_config_checks():

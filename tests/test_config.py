@@ -227,6 +227,37 @@ def test_schema_and_defaults_yaml_declare_the_same_keys():
         assert isinstance(node, (Field, PerModel)) and node.help, key
 
 
+# Keys the config module itself reads: train.per_model (load_config applies the chosen model's values).
+READ_BY_CONFIG = {"train.per_model"}
+
+
+def test_every_config_key_is_read_somewhere_in_the_package():
+    """A key nobody reads goes (as ``evaluate.split`` and ``classes`` went): every key of defaults.yaml
+    is read in covid_spark/ outside config.py (where the schema names every key) as ``cfg["<key>"]`` (a
+    stage's section), ``augment["<key>"]`` or ``config["<section>"]["<key>"]``."""
+    import os
+    import re
+
+    from covid_spark.config import keys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = []
+    for root, dirs, files in os.walk(os.path.join(repo, "covid_spark")):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if name.endswith(".py") and os.path.join(root, name) != os.path.join(repo, "covid_spark", "config.py"):
+                with open(os.path.join(root, name), encoding="utf-8") as handle:
+                    code.append(handle.read())
+    text = "\n".join(code)
+    def read(key: str) -> bool:
+        section, name = key.split(".")[0], key.rsplit(".", 1)[-1]
+        receiver = rf"(?:\bcfg|\baugment|\bconfig\[\"{section}\"\](?:\[\"augment\"\])?)"
+        return re.search(rf"{receiver}\[\"{re.escape(name)}\"\]", text) is not None
+
+    unread = [key for key in keys() if key not in READ_BY_CONFIG and not read(key)]
+    assert unread == [], "read these keys or delete them from defaults.yaml and config.SCHEMA"
+
+
 @pytest.mark.parametrize("name", ["preprocess", "train", "evaluate", "predict", "pipeline", "crossval"])
 def test_every_job_takes_set_and_states_the_precedence_in_its_help(name, capsys):
     import importlib

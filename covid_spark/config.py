@@ -8,10 +8,12 @@ missing one). A job's config is, from lowest to highest precedence::
     defaults.yaml < train.per_model.<model> < the --config file < --set KEY=VALUE < the job's named flags
 
 :func:`load_config` builds the first four and :func:`override` applies the flags; both check every
-value they take against ``SCHEMA`` and cast it (``5`` becomes ``5.0`` for a number, ``5.0`` becomes
-``5`` for an integer), so the config they return is a plain nested dict (stored as JSON in
-``run.json``) whose values already have their declared types: code reads ``config["train"]["epochs"]``
-as an int without casting or checking it again.
+value they take against ``SCHEMA`` and cast it (``5.0`` becomes ``5`` for an integer, ``1e-4``, which
+YAML 1.1 reads as a string, becomes the number), so the config they return is a plain nested dict
+(stored as JSON in ``run.json``) whose values already have their declared types: code reads
+``config["train"]["epochs"]`` as an int without casting or checking it again. A number key (float) keeps
+an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower): its JSON, and
+so the pipeline's cache keys of runs made before these checks, stay what they were.
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ class Field:
         return cast
 
     def _cast(self, value: Any) -> Any:
-        """The value as the declared type, or None when it is not one (a bool is never a number)."""
+        """The value as the declared type, or None when it is not one (a bool is never a number; an int
+        is a float, kept as it is)."""
         if self.type is bool:
             return value if isinstance(value, bool) else None
         if self.type is str:
@@ -91,12 +94,14 @@ class Field:
             if isinstance(value, int):
                 return value
             return int(value) if isinstance(value, float) and value.is_integer() else None
+        if isinstance(value, int):
+            return value
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: take it as the number it is
             try:
                 value = float(value)
             except ValueError:
                 return None
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        return float(value) if isinstance(value, float) and math.isfinite(value) else None
 
     def _in_range(self, value: Any) -> bool:
         choices = self.allowed()

@@ -128,8 +128,9 @@ def test_set_refuses_unknown_keys_and_bad_pairs_naming_them(pair, message):
 
 
 @pytest.mark.parametrize("key, value, cast", [
-    ("train.epochs", "5.0", 5), ("train.learning_rate", "1", 1.0), ("train.augment.rotation_deg", "5", 5.0),
+    ("train.epochs", "5.0", 5), ("train.learning_rate", "0.5", 0.5),
     ("train.learning_rate", "1e-4", 1e-4),  # YAML 1.1 reads 1e-4 as a string: still the number
+    ("train.learning_rate", "1", 1), ("train.augment.rotation_deg", "5", 5),  # an int is a float: kept as it is
     ("preprocess.skip_unknown_classes", "yes", True), ("train.augment.flip", "false", False),
     ("preprocess.holdout_source", "nih", "nih"), ("train.lr_schedule", "constant", "constant"),
 ])
@@ -182,6 +183,24 @@ def test_wrong_types_and_ranges_are_refused_naming_key_expected_and_found(key, v
     with pytest.raises(ValueError) as from_file:
         load_config(str(path))
     assert str(from_file.value) == message
+
+
+def test_checking_keeps_the_json_of_valid_values():
+    """The pipeline skips or resumes training by a hash of the config's JSON: checking must not change the
+    JSON of values that were valid before it (an int in a number key stays an int)."""
+    import json
+    import os
+
+    import yaml
+
+    from covid_spark.config import default_config
+    from covid_spark.models import REGISTRY
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "covid_spark", "defaults.yaml"), encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    raw["train"]["per_model"] = {name: dict(spec.train_defaults) for name, spec in REGISTRY.items()}
+    assert json.dumps(default_config(), sort_keys=True) == json.dumps(raw, sort_keys=True)
 
 
 def test_flags_are_checked_as_the_file_is_and_shares_together():

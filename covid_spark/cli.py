@@ -70,9 +70,18 @@ def job_main(job: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
-    """Add --config (a YAML job config) to ``parser``."""
+    """Add --config (a YAML job config) and --set KEY=VALUE (repeatable) to ``parser``: pass both to
+    ``config.load_config(args.config, sets=args.set)``."""
+    from covid_spark.config import PRECEDENCE
+
     parser.add_argument("--config", default=None,
-                        help="YAML job config overriding the packaged defaults (see conf/)")
+                        help="YAML job config overriding the packaged defaults (covid_spark/defaults.yaml; "
+                             "see conf/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set one config key, repeatable: a dotted key of covid_spark/defaults.yaml and a "
+                             "YAML value, e.g. --set train.epochs=3 --set train.augment.flip=true --set "
+                             "train.per_model.compact.learning_rate=0.002; checked like the --config file. "
+                             f"Precedence: {PRECEDENCE}")
 
 
 def add_overwrite_arg(parser, what: str = "an existing --output"):
@@ -81,7 +90,7 @@ def add_overwrite_arg(parser, what: str = "an existing --output"):
 
 
 def add_spark_args(parser: argparse.ArgumentParser) -> None:
-    """Add --master, --conf k=v (repeatable) and --config to ``parser``."""
+    """Add --master, --conf k=v (repeatable), --config and --set k=v (repeatable) to ``parser``."""
     parser.add_argument("--master", default=None,
                         help="Spark master URL; unset lets spark-submit (or Spark's default) decide")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",

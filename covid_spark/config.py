@@ -1,9 +1,27 @@
-"""Job configuration: package defaults, an optional YAML override file, then command-line flags."""
+"""Job configuration, declared once and checked once.
+
+``SCHEMA`` declares every key: its type, the values it allows and what it means (each key once, as
+Horovod's ``spark/common/params.py`` declares each parameter once). ``defaults.yaml`` holds the
+default of every key, and nothing else (``default_config`` refuses a key the schema lacks or a
+missing one). A job's config is, from lowest to highest precedence::
+
+    defaults.yaml < train.per_model.<model> < the --config file < --set KEY=VALUE < the job's named flags
+
+:func:`load_config` builds the first four and :func:`override` applies the flags; both check every
+value they take against ``SCHEMA`` and cast it (``5.0`` becomes ``5`` for an integer, ``1e-4``, which
+YAML 1.1 reads as a string, becomes the number), so the config they return is a plain nested dict
+(stored as JSON in ``run.json``) whose values already have their declared types: code reads
+``config["train"]["epochs"]`` as an int without casting or checking it again. A number key (float) keeps
+an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower): its JSON, and
+so the pipeline's cache keys of runs made before these checks, stay what they were.
+"""
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -14,70 +32,310 @@ CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
 # ``image_size`` of its _summary.json, and a run's the ``image_size`` of its run.json.
 DEFAULT_IMAGE_SIZE: int = 224
 
+PRECEDENCE = "packaged defaults < the model's own train values (train.per_model) < --config file < --set < named flags"
 
-def _merge(base: dict, override: Mapping, where: str) -> dict:
-    for key, value in override.items():
-        if key not in base:
-            raise ValueError(f"unknown config key '{where}{key}' (known: {', '.join(sorted(base))})")
-        if isinstance(base[key], dict):
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: its type (int, float, bool or str), its meaning, and the values it allows:
+    ``choices`` (a tuple, or a function returning them, for lists defined elsewhere), or a range
+    ``minimum``..``maximum`` (either end left out when None, excluded when ``*_excluded``)."""
+
+    type: type
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    minimum_excluded: bool = False
+    maximum_excluded: bool = False
+    choices: tuple[str, ...] | Callable[[], Iterable[str]] | None = None
+
+    def allowed(self) -> tuple[str, ...] | None:
+        return tuple(self.choices() if callable(self.choices) else self.choices) if self.choices else None
+
+    def expected(self) -> str:
+        """What a value must be, in words: ``an integer >= 1``, ``a number in [0, 1)``, ``one of a, b``."""
+        choices = self.allowed()
+        if choices:
+            return f"one of {', '.join(sorted(choices))}"
+        text = _TYPE_NAMES[self.type]
+        low, high = self.minimum, self.maximum
+        if low is not None and high is not None:
+            left, right = "(" if self.minimum_excluded else "[", ")" if self.maximum_excluded else "]"
+            return f"{text} in {left}{low:g}, {high:g}{right}"
+        if low is not None:
+            return f"{text} {'>' if self.minimum_excluded else '>='} {low:g}"
+        if high is not None:
+            return f"{text} {'<' if self.maximum_excluded else '<='} {high:g}"
+        return text
+
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` cast to the declared type, after checking it.
+
+        Raises:
+            ValueError: naming ``key``, what it must be and what was found.
+        """
+        cast = self._cast(value)
+        if cast is None or not self._in_range(cast):
+            raise ValueError(f"config key '{key}' must be {self.expected()}, found {value!r}")
+        return cast
+
+    def _cast(self, value: Any) -> Any:
+        """The value as the declared type, or None when it is not one (a bool is never a number; an int
+        is a float, kept as it is)."""
+        if self.type is bool:
+            return value if isinstance(value, bool) else None
+        if self.type is str:
+            return value if isinstance(value, str) else None
+        if isinstance(value, bool):
+            return None
+        if self.type is int:
+            if isinstance(value, int):
+                return value
+            return int(value) if isinstance(value, float) and value.is_integer() else None
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: take it as the number it is
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+        return float(value) if isinstance(value, float) and math.isfinite(value) else None
+
+    def _in_range(self, value: Any) -> bool:
+        choices = self.allowed()
+        if choices is not None:
+            return value in choices
+        if self.minimum is not None and (value < self.minimum or (self.minimum_excluded and value == self.minimum)):
+            return False
+        return not (self.maximum is not None
+                    and (value > self.maximum or (self.maximum_excluded and value == self.maximum)))
+
+
+@dataclass(frozen=True)
+class PerModel:
+    """``train.per_model``: model name -> any ``train`` keys but ``model`` and ``per_model``, each
+    checked as that key is."""
+
+    help: str
+
+
+def _model_names() -> list[str]:
+    from covid_spark.models import REGISTRY
+
+    return sorted(REGISTRY)
+
+
+def _input_norms() -> tuple[str, ...]:
+    from covid_spark.models import INPUT_NORMS
+
+    return INPUT_NORMS
+
+
+def _fraction(help: str) -> Field:
+    return Field(float, help, minimum=0, maximum=1, maximum_excluded=True)
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "preprocess": {
+        "image_size": Field(int, "side of the square images written, in pixels", minimum=1),
+        "val_fraction": _fraction("share of the patients (of each class) put in val"),
+        "test_fraction": _fraction("share of the patients (of each class) put in test; unused with holdout_source"),
+        "seed": Field(int, "seeds the split assignment and the order images are staged in", minimum=0),
+        "max_pixels": Field(int, "decompression-bomb limit: an image above this many pixels is rejected "
+                                 "before decoding", minimum=1),
+        "duplicate_distance": Field(int, "max Hamming distance between the 256-bit dHashes of two images "
+                                         "counted as duplicates", minimum=0, maximum=256),
+        "rows_per_row_group": Field(int, "rows per Parquet row group (Petastorm shards by row group)", minimum=1),
+        "min_row_groups": Field(int, "row groups per split at least, so that as many Horovod ranks each get "
+                                     "a shard", minimum=1),
+        "skip_unknown_classes": Field(bool, "skip folders and labels that name no class instead of failing"),
+        "holdout_source": Field(str, "leave-one-source-out: every image of this source is the test split "
+                                     "(empty: off)"),
+    },
+    "train": {
+        "model": Field(str, "architecture (covid_spark.models.REGISTRY)", choices=_model_names),
+        "num_proc": Field(int, "Horovod ranks (Spark tasks)", minimum=1),
+        "epochs": Field(int, "epochs to train", minimum=1),
+        "batch_size": Field(int, "images per step per rank", minimum=1),
+        "learning_rate": Field(float, "Adam learning rate per rank, scaled by the number of ranks with warm-up",
+                               minimum=0, minimum_excluded=True),
+        "warmup_epochs": Field(int, "epochs of linear learning-rate warm-up", minimum=0),
+        "lr_schedule": Field(str, "cosine (to 2% of the peak at the last epoch) or constant after the warm-up",
+                             choices=("cosine", "constant")),
+        "early_stopping_patience": Field(int, "stop after this many epochs without a lower val loss (0: off)",
+                                         minimum=0),
+        "class_weights": Field(str, "balanced (n / (k n_c) per class) or none", choices=("balanced", "none")),
+        "seed": Field(int, "seeds weights, shuffling and augmentation (plus the rank)", minimum=0),
+        "threads_per_rank": Field(int, "TensorFlow threads per rank (0: cores / num_proc)", minimum=0),
+        "shuffle_buffer": Field(int, "images in each rank's shuffle buffer (0 or 1: no shuffling)", minimum=0),
+        "gradient_compression": Field(str, "fp16: Horovod sends gradients as float16", choices=("none", "fp16")),
+        "input_norm": Field(str, "equalize: per-image histogram equalisation inside the model",
+                            choices=_input_norms),
+        "per_model": PerModel("each architecture's own train values (models.REGISTRY), which replace the "
+                              "general ones unless the --config file or --set sets them"),
+        "augment": {
+            "flip": Field(bool, "random horizontal flip (puts the heart on the wrong side)"),
+            "rotation_deg": Field(float, "random rotation up to ± this many degrees", minimum=0, maximum=180,
+                                  maximum_excluded=True),
+            "shift": _fraction("random shift up to ± this share of the height and width"),
+            "zoom": _fraction("random zoom by up to ± this share"),
+            "brightness": _fraction("random brightness offset up to ± this share of 255"),
+            "contrast": _fraction("random contrast factor in [1 - c, 1 + c] about each channel's mean"),
+        },
+    },
+    "evaluate": {
+        "bootstrap": Field(int, "bootstrap resamples of the 95% intervals", minimum=1),
+    },
+}
+
+
+def keys(schema: Mapping = SCHEMA, where: str = "") -> list[str]:
+    """Every dotted key of ``schema`` (``train.per_model`` as one key)."""
+    out = []
+    for key, spec in schema.items():
+        out += keys(spec, f"{where}{key}.") if isinstance(spec, Mapping) else [f"{where}{key}"]
+    return out
+
+
+def _check(tree: Any, schema: Mapping, where: str, partial: bool) -> dict:
+    """A copy of ``tree`` with every value checked and cast against ``schema``; unknown keys refused,
+    and missing ones too unless ``partial``."""
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"config key '{where[:-1]}' must be a mapping, found {tree!r}")
+    out = {}
+    for key, value in tree.items():
+        name = f"{where}{key}"
+        if key not in schema:
+            raise ValueError(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
+        spec = schema[key]
+        if isinstance(spec, Mapping):
+            out[key] = _check(value, spec, f"{name}.", partial)
+        elif isinstance(spec, PerModel):
             if not isinstance(value, Mapping):
-                raise ValueError(f"config key '{where}{key}' must be a mapping, found {value!r}")
-            _merge(base[key], value, f"{where}{key}.")
+                raise ValueError(f"config key '{name}' must map model names to mappings of train keys, found {value!r}")
+            per_model = {k: v for k, v in SCHEMA["train"].items() if k not in ("model", "per_model")}
+            out[key] = _check(value, {model: per_model for model in _model_names()}, f"{name}.", partial=True)
         else:
-            base[key] = value
+            out[key] = spec.check(name, value)
+    missing = [key for key in schema if key not in tree] if not partial else []
+    if missing:
+        raise ValueError(f"config key '{where}{missing[0]}' is missing")
+    return out
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    """``base`` with ``top`` merged in, mapping by mapping (both already checked)."""
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
     return base
+
+
+def _check_together(config: Mapping) -> None:
+    """What no single key can check: the val and test shares leave some patients to train."""
+    pre = config["preprocess"]
+    if not pre["holdout_source"] and pre["val_fraction"] + pre["test_fraction"] >= 1:
+        raise ValueError(f"config keys 'preprocess.val_fraction' + 'preprocess.test_fraction' must be below 1, "
+                         f"found {pre['val_fraction']} + {pre['test_fraction']}")
 
 
 def default_config() -> dict[str, Any]:
     """Return a fresh copy of the packaged defaults: defaults.yaml, with ``train.per_model`` filled from
-    the model registry (``covid_spark.models.REGISTRY``: each architecture's own train values)."""
+    the model registry (``covid_spark.models.REGISTRY``: each architecture's own train values).
+
+    Raises:
+        RuntimeError: defaults.yaml and ``SCHEMA`` disagree (a bug of the package, not of the user).
+    """
     from covid_spark.models import REGISTRY
 
     text = resources.files("covid_spark").joinpath("defaults.yaml").read_text()
     config = yaml.safe_load(text)
     config["train"]["per_model"] = {name: copy.deepcopy(dict(spec.train_defaults)) for name, spec in REGISTRY.items()}
-    return config
+    try:
+        return _check(config, SCHEMA, "", partial=False)
+    except ValueError as err:
+        raise RuntimeError(f"covid_spark/defaults.yaml and covid_spark.config.SCHEMA disagree: {err}") from err
 
 
-def load_config(path: str | None = None, model: str | None = None) -> dict[str, Any]:
-    """Load the defaults, overlaid with the YAML file at ``path`` when given.
+def parse_set(pair: str) -> dict[str, Any]:
+    """``KEY=VALUE`` (a dotted key, split on the first ``=``; the value read as YAML) as a nested mapping:
+    ``train.augment.flip=true`` -> ``{"train": {"augment": {"flip": True}}}``. An empty value is the
+    empty string. Not checked here (:func:`load_config` checks it as it checks a file)."""
+    key, sep, text = pair.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise ValueError(f"--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got {pair!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {key.strip()}: the value {text!r} is not YAML ({' '.join(str(err).split())})") from err
+    tree: dict[str, Any] = {}
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part.strip(), {})
+    node[parts[-1].strip()] = value
+    return tree
+
+
+def load_config(path: str | None = None, model: str | None = None, sets: Sequence[str] = ()) -> dict[str, Any]:
+    """The packaged defaults, overlaid with the YAML file at ``path`` when given, then with each
+    ``sets`` entry (``KEY=VALUE``, see :func:`parse_set`), every value checked and cast (``SCHEMA``).
 
     ``train.per_model`` holds each architecture's own hyperparameters (a pretrained network wants a
     smaller learning rate than one trained from scratch): ``models.REGISTRY[name].train_defaults``,
-    unless the YAML file sets ``train.per_model.<name>.<key>``. Those of the model named by ``model``
-    (a command-line flag) or else by ``train.model`` replace the general ``train`` values, except the
-    ones the YAML file sets itself: defaults < per-model defaults < YAML file < flags.
+    unless the file or ``sets`` set ``train.per_model.<name>.<key>``. Those of the model named by
+    ``model`` (a command-line flag) or else by ``train.model`` replace the general ``train`` values,
+    except the ones the file or ``sets`` set themselves: defaults < per-model < file < ``sets``
+    (< flags, which the jobs apply with :func:`override`).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file holds a key the defaults do not have, or is not a mapping.
+        ValueError: an unknown key, a value of the wrong type or out of range (naming the key, what it
+            must be and what was found), a file that is not a mapping, or a malformed ``sets`` entry.
     """
     config = default_config()
-    user: Mapping = {}
+    user: dict[str, Any] = {}
     if path:
         with open(path, encoding="utf-8") as handle:
-            user = yaml.safe_load(handle) or {}
-        if not isinstance(user, Mapping):
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, Mapping):
             raise ValueError(f"config file {path} must hold a mapping at top level")
-        _merge(config, user, "")
+        user = _check(loaded, SCHEMA, "", partial=True)
+    for pair in sets:
+        _deep_merge(user, _check(parse_set(pair), SCHEMA, "", partial=True))
+    _deep_merge(config, user)
     train = config["train"]
-    name = model or train["model"]
-    per_model = train.get("per_model") or {}
-    if not isinstance(per_model, Mapping) or not isinstance(per_model.get(name, {}), Mapping):
-        raise ValueError("config key 'train.per_model' must map model names to mappings of train keys")
-    set_by_user = (user.get("train") or {}) if isinstance(user.get("train"), Mapping) else {}
-    for key, value in (per_model.get(name) or {}).items():
-        if key in ("per_model", "model") or key not in train:
-            raise ValueError(f"unknown config key 'train.per_model.{name}.{key}'")
-        if key not in set_by_user:
-            train[key] = copy.deepcopy(value)
-    if tuple(config["classes"]) != CLASSES:
-        raise ValueError(f"config key 'classes' must be {list(CLASSES)}, found {config['classes']}")
+    name = SCHEMA["train"]["model"].check("train.model", model) if model else train["model"]
+    _deep_merge(train, _unset(train["per_model"].get(name, {}), user.get("train", {})))
+    _check_together(config)
     return config
 
 
+def _unset(values: Mapping, chosen: Mapping) -> dict:
+    """The part of ``values`` whose keys (leaf by leaf) ``chosen`` does not hold."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            rest = _unset(value, chosen.get(key) or {})
+            if rest:
+                out[key] = rest
+        elif key not in chosen:
+            out[key] = value
+    return out
+
+
 def override(config: dict, section: str, values: Mapping[str, Any]) -> dict:
-    """Copy of ``config`` with ``values`` (None entries ignored) set in ``section``."""
-    config = copy.deepcopy(config)
-    _merge(config, {section: {k: v for k, v in values.items() if v is not None}}, "")
+    """Copy of ``config`` with ``values`` (None entries ignored) set in ``section``, checked and cast
+    as :func:`load_config` checks a file (a job's named flags: they win over everything).
+
+    Raises:
+        ValueError: an unknown key, or a value of the wrong type or out of range (naming the key).
+    """
+    checked = _check({section: {k: v for k, v in values.items() if v is not None}}, SCHEMA, "", partial=True)
+    config = _deep_merge(copy.deepcopy(config), checked)
+    _check_together(config)
     return config

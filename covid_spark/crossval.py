@@ -90,18 +90,18 @@ def train_fold(images, labels, cfg: dict, seed: int):
     from covid_spark.training import class_weights
 
     keras.utils.set_random_seed(seed)
-    batch = int(cfg["batch_size"]) * int(cfg["num_proc"])
-    epochs = int(cfg["epochs"])
+    batch = cfg["batch_size"] * cfg["num_proc"]
+    epochs = cfg["epochs"]
     model = make_model(cfg["model"], input_shape=images.shape[1:], num_classes=len(CLASSES),
-                       input_norm=cfg.get("input_norm", "none"))
+                       input_norm=cfg["input_norm"])
     steps = math.ceil(len(labels) / batch)
-    schedule = keras.optimizers.schedules.CosineDecay(float(cfg["learning_rate"]) * int(cfg["num_proc"]),
+    schedule = keras.optimizers.schedules.CosineDecay(cfg["learning_rate"] * cfg["num_proc"],
                                                       epochs * steps, alpha=0.02)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
     counts = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
     data = (tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels))
             .shuffle(1024, seed=seed).repeat().batch(batch))
-    data = augment_dataset(data, dict(cfg["augment"]), seed=int(cfg["seed"]) + 1000 * seed).prefetch(2)
+    data = augment_dataset(data, cfg["augment"], seed=cfg["seed"] + 1000 * seed).prefetch(2)
     model.fit(data, epochs=epochs, steps_per_epoch=steps, class_weight=class_weights(counts, cfg["class_weights"]),
               verbose=0)
     return model
@@ -140,14 +140,12 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
     from covid_spark.dataset import load_split, read_summary
     from covid_spark.metrics import bootstrap_ci, classification_metrics, metrics_by_group
     from covid_spark.rundir import git_commit
-    from covid_spark.training import check_model
 
     cfg = config["train"]
     if folds < 2:
         raise ValueError(f"--folds must be at least 2, found {folds}")
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; choose from {', '.join(TRANSFORMS)}")
-    check_model(cfg["model"])
     refuse_existing(output, overwrite)
     against = None
     if compare:  # read now, not after hours of training
@@ -188,7 +186,8 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
     sources = np.array([s or "unknown" for s in pooled["source"]])
     result.update(classification_metrics(labels, probs, list(CLASSES)))
     result["per_source"] = metrics_by_group(labels, probs, sources, list(CLASSES))
-    result["ci95"] = bootstrap_ci(labels, probs, list(CLASSES), seed=int(cfg["seed"]))
+    result["ci95"] = bootstrap_ci(labels, probs, list(CLASSES), n_boot=config["evaluate"]["bootstrap"],
+                                  seed=cfg["seed"])
     result["predictions"] = {"path": [str(p) for p in pooled["path"]], "label": labels.tolist(),
                              "source": sources.tolist(), "patient_id": [str(p) for p in pooled["patient_id"]],
                              "fold": fold_of.tolist(), "probs": np.round(probs, 6).tolist()}

@@ -13,28 +13,6 @@ from covid_spark.dataset import split_url
 logger = logging.getLogger(__name__)
 
 
-AUGMENT_KEYS = ("flip", "rotation_deg", "shift", "zoom", "brightness", "contrast")
-
-
-def check_augment(augment: dict) -> dict:
-    """``augment`` with its values as numbers, after checking them.
-
-    Raises:
-        ValueError: naming the ``train.augment`` key that is unknown, not a number or out of range.
-    """
-    unknown = sorted(set(augment) - set(AUGMENT_KEYS))
-    if unknown:
-        raise ValueError(f"config key 'train.augment.{unknown[0]}' is unknown; known: {', '.join(AUGMENT_KEYS)}")
-    out = {"flip": bool(augment.get("flip", False))}
-    limits = {"rotation_deg": 180.0, "shift": 1.0, "zoom": 1.0, "brightness": 1.0, "contrast": 1.0}
-    for key, upper in limits.items():
-        value = augment.get(key, 0) or 0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < upper:
-            raise ValueError(f"config key 'train.augment.{key}' must be a number in [0, {upper:g}), found {value!r}")
-        out[key] = float(value)
-    return out
-
-
 def affine_transforms(height: int, width: int, angle, shift_y, shift_x, zoom, flip):
     """Projective transforms (``[n, 8]``, as ``ImageProjectiveTransformV3`` takes them) for a batch.
 
@@ -69,11 +47,11 @@ def augment_batch(images, seed, augment: dict):
 
     Geometry (flip, rotation, shift, zoom) is one bilinear resampling with zeros outside the image;
     then per-image contrast (a factor in [1 - c, 1 + c] about each channel's mean) and brightness
-    (an offset in ±b × 255); the result is clipped to 0..255.
+    (an offset in ±b × 255); the result is clipped to 0..255. ``augment`` holds every ``train.augment``
+    key, as the config gives it (checked there).
     """
     import tensorflow as tf
 
-    aug = check_augment(augment)
     shape = tf.shape(images)
     n, height, width = shape[0], shape[1], shape[2]  # dynamic: Petastorm's images have no static size
     seeds = tf.random.experimental.stateless_split(seed, num=7)
@@ -82,21 +60,21 @@ def augment_batch(images, seed, augment: dict):
         return tf.random.stateless_uniform([n], seeds[i], -bound, bound)
 
     out = images
-    if aug["flip"] or aug["rotation_deg"] or aug["shift"] or aug["zoom"]:
-        flip = tf.random.stateless_uniform([n], seeds[0]) if aug["flip"] else tf.zeros([n])
-        transforms = affine_transforms(height, width, uniform(1, aug["rotation_deg"] * np.pi / 180.0),
-                                       uniform(2, aug["shift"] * tf.cast(height, tf.float32)),
-                                       uniform(3, aug["shift"] * tf.cast(width, tf.float32)),
-                                       1.0 + uniform(4, aug["zoom"]), flip)
+    if augment["flip"] or augment["rotation_deg"] or augment["shift"] or augment["zoom"]:
+        flip = tf.random.stateless_uniform([n], seeds[0]) if augment["flip"] else tf.zeros([n])
+        transforms = affine_transforms(height, width, uniform(1, augment["rotation_deg"] * np.pi / 180.0),
+                                       uniform(2, augment["shift"] * tf.cast(height, tf.float32)),
+                                       uniform(3, augment["shift"] * tf.cast(width, tf.float32)),
+                                       1.0 + uniform(4, augment["zoom"]), flip)
         out = tf.raw_ops.ImageProjectiveTransformV3(
             images=out, transforms=transforms, output_shape=tf.stack([height, width]), fill_value=0.0,
             interpolation="BILINEAR", fill_mode="CONSTANT")
-    if aug["contrast"]:
-        factor = tf.reshape(1.0 + uniform(5, aug["contrast"]), [-1, 1, 1, 1])
+    if augment["contrast"]:
+        factor = tf.reshape(1.0 + uniform(5, augment["contrast"]), [-1, 1, 1, 1])
         mean = tf.reduce_mean(out, axis=[1, 2], keepdims=True)
         out = (out - mean) * factor + mean
-    if aug["brightness"]:
-        out = out + 255.0 * tf.reshape(uniform(6, aug["brightness"]), [-1, 1, 1, 1])
+    if augment["brightness"]:
+        out = out + 255.0 * tf.reshape(uniform(6, augment["brightness"]), [-1, 1, 1, 1])
     return tf.clip_by_value(out, 0.0, 255.0)
 
 
@@ -104,22 +82,21 @@ def augment_dataset(ds, augment: dict, seed: int):
     """Map ``augment_batch`` over a batched ``(image, label)`` dataset, seeding batch i with (seed, i).
 
     Repeatable: the i-th batch gets the same transforms on every run, in parallel or not.
-    Returns ``ds`` unchanged when every transform is off.
+    Returns ``ds`` unchanged when every transform is off (or ``augment`` is empty).
     """
     import tensorflow as tf
 
-    aug = check_augment(augment)
-    if not any(aug.values()):
+    if not any(augment.values()):
         return ds
     numbered = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
     return numbered.map(
-        lambda xy, i: (augment_batch(xy[0], tf.stack([tf.constant(seed, tf.int64), i]), aug), xy[1]),
+        lambda xy, i: (augment_batch(xy[0], tf.stack([tf.constant(seed, tf.int64), i]), augment), xy[1]),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def make_train_dataset(dataset: str, batch_size: int, augment: dict, seed: int,
-                       shard: int | None = None, shard_count: int | None = None,
-                       shuffle_buffer: int = 256):
+                       shard: int | None = None, shard_count: int | None = None, *,
+                       shuffle_buffer: int):
     """An endless, shuffled, augmented ``(image, label)`` tf.data pipeline over one train shard.
 
     Returns ``(reader, dataset)``; the caller closes the reader (use it as a context manager).

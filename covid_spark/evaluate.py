@@ -127,12 +127,12 @@ def subset_metrics(y: np.ndarray, probs: np.ndarray, keep: np.ndarray, config: d
     from covid_spark.metrics import bootstrap_ci, classification_metrics
 
     out = classification_metrics(y[keep], probs[keep], list(CLASSES))
-    out["ci95"] = bootstrap_ci(y[keep], probs[keep], list(CLASSES), n_boot=int(config["evaluate"]["bootstrap"]),
-                               seed=int(config["train"]["seed"]))
+    out["ci95"] = bootstrap_ci(y[keep], probs[keep], list(CLASSES), n_boot=config["evaluate"]["bootstrap"],
+                               seed=config["train"]["seed"])
     return out
 
 
-def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
+def evaluate(dataset: str, model_dir: str, config: dict, split: str,
              exclude_near_copies_of: str | None = None, output: str | None = None, overwrite: bool = False) -> dict:
     """Score ``split`` of ``dataset`` with the model in ``model_dir``; write and return the metrics.
 
@@ -179,7 +179,7 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
     kept, exclusion = None, None
     if exclude_near_copies_of:
         found = near_copy_exclusion(dataset, splits, exclude_near_copies_of,
-                                    int(config["preprocess"]["duplicate_distance"]))
+                                    config["preprocess"]["duplicate_distance"])
         kept, exclusion = found["kept"], found["report"]
         logger.info("evaluate: %d near-copies of %s dropped, %d images kept", exclusion["dropped"],
                     exclude_near_copies_of, exclusion["kept"])
@@ -198,8 +198,8 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str = "test",
     metrics["dataset"] = dataset
     if exclusion:
         metrics["near_copies"] = exclusion
-    metrics["ci95"] = bootstrap_ci(y, probs, list(CLASSES), n_boot=int(config["evaluate"]["bootstrap"]),
-                                   seed=int(config["train"]["seed"]))
+    metrics["ci95"] = bootstrap_ci(y, probs, list(CLASSES), n_boot=config["evaluate"]["bootstrap"],
+                                   seed=config["train"]["seed"])
     metrics["ece"] = expected_calibration_error(y, probs)
     sources = np.array([s or "unknown" for s in data["source"]])
     metrics["per_source"] = metrics_by_group(y, probs, sources, list(CLASSES))

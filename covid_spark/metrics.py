@@ -238,7 +238,7 @@ def bootstrap_ci(
     y_true: np.ndarray,
     probs: np.ndarray,
     classes: list[str],
-    n_boot: int = 1000,
+    n_boot: int,
     seed: int = 0,
     alpha: float = 0.05,
     paired_with: np.ndarray | None = None,
@@ -246,6 +246,7 @@ def bootstrap_ci(
     """Percentile-bootstrap confidence intervals, resampling images with replacement.
 
     Args:
+        n_boot: resamples (a job passes the config's ``evaluate.bootstrap``).
         paired_with: probabilities of a second model on the same images, shape like ``probs``.
             Given, every interval is of the difference (``probs``'s statistic minus this one's)
             over the same resamples: a paired bootstrap, which cancels the variation both models

@@ -204,7 +204,7 @@ class ModelSpec:
     the convolution Grad-CAM reads: the last one whose feature map is still 7×7 at the default
     224×224 input (deeper maps are coarser). ``train_defaults`` are this architecture's own
     ``train`` values, which ``config.load_config`` applies as ``train.per_model.<name>``: defaults <
-    these < the config file < flags. ``weights`` is None for a model trained from scratch. ``params``
+    these < the config file < --set < flags. ``weights`` is None for a model trained from scratch. ``params``
     counts every weight for 3 classes; it does not depend on the input size.
     """
 

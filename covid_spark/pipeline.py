@@ -94,7 +94,7 @@ def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, conf
         return result
 
     def do_preprocess():
-        digest = input_digest(input_locations, bool(config["preprocess"]["skip_unknown_classes"]))
+        digest = input_digest(input_locations, config["preprocess"]["skip_unknown_classes"])
         key = hashlib.sha256(json.dumps([digest, config["preprocess"]], sort_keys=True).encode()).hexdigest()
         if not force and state.get("preprocess_key") == key and has_summary(None, dataset):
             logger.info("pipeline: inputs unchanged since the last run; preprocessing skipped")

@@ -254,8 +254,8 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
     with open(run_dir.model, "rb") as handle:
         model_bytes = handle.read()
     inventory = discover(input_locations, labelled=False,
-                         skip_unknown=bool(config["preprocess"]["skip_unknown_classes"]))
-    max_pixels = int(config["preprocess"]["max_pixels"])
+                         skip_unknown=config["preprocess"]["skip_unknown_classes"])
+    max_pixels = config["preprocess"]["max_pixels"]
     records = sorted([(r["path"], None) for r in inventory.records]
                      + [(s["path"], s["reason"]) for s in inventory.skipped], key=lambda r: r[0])
     if explain_dir:

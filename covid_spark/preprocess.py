@@ -275,16 +275,16 @@ def split_images(good: Sequence[Staged], cfg: dict, duplicates: list[list[str]])
     split into train and val only (a shortcut check: does the model work on a source it never
     saw?). Duplicate groups that straddle the held-out source are dropped from train/val.
     """
-    holdout = cfg.get("holdout_source") or ""
+    holdout = cfg["holdout_source"]
     rest = [i for i, m in enumerate(good) if m.source != holdout] if holdout else range(len(good))
     if holdout and len(rest) == len(good):
         known = sorted({m.source for m in good})
         raise ValueError(f"preprocess.holdout_source {holdout!r} matches no image; sources: {known}")
-    test_fraction = 0.0 if holdout else float(cfg["test_fraction"])
+    test_fraction = 0.0 if holdout else cfg["test_fraction"]
     splits = ["test"] * len(good)
     assigned = assign_splits([good[i].path for i in rest], [good[i].label for i in rest],
-                             [good[i].patient_id for i in rest], float(cfg["val_fraction"]), test_fraction,
-                             int(cfg["seed"]), linked=duplicates)
+                             [good[i].patient_id for i in rest], cfg["val_fraction"], test_fraction,
+                             cfg["seed"], linked=duplicates)
     for i, split in zip(rest, assigned):
         splits[i] = split
     if holdout:
@@ -330,11 +330,11 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
     started = time.time()
     locations = [input_locations] if isinstance(input_locations, str) else list(input_locations)
     cfg = config["preprocess"]
-    size, max_pixels, seed = int(cfg["image_size"]), int(cfg["max_pixels"]), int(cfg["seed"])
+    size, max_pixels, seed = cfg["image_size"], cfg["max_pixels"], cfg["seed"]
     url = to_url(output)
     sc = spark.sparkContext
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
-        inventory = discover(locations, skip_unknown=bool(cfg["skip_unknown_classes"]))
+        inventory = discover(locations, skip_unknown=cfg["skip_unknown_classes"])
         found, skipped, per_input = len(inventory.records), inventory.skipped, inventory.per_input
         # Shuffled (seeded) so every staged file, and so every row group, mixes classes and sources.
         order = np.random.default_rng(seed).permutation(found)
@@ -358,7 +358,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         good = [m for m in staged if m.error is None]
         rejected = [{"path": m.path, "reason": m.error, "input": m.input} for m in staged if m.error is not None]
         del staged
-        duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=int(cfg["duplicate_distance"]))
+        duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
         splits = split_images(good, cfg, duplicates)
 
         per_split = Counter(splits)
@@ -367,7 +367,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             if per_split[split] == 0:
                 logger.warning("split %s is empty: nothing written for it", split)
                 continue
-            groups = _num_row_groups(per_split[split], int(cfg["rows_per_row_group"]), int(cfg["min_row_groups"]))
+            groups = _num_row_groups(per_split[split], cfg["rows_per_row_group"], cfg["min_row_groups"])
             group_rows[split] = max(1, per_split[split] // groups)  # so that there are at least `groups`
         rows_of: dict[str, list[tuple[int, str]]] = {}
         for m, split in zip(good, splits):

@@ -10,11 +10,10 @@ import tempfile
 import time
 
 from covid_spark.config import CLASSES
-from covid_spark.data import check_augment
 from covid_spark.dataset import read_summary
 from covid_spark.rundir import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, RunDir, git_commit, versions
 from covid_spark.storage import atomic_write_json, exists_error, to_url
-from covid_spark.training import check_input_norm, check_model, class_weights
+from covid_spark.training import class_weights
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +53,11 @@ def train_fn(job: dict) -> dict:
 
     size_px = job["image_size"]
     model = make_model(job["model"], input_shape=(size_px, size_px, 3), num_classes=len(CLASSES),
-                       input_norm=job.get("input_norm", "none"))
+                       input_norm=job["input_norm"])
     if job.get("resume_weights"):
         model.load_weights(job["resume_weights"])
     lr = job["learning_rate"] * size
-    compression = hvd.Compression.fp16 if job.get("compression") == "fp16" else hvd.Compression.none
+    compression = hvd.Compression.fp16 if job["compression"] == "fp16" else hvd.Compression.none
     model.compile(optimizer=hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr), compression=compression),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
@@ -192,31 +191,26 @@ def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | 
 
 
 def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, checkpoint_dir: str) -> dict:
-    """The plain dict each rank's ``train_fn`` receives, from the ``train`` config and the dataset summary.
-
-    Raises:
-        ValueError: ``train.gradient_compression`` is neither ``none`` nor ``fp16``, ``train.input_norm`` is
-            unknown, or a ``train.augment`` value is not a number in its range.
-    """
-    if cfg["gradient_compression"] not in ("none", "fp16"):
-        raise ValueError(f"config key 'train.gradient_compression' must be 'none' or 'fp16', "
-                         f"found {cfg['gradient_compression']!r}")
+    """The plain dict each rank's ``train_fn`` receives, from the ``train`` config (as ``config.load_config``
+    gives it: checked and typed) and the dataset summary."""
     return {
         "dataset": to_url(dataset), "model": cfg["model"], "image_size": int(summary["image_size"]),
-        "epochs": int(cfg["epochs"]), "batch_size": int(cfg["batch_size"]), "learning_rate": float(cfg["learning_rate"]),
-        "warmup_epochs": int(cfg["warmup_epochs"]), "lr_schedule": cfg["lr_schedule"],
-        "patience": int(cfg["early_stopping_patience"]), "seed": int(cfg["seed"]), "threads": threads,
-        "steps_per_epoch": steps, "shuffle_buffer": int(cfg["shuffle_buffer"]), "augment": check_augment(cfg["augment"]),
+        "epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "learning_rate": cfg["learning_rate"],
+        "warmup_epochs": cfg["warmup_epochs"], "lr_schedule": cfg["lr_schedule"],
+        "patience": cfg["early_stopping_patience"], "seed": cfg["seed"], "threads": threads,
+        "steps_per_epoch": steps, "shuffle_buffer": cfg["shuffle_buffer"], "augment": dict(cfg["augment"]),
         "class_weight": class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
         "val_rows": summary["per_split"].get("val", 0), "val_row_groups": summary["row_groups"].get("val", 0),
         "checkpoint_dir": checkpoint_dir, "compression": cfg["gradient_compression"],
-        "input_norm": check_input_norm(cfg.get("input_norm", "none")),
+        "input_norm": cfg["input_norm"],
     }
 
 
 def run_training(spark, dataset: str, model_dir: str, config: dict,
                  overwrite: bool = False, resume: bool = False) -> dict:
     """Validate, launch ``num_proc`` Horovod ranks on the executors, and write the model dir.
+
+    ``config`` is as ``config.load_config`` gives it (every value checked and typed there).
 
     Raises:
         ValueError: config and data disagree (names the key, expected and found values).
@@ -228,9 +222,8 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
 
     started = time.time()
     cfg = config["train"]
-    check_model(cfg["model"])
     summary = read_summary(spark, dataset)
-    num_proc = int(cfg["num_proc"])
+    num_proc = cfg["num_proc"]
     if summary.get("classes") != list(CLASSES):
         raise ValueError(f"dataset classes {summary.get('classes')} differ from the model's {list(CLASSES)}")
     n_train = summary["per_split"].get("train", 0)
@@ -241,16 +234,14 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         raise ValueError(f"train.num_proc is {num_proc} but the train split of {dataset} has only "
                          f"{groups} row group(s); Petastorm shards by row group, so rerun preprocess "
                          f"with a larger preprocess.min_row_groups or use fewer ranks")
-    if cfg["lr_schedule"] not in ("cosine", "constant"):
-        raise ValueError(f"train.lr_schedule must be 'cosine' or 'constant', found {cfg['lr_schedule']!r}")
-    batch = int(cfg["batch_size"])
+    batch = cfg["batch_size"]
     if n_train < batch * num_proc:
         raise ValueError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
     model_dir = os.path.abspath(model_dir)
     run_dir = RunDir(model_dir)
     state = _prepare_model_dir(model_dir, overwrite, resume)
     cores = spark.sparkContext.defaultParallelism
-    threads = int(cfg["threads_per_rank"]) or max(1, (os.cpu_count() or cores) // num_proc)
+    threads = cfg["threads_per_rank"] or max(1, (os.cpu_count() or cores) // num_proc)
     steps = math.ceil(n_train / (batch * num_proc))
     job = make_job(cfg, summary, dataset, steps, threads, run_dir.checkpoints)
     if state and state.get("model", cfg["model"]) != cfg["model"]:
@@ -273,10 +264,10 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     atomic_write_json(run_dir.history, rank0["history"])
     run = {
         "model": cfg["model"], "num_proc": num_proc, "classes": list(CLASSES),
-        "image_size": int(summary["image_size"]), "epochs": int(cfg["epochs"]),
+        "image_size": int(summary["image_size"]), "epochs": cfg["epochs"],
         "epochs_run": len(rank0["history"].get("loss", [])), "best_epoch": rank0["best_epoch"],
-        "seed": int(cfg["seed"]), "steps_per_epoch": steps, "threads_per_rank": threads,
-        "effective_learning_rate": float(cfg["learning_rate"]) * num_proc,
+        "seed": cfg["seed"], "steps_per_epoch": steps, "threads_per_rank": threads,
+        "effective_learning_rate": cfg["learning_rate"] * num_proc,
         "class_weight": job["class_weight"], "dataset": to_url(dataset),
         "dataset_summary": {k: summary[k] for k in ("inputs", "written", "per_class", "per_split",
                                                      "per_split_class", "per_source", "image_size")}

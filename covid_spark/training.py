@@ -1,7 +1,8 @@
-"""What every way of training shares: checks of the ``train`` config and the class weights.
+"""What every way of training shares: the class weights.
 
-Used by the Horovod train stage (``covid_spark.train``), by cross-validation (``covid_spark.crossval``)
-and by the jobs that check a config before any work; it imports no stage, no Spark and no TensorFlow.
+Used by the Horovod train stage (``covid_spark.train``) and by cross-validation (``covid_spark.crossval``);
+it imports no stage, no Spark and no TensorFlow. The ``train`` config is checked where it is loaded
+(``covid_spark.config``), not here.
 """
 from __future__ import annotations
 
@@ -19,28 +20,3 @@ def class_weights(train_counts: dict[str, int], mode: str) -> dict[int, float] |
     return {i: (total / (len(present) * train_counts[c]) if train_counts.get(c, 0) else 0.0)
             for i, c in enumerate(CLASSES)}
 
-
-def check_model(value: str) -> str:
-    """``train.model``, checked on the driver before any work (a flag or a config file may name it).
-
-    Raises:
-        ValueError: not one of ``models.MODELS`` (names the key and the value).
-    """
-    from covid_spark.models import MODELS
-
-    if value not in MODELS:
-        raise ValueError(f"config key 'train.model' must be one of {', '.join(sorted(MODELS))}, found {value!r}")
-    return value
-
-
-def check_input_norm(value: str) -> str:
-    """``train.input_norm``, checked here on the driver (before any rank starts).
-
-    Raises:
-        ValueError: not one of ``models.INPUT_NORMS`` (names the key and the value).
-    """
-    from covid_spark.models import INPUT_NORMS
-
-    if value not in INPUT_NORMS:
-        raise ValueError(f"config key 'train.input_norm' must be one of {', '.join(INPUT_NORMS)}, found {value!r}")
-    return value

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.folds < 2:
         raise JobError(f"--folds must be at least 2, found {args.folds}")
-    config = override(load_config(args.config, model=args.model), "train", {"model": args.model, "epochs": args.epochs})
+    config = override(load_config(args.config, model=args.model, sets=args.set), "train",
+                      {"model": args.model, "epochs": args.epochs})
     result = cross_validate(args.dataset, config, args.output, args.folds, args.transform, args.compare,
                             overwrite=args.overwrite)
 

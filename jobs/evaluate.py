@@ -16,7 +16,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help="dataset written by jobs/preprocess.py")
     parser.add_argument("--model-dir", required=True, help="model dir written by jobs/train.py")
     parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
-                        help="all: every split (to score a model on another dataset)")
+                        help="the split to score (default: test); all: every split (to score a model on "
+                             "another dataset)")
     parser.add_argument("--exclude-near-copies-of", metavar="DATASET",
                         help="drop images within preprocess.duplicate_distance bits of an image of this "
                              "dataset's train or val split (the model's own dataset), and count them per class")
@@ -31,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
-    config = load_config(args.config)
+    config = load_config(args.config, sets=args.set)
     spark, owned = build_spark(args, "covid-spark evaluate")
     try:
         metrics = evaluate(args.dataset, args.model_dir, config, split=args.split,

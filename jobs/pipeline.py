@@ -19,7 +19,6 @@ from covid_spark.metrics import format_table
 from covid_spark.models import MODELS
 from covid_spark.pipeline import STAGES, StageFailed, run_pipeline
 from covid_spark.rundir import RunDir
-from covid_spark.training import check_model
 
 logger = logging.getLogger("covid_spark.jobs.pipeline")
 
@@ -47,9 +46,9 @@ def main(argv=None) -> int:
     if unknown:
         print(f"pipeline: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    config = override(load_config(args.config, model=args.model), "preprocess", {"holdout_source": args.holdout_source})
+    config = load_config(args.config, model=args.model, sets=args.set)  # checked here, not after preprocessing
+    config = override(config, "preprocess", {"holdout_source": args.holdout_source})
     config = override(config, "train", {"model": args.model, "epochs": args.epochs})
-    check_model(config["train"]["model"])  # not only after preprocessing
     spark, owned = build_spark(args, "covid-spark pipeline")
     try:
         result = run_pipeline(spark, args.input, args.run_dir, config, force=args.force, stages=stages)

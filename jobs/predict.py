@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
-    config = load_config(args.config)
+    config = load_config(args.config, sets=args.set)
     spark, owned = build_spark(args, "covid-spark predict")
     try:
         result = predict(spark, args.input, args.model_dir, args.output, config,

@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
-    config = override(load_config(args.config), "preprocess", {
+    config = override(load_config(args.config, sets=args.set), "preprocess", {
         "image_size": args.image_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
         "seed": args.seed, "max_pixels": args.max_pixels, "min_row_groups": args.min_row_groups,
         "skip_unknown_classes": args.skip_unknown_classes,

@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
-    config = override(load_config(args.config, model=args.model), "train", {
+    config = override(load_config(args.config, model=args.model, sets=args.set), "train", {
         "num_proc": args.num_proc, "epochs": args.epochs, "batch_size": args.batch_size, "model": args.model,
         "learning_rate": args.learning_rate, "seed": args.seed, "early_stopping_patience": args.patience,
         "class_weights": args.class_weights})

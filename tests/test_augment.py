@@ -84,7 +84,7 @@ def test_augment_dataset_repeats_exactly_under_a_parallel_map():
 
     def batches():
         ds = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(40, seed=5).batch(8)
-        return [x.numpy() for x, _ in data.augment_dataset(ds, {"rotation_deg": 5, "shift": 0.05, "zoom": 0.05},
+        return [x.numpy() for x, _ in data.augment_dataset(ds, dict(OFF, rotation_deg=5, shift=0.05, zoom=0.05),
                                                            seed=42)]
 
     first, second = batches(), batches()
@@ -97,14 +97,16 @@ def test_augment_dataset_repeats_exactly_under_a_parallel_map():
 @pytest.mark.parametrize("augment, key", [({"rotation_deg": "five"}, "rotation_deg"), ({"zoom": -0.1}, "zoom"),
                                           ({"shift": True}, "shift"), ({"rotate": 5}, "rotate")])
 def test_bad_augment_values_name_the_key(augment, key):
-    with pytest.raises(ValueError, match=f"train.augment.{key}"):
-        data.check_augment(augment)
+    from covid_spark.config import load_config, override
+
+    with pytest.raises(ValueError, match=f"train.augment.{key}"):  # checked once, where the config is loaded
+        override(load_config(), "train", {"augment": augment})
 
 
 def test_train_input_repeats_batch_for_batch(pipeline_run):
     def first_batches(n=3):
-        reader, ds = data.make_train_dataset(pipeline_run["dataset"], 4, {"rotation_deg": 5, "shift": 0.05,
-                                                                          "zoom": 0.05}, seed=42, shard=0,
+        reader, ds = data.make_train_dataset(pipeline_run["dataset"], 4, dict(OFF, rotation_deg=5, shift=0.05,
+                                                                              zoom=0.05), seed=42, shard=0,
                                              shard_count=2, shuffle_buffer=16)
         with reader:
             return [(x.numpy(), y.numpy()) for x, y in ds.take(n)]

@@ -320,6 +320,30 @@ def test_make_cv_runs_the_job():
     assert "--transform equalize" in dry and "--output runs/cv-compact-equalize.json --overwrite" in dry
 
 
+# --- --set KEY=VALUE: checked like the --config file, before any work ------------------------------
+
+JOB_ARGS = {"preprocess": ["--input", "i", "--output", "o"], "train": ["--dataset", "d", "--model-dir", "m"],
+            "evaluate": ["--dataset", "d", "--model-dir", "m"], "predict": ["--input", "i", "--model-dir", "m",
+                                                                            "--output", "o.csv"],
+            "pipeline": ["--input", "i", "--run-dir", "r"], "crossval": ["--dataset", "d", "--output", "o.json"]}
+
+
+@pytest.mark.parametrize("name", sorted(JOB_ARGS))
+@pytest.mark.parametrize("pair, message", [
+    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: augment, batch_size, class_weights, "),
+    ("train.epochs=five", "config key 'train.epochs' must be an integer >= 1, found 'five'"),
+    ("train.per_model.compact.learning_rate=-1", "config key 'train.per_model.compact.learning_rate' must be a "
+                                                 "number > 0, found -1"),
+    ("epochs", "--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got 'epochs'"),
+])
+def test_every_job_refuses_a_bad_set_with_status_2_naming_the_key(name, pair, message, fake_spark, tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative outputs: nothing may be written, even by mistake
+    assert job(name).main(JOB_ARGS[name] + ["--set", pair]) == 2
+    assert one_error_line(capsys, name).startswith(f"{name}: {message}")
+    assert os.listdir(tmp_path) == [] and not fake_spark.stopped  # refused before a session was built
+
+
 # --- the same option names and overwrite rule -----------------------------------------------------
 
 @pytest.mark.parametrize("name, required", [

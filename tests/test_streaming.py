@@ -184,7 +184,7 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
         raise AssertionError("evaluate must not load a whole split")
 
     monkeypatch.setattr(data, "load_split", refuse)
-    metrics = evaluate.evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], overwrite=True)
+    metrics = evaluate.evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], "test", overwrite=True)
     assert counting.calls and max(counting.calls) <= 32
     assert sum(counting.calls) == len(y) + len(val["label"])
 
@@ -224,7 +224,7 @@ def test_gradcam_gallery_reads_only_its_examples(tiny, model, monkeypatch, tmp_p
     from covid_spark.explain import grad_cam, overlay
     from covid_spark.run_report import gradcam_gallery, pick_examples
 
-    metrics = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], overwrite=True)
+    metrics = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], "test", overwrite=True)
     whole = data.load_split(tiny["dataset"], "test", fields=("image",))
     requested = []
     streaming = data.iter_split_batches
@@ -478,5 +478,5 @@ def test_evaluate_gives_the_patient_wise_part_and_each_input_alone(spark, tiny, 
     assert wise["confusion_matrix"] == expected["confusion_matrix"]
     assert wise["macro_f1"] == pytest.approx(expected["macro_f1"])
     # One input, all with ids: neither part is added.
-    alone = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], output=str(tmp_path / "alone.json"))
+    alone = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], "test", output=str(tmp_path / "alone.json"))
     assert "per_input" not in alone and "patient_wise" not in alone

@@ -222,3 +222,24 @@ def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = 
     finally:
         img.close()
     return np.array(resized, dtype=np.uint8, order="C")
+
+
+def read_image(path: str, size: int, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """Read and decode one file: ``(image, None)``, or ``(None, reason)`` when it cannot be used.
+
+    Never raises for a bad file (one odd file must never kill a job): a missing or unreadable file,
+    a rejected image (``ImageRejected``) and any decoder error become the reason.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None, "file not found"
+    except OSError as exc:
+        return None, f"cannot read file: {exc.strerror or exc}"
+    try:
+        return decode_image(data, size=size, max_pixels=max_pixels), None
+    except ImageRejected as exc:
+        return None, exc.reason
+    except Exception as exc:  # noqa: BLE001 - one odd file must never kill the job
+        return None, f"cannot decode: {type(exc).__name__}: {exc}"

@@ -68,7 +68,7 @@ def predict_partition(records: Iterable[tuple], model_bytes: bytes, size: int, m
     """
     import numpy as np
 
-    from covid_spark.preprocess import read_and_decode
+    from covid_spark.images import read_image
 
     set_tf_threads(threads)
     model = cached_model(model_bytes)
@@ -101,7 +101,7 @@ def predict_partition(records: Iterable[tuple], model_bytes: bytes, size: int, m
         if skip:
             pending.append((path, None, skip))
         else:
-            image, _, error = read_and_decode(path, size, max_pixels)
+            image, error = read_image(path, size, max_pixels)
             pending.append((path, image, error))
             images += image is not None
         # Rows leave in input order, so an error row waits for the batch it sits in to be scored;

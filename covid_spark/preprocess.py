@@ -64,24 +64,13 @@ class Staged(NamedTuple):
 
 
 def read_and_decode(path: str, size: int, max_pixels: int) -> tuple:
-    """Return ``(image, dhash, error)`` for one file; exactly one of image/error is None."""
+    """Return ``(image, dhash, error)`` for one file (``images.read_image``, then its hash); exactly one of
+    image/error is None."""
     from covid_spark.duplicates import dhash
-    from covid_spark.images import ImageRejected, decode_image
+    from covid_spark.images import read_image
 
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        return None, None, "file not found"
-    except OSError as exc:
-        return None, None, f"cannot read file: {exc.strerror or exc}"
-    try:
-        image = decode_image(data, size=size, max_pixels=max_pixels)
-    except ImageRejected as exc:
-        return None, None, exc.reason
-    except Exception as exc:  # noqa: BLE001 - one odd file must never kill the job
-        return None, None, f"cannot decode: {type(exc).__name__}: {exc}"
-    return image, dhash(image, hash_size=HASH_SIZE), None
+    image, error = read_image(path, size, max_pixels)
+    return (None, None, error) if image is None else (image, dhash(image, hash_size=HASH_SIZE), None)
 
 
 def stored_image(image: np.ndarray) -> np.ndarray:

@@ -167,7 +167,6 @@ def test_run_and_dataset_file_names_are_spelled_only_in_their_homes():
 
 def test_stages_do_not_import_each_other():
     allowed = {("covid_spark/pipeline.py", stage) for stage in STAGES}  # it runs the stages
-    allowed.add(("covid_spark/predict.py", "preprocess"))  # read_and_decode: moves with issue 15's decode step
     found = [(name, node.module.rsplit(".", 1)[1]) for name, tree in _sources("covid_spark")
              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
              and node.module.startswith("covid_spark.") and node.module.rsplit(".", 1)[1] in STAGES

@@ -332,3 +332,20 @@ def test_real_xrays_decode():
         assert out.shape == (224, 224, 3) and out.dtype == np.uint8
         assert out.std() > 10, f"{path.name} decoded to a nearly constant image"
         np.testing.assert_array_equal(out, decode_image(data))
+
+
+def test_read_image_reports_every_bad_file_and_never_raises(tmp_path):
+    from covid_spark.images import read_image
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((40, 30), 120, dtype=np.uint8)).save(good)
+    image, error = read_image(str(good), 32, 50_000_000)
+    assert error is None and image.shape == (32, 32, 3) and int(image[16, 16, 0]) == 120
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    folder = tmp_path / "a-folder.png"
+    folder.mkdir()
+    assert read_image(str(tmp_path / "missing.png"), 32, 50_000_000) == (None, "file not found")
+    image, error = read_image(str(tmp_path / "junk.png"), 32, 50_000_000)
+    assert image is None and error
+    image, error = read_image(str(folder), 32, 50_000_000)
+    assert image is None and error.startswith("cannot read file")

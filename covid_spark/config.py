@@ -31,6 +31,10 @@ CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
 # defaults.yaml, which must equal it (tests/test_config.py checks); a dataset's own size is the
 # ``image_size`` of its _summary.json, and a run's the ``image_size`` of its run.json.
 DEFAULT_IMAGE_SIZE: int = 224
+# The split a run is judged on (its metrics.json, report and model card), and the number of images
+# a model scores at once when it evaluates or predicts: one definition each.
+EVALUATION_SPLIT: str = "test"
+INFERENCE_BATCH_SIZE: int = 32
 
 PRECEDENCE = "packaged defaults < the model's own train values (train.per_model) < --config file < --set < named flags"
 

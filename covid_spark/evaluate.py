@@ -7,7 +7,7 @@ from typing import Collection, Sequence
 
 import numpy as np
 
-from covid_spark.config import CLASSES
+from covid_spark.config import CLASSES, INFERENCE_BATCH_SIZE
 from covid_spark.dataset import read_summary
 from covid_spark.rundir import RunDir
 from covid_spark.storage import atomic_write_json, refuse_existing
@@ -15,7 +15,7 @@ from covid_spark.storage import atomic_write_json, refuse_existing
 logger = logging.getLogger(__name__)
 
 
-def predict_probs(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def predict_probs(model, images: np.ndarray, batch_size: int = INFERENCE_BATCH_SIZE) -> np.ndarray:
     """Class probabilities for uint8 images, in batches, inference mode."""
     out = [model(images[i:i + batch_size].astype("float32"), training=False).numpy()
            for i in range(0, len(images), batch_size)]
@@ -23,7 +23,7 @@ def predict_probs(model, images: np.ndarray, batch_size: int = 32) -> np.ndarray
 
 
 def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label",),
-                batch_size: int = 32, paths: Collection[str] | None = None) -> dict[str, np.ndarray]:
+                batch_size: int = INFERENCE_BATCH_SIZE, paths: Collection[str] | None = None) -> dict[str, np.ndarray]:
     """Stream ``split`` through ``model`` batch by batch; ``probs`` and ``fields`` (no images), sorted by path.
 
     Only one batch of images is in memory at a time (see ``dataset.iter_split_batches``); what is

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from covid_spark.config import EVALUATION_SPLIT
 from covid_spark.dataset import has_summary
 from covid_spark.rundir import RunDir
 from covid_spark.sources import as_locations, discover
@@ -122,7 +123,7 @@ def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, conf
     results = {
         "preprocess": stage("preprocess", do_preprocess),
         "train": stage("train", do_train),
-        "evaluate": stage("evaluate", lambda: evaluate(dataset, run_dir, config, "test", overwrite=True) and "ran"),
+        "evaluate": stage("evaluate", lambda: evaluate(dataset, run_dir, config, EVALUATION_SPLIT, overwrite=True) and "ran"),
         "report": stage("report", lambda: build_report(run_dir, dataset, config)),
     }
     return {"run_dir": run_dir, "dataset": dataset, "stages": results, "timings": timings}

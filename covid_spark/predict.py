@@ -7,7 +7,7 @@ import os
 import time
 from typing import Iterable, Iterator, Sequence
 
-from covid_spark.config import CLASSES
+from covid_spark.config import CLASSES, INFERENCE_BATCH_SIZE
 from covid_spark.rundir import RunDir
 from covid_spark.sources import discover
 from covid_spark.storage import refuse_existing
@@ -228,7 +228,7 @@ def partition_count(files: int, parallelism: int, files_per_partition: int = 200
 
 
 def predict(spark, input_locations: str | Sequence[str], model_dir: str, output: str, config: dict,
-            batch_size: int = 32, overwrite: bool = False, explain_dir: str | None = None) -> dict:
+            batch_size: int = INFERENCE_BATCH_SIZE, overwrite: bool = False, explain_dir: str | None = None) -> dict:
     """Score every file at ``input_locations`` (one location or a list); one output row per input file.
 
     Rows are sorted by path and streamed: files are sorted before they are distributed, partitions

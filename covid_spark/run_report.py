@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from covid_spark.config import CLASSES
+from covid_spark.config import CLASSES, EVALUATION_SPLIT
 from covid_spark.dataset import read_summary
 from covid_spark.rundir import RunDir
 from covid_spark.sources import as_locations, manifest_of
@@ -90,7 +90,7 @@ def gradcam_gallery(model, dataset: str, metrics: dict, out_dir: str) -> tuple[l
         return [], layer
     wanted = {paths[i] for i in index}
     images = {}
-    for batch in iter_split_batches(dataset, metrics.get("split", "test"), fields=("image",), paths=wanted):
+    for batch in iter_split_batches(dataset, metrics.get("split", EVALUATION_SPLIT), fields=("image",), paths=wanted):
         images.update(zip((str(p) for p in batch["path"]), batch["image"]))
     missing = sorted(wanted - set(images))
     if missing:

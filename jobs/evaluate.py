@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
-from covid_spark.config import load_config
+from covid_spark.config import EVALUATION_SPLIT, load_config
 from covid_spark.evaluate import evaluate
 from covid_spark.metrics import format_table
 from covid_spark.rundir import RunDir
@@ -15,7 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Score a trained model on one split of a dataset.")
     parser.add_argument("--dataset", required=True, help="dataset written by jobs/preprocess.py")
     parser.add_argument("--model-dir", required=True, help="model dir written by jobs/train.py")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+    parser.add_argument("--split", default=EVALUATION_SPLIT, choices=["train", "val", "test", "all"],
                         help="the split to score (default: test); all: every split (to score a model on "
                              "another dataset)")
     parser.add_argument("--exclude-near-copies-of", metavar="DATASET",

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
-from covid_spark.config import load_config
+from covid_spark.config import INFERENCE_BATCH_SIZE, load_config
 from covid_spark.predict import predict
 
 
@@ -15,7 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="flat folder, folder per class, or manifest CSV; repeat to read several")
     parser.add_argument("--model-dir", required=True, help="model dir written by jobs/train.py")
     parser.add_argument("--output", required=True, help="FILE.csv or FILE.parquet: one row per input file")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=INFERENCE_BATCH_SIZE, help="images scored at once")
     parser.add_argument("--explain", metavar="DIR",
                         help="also write one Grad-CAM overlay PNG per readable image into DIR "
                              "(a path every executor can write)")

@@ -388,3 +388,18 @@ def test_no_other_224_in_the_code():
                         found.append(f"{folder}/{name}:{tok.start[0]}: {line}")
     assert found == [], "use covid_spark.config.DEFAULT_IMAGE_SIZE or the config's preprocess.image_size"
     assert allowed == ALLOWED_224
+
+
+def test_evaluation_split_and_inference_batch_are_defined_once():
+    import inspect
+
+    from covid_spark import config, evaluate, predict
+    from jobs import evaluate as evaluate_job
+    from jobs import predict as predict_job
+
+    assert config.EVALUATION_SPLIT == "test" and config.INFERENCE_BATCH_SIZE == 32
+    assert evaluate_job.parse_args(["--dataset", "d", "--model-dir", "m"]).split == config.EVALUATION_SPLIT
+    args = predict_job.parse_args(["--input", "i", "--model-dir", "m", "--output", "o.csv"])
+    assert args.batch_size == config.INFERENCE_BATCH_SIZE
+    for function in (predict.predict, evaluate.score_split, evaluate.predict_probs):
+        assert inspect.signature(function).parameters["batch_size"].default == config.INFERENCE_BATCH_SIZE

@@ -27,9 +27,6 @@ import tensorflow as tf
 
 from covid_spark.rundir import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS
 
-COSINE_FLOOR = 0.02  # the cosine schedule ends at this share of the peak rate
-
-
 class Distribution(Protocol):
     """What a distributed engine injects into :func:`fit_model` on one rank."""
 
@@ -99,7 +96,7 @@ class LearningRateSchedule(tf.keras.callbacks.Callback):
             at = epoch + float(batch) / steps
             start, end = self.warmup_epochs, self.epochs
             progress = min(1.0, max(0.0, (at - start) / (end - start)))
-            return self.peak * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+            return self.peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))  # 2 % of the peak at the end
         return None
 
     def on_epoch_begin(self, epoch, logs=None):

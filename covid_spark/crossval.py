@@ -6,12 +6,17 @@ train and val, splits them into ``k`` folds grouped by patient and stratified by
 held-out fold, so that every pooled image gets one out-of-fold prediction. The test split is never
 read.
 
-Training is one process, not Horovod: the global batch is ``batch_size × num_proc`` and the learning
-rate ``learning_rate × num_proc``, what ``num_proc`` ranks would use, with the configured
-augmentation and balanced class weights, cosine decay to 2 % without warm-up, and the final weights
-of each fold (no early stopping: there is no val split left to stop on). Fold ``i`` seeds weight
-initialisation and shuffling with ``i``; the augmentation of batch ``b`` with (``train.seed`` + 1000 ``i``,
-``b``), so a rerun gives the same numbers (``covid_spark.data.augment_dataset``). The folds
+Training is one process, not Horovod, through the train stage's own core
+(``covid_spark.core.fit_model``): the global batch is ``batch_size × num_proc`` and the learning rate
+``learning_rate × num_proc``, what ``num_proc`` ranks would use, with the same warm-up (from the rate
+of one rank, over ``train.warmup_epochs``) and schedule (``train.lr_schedule``: cosine to 2 % or
+constant), the configured augmentation, class weights and ``train.shuffle_buffer``, and the final
+weights of each fold (early stopping never triggers: there is no val split left to stop on, and the
+held-out fold must not choose the epoch it is scored at). Fold ``i`` seeds weight initialisation and
+shuffling with ``i``; the augmentation of batch ``b`` with (``train.seed`` + 1000 ``i``, ``b``), so a
+rerun gives the same numbers (``covid_spark.data.augment_dataset``). (Before the shared core, folds
+trained with Keras's ``CosineDecay`` from the peak, no warm-up, a shuffle buffer of 1024: outputs
+made then are not comparable number for number with outputs made now.) The folds
 themselves are fixed (``StratifiedGroupKFold`` with random state 0), so two models compared by this
 command are scored on the same folds.
 
@@ -81,29 +86,30 @@ def grouped_folds(labels: np.ndarray, patients: np.ndarray, k: int, seed: int = 
 
 
 def train_fold(images, labels, cfg: dict, seed: int):
-    """Train a fresh ``cfg["model"]`` on (images, labels) as described in the module docstring."""
+    """Train a fresh ``cfg["model"]`` on (images, labels) as described in the module docstring, through
+    the train stage's core (``covid_spark.core.fit_model``) in one process."""
     import tensorflow as tf
     from tensorflow import keras
 
+    from covid_spark.core import fit_model
     from covid_spark.data import augment_dataset
     from covid_spark.models import make_model
     from covid_spark.training import class_weights
 
     keras.utils.set_random_seed(seed)
     batch = cfg["batch_size"] * cfg["num_proc"]
-    epochs = cfg["epochs"]
     model = make_model(cfg["model"], input_shape=images.shape[1:], num_classes=len(CLASSES),
                        input_norm=cfg["input_norm"])
     steps = math.ceil(len(labels) / batch)
-    schedule = keras.optimizers.schedules.CosineDecay(cfg["learning_rate"] * cfg["num_proc"],
-                                                      epochs * steps, alpha=0.02)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy")
     counts = {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)}
-    data = (tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels))
-            .shuffle(1024, seed=seed).repeat().batch(batch))
-    data = augment_dataset(data, cfg["augment"], seed=cfg["seed"] + 1000 * seed).prefetch(2)
-    model.fit(data, epochs=epochs, steps_per_epoch=steps, class_weight=class_weights(counts, cfg["class_weights"]),
-              verbose=0)
+    data = tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels))
+    if cfg["shuffle_buffer"] > 1:
+        data = data.shuffle(cfg["shuffle_buffer"], seed=seed)
+    data = augment_dataset(data.repeat().batch(batch), cfg["augment"], seed=cfg["seed"] + 1000 * seed).prefetch(2)
+    fit_model(model, data, epochs=cfg["epochs"], steps_per_epoch=steps,
+              learning_rate=cfg["learning_rate"] * cfg["num_proc"], ranks=cfg["num_proc"],
+              warmup_epochs=cfg["warmup_epochs"], lr_schedule=cfg["lr_schedule"],
+              class_weight=class_weights(counts, cfg["class_weights"]), patience=cfg["early_stopping_patience"])
     return model
 
 

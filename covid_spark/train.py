@@ -1,4 +1,9 @@
-"""Train stage: Horovod over Spark executors, each rank streaming its Petastorm shard."""
+"""Train stage: Horovod over Spark executors, each rank streaming its Petastorm shard.
+
+The driver side (``run_training``) checks the config against the dataset, prepares the model dir and
+hands the rank function (``train_fn``) and its job to a launcher (``covid_spark.launch``); each rank
+trains through the training core (``covid_spark.core.fit_model``), which cross-validation uses too.
+"""
 from __future__ import annotations
 
 import json
@@ -11,153 +16,73 @@ import time
 
 from covid_spark.config import CLASSES
 from covid_spark.dataset import read_summary
-from covid_spark.rundir import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, RunDir, git_commit, versions
+from covid_spark.launch import DEFAULT_ENGINE, ENGINES, rank_env  # noqa: F401  (rank_env: bench and tests use it here)
+from covid_spark.rundir import CHECKPOINT_STATE, RunDir, git_commit, versions
 from covid_spark.storage import atomic_write_json, exists_error, to_url
 from covid_spark.training import class_weights
 
 logger = logging.getLogger(__name__)
 
 
-def rank_env(sc, threads: int) -> dict[str, str]:
-    """Environment of the Horovod ranks, which each executor's task service starts in its work dir.
+def _val_dataset(job: dict, rank: int, size: int):
+    """This rank's shard of val (the whole split when it has fewer row groups than ranks), or None."""
+    import tensorflow as tf
 
-    The driver's environment, with the files shipped by ``--py-files`` put first on PYTHONPATH by
-    bare name: spark-submit lists them on the driver's PYTHONPATH by their paths on the driver's
-    machine, while every executor holds its own copy in its working directory, which is the
-    ranks' working directory too. So a rank imports ``covid_spark`` from the shipped package on
-    any host. (Use with ``executable=sc.pythonExec``: the executors' Python, not the driver's.)
-    """
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads),
-               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    shipped = [os.path.basename(p) for p in sc.getConf().get("spark.submit.pyFiles", "").split(",") if p]
-    if shipped:
-        env["PYTHONPATH"] = os.pathsep.join(shipped + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
+    from covid_spark.dataset import iter_split_batches
+
+    if not job["val_rows"]:
+        return None
+    shard = (rank, size) if job["val_row_groups"] >= size else (None, None)
+    # Streamed from the split's row groups each epoch (one batch in memory at a time), not loaded:
+    # a whole val shard as float32 is ~0.8 GB per rank at cxr-xl's size.
+    def val_batches(dataset=job["dataset"], batch=job["batch_size"], shard=shard):
+        for rows in iter_split_batches(dataset, "val", fields=("image", "label"), batch_size=batch,
+                                       shard=shard[0], shard_count=shard[1]):
+            yield rows["image"], rows["label"].astype("int64")
+
+    return tf.data.Dataset.from_generator(val_batches, output_signature=(
+        tf.TensorSpec((None, None, None, 3), tf.uint8), tf.TensorSpec((None,), tf.int64))
+    ).map(lambda image, label: (tf.cast(image, tf.float32), label))
 
 
 def train_fn(job: dict) -> dict:
-    """Body of one Horovod rank. Plain dict in, plain dict out (rank 0 adds the model's bytes)."""
-    import tensorflow as tf
-    import horovod.tensorflow.keras as hvd
+    """Body of one rank, whatever the engine. Plain dict in, plain dict out (rank 0 adds the model's bytes).
 
+    Joins the ranks through ``job["engine"]``'s rank context (``covid_spark.launch.ENGINES``), builds
+    the model and this rank's shards of train and val, and trains through ``covid_spark.core.fit_model``.
+    """
+    import tensorflow as tf
+
+    from covid_spark.core import fit_model
     from covid_spark.data import make_train_dataset
-    from covid_spark.dataset import iter_split_batches
     from covid_spark.models import make_model
 
-    hvd.init()
-    rank, size = hvd.rank(), hvd.size()
+    dist = ENGINES[job.get("engine", DEFAULT_ENGINE)].rank(job)
+    rank, size = dist.rank, dist.size
     tf.config.threading.set_intra_op_parallelism_threads(job["threads"])
     tf.config.threading.set_inter_op_parallelism_threads(max(2, job["threads"]))
     tf.keras.utils.set_random_seed(job["seed"] + rank)
-    say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-
-    size_px = job["image_size"]
-    model = make_model(job["model"], input_shape=(size_px, size_px, 3), num_classes=len(CLASSES),
-                       input_norm=job["input_norm"])
-    if job.get("resume_weights"):
-        model.load_weights(job["resume_weights"])
-    lr = job["learning_rate"] * size
-    compression = hvd.Compression.fp16 if job["compression"] == "fp16" else hvd.Compression.none
-    model.compile(optimizer=hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr), compression=compression),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-
-    val = None
-    if job["val_rows"]:
-        shard = (rank, size) if job["val_row_groups"] >= size else (None, None)
-        # Streamed from the split's row groups each epoch (one batch in memory at a time), not loaded:
-        # a whole val shard as float32 is ~0.8 GB per rank at cxr-xl's size.
-        def val_batches(dataset=job["dataset"], batch=job["batch_size"], shard=shard):
-            for rows in iter_split_batches(dataset, "val", fields=("image", "label"), batch_size=batch,
-                                           shard=shard[0], shard_count=shard[1]):
-                yield rows["image"], rows["label"].astype("int64")
-
-        val = tf.data.Dataset.from_generator(val_batches, output_signature=(
-            tf.TensorSpec((None, None, None, 3), tf.uint8), tf.TensorSpec((None,), tf.int64))
-        ).map(lambda image, label: (tf.cast(image, tf.float32), label))
-
-    history: dict[str, list] = {}
-
-    class EpochLog(tf.keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.time()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs = dict(logs or {})
-            logs["lr"] = float(tf.keras.backend.get_value(self.model.optimizer.lr))
-            logs["seconds"] = time.time() - self.started
-            for key, value in logs.items():
-                history.setdefault(key, []).append(float(value))
-            say(f"epoch {epoch + 1}/{job['epochs']} " + " ".join(
-                f"{k}={v:.4f}" for k, v in logs.items() if k not in ("seconds",))
-                + f" ({logs['seconds']:.0f} s)")
-
-    class BestWeights(tf.keras.callbacks.Callback):
-        """Keep the weights of the epoch with the lowest (rank-averaged) val_loss; stop after patience."""
-
-        def __init__(self, patience):
-            super().__init__()
-            self.patience, self.best, self.best_epoch, self.weights, self.wait = patience, math.inf, None, None, 0
-
-        def on_epoch_end(self, epoch, logs=None):
-            current = (logs or {}).get("val_loss")
-            if current is None:
-                return
-            if current < self.best:
-                self.best, self.best_epoch, self.weights, self.wait = current, epoch, self.model.get_weights(), 0
-            else:
-                self.wait += 1
-                if self.patience and self.wait >= self.patience:
-                    self.model.stop_training = True
-
-        def on_train_end(self, logs=None):
-            if self.weights is not None:
-                self.model.set_weights(self.weights)
-
-    class Checkpoint(tf.keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            folder = job["checkpoint_dir"]
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".last-{os.getpid()}.weights.h5")
-            self.model.save_weights(tmp)
-            os.replace(tmp, os.path.join(folder, CHECKPOINT_WEIGHTS))
-            state = {"epoch": epoch + 1, "model": job["model"], "history": history}
-            tmp_state = os.path.join(folder, f".{CHECKPOINT_STATE}.tmp")
-            with open(tmp_state, "w") as handle:
-                json.dump(state, handle)
-            os.replace(tmp_state, os.path.join(folder, CHECKPOINT_STATE))
-
-    best = BestWeights(job["patience"])
-    callbacks = [
-        hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-        hvd.callbacks.MetricAverageCallback(),
-        hvd.callbacks.LearningRateWarmupCallback(initial_lr=lr, warmup_epochs=job["warmup_epochs"],
-                                                 momentum_correction=False,
-                                                 steps_per_epoch=job["steps_per_epoch"], verbose=0),
-        best,
-        EpochLog(),
-    ]
-    if job["lr_schedule"] == "cosine" and job["epochs"] > job["warmup_epochs"]:
-        start, end = job["warmup_epochs"], job["epochs"]
-
-        def cosine(epoch):  # fractional epoch; decays to 2% of the peak at the last epoch
-            progress = min(1.0, max(0.0, (epoch - start) / (end - start)))
-            return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        callbacks.insert(3, hvd.callbacks.LearningRateScheduleCallback(
-            initial_lr=lr, multiplier=cosine, start_epoch=start, end_epoch=end, staircase=False,
-            momentum_correction=False, steps_per_epoch=job["steps_per_epoch"]))
-    if rank == 0:
-        callbacks.append(Checkpoint())
-    history.update({k: list(v) for k, v in job.get("resume_history", {}).items()})
-    reader, train_ds = make_train_dataset(job["dataset"], job["batch_size"], job["augment"],
-                                          seed=job["seed"] + rank, shard=rank, shard_count=size,
-                                          shuffle_buffer=job["shuffle_buffer"])
-    with reader:
-        model.fit(train_ds, steps_per_epoch=job["steps_per_epoch"], epochs=job["epochs"],
-                  initial_epoch=job.get("initial_epoch", 0), validation_data=val,
-                  class_weight=job["class_weight"], callbacks=callbacks, verbose=0)
-    result = {"rank": rank, "size": size, "history": history,
-              "best_epoch": None if best.best_epoch is None else best.best_epoch + 1}
+    say = (lambda msg: print(msg, flush=True)) if rank == 0 else None
+    with dist.scope():  # where the model is built and compiled: a tf.distribute strategy's; else none
+        size_px = job["image_size"]
+        model = make_model(job["model"], input_shape=(size_px, size_px, 3), num_classes=len(CLASSES),
+                           input_norm=job["input_norm"])
+        if job.get("resume_weights"):
+            model.load_weights(job["resume_weights"])
+        val = _val_dataset(job, rank, size)
+        history = {k: list(v) for k, v in job.get("resume_history", {}).items()}
+        reader, train_ds = make_train_dataset(job["dataset"], job["batch_size"], job["augment"],
+                                              seed=job["seed"] + rank, shard=rank, shard_count=size,
+                                              shuffle_buffer=job["shuffle_buffer"])
+        with reader:
+            fitted = fit_model(model, train_ds, epochs=job["epochs"], steps_per_epoch=job["steps_per_epoch"],
+                               learning_rate=job["learning_rate"] * size, ranks=size,
+                               warmup_epochs=job["warmup_epochs"], lr_schedule=job["lr_schedule"], val_ds=val,
+                               class_weight=job["class_weight"], patience=job["patience"],
+                               initial_epoch=job.get("initial_epoch", 0), history=history, distribution=dist,
+                               checkpoint_dir=job["checkpoint_dir"] if rank == 0 else None,
+                               model_name=job["model"], say=say)
+    result = {"rank": rank, "size": size, "history": fitted["history"], "best_epoch": fitted["best_epoch"]}
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             path = RunDir(tmp).model  # a .keras name: Keras picks the format by it
@@ -190,10 +115,13 @@ def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | 
     return None
 
 
-def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, checkpoint_dir: str) -> dict:
+def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, checkpoint_dir: str,
+             engine: str = DEFAULT_ENGINE) -> dict:
     """The plain dict each rank's ``train_fn`` receives, from the ``train`` config (as ``config.load_config``
-    gives it: checked and typed) and the dataset summary."""
+    gives it: checked and typed) and the dataset summary; ``engine`` names the ``launch.ENGINES`` entry
+    whose launcher starts the ranks."""
     return {
+        "engine": engine,
         "dataset": to_url(dataset), "model": cfg["model"], "image_size": int(summary["image_size"]),
         "epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "learning_rate": cfg["learning_rate"],
         "warmup_epochs": cfg["warmup_epochs"], "lr_schedule": cfg["lr_schedule"],
@@ -208,7 +136,7 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
 
 def run_training(spark, dataset: str, model_dir: str, config: dict,
                  overwrite: bool = False, resume: bool = False) -> dict:
-    """Validate, launch ``num_proc`` Horovod ranks on the executors, and write the model dir.
+    """Validate, launch ``num_proc`` ranks on the executors (Horovod: ``launch.ENGINES``), and write the model dir.
 
     ``config`` is as ``config.load_config`` gives it (every value checked and typed there).
 
@@ -216,8 +144,6 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         ValueError: config and data disagree (names the key, expected and found values).
         FileExistsError / FileNotFoundError: model dir state versus --overwrite / --resume.
     """
-    import horovod.spark
-
     from covid_spark.pretrained import provenance
 
     started = time.time()
@@ -253,9 +179,8 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         logger.info("resuming from epoch %d of %s", state["epoch"], model_dir)
     logger.info("training %s on %d train images with %d Horovod rank(s), %d step(s) per epoch, "
                 "%d thread(s) per rank", cfg["model"], n_train, num_proc, steps, threads)
-    results = horovod.spark.run(train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
-                                env=rank_env(spark.sparkContext, threads),
-                                executable=spark.sparkContext.pythonExec, start_timeout=600, verbose=1)
+    launcher = ENGINES[job["engine"]].launcher(spark)
+    results = launcher.run(train_fn, job, num_proc)
     rank0 = next(r for r in results if r["rank"] == 0)
     tmp_model = os.path.join(model_dir, f".{os.path.basename(run_dir.model)}.tmp")
     with open(tmp_model, "wb") as handle:

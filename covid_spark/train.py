@@ -147,6 +147,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     from covid_spark.pretrained import provenance
 
     started = time.time()
+    commit = git_commit()  # the code that trains, taken before it runs (the tree may move on meanwhile)
     cfg = config["train"]
     summary = read_summary(spark, dataset)
     num_proc = cfg["num_proc"]
@@ -199,7 +200,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         | {"rejected": len(summary["rejected"]), "skipped": len(summary["skipped"]),
            "duplicate_groups": len(summary.get("duplicates", []))},
         "pretrained": provenance(cfg["model"]),
-        "config": config, "versions": versions(), "git_commit": git_commit(),
+        "config": config, "versions": versions(), "git_commit": commit,
         "resumed_from_epoch": state["epoch"] if state else None,
         "spark_master": spark.sparkContext.master,
         "wall_seconds": round(time.time() - started, 1),

@@ -30,6 +30,7 @@ from covid_spark.duplicates import (
     near_copies,
 )
 from covid_spark.images import decode_image
+from tests.imaging import encode, smooth_noise
 
 CONFIGURED_DISTANCE = int(load_config()["preprocess"]["duplicate_distance"])
 
@@ -85,20 +86,6 @@ def clustered(n: int, bits: int, centres: int, spread: int, seed: int) -> dict[s
             count = min(bits, rng.randint(0, spread))
             hashes[f"k{i:05d}"] = flip(rng.choice(middle), rng.sample(range(bits), count))
     return hashes
-
-
-def encode(img: Image.Image, fmt: str, **params) -> bytes:
-    """Save a Pillow image to bytes."""
-    buf = io.BytesIO()
-    img.save(buf, fmt, **params)
-    return buf.getvalue()
-
-
-def smooth_noise(seed: int, size: int = 128) -> np.ndarray:
-    """A smooth random RGB picture (low-frequency noise), so JPEG keeps its structure."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
 
 
 # ---------------------------------------------------------------- one definition of each number

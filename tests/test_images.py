@@ -13,22 +13,9 @@ from PIL import Image
 
 from covid_spark.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
 from covid_spark.sources import skip_reason
+from tests.imaging import encode, smooth_noise
 
 REAL_COVID_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3" / "covid"
-
-
-def encode(img: Image.Image, fmt: str, **params) -> bytes:
-    """Save a Pillow image to bytes."""
-    buf = io.BytesIO()
-    img.save(buf, fmt, **params)
-    return buf.getvalue()
-
-
-def smooth_noise(seed: int, size: int = 128) -> np.ndarray:
-    """A smooth random RGB picture (low-frequency noise), so JPEG keeps its structure."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def png_with_size(width: int, height: int) -> bytes:

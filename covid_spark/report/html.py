@@ -72,7 +72,7 @@ def render_html_report(
     extra_sections: dict[str, str] | None = None,
     source_notes: dict[str, str] | None = None,
 ) -> str:
-    """The page :func:`write_html_report` writes, as a string (arguments as there)."""
+    """The page :func:`write_html_report` writes, as a string (its arguments are described there)."""
     classes = classes_of(metrics)
     ci = metrics.get("ci95")
     figure_items = [{"uri": png_data_uri(png, f"figure {caption!r}"), "caption": caption}
@@ -101,24 +101,12 @@ def render_html_report(
     return environment().get_template(TEMPLATE).render(context)
 
 
-def write_html_report(
-    path: str,
-    *,
-    title: str,
-    metrics: dict,
-    figures: dict[str, str],
-    dataset_summary: dict | None,
-    config: dict,
-    versions: dict,
-    gradcam: list[dict] | None = None,
-    gradcam_layer: str | None = None,
-    extra_sections: dict[str, str] | None = None,
-    source_notes: dict[str, str] | None = None,
-) -> None:
-    """Write one self-contained HTML evaluation report.
+def write_html_report(path: str, **report) -> None:
+    """Write one self-contained HTML evaluation report: :func:`render_html_report`'s page, atomically.
 
     Args:
         path: output file; written to ``path + ".tmp"`` first and renamed into place.
+        report: the keyword arguments of :func:`render_html_report`:
         title: page title.
         metrics: a :func:`covid_spark.metrics.classification_metrics` result, optionally with
             ``"ci95"`` (a bootstrap_ci result), ``"per_source"`` (metrics_by_group result),
@@ -139,8 +127,6 @@ def write_html_report(
         FileNotFoundError: if a figure or Grad-CAM PNG is missing.
         ValueError: if one of them is not a PNG.
     """
-    page = render_html_report(title=title, metrics=metrics, figures=figures, dataset_summary=dataset_summary,
-                              config=config, versions=versions, gradcam=gradcam, gradcam_layer=gradcam_layer,
-                              extra_sections=extra_sections, source_notes=source_notes)
+    page = render_html_report(**report)
     atomic_write_text(path, page)
     log.info("wrote HTML report %s (%d bytes)", path, len(page))

@@ -10,7 +10,7 @@ An engine is two small pieces, kept apart from the training function (as Spark's
 
 The rank function (``covid_spark.train.train_fn``) is the same for every engine: it reads
 ``job["engine"]`` and asks :data:`ENGINES` for the rank context. Only Horovod exists today
-(``horovod.spark.run`` over Gloo). A second engine (issue #12: ``tf.distribute`` in Spark barrier
+(``horovod.spark.run`` over Gloo). A second engine (issue 17: ``tf.distribute`` in Spark barrier
 tasks) adds its :class:`Engine` to :data:`ENGINES`: a launcher that runs ``fn(job)`` in a barrier
 stage and collects the results, and a rank context whose ``optimizer`` and ``callbacks`` add nothing
 (``MultiWorkerMirroredStrategy`` averages the gradients itself) and whose ``scope()`` is its

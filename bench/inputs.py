@@ -43,11 +43,7 @@ def sized_input(location: str, folder: str, images: int) -> str:
     Raises:
         ValueError: ``images`` < 1 or the source has no readable records.
     """
-    if images < 1:
-        raise ValueError(f"images must be >= 1, got {images}")
-    rows = source_rows(location)
-    if not rows:
-        raise ValueError(f"no readable images at {location}")
+    rows = _rows_for(location, images)
     os.makedirs(folder, exist_ok=True)
     out = []
     for index in range(images):
@@ -61,6 +57,20 @@ def sized_input(location: str, folder: str, images: int) -> str:
         out.append(dict(src, path=rel))
     _write_manifest(folder, out)
     return folder
+
+
+def _rows_for(location: str, images: int) -> list[dict]:
+    """The source's readable records, for an input of ``images`` images.
+
+    Raises:
+        ValueError: ``images`` < 1 or the source has no readable records.
+    """
+    if images < 1:
+        raise ValueError(f"images must be >= 1, got {images}")
+    rows = source_rows(location)
+    if not rows:
+        raise ValueError(f"no readable images at {location}")
+    return rows
 
 
 def _allocate(counts: dict[str, int], images: int) -> dict[str, int]:
@@ -94,11 +104,7 @@ def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str
     """
     import numpy as np
 
-    if images < 1:
-        raise ValueError(f"images must be >= 1, got {images}")
-    rows = source_rows(location)
-    if not rows:
-        raise ValueError(f"no readable images at {location}")
+    rows = _rows_for(location, images)
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(row["label"], []).append(row)
@@ -131,11 +137,7 @@ def copied_input(location: str, folder: str, images: int, seed: int = 0) -> str:
     """
     import numpy as np
 
-    if images < 1:
-        raise ValueError(f"images must be >= 1, got {images}")
-    rows = source_rows(location)
-    if not rows:
-        raise ValueError(f"no readable images at {location}")
+    rows = _rows_for(location, images)
     order = np.random.default_rng(seed).permutation(len(rows))
     out = []
     made = set()

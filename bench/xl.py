@@ -811,10 +811,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for ours in ("bench", "covid_spark"):
-        logging.getLogger(ours).setLevel(logging.INFO)
+    from covid_spark.cli import setup_logging
+
+    setup_logging("bench")  # the root stays at WARNING: py4j logs a harmless reconnect at INFO
     args = parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))

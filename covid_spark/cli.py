@@ -109,12 +109,13 @@ def parse_conf(pairs: Sequence[str]) -> dict[str, str]:
     return result
 
 
-def setup_logging() -> None:
-    """Log INFO to stderr in one format for every job."""
+def setup_logging(*also: str) -> None:
+    """Log INFO to stderr in one format for every job (and for the loggers named in ``also``, e.g. "bench")."""
     # Warnings only from libraries (py4j and Horovod log routine retries and rendezvous
     # chatter at INFO on the root logger); INFO from our own code.
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr)
-    logging.getLogger("covid_spark").setLevel(logging.INFO)
+    for ours in ("covid_spark", *also):
+        logging.getLogger(ours).setLevel(logging.INFO)
 
 
 def build_spark(args: argparse.Namespace, app_name: str):

@@ -289,6 +289,14 @@ def _count(values: Iterable[str]) -> dict[str, int]:
     return dict(sorted(Counter(values).items()))
 
 
+def _count_within(pairs: Iterable[tuple]) -> dict:
+    """``{group: {value: count}}`` of (group, value) pairs, both levels sorted; one pass."""
+    nested: dict = {}
+    for group, value in pairs:
+        nested.setdefault(group, Counter())[value] += 1
+    return {group: dict(sorted(counts.items())) for group, counts in sorted(nested.items())}
+
+
 def _num_row_groups(rows: int, rows_per_group: int, min_groups: int) -> int:
     """Row groups wanted for a split: groups of ``rows_per_group``, but at least ``min_groups``."""
     return max(1, min(rows, max(min_groups, math.ceil(rows / rows_per_group))))
@@ -403,11 +411,11 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             "per_split": {s: per_split[s] for s in SPLITS},
             "per_split_class": {s: _count(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
             "per_source": _count(m.source for m in good),
-            "per_source_class": {src: _count(m.label for m in good if m.source == src)
-                                 for src in sorted({m.source for m in good})},
-            "per_input_source": [_count(m.source for m in good if m.input == i) for i in range(len(locations))],
-            "patient_ids_per_source": {src: sum(1 for m in good if m.source == src and m.patient_id)
-                                       for src in sorted({m.source for m in good})},
+            "per_source_class": _count_within((m.source, m.label) for m in good),
+            "per_input_source": [_count_within((m.input, m.source) for m in good).get(i, {})
+                                 for i in range(len(locations))],
+            "patient_ids_per_source": {src: by_id.get("yes", 0) for src, by_id in
+                                       _count_within((m.source, "yes" if m.patient_id else "no") for m in good).items()},
             "patients_per_split": {s: len({m.patient_id or m.path for m, t in zip(good, splits) if t == s})
                                    for s in SPLITS},
             "row_groups": row_groups,

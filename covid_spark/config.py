@@ -54,6 +54,10 @@ class Field:
     minimum_excluded: bool = False
     maximum_excluded: bool = False
     choices: tuple[str, ...] | Callable[[], Iterable[str]] | None = None
+    # A str key's own rule, for values no list of choices can hold (a URI): ``rule(value)`` is true for
+    # an accepted value, ``rule_text`` says what it must be.
+    rule: Callable[[Any], bool] | None = None
+    rule_text: str | None = None
 
     def allowed(self) -> tuple[str, ...] | None:
         return tuple(self.choices() if callable(self.choices) else self.choices) if self.choices else None
@@ -63,6 +67,8 @@ class Field:
         choices = self.allowed()
         if choices:
             return f"one of {', '.join(sorted(choices))}"
+        if self.rule_text:
+            return self.rule_text
         text = _TYPE_NAMES[self.type]
         low, high = self.minimum, self.maximum
         if low is not None and high is not None:
@@ -108,6 +114,8 @@ class Field:
         return float(value) if isinstance(value, float) and math.isfinite(value) else None
 
     def _in_range(self, value: Any) -> bool:
+        if self.rule is not None and not self.rule(value):
+            return False
         choices = self.allowed()
         if choices is not None:
             return value in choices
@@ -135,6 +143,12 @@ def _input_norms() -> tuple[str, ...]:
     from covid_spark.models import INPUT_NORMS
 
     return INPUT_NORMS
+
+
+def _tracking_uri(value: str) -> bool:
+    from covid_spark.tracking import is_tracking_uri
+
+    return is_tracking_uri(value)
 
 
 def _fraction(help: str) -> Field:
@@ -191,6 +205,15 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "evaluate": {
         "bootstrap": Field(int, "bootstrap resamples of the 95% intervals", minimum=1),
+    },
+    "tracking": {
+        "mlflow_uri": Field(str, "MLflow tracking: empty (off, unless MLFLOW_TRACKING_URI is set), 'local' (an "
+                                 "SQLite store beside the run dir: <run-dir>/../mlflow.db), or a tracking URI "
+                                 "(http(s)://host:port of an mlflow server, sqlite:///file.db, file:///dir)",
+                            rule=_tracking_uri,
+                            rule_text="empty, 'local', or an http://, https://, sqlite:/// or file:// URI"),
+        "experiment": Field(str, "MLflow experiment the runs are logged in (created when missing)",
+                            rule=bool, rule_text="a non-empty string"),
     },
 }
 

@@ -11,6 +11,7 @@ from covid_spark.config import CLASSES, INFERENCE_BATCH_SIZE
 from covid_spark.dataset import read_summary
 from covid_spark.rundir import RunDir
 from covid_spark.storage import atomic_write_json, refuse_existing
+from covid_spark.tracking import log_evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
                                      fit_temperature, metrics_by_group, softmax)
     from covid_spark.splits import SPLITS
 
+    in_run_dir = not output or os.path.abspath(output) == os.path.abspath(RunDir(model_dir).metrics_path(split))
     output = output or RunDir(model_dir).metrics_path(split)
     refuse_existing(output, overwrite)
     summary = read_summary(None, dataset)
@@ -228,4 +230,6 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
     if "per_input" in metrics:
         metrics["predictions"]["input"] = collection.tolist()
     atomic_write_json(output, metrics)
+    if in_run_dir:  # a file written elsewhere (--output: another collection) is not this run's evaluation
+        log_evaluation(model_dir, config)
     return metrics

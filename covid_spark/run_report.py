@@ -16,6 +16,7 @@ from covid_spark.config import CLASSES, EVALUATION_SPLIT
 from covid_spark.dataset import read_summary
 from covid_spark.rundir import RunDir
 from covid_spark.sources import as_locations, manifest_of
+from covid_spark.tracking import log_report
 
 logger = logging.getLogger(__name__)
 
@@ -154,4 +155,5 @@ def build_report(run_dir: str, dataset: str, config: dict) -> str:
     write_model_card(paths.model_card, run=card_run, metrics=metrics_for_report,
                      dataset_summary=summary, licenses=data_licenses(summary), source_notes=notes)
     logger.info("report: %s (%d figures, %d Grad-CAM overlays at layer %s)", report, len(figures), len(gallery), layer)
+    log_report(run_dir, config)
     return report

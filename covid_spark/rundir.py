@@ -4,6 +4,8 @@ One object, :class:`RunDir`, names every file of a run, so that no stage spells 
 own (the file names are those of earlier versions: their run dirs and checkpoints still load)::
 
     <run>/model.keras            jobs/train.py        the trained Keras model (load_model())
+    <run>/saved_model/           jobs/train.py        the same model as a servable TensorFlow SavedModel
+                                                      (uint8 images in, probabilities out; covid_spark.serving)
     <run>/history.json           jobs/train.py        per-epoch losses and metrics
     <run>/run.json               jobs/train.py        what ran: config, versions, git commit, dataset digest
     <run>/checkpoints/           jobs/train.py        last.weights.h5 and state.json, for --resume
@@ -13,6 +15,8 @@ own (the file names are those of earlier versions: their run dirs and checkpoint
     <run>/pipeline.json          jobs/pipeline.py     stage keys and timings
     <run>/inputs.json            jobs/pipeline.py     content digest of the inputs
     <run>/dataset/               jobs/pipeline.py     the preprocessed dataset (see covid_spark.dataset)
+    <run>/mlflow.json            any stage, tracking  the MLflow run this run dir logs to, and what it logged
+    <run>/../mlflow.db           tracking 'local'     the embedded MLflow store of the runs in that folder
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ GRADCAM_DIR = "gradcam"
 PIPELINE_FILE = "pipeline.json"
 INPUTS_FILE = "inputs.json"
 DATASET_DIR = "dataset"
+SAVED_MODEL_DIR = "saved_model"
+TRACKING_FILE = "mlflow.json"
+LOCAL_TRACKING_DB = "mlflow.db"  # in the run dir's parent folder (tracking.mlflow_uri: local)
+LOCAL_TRACKING_ARTIFACTS = "mlartifacts"  # beside it: the artifacts of the runs it holds
 
 # What training's --overwrite deletes from a run dir (with the checkpoints folder): the files of the
 # model it replaces, and those computed from that model.
@@ -55,6 +63,25 @@ class RunDir:
     @property
     def model(self) -> str:
         return self._join(MODEL_FILE)
+
+    @property
+    def saved_model(self) -> str:
+        """The servable export of the model (a TensorFlow SavedModel folder; ``covid_spark.serving``)."""
+        return self._join(SAVED_MODEL_DIR)
+
+    @property
+    def tracking(self) -> str:
+        """The MLflow run(s) this run dir logs to and what each stage logged (``covid_spark.tracking``)."""
+        return self._join(TRACKING_FILE)
+
+    @property
+    def local_tracking_db(self) -> str:
+        """The embedded MLflow store of ``tracking.mlflow_uri: local``: beside the run dir, shared by its siblings."""
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), LOCAL_TRACKING_DB)
+
+    @property
+    def local_tracking_artifacts(self) -> str:
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), LOCAL_TRACKING_ARTIFACTS)
 
     @property
     def history(self) -> str:

@@ -18,7 +18,9 @@ from covid_spark.config import CLASSES
 from covid_spark.dataset import read_summary
 from covid_spark.launch import DEFAULT_ENGINE, ENGINES, rank_env  # noqa: F401  (rank_env: bench and tests use it here)
 from covid_spark.rundir import CHECKPOINT_STATE, RunDir, git_commit, versions
+from covid_spark.serving import export_run
 from covid_spark.storage import atomic_write_json, exists_error, to_url
+from covid_spark.tracking import log_training
 from covid_spark.training import class_weights
 
 logger = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | 
             if os.path.exists(path):
                 os.remove(path)
         shutil.rmtree(run.checkpoints, ignore_errors=True)
+        shutil.rmtree(run.saved_model, ignore_errors=True)
     os.makedirs(model_dir, exist_ok=True)
     return None
 
@@ -206,6 +209,8 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         "wall_seconds": round(time.time() - started, 1),
     }
     atomic_write_json(run_dir.run_json, run)
+    export_run(model_dir)  # saved_model/: the servable export, from the model.keras just written
     logger.info("train: %s, %d epoch(s) (best %s), %.0f s → %s", cfg["model"], run["epochs_run"],
                 run["best_epoch"], run["wall_seconds"], model_dir)
+    log_training(model_dir, config)
     return run

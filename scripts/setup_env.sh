@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned stack and Horovod built against its TensorFlow.
-# Idempotent: does nothing when requirements.txt, setup.py and this script are unchanged.
+# Create .venv with the pinned stack, Horovod built against its TensorFlow, and the optional
+# experiment tracking (requirements-mlflow.txt: the `mlflow` extra, pinned); install Debian's chromium
+# for the report's browser test where this runs as root with apt.
+# Idempotent: does nothing when requirements*.txt, setup.py and this script are unchanged (and
+# chromium is there or cannot be installed here).
 # The Horovod wheel is cached outside the clone, keyed by Horovod and TensorFlow versions,
 # so a fresh clone on the same machine installs it in seconds instead of compiling (~8 min).
 set -euo pipefail
@@ -13,7 +16,18 @@ TF_VERSION=$(sed -n 's/^tensorflow-cpu==//p' requirements.txt)
 CACHE=${COVID_SPARK_CACHE:-$HOME/.cache/covid-spark}
 WHEEL_DIR="$CACHE/wheels/horovod-$HOROVOD_VERSION-tf-$TF_VERSION"
 
-stamp_of() { cat requirements.txt setup.py scripts/setup_env.sh | sha256sum | cut -c1-16; }
+stamp_of() { cat requirements.txt requirements-mlflow.txt setup.py scripts/setup_env.sh | sha256sum | cut -c1-16; }
+
+# The report's browser test (tests/test_report_browser.py) drives Debian's chromium; it skips, saying
+# why, where there is none. Installed only when missing, only as root with apt; never fails the set-up.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's chromium (headless, for the report's browser test)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+       >/dev/null 2>&1; then
+    echo "setup: apt-get could not install chromium; the browser test will be skipped" >&2
+  fi
+fi
+
 STAMP="$VENV/.covid-spark-stamp"
 want=$(stamp_of)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
@@ -25,6 +39,7 @@ command -v java >/dev/null || { echo "setup: Java 17 is required for Spark (java
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q -r requirements.txt
+$PIP install -q -r requirements-mlflow.txt
 
 if ! "$VENV/bin/python" -c "import horovod, sys; sys.exit(horovod.__version__ != '$HOROVOD_VERSION')" 2>/dev/null; then
   if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then

@@ -1,0 +1,532 @@
+"""Experiment tracking in MLflow: optional, off by default, logged from the driver only.
+
+On when the config's ``tracking.mlflow_uri`` is set, or else the ``MLFLOW_TRACKING_URI`` environment
+variable; ``local`` is an embedded SQLite store beside the run dir (``<run-dir>/../mlflow.db``, its
+artifacts in ``<run-dir>/../mlartifacts``), so the runs of one folder (``runs/``) land in one store
+that ``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`` shows. MLflow is an extra
+(``pip install .[mlflow]``; ``make setup`` installs it): without it, or with tracking off, nothing here
+imports it.
+
+One MLflow run per run dir. Its id is kept in the run dir (``RunDir.tracking``, ``mlflow.json``), so
+stages run separately (``--stages``, Airflow, the single-stage jobs) attach to the same MLflow run.
+Each stage calls :func:`log_stage` when its outputs are written; it logs what the run dir holds that
+the MLflow run has not got yet, each item once, keyed by a digest of what it logs:
+
+    train      the config as params (``train.epochs``, …), the run's facts (``run.*``), the dataset
+               (digest of its rows, counts, ``_summary.json``) as params, input and artifact, the
+               per-epoch history as metrics with their epoch as step, run.json and history.json,
+               and the servable SavedModel as the MLflow model ``model``, with its signature;
+    evaluate   ``<split>/accuracy``, ``<split>/macro_f1``, ``<split>/loss``, ECE, temperature, each
+               class's precision, recall, F1 and support, with ``_ci95_low`` / ``_ci95_high``
+               bounds, per-source accuracy and macro-F1, and the metrics file as an artifact;
+    report     report.html, model_card.md, the figures and the Grad-CAM gallery as artifacts.
+
+A rerun of a finished stage whose outputs did not change logs nothing; a retrained model (other
+training outputs) starts a new MLflow run, since MLflow's params cannot change.
+
+Tracking never fails a stage that succeeded: an unreachable or broken store gives ONE warning per
+process naming the URI, and nothing more is tried against it. A server is probed once before
+anything is logged (:data:`PROBE_TIMEOUT_S`); MLflow's own HTTP retries are bounded
+(:data:`HTTP_LIMITS`), so a server that goes away mid-logging costs at most about 30 s in all.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Iterator, Mapping
+
+from covid_spark.rundir import RunDir
+from covid_spark.storage import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+LOCAL = "local"
+URI_SCHEMES = ("http://", "https://", "sqlite:///", "file:")
+PROBE_TIMEOUT_S = 5
+# MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) wait many minutes on a server
+# that is down. With these, one request gives up after 3 tries of at most 6 s and 2 s of backoff:
+# 20 s, after a probe of at most 5 s. Values set in the environment win.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "6"}
+MODEL_ARTIFACT = "model"
+# MLflow's limits (2.22): 100 params and 1,000 metrics per batch call; metric names of these characters.
+_PARAMS_PER_CALL = 100
+_METRICS_PER_CALL = 1000
+_NAME_CHARS = re.compile(r"[^\w.\-/ ]")
+
+# URIs that failed in this process: warned about once, never tried again.
+_FAILED: set[str] = set()
+
+
+def is_tracking_uri(value: str) -> bool:
+    """True for what ``tracking.mlflow_uri`` accepts: empty (off), ``local``, or a URI MLflow stores runs at."""
+    return value in ("", LOCAL) or value.startswith(URI_SCHEMES)
+
+
+def resolve_uri(config: Mapping, run_dir: str) -> str | None:
+    """The tracking URI this run logs to, or None when tracking is off.
+
+    The config's ``tracking.mlflow_uri`` wins over ``MLFLOW_TRACKING_URI``; ``local`` becomes
+    ``sqlite:///<run-dir>/../mlflow.db``.
+    """
+    uri = (config.get("tracking") or {}).get("mlflow_uri") or os.environ.get(ENV_URI, "").strip()
+    if not uri:
+        return None
+    if uri == LOCAL:
+        return "sqlite:///" + RunDir(run_dir).local_tracking_db
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else uri
+
+
+def artifact_root(uri: str, run_dir: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an SQLite store's file, else the store's choice.
+
+    MLflow's default for an SQLite store is ``./mlruns`` in the working directory, which would scatter
+    artifacts wherever a job happened to start.
+    """
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        if os.path.abspath(db) == RunDir(run_dir).local_tracking_db:
+            return "file://" + RunDir(run_dir).local_tracking_artifacts
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+    return None
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why ``uri`` cannot be reached (a short reason), or None when it can.
+
+    A server is reachable when it answers HTTP at all (an error status included: authentication is
+    MLflow's business); an SQLite store when its folder exists. One try, no retries.
+    """
+    if uri.startswith(("http://", "https://")):
+        url = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout):
+                return None
+        except urllib.error.HTTPError:
+            return None
+        except (urllib.error.URLError, OSError, socket.timeout) as error:
+            reason = getattr(error, "reason", error)
+            return f"no answer within {timeout:g} s" if isinstance(reason, socket.timeout) else str(reason)
+    if uri.startswith("sqlite:///"):
+        folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
+        return None if os.path.isdir(folder) else f"folder {folder} does not exist"
+    return None
+
+
+# --------------------------------------------------------------------------------- what is logged
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"augment": {"flip": False}}}`` → ``{"train.augment.flip": False}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def metric_name(*parts: str) -> str:
+    """An MLflow metric name from ``parts`` joined by ``/``; characters MLflow refuses become ``_``."""
+    return _NAME_CHARS.sub("_", "/".join(str(p) for p in parts))
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def training_params(run: Mapping) -> dict[str, str]:
+    """The config (less ``tracking``) and the run's facts, as MLflow params (strings)."""
+    config = {k: v for k, v in (run.get("config") or {}).items() if k != "tracking"}
+    facts = {k: run.get(k) for k in ("model", "num_proc", "image_size", "epochs_run", "best_epoch", "seed",
+                                     "steps_per_epoch", "threads_per_rank", "effective_learning_rate",
+                                     "git_commit", "resumed_from_epoch", "spark_master", "dataset")}
+    summary = run.get("dataset_summary") or {}
+    dataset = {"images": summary.get("written"), "rejected": summary.get("rejected"),
+               **{f"split.{k}": v for k, v in (summary.get("per_split") or {}).items()}}
+    params = flatten(config) | flatten(facts, "run.") | flatten(dataset, "dataset.")
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in params.items()}
+
+
+def history_metrics(history: Mapping[str, list]) -> list[tuple[str, float, int]]:
+    """``(name, value, epoch)`` of every finite per-epoch value; epochs count from 1, as ``best_epoch`` does."""
+    return [(name, float(v), epoch) for name, values in history.items() if isinstance(values, list)
+            for epoch, v in enumerate(values, start=1) if _finite(v) is not None]
+
+
+def evaluation_metrics(metrics: Mapping, split: str) -> dict[str, float]:
+    """The metrics file of ``split`` as MLflow metrics: ``<split>/accuracy``, ``<split>/<class>/recall``,
+    ``<split>/<class>/recall_ci95_low`` and ``_high``, ``<split>/source/<source>/accuracy``, …; only finite values."""
+    out: dict[str, Any] = {}
+    ci = metrics.get("ci95") or {}
+    for key in ("n", "accuracy", "macro_f1", "loss", "ece", "temperature", "ece_temperature_scaled"):
+        out[metric_name(split, key)] = metrics.get(key)
+        bounds = ci.get(key)
+        if bounds:
+            out[metric_name(split, f"{key}_ci95_low")], out[metric_name(split, f"{key}_ci95_high")] = bounds
+    for name, values in (metrics.get("per_class") or {}).items():
+        class_ci = (ci.get("per_class") or {}).get(name) or {}
+        for key in ("precision", "recall", "f1", "support"):
+            out[metric_name(split, name, key)] = values.get(key)
+            bounds = class_ci.get(key)
+            if bounds:
+                out[metric_name(split, name, f"{key}_ci95_low")], out[metric_name(split, name, f"{key}_ci95_high")] = bounds
+    groups = {f"source/{k}": v for k, v in (metrics.get("per_source") or {}).items()}
+    groups |= {f"input/{k}": v for k, v in (metrics.get("per_input") or {}).items()}
+    if metrics.get("patient_wise"):
+        groups["patient_wise"] = metrics["patient_wise"]
+    for group, values in groups.items():
+        for key in ("n", "accuracy", "macro_f1"):
+            out[metric_name(split, group, key)] = values.get(key)
+    return {k: float(v) for k, v in out.items() if _finite(v) is not None}
+
+
+def dataset_digest(dataset: str) -> str:
+    """A digest of the dataset's rows: every split's (path, label, image hash), in path order.
+
+    Two datasets with the same images, labels and splits have the same digest whatever their folder
+    or write time; reading it costs three small columns, no image.
+    """
+    from covid_spark.dataset import iter_split_batches, read_summary
+    from covid_spark.splits import SPLITS
+
+    summary = read_summary(None, dataset)
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        if not summary["per_split"].get(split):
+            continue
+        rows = []
+        try:
+            batches = list(iter_split_batches(dataset, split, fields=("label", "dhash"), batch_size=4096))
+        except Exception:  # noqa: BLE001 - a dataset written before image hashes were stored
+            batches = list(iter_split_batches(dataset, split, fields=("label",), batch_size=4096))
+        for batch in batches:
+            hashes = batch["dhash"] if "dhash" in batch else [""] * len(batch["path"])
+            rows += zip(map(str, batch["path"]), map(int, batch["label"]), map(str, hashes))
+        for row in sorted(rows):
+            digest.update(f"{split}\t{row[0]}\t{row[1]}\t{row[2]}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(*paths: str) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _json(path: str) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# --------------------------------------------------------------------------------- the MLflow run
+
+
+class Tracker:
+    """The MLflow run of one run dir in one store, and the record of what it already holds (``mlflow.json``)."""
+
+    def __init__(self, run_dir: str, uri: str, experiment: str):
+        import mlflow  # noqa: F401  (ImportError: the caller says how to install it)
+        from mlflow.tracking import MlflowClient
+
+        for key, value in HTTP_LIMITS.items():
+            os.environ.setdefault(key, value)
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store's schema set-up, each new file
+        self.run_dir = os.path.abspath(run_dir)
+        self.paths = RunDir(self.run_dir)
+        self.uri = uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        if uri.startswith("sqlite:///"):
+            # MLflow's SQLite store makes ./mlruns (its default artifact root) in the working directory the
+            # first time it opens: open it from the store's own folder, so that folder is the one used.
+            with _working_directory(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))):
+                self.client._tracking_client.store  # noqa: B018 - opened (and cached by MLflow) here
+        self.state = _json(self.paths.tracking) if os.path.exists(self.paths.tracking) else {}
+        self.entry: dict = self.state.setdefault("runs", {}).setdefault(uri, {})
+
+    @property
+    def run_id(self) -> str | None:
+        return self.entry.get("run_id")
+
+    def _save(self) -> None:
+        atomic_write_json(self.paths.tracking, self.state)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment,
+                                                 artifact_location=artifact_root(self.uri, self.run_dir))
+        except Exception:  # noqa: BLE001 - created meanwhile by another job: use it
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def attach(self, new: bool = False) -> str:
+        """The MLflow run of this run dir: the recorded one while it exists in the store, else a new one."""
+        if self.run_id and not new:
+            try:
+                if self.client.get_run(self.run_id).info.lifecycle_stage == "active":
+                    return self.run_id
+            except Exception as error:  # noqa: BLE001 - gone from the store (or another store): start anew
+                logger.info("tracking: MLflow run %s not found in %s (%s); starting a new one",
+                            self.run_id, self.uri, type(error).__name__)
+        previous = self.run_id
+        run = self.client.create_run(self._experiment_id(), run_name=os.path.basename(self.run_dir),
+                                     tags={"covid_spark.run_dir": self.run_dir})
+        if previous and new:
+            with contextlib.suppress(Exception):
+                self.client.set_tag(previous, "covid_spark.superseded_by", run.info.run_id)
+        self.entry.clear()
+        self.entry.update(run_id=run.info.run_id, experiment_id=run.info.experiment_id, logged={})
+        self._save()
+        logger.info("tracking: run dir %s → MLflow run %s in %s", self.run_dir, run.info.run_id, self.uri)
+        return run.info.run_id
+
+    def logged(self, item: str) -> str | None:
+        return (self.entry.get("logged") or {}).get(item)
+
+    def mark(self, item: str, digest: str) -> None:
+        self.entry.setdefault("logged", {})[item] = digest
+        self._save()
+
+    # ----------------------------------------------------------------------------- items
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), _PARAMS_PER_CALL):
+            self.client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_CALL])
+
+    def log_metrics(self, values: list[tuple[str, float, int]]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, value, now, step) for name, value, step in values]
+        for i in range(0, len(items), _METRICS_PER_CALL):
+            self.client.log_batch(self.run_id, metrics=items[i:i + _METRICS_PER_CALL])
+
+    def log_training(self) -> bool:
+        """Params, dataset, per-epoch history, run records and the servable model; False when already logged."""
+        paths = self.paths
+        if not os.path.exists(paths.run_json):
+            return False
+        digest = _file_digest(paths.run_json, paths.history)
+        if self.logged("train") == digest:
+            return False
+        if self.logged("train"):  # another training's outputs: MLflow params cannot change, so a new run
+            self.attach(new=True)
+        run = _json(paths.run_json)
+        history = _json(paths.history) if os.path.exists(paths.history) else {}
+        self.client.update_run(self.run_id, status="RUNNING")
+        tags = {"covid_spark.model": str(run.get("model")), "mlflow.source.git.commit": str(run.get("git_commit") or "")}
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        self.log_params(training_params(run))
+        self.log_metrics(history_metrics(history)
+                         + [("train_wall_seconds", float(run.get("wall_seconds") or 0), 0)])
+        for path in (paths.run_json, paths.history):
+            if os.path.exists(path):
+                self.client.log_artifact(self.run_id, path, "run")
+        self._log_dataset(run)
+        if os.path.isdir(paths.saved_model):
+            self._log_model(run)
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.mark("train", digest)
+        return True
+
+    def _log_dataset(self, run: Mapping) -> None:
+        """The dataset as an MLflow input (name, digest, source URL) and its summary as an artifact."""
+        import warnings
+
+        dataset = run.get("dataset")
+        if not dataset:
+            return
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        from covid_spark.dataset import summary_url
+
+        digest = dataset_digest(dataset)
+        self.client.log_param(self.run_id, "dataset.digest", digest)
+        with warnings.catch_warnings():  # it tries every source type it knows, each with a warning
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(dataset)
+        meta = MetaDataset(source, name=os.path.basename(dataset.rstrip("/")), digest=digest)
+        self.client.log_inputs(self.run_id, [DatasetInput(meta._to_mlflow_entity(),
+                                                          [InputTag("mlflow.data.context", "training")])])
+        summary = summary_url(dataset)
+        if summary.startswith("file://") and os.path.isfile(summary.removeprefix("file://")):
+            self.client.log_artifact(self.run_id, summary.removeprefix("file://"), "dataset")
+
+    def _log_model(self, run: Mapping) -> None:
+        """The servable model (``serving.servable``, what ``saved_model/`` holds) as the MLflow model
+        ``model``, TensorFlow flavour, with its signature: uint8 images in, probabilities out."""
+        import mlflow
+        import numpy as np
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        from covid_spark.serving import PROBABILITIES, SIGNATURE, servable
+
+        size, classes = int(run["image_size"]), list(run["classes"])
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), PROBABILITIES)]))
+        # MLflow's TensorFlow flavour saves a tf.Module, not a loaded SavedModel: the same module is built
+        # again from model.keras, the model saved_model/ was exported from.
+        module = servable(self.paths.load_model(), classes, size)
+        versions = run.get("versions") or {}
+        tf_dist = "tensorflow-cpu" if "tensorflow-cpu" in versions else "tensorflow"
+        requirements = [f"{tf_dist}=={versions[tf_dist]}"] if tf_dist in versions else None
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.tensorflow.log_model(module, MODEL_ARTIFACT, signature=signature, pip_requirements=requirements,
+                                            saved_model_kwargs={"signatures": {SIGNATURE: module.serve.get_concrete_function()}},
+                                            metadata={"classes": classes, "image_size": size})
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+    def log_evaluation(self) -> bool:
+        """Each metrics file in the run dir (``metrics.json``: ``test/…``; ``metrics_<split>.json``: ``<split>/…``)."""
+        from covid_spark.splits import SPLITS
+
+        done = False
+        for split in (*SPLITS, "all"):
+            path = self.paths.metrics_path(split)
+            if not os.path.exists(path):
+                continue
+            values = evaluation_metrics(_json(path), split)
+            digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+            item = f"evaluate:{split}"
+            if self.logged(item) == digest:
+                continue
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.log_metrics([(k, v, 0) for k, v in values.items()])
+            self.client.log_artifact(self.run_id, path, "evaluation")
+            self.client.set_terminated(self.run_id, "FINISHED")
+            self.mark(item, digest)
+            done = True
+        return done
+
+    def log_report(self) -> bool:
+        """report.html, model_card.md, figures/ and gradcam/ as artifacts under ``report/``."""
+        paths = self.paths
+        if not os.path.exists(paths.report):
+            return False
+        images = sorted(glob.glob(os.path.join(paths.figures, "*.png")) + glob.glob(os.path.join(paths.gradcam, "*.png")))
+        digest = _file_digest(paths.report, paths.model_card, *images)
+        if self.logged("report") == digest:
+            return False
+        self.client.update_run(self.run_id, status="RUNNING")
+        for path in (paths.report, paths.model_card):
+            if os.path.exists(path):
+                self.client.log_artifact(self.run_id, path, "report")
+        for folder in (paths.figures, paths.gradcam):
+            if os.path.isdir(folder):
+                self.client.log_artifacts(self.run_id, folder, f"report/{os.path.basename(folder)}")
+        self.client.set_terminated(self.run_id, "FINISHED")
+        self.mark("report", digest)
+        return True
+
+
+@contextlib.contextmanager
+def _working_directory(folder: str) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _failures_warned(uri: str, what: str) -> Iterator[None]:
+    """Turn any failure into one warning naming ``uri``; later calls in this process skip that URI."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - tracking never fails a stage that succeeded
+        _FAILED.add(uri)
+        logger.warning("tracking: %s failed against the MLflow tracking URI %s (%s: %s); the run's own files "
+                       "are complete, and nothing more is sent to MLflow from this job",
+                       what, uri, type(error).__name__, " ".join(str(error).split())[:300])
+
+
+def log_stage(run_dir: str, config: Mapping, stage: str) -> dict[str, bool] | None:
+    """Log what ``run_dir`` holds that its MLflow run has not got yet (see the module docstring).
+
+    Called by each stage on the driver once its outputs are written (``stage`` names it in messages).
+    Returns what was logged (``{"train": bool, "evaluate": bool, "report": bool}``), or None when
+    tracking is off or failed. Never raises.
+    """
+    try:
+        uri = resolve_uri(config, run_dir)
+    except Exception as error:  # noqa: BLE001
+        logger.warning("tracking: could not resolve the MLflow tracking URI (%s); nothing logged", error)
+        return None
+    if uri is None or uri in _FAILED:
+        return None
+    reason = probe(uri)
+    if reason:
+        _FAILED.add(uri)
+        logger.warning("tracking: the MLflow tracking URI %s cannot be reached (%s); the run's own files are "
+                       "written as usual and nothing is logged to MLflow", uri, reason)
+        return None
+    experiment = (config.get("tracking") or {}).get("experiment") or "covid-spark"
+    result = None
+    with _failures_warned(uri, f"logging the {stage} stage of {run_dir}"):
+        try:
+            tracker = Tracker(run_dir, uri, experiment)
+        except ImportError:
+            _FAILED.add(uri)
+            logger.warning("tracking: tracking.mlflow_uri / %s is set (%s) but MLflow is not installed "
+                           "(pip install .[mlflow]); nothing logged", ENV_URI, uri)
+            return None
+        tracker.attach()
+        result = {"train": tracker.log_training(), "evaluate": tracker.log_evaluation(), "report": tracker.log_report()}
+        if any(result.values()):
+            logger.info("tracking: %s → MLflow run %s at %s (%s)", stage, tracker.run_id, uri,
+                        ", ".join(k for k, v in result.items() if v))
+    return result
+
+
+def log_training(run_dir: str, config: Mapping) -> dict[str, bool] | None:
+    """The train stage's hook: :func:`log_stage` after model.keras, saved_model/, run.json and history.json."""
+    return log_stage(run_dir, config, "train")
+
+
+def log_evaluation(run_dir: str, config: Mapping) -> dict[str, bool] | None:
+    """The evaluate stage's hook: :func:`log_stage` after the metrics file is written."""
+    return log_stage(run_dir, config, "evaluate")
+
+
+def log_report(run_dir: str, config: Mapping) -> dict[str, bool] | None:
+    """The report stage's hook: :func:`log_stage` after report.html and model_card.md are written."""
+    return log_stage(run_dir, config, "report")

@@ -45,7 +45,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Iterator, Mapping
 
-from covid_spark.rundir import RunDir
+from covid_spark.rundir import LOCAL_TRACKING_ARTIFACTS, RunDir
 from covid_spark.storage import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -74,13 +74,19 @@ def is_tracking_uri(value: str) -> bool:
     return value in ("", LOCAL) or value.startswith(URI_SCHEMES)
 
 
+def _tracking_config(config: Mapping) -> dict:
+    """The ``tracking`` section; a config without one (written before it existed) has tracking off."""
+    return {"mlflow_uri": "", "experiment": "covid-spark"} | dict(config.get("tracking") or {})
+
+
 def resolve_uri(config: Mapping, run_dir: str) -> str | None:
     """The tracking URI this run logs to, or None when tracking is off.
 
     The config's ``tracking.mlflow_uri`` wins over ``MLFLOW_TRACKING_URI``; ``local`` becomes
     ``sqlite:///<run-dir>/../mlflow.db``.
     """
-    uri = (config.get("tracking") or {}).get("mlflow_uri") or os.environ.get(ENV_URI, "").strip()
+    cfg = _tracking_config(config)
+    uri = cfg["mlflow_uri"] or os.environ.get(ENV_URI, "").strip()
     if not uri:
         return None
     if uri == LOCAL:
@@ -98,7 +104,7 @@ def artifact_root(uri: str, run_dir: str) -> str | None:
         db = uri[len("sqlite:///"):]
         if os.path.abspath(db) == RunDir(run_dir).local_tracking_db:
             return "file://" + RunDir(run_dir).local_tracking_artifacts
-        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts")
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), LOCAL_TRACKING_ARTIFACTS)
     return None
 
 
@@ -499,11 +505,11 @@ def log_stage(run_dir: str, config: Mapping, stage: str) -> dict[str, bool] | No
         logger.warning("tracking: the MLflow tracking URI %s cannot be reached (%s); the run's own files are "
                        "written as usual and nothing is logged to MLflow", uri, reason)
         return None
-    experiment = (config.get("tracking") or {}).get("experiment") or "covid-spark"
+    cfg = _tracking_config(config)
     result = None
     with _failures_warned(uri, f"logging the {stage} stage of {run_dir}"):
         try:
-            tracker = Tracker(run_dir, uri, experiment)
+            tracker = Tracker(run_dir, uri, cfg["experiment"])
         except ImportError:
             _FAILED.add(uri)
             logger.warning("tracking: tracking.mlflow_uri / %s is set (%s) but MLflow is not installed "

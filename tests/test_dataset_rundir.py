@@ -41,6 +41,11 @@ def test_run_dir_names_every_artefact_as_earlier_versions_did(tmp_path):
     assert ARTEFACTS == ("model.keras", "history.json", "run.json", "metrics.json", "report.html", "model_card.md")
     assert run.artefacts() == [os.path.join(run.path, name) for name in ARTEFACTS]
     assert RunDir("runs/x/").model == "runs/x/model.keras"  # kept as given: messages show the user's path
+    # Added since: the servable export, the MLflow record, and the embedded store beside the run dir.
+    assert run.saved_model == os.path.join(run.path, "saved_model")
+    assert run.tracking == os.path.join(run.path, "mlflow.json")
+    assert run.local_tracking_db == str(tmp_path / "mlflow.db")
+    assert run.local_tracking_artifacts == str(tmp_path / "mlartifacts")
 
 
 def test_overwrite_deletes_the_artefacts_and_checkpoints_only(tmp_path):
@@ -48,7 +53,8 @@ def test_overwrite_deletes_the_artefacts_and_checkpoints_only(tmp_path):
 
     run = RunDir(tmp_path / "m")
     os.makedirs(run.checkpoints)
-    for path in run.artefacts() + [run.checkpoint_state, run.metrics_path("val"), run.pipeline_state]:
+    os.makedirs(os.path.join(run.saved_model, "variables"))
+    for path in run.artefacts() + [run.checkpoint_state, run.metrics_path("val"), run.pipeline_state, run.tracking]:
         with open(path, "w") as handle:
             handle.write("{}")
     with pytest.raises(FileExistsError, match="already exists: pass --overwrite"):
@@ -57,7 +63,7 @@ def test_overwrite_deletes_the_artefacts_and_checkpoints_only(tmp_path):
         json.dump({"epoch": 3, "model": "compact"}, handle)
     assert _prepare_model_dir(run.path, overwrite=False, resume=True) == {"epoch": 3, "model": "compact"}
     assert _prepare_model_dir(run.path, overwrite=True, resume=False) is None
-    assert sorted(os.listdir(run.path)) == ["metrics_val.json", "pipeline.json"]
+    assert sorted(os.listdir(run.path)) == ["metrics_val.json", "mlflow.json", "pipeline.json"]
     with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint in .*checkpoints \(state.json missing\)"):
         _prepare_model_dir(run.path, overwrite=False, resume=True)
 
@@ -142,7 +148,8 @@ def test_class_weights_balanced_or_none():
 # ----------------------------------------------------------------------------- where names and helpers live
 
 FILE_NAMES = {"model.keras", "run.json", "history.json", "metrics.json", "_summary.json", "report.html",
-              "model_card.md", "pipeline.json", "inputs.json", "state.json", "checkpoints", "last.weights.h5"}
+              "model_card.md", "pipeline.json", "inputs.json", "state.json", "checkpoints", "last.weights.h5",
+              "saved_model", "mlflow.json", "mlflow.db", "mlartifacts"}
 STAGES = ("preprocess", "train", "evaluate", "predict", "run_report", "crossval", "pipeline")
 
 

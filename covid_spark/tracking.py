@@ -108,12 +108,14 @@ def artifact_root(uri: str, run_dir: str) -> str | None:
     return None
 
 
-def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+def probe(uri: str, timeout: float | None = None) -> str | None:
     """Why ``uri`` cannot be reached (a short reason), or None when it can.
 
     A server is reachable when it answers HTTP at all (an error status included: authentication is
-    MLflow's business); an SQLite store when its folder exists. One try, no retries.
+    MLflow's business); an SQLite store when its folder exists. One try, no retries, at most
+    ``timeout`` (:data:`PROBE_TIMEOUT_S`) seconds.
     """
+    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
     if uri.startswith(("http://", "https://")):
         url = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
         try:
@@ -227,6 +229,21 @@ def dataset_digest(dataset: str) -> str:
         for row in sorted(rows):
             digest.update(f"{split}\t{row[0]}\t{row[1]}\t{row[2]}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _tensorflow_requirement(versions: Mapping[str, str]) -> str:
+    """The TensorFlow the model was trained with (run.json's versions), else the one installed here."""
+    import importlib.metadata as md
+
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        if dist in versions:
+            return f"{dist}=={versions[dist]}"
+    for dist in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return f"{dist}=={md.version(dist)}"
+        except md.PackageNotFoundError:
+            pass
+    return "tensorflow"
 
 
 def _file_digest(*paths: str) -> str:
@@ -407,9 +424,7 @@ class Tracker:
         # MLflow's TensorFlow flavour saves a tf.Module, not a loaded SavedModel: the same module is built
         # again from model.keras, the model saved_model/ was exported from.
         module = servable(self.paths.load_model(), classes, size)
-        versions = run.get("versions") or {}
-        tf_dist = "tensorflow-cpu" if "tensorflow-cpu" in versions else "tensorflow"
-        requirements = [f"{tf_dist}=={versions[tf_dist]}"] if tf_dist in versions else None
+        requirements = [_tensorflow_requirement(run.get("versions") or {})]  # given: MLflow's inference runs a subprocess
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         try:

@@ -17,6 +17,8 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+# Tracking is off unless a test turns it on: nothing here logs to a tracking server the shell points at.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def need_cxr3() -> str:
@@ -116,3 +118,25 @@ def pipeline_run(spark, subset_dir, tmp_path_factory) -> dict:
     test_inputs = str(root / "test_inputs")
     return {"dataset": dataset, "model_dir": model_dir, "predictions": predictions,
             "subset": subset_dir, "root": str(root), "jobs": jobs, "test_inputs": test_inputs}
+
+
+# `make demo`, shrunk, with tracking on: what tests/test_tracking.py, test_serving.py and test_report_browser.py read.
+TRACKED_RUN_ARGS = ["--model", "compact", "--epochs", "2", "--set", "train.batch_size=4",
+                    "--set", "preprocess.min_row_groups=2", "--set", "preprocess.val_fraction=0.2",
+                    "--set", "preprocess.test_fraction=0.3", "--set", "evaluate.bootstrap=200",
+                    "--set", "tracking.mlflow_uri=local"]
+
+
+@pytest.fixture(scope="session")
+def tracked_run(spark, subset_dir, tmp_path_factory) -> dict:
+    """jobs/pipeline.py (preprocess → train → evaluate → report, as `make demo` runs it) over the ~40 real
+    X-rays with ``tracking.mlflow_uri: local``: compact, 2 epochs, 2 Horovod ranks."""
+    import importlib
+
+    root = tmp_path_factory.mktemp("tracked")
+    run_dir = str(root / "demo")
+    args = ["--input", subset_dir, "--run-dir", run_dir] + TRACKED_RUN_ARGS
+    pipeline = importlib.import_module("jobs.pipeline")
+    assert pipeline.main(args) == 0
+    return {"run_dir": run_dir, "root": str(root), "args": args, "pipeline": pipeline,
+            "dataset": os.path.join(run_dir, "dataset"), "subset": subset_dir}

@@ -278,12 +278,12 @@ class Tracker:
         self.paths = RunDir(self.run_dir)
         self.uri = uri
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=uri)
-        if uri.startswith("sqlite:///"):
-            # MLflow's SQLite store makes ./mlruns (its default artifact root) in the working directory the
-            # first time it opens: open it from the store's own folder, so that folder is the one used.
-            with _working_directory(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))):
-                self.client._tracking_client.store  # noqa: B018 - opened (and cached by MLflow) here
+        # MLflow's SQLite store makes ./mlruns (its default artifact root) in the working directory when it
+        # first opens (in the client's constructor; MLflow then caches it): open it from the store's own
+        # folder, so that an empty mlruns/ lands beside mlflow.db, not wherever the job started.
+        folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
+        with _working_directory(folder):
+            self.client = MlflowClient(tracking_uri=uri)
         self.state = _json(self.paths.tracking) if os.path.exists(self.paths.tracking) else {}
         self.entry: dict = self.state.setdefault("runs", {}).setdefault(uri, {})
 
@@ -479,7 +479,10 @@ class Tracker:
 
 
 @contextlib.contextmanager
-def _working_directory(folder: str) -> Iterator[None]:
+def _working_directory(folder: str | None) -> Iterator[None]:
+    if folder is None:
+        yield
+        return
     previous = os.getcwd()
     os.chdir(folder)
     try:

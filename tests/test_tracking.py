@@ -211,7 +211,10 @@ def write_run_dir(run_dir: str, history: dict, config: dict, size: int = 32) -> 
     atomic_write_json(run.metrics, metrics)
 
 
-def test_a_run_dir_is_logged_once_per_item_and_a_retrained_model_gets_a_new_run(tmp_path):
+def test_a_run_dir_is_logged_once_per_item_and_a_retrained_model_gets_a_new_run(tmp_path, monkeypatch):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)  # where a job starts: MLflow must leave nothing there
     config = load_config(sets=["tracking.mlflow_uri=local"])
     run_dir = str(tmp_path / "runs" / "r1")
     history = {"loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, None]}  # null: not finite
@@ -232,6 +235,7 @@ def test_a_run_dir_is_logged_once_per_item_and_a_retrained_model_gets_a_new_run(
     assert run.data.metrics["test/normal/recall_ci95_high"] == pytest.approx(metrics["ci95"]["per_class"]["normal"]["recall"][1])
     # Artifacts land beside the store, not in the working directory.
     assert os.path.isdir(tmp_path / "runs" / "mlartifacts" / first)
+    assert os.listdir(workdir) == []
     # The MLflow model scores as saved_model/ does, uint8 in.
     import tensorflow as tf
 

@@ -92,6 +92,11 @@ def per_class_table(metrics: Mapping) -> Table:
     return Table("Per class", header, rows)
 
 
+# What a reader sees for the other scalars of a metrics file (its own key where none is given here).
+OVERALL_LABELS = {"ece": "calibration error (ECE, 15 bins)", "temperature": "temperature (fitted on val)",
+                  "ece_temperature_scaled": "ECE after temperature scaling", "split": "split",
+                  "dataset": "dataset"}
+
 _NOT_OVERALL = {"n", "accuracy", "macro_f1", "loss", "classes", "per_class", "confusion_matrix", "ci95",
                 "per_source", "roc_auc", "pr_auc"}
 
@@ -105,7 +110,7 @@ def overall_table(metrics: Mapping) -> Table:
             ["cross-entropy loss", fmt_ci(metrics.get("loss"), ci.get("loss"))]]
     for key, value in metrics.items():
         if key not in _NOT_OVERALL and (value is None or isinstance(value, (int, float, str, np.number))):
-            rows.append([key, fmt(value)])
+            rows.append([OVERALL_LABELS.get(key, key), fmt(value)])
     return Table("Overall", ["", "value"], rows)
 
 

@@ -425,15 +425,10 @@ class Tracker:
         # again from model.keras, the model saved_model/ was exported from.
         module = servable(self.paths.load_model(), classes, size)
         requirements = [_tensorflow_requirement(run.get("versions") or {})]  # given: MLflow's inference runs a subprocess
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        try:
-            with mlflow.start_run(run_id=self.run_id):
-                mlflow.tensorflow.log_model(module, MODEL_ARTIFACT, signature=signature, pip_requirements=requirements,
-                                            saved_model_kwargs={"signatures": {SIGNATURE: module.serve.get_concrete_function()}},
-                                            metadata={"classes": classes, "image_size": size})
-        finally:
-            mlflow.set_tracking_uri(previous)
+        with mlflow.start_run(run_id=self.run_id):  # the fluent API: MLflow's model logging needs an active run
+            mlflow.tensorflow.log_model(module, MODEL_ARTIFACT, signature=signature, pip_requirements=requirements,
+                                        saved_model_kwargs={"signatures": {SIGNATURE: module.serve.get_concrete_function()}},
+                                        metadata={"classes": classes, "image_size": size})
 
     def log_evaluation(self) -> bool:
         """Each metrics file in the run dir (``metrics.json``: ``test/…``; ``metrics_<split>.json``: ``<split>/…``)."""
@@ -476,6 +471,27 @@ class Tracker:
         self.client.set_terminated(self.run_id, "FINISHED")
         self.mark("report", digest)
         return True
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` meanwhile: its model logging (fluent API) and its
+    artifact uploads to a server that proxies artifacts (``mlflow-artifacts:``) read that one, not the client's."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    # MLflow keeps it in a module global and copies it to MLFLOW_TRACKING_URI (for subprocesses): both are
+    # put back as they were, or a later stage with tracking off would find the variable set and log.
+    previous, previous_env = utils._tracking_uri, os.environ.get(ENV_URI)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop(ENV_URI, None)
+        else:
+            os.environ[ENV_URI] = previous_env
 
 
 @contextlib.contextmanager
@@ -533,8 +549,10 @@ def log_stage(run_dir: str, config: Mapping, stage: str) -> dict[str, bool] | No
             logger.warning("tracking: tracking.mlflow_uri / %s is set (%s) but MLflow is not installed "
                            "(pip install .[mlflow]); nothing logged", ENV_URI, uri)
             return None
-        tracker.attach()
-        result = {"train": tracker.log_training(), "evaluate": tracker.log_evaluation(), "report": tracker.log_report()}
+        with _global_tracking_uri(uri):
+            tracker.attach()
+            result = {"train": tracker.log_training(), "evaluate": tracker.log_evaluation(),
+                      "report": tracker.log_report()}
         if any(result.values()):
             logger.info("tracking: %s → MLflow run %s at %s (%s)", stage, tracker.run_id, uri,
                         ", ".join(k for k, v in result.items() if v))

@@ -24,6 +24,7 @@ mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip inst
 def fresh_failures(monkeypatch):
     """Each test starts with no URI marked as failed, and with MLflow's HTTP settings of its own."""
     monkeypatch.setattr(tracking, "_FAILED", set())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for key in tracking.HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)
 
@@ -220,6 +221,7 @@ def test_a_run_dir_is_logged_once_per_item_and_a_retrained_model_gets_a_new_run(
     history = {"loss": [1.0, 0.8, 0.7], "val_loss": [1.1, 0.9, None]}  # null: not finite
     write_run_dir(run_dir, history, config)
     assert tracking.log_training(run_dir, config) == {"train": True, "evaluate": True, "report": False}
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow sets it meanwhile: a later stage must not find it
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     (entry,) = recorded(run_dir).values()
     client = client_of(uri)
@@ -332,3 +334,52 @@ def test_rerun_and_separate_stages_attach_to_the_same_run_and_log_nothing_twice(
     assert len(client.get_metric_history(run_id, "loss")) == 2
     assert len(client.get_metric_history(run_id, "test/accuracy")) == 1
     assert artifact_paths(client, run_id) == before
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on 127.0.0.1 (SQLite store, artifacts proxied by the server), stopped afterwards."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = closed_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1",
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(f"mlflow server exited with status {server.returncode}")
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within a minute")
+        yield uri
+    finally:
+        os.killpg(server.pid, 15)  # the server and its gunicorn worker: a group this fixture started
+        server.wait(timeout=30)
+
+
+@slow
+def test_a_tracking_server_gets_the_same_run(tmp_path, mlflow_server):
+    config = load_config(sets=[f"tracking.mlflow_uri={mlflow_server}"])
+    run_dir = str(tmp_path / "runs" / "r1")
+    write_run_dir(run_dir, {"loss": [0.9, 0.6]}, config)
+    assert tracking.log_training(run_dir, config) == {"train": True, "evaluate": True, "report": False}
+    assert tracking.log_training(run_dir, config) == {"train": False, "evaluate": False, "report": False}
+    (uri, entry), = recorded(run_dir).items()
+    assert uri == mlflow_server
+    client = client_of(mlflow_server)
+    run = client.get_run(entry["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["run.model"] == "compact"
+    assert [(m.step, m.value) for m in client.get_metric_history(entry["run_id"], "loss")] == [(1, 0.9), (2, 0.6)]
+    assert "test/accuracy" in run.data.metrics
+    assert {"run/run.json", "evaluation/metrics.json", "model/MLmodel"} <= artifact_paths(client, entry["run_id"])
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing local: all of it went to the server

@@ -20,10 +20,14 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 setup:
 	@bash scripts/setup_env.sh
 
+# TRACKING=local (or an MLflow tracking URI, e.g. http://127.0.0.1:5000) logs the run to MLflow:
+# tracking.mlflow_uri (README "Experiment tracking, serving and the report").
+TRACKING_SET = $(if $(TRACKING),--set tracking.mlflow_uri=$(TRACKING))
+
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
-	  $(if $(MODEL),--model $(MODEL))
+	  $(if $(MODEL),--model $(MODEL)) $(TRACKING_SET)
 
 # The same pipeline on cxr-xl (17,445 images; about 35 minutes on 2 cores): conf/xl.yaml. DATA given on the
 # command line replaces cxr-xl, e.g. cxr3 and cxr-xl together: make demo-xl DATA="../shared/data/cxr3 ../shared/data/cxr-xl"
@@ -31,7 +35,7 @@ XL_INPUTS = $(if $(filter command line,$(origin DATA)),$(INPUTS),--input ../shar
 demo-xl: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(XL_INPUTS) --run-dir runs/$(subst demo-,xl-,$(RUN_ID)) --config conf/xl.yaml \
-	  $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS))
+	  $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRACKING_SET)
 
 # One stage at a time, under .venv (the README's cxr-xl commands):
 #   make preprocess DATA="dir [dir ...]" OUT=runs/<name>/dataset
@@ -68,7 +72,7 @@ SOURCE ?= kaggle3way
 loso: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config $(or $(CONFIG),conf/demo.yaml) \
-	  --holdout-source $(SOURCE) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS))
+	  --holdout-source $(SOURCE) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRACKING_SET)
 
 # Patient-grouped 5-fold cross-validation over train + val of a preprocessed dataset (the test split is
 # never read), to choose a model: make cv DATASET=runs/<run>/dataset [MODEL=compact] [TRANSFORM=equalize]

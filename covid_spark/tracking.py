@@ -313,9 +313,10 @@ class Tracker:
             try:
                 if self.client.get_run(self.run_id).info.lifecycle_stage == "active":
                     return self.run_id
-            except Exception as error:  # noqa: BLE001 - gone from the store (or another store): start anew
-                logger.info("tracking: MLflow run %s not found in %s (%s); starting a new one",
-                            self.run_id, self.uri, type(error).__name__)
+            except Exception as error:  # noqa: BLE001 - MlflowException, imported lazily
+                if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # the store failed: never a second run for a run dir because of it
+                logger.info("tracking: MLflow run %s is not in %s; starting a new one", self.run_id, self.uri)
         previous = self.run_id
         run = self.client.create_run(self._experiment_id(), run_name=os.path.basename(self.run_dir),
                                      tags={"covid_spark.run_dir": self.run_dir})

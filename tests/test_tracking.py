@@ -383,3 +383,18 @@ def test_a_tracking_server_gets_the_same_run(tmp_path, mlflow_server):
     assert "test/accuracy" in run.data.metrics
     assert {"run/run.json", "evaluation/metrics.json", "model/MLmodel"} <= artifact_paths(client, entry["run_id"])
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing local: all of it went to the server
+
+
+def test_a_run_id_the_store_does_not_hold_is_replaced_by_a_new_run(tmp_path):
+    """mlflow.json copied with a run dir (or a store wiped): the recorded id is not in the store, so a new run."""
+    from covid_spark.storage import atomic_write_json
+
+    config = load_config(sets=["tracking.mlflow_uri=local"])
+    run = RunDir(tmp_path / "runs" / "copied")
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    atomic_write_json(run.tracking, {"runs": {uri: {"run_id": "0" * 32, "experiment_id": "1", "logged": {"report": "x"}}}})
+    atomic_write_json(run.metrics, {"n": 2, "accuracy": 0.5, "per_class": {}})
+    assert tracking.log_evaluation(run.path, config) == {"train": False, "evaluate": True, "report": False}
+    entry = recorded(run.path)[uri]
+    assert entry["run_id"] != "0" * 32 and entry["logged"].keys() == {"evaluate:test"}
+    assert client_of(uri).get_run(entry["run_id"]).data.metrics == {"test/n": 2.0, "test/accuracy": 0.5}

@@ -398,3 +398,17 @@ def test_a_run_id_the_store_does_not_hold_is_replaced_by_a_new_run(tmp_path):
     entry = recorded(run.path)[uri]
     assert entry["run_id"] != "0" * 32 and entry["logged"].keys() == {"evaluate:test"}
     assert client_of(uri).get_run(entry["run_id"]).data.metrics == {"test/n": 2.0, "test/accuracy": 0.5}
+
+
+@slow
+def test_the_pipeline_with_an_unreachable_server_does_its_work_and_warns_once(tracked_run, caplog, capsys):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    paths = RunDir(tracked_run["run_dir"])
+    os.remove(paths.report)
+    with caplog.at_level(logging.WARNING, logger="covid_spark.tracking"):
+        assert tracked_run["pipeline"].main(tracked_run["args"] + ["--stages", "evaluate,report",
+                                                                   "--set", f"tracking.mlflow_uri={uri}"]) == 0
+    assert os.path.exists(paths.report) and os.path.exists(paths.metrics)  # the stages did their work
+    (warning,) = tracking_warnings(caplog)
+    assert uri in warning and "cannot be reached" in warning
+    assert uri not in recorded(paths.path)  # no MLflow run was made up for it

@@ -273,7 +273,6 @@ class Tracker:
 
         for key, value in HTTP_LIMITS.items():
             os.environ.setdefault(key, value)
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # the SQLite store's schema set-up, each new file
         self.run_dir = os.path.abspath(run_dir)
         self.paths = RunDir(self.run_dir)
         self.uri = uri
@@ -282,7 +281,7 @@ class Tracker:
         # first opens (in the client's constructor; MLflow then caches it): open it from the store's own
         # folder, so that an empty mlruns/ lands beside mlflow.db, not wherever the job started.
         folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
-        with _working_directory(folder):
+        with _working_directory(folder), _root_logging_kept():
             self.client = MlflowClient(tracking_uri=uri)
         self.state = _json(self.paths.tracking) if os.path.exists(self.paths.tracking) else {}
         self.entry: dict = self.state.setdefault("runs", {}).setdefault(uri, {})
@@ -493,6 +492,27 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
             os.environ.pop(ENV_URI, None)
         else:
             os.environ[ENV_URI] = previous_env
+
+
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """The root logger's handlers and level kept: a new SQLite store runs MLflow's schema migrations, whose
+    alembic set-up replaces them (``logging.config.fileConfig``: another format) and logs each step at INFO."""
+    root = logging.getLogger()
+    handlers, level, disabled = root.handlers[:], root.level, logging.root.manager.disable
+    logging.disable(max(disabled, logging.INFO))  # and its INFO lines (one per migration step) unsaid
+    try:
+        yield
+    finally:
+        logging.disable(disabled)
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

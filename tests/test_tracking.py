@@ -394,7 +394,11 @@ def test_a_run_id_the_store_does_not_hold_is_replaced_by_a_new_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     atomic_write_json(run.tracking, {"runs": {uri: {"run_id": "0" * 32, "experiment_id": "1", "logged": {"report": "x"}}}})
     atomic_write_json(run.metrics, {"n": 2, "accuracy": 0.5, "per_class": {}})
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     assert tracking.log_evaluation(run.path, config) == {"train": False, "evaluate": True, "report": False}
+    # A new store's schema migrations reconfigure logging (alembic): the job's own set-up is put back.
+    assert (root.handlers, root.level) == (handlers, level)
     entry = recorded(run.path)[uri]
     assert entry["run_id"] != "0" * 32 and entry["logged"].keys() == {"evaluate:test"}
     assert client_of(uri).get_run(entry["run_id"]).data.metrics == {"test/n": 2.0, "test/accuracy": 0.5}

@@ -74,13 +74,7 @@ def wrap_jpeg(jpeg: bytes, **tags) -> bytes:
     from PIL import Image
 
     with Image.open(io.BytesIO(jpeg)) as img:
-        width, height, mode = img.width, img.height, img.mode
-    photometric = "MONOCHROME2" if mode == "L" else "YBR_FULL_422"
-    data = encapsulated([jpeg], height, width, pydicom.uid.JPEGBaseline8Bit, photometric=photometric, **tags)
-    if mode != "L":
-        ds = pydicom.dcmread(io.BytesIO(data))
-        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        data = buffer.getvalue()
-    return data
+        width, height, grey = img.width, img.height, img.mode == "L"
+    colour = {} if grey else {"SamplesPerPixel": 3, "PlanarConfiguration": 0}
+    return encapsulated([jpeg], height, width, pydicom.uid.JPEGBaseline8Bit,
+                        photometric="MONOCHROME2" if grey else "YBR_FULL_422", **colour, **tags)

@@ -221,6 +221,13 @@ def partitions_in_order(rdd, in_flight: int) -> Iterator:
         pool.shutdown(wait=True)
 
 
+def prediction_records(inventory) -> list[tuple]:
+    """``(path, skip_reason, listed_view)`` per file a ``sources.Inventory`` found, in path order:
+    what :func:`predict_partition` takes."""
+    return sorted([(r["path"], None, r.get("view", "")) for r in inventory.records]
+                  + [(s["path"], s["reason"], "") for s in inventory.skipped], key=lambda r: r[0])
+
+
 def partition_count(files: int, parallelism: int, files_per_partition: int = 2000) -> int:
     """Few, large partitions: at least one per core, more only past ``files_per_partition`` each.
 
@@ -260,8 +267,7 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
                          skip_unknown=config["preprocess"]["skip_unknown_classes"])
     max_pixels = config["preprocess"]["max_pixels"]
     views = ViewFilter.parse(config["preprocess"]["views"])
-    records = sorted([(r["path"], None, r.get("view", "")) for r in inventory.records]
-                     + [(s["path"], s["reason"], "") for s in inventory.skipped], key=lambda r: r[0])
+    records = prediction_records(inventory)
     if explain_dir:
         explain_dir = os.path.abspath(explain_dir)
         os.makedirs(explain_dir, exist_ok=True)

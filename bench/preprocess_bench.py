@@ -36,7 +36,7 @@ def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
     started = time.perf_counter()
     ok = 0
     for path in paths:
-        ok += read_and_decode(path, size, max_pixels).error is None
+        ok += read_and_decode(path, size, max_pixels)[0].image is not None
     queue.put({"pid": os.getpid(), "images": len(paths), "decoded": ok,
                "seconds": time.perf_counter() - started, "maxrss_mb": maxrss_mb()})
 

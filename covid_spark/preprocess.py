@@ -67,26 +67,14 @@ class Staged(NamedTuple):
     excluded: bool = False  # left out by the views filter (error says why): skipped, not rejected
 
 
-class Decoded(NamedTuple):
-    """One file read on an executor (``images.read_image``) with its hash; exactly one of image/error is None."""
-    image: np.ndarray | None
-    dhash: int | None
-    error: str | None
-    excluded: bool = False
-    view: str = ""
-    patient_id: str = ""  # the DICOM PatientID's pseudonym ("" for other files)
-
-
 def read_and_decode(path: str, size: int, max_pixels: int, views=None, listed_view: str = "",
-                    pseudonyms=None) -> Decoded:
-    """Read one file (``images.read_image``), then hash its image."""
+                    pseudonyms=None) -> tuple:
+    """Read one file (``images.read_image``) and hash its image: ``(ReadResult, dhash or None)``."""
     from covid_spark.duplicates import dhash
     from covid_spark.images import read_image
 
     read = read_image(path, size, max_pixels, views=views, listed_view=listed_view, pseudonyms=pseudonyms)
-    if read.image is None:
-        return Decoded(None, None, read.excluded or read.error, bool(read.excluded), read.view)
-    return Decoded(read.image, dhash(read.image, hash_size=HASH_SIZE), None, False, read.view, read.patient_id)
+    return read, (None if read.image is None else dhash(read.image, hash_size=HASH_SIZE))
 
 
 def stored_image(image: np.ndarray) -> np.ndarray:
@@ -155,7 +143,8 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
 
     try:
         for record in records:
-            read = read_and_decode(record["path"], size, max_pixels, views, record.get("view", ""), pseudonyms)
+            read, digest = read_and_decode(record["path"], size, max_pixels, views, record.get("view", ""),
+                                           pseudonyms)
             source = record["source"] or ""
             patient = record["patient_id"] or (patient_key(source, read.patient_id) if read.patient_id else "")
             row = -1
@@ -167,10 +156,10 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
                 columns["patient_id"].append(patient)
                 columns["source"].append(source)
                 columns["path"].append(record["path"])
-                columns["dhash"].append(format(read.dhash, f"0{HASH_SIZE * HASH_SIZE // 4}x"))
+                columns["dhash"].append(format(digest, f"0{HASH_SIZE * HASH_SIZE // 4}x"))
                 columns["view"].append(read.view)
             pending.append(Staged(record["path"], record["label"], patient, source, record.get("input", 0),
-                                  read.dhash, read.error, None, row, read.view, read.excluded))
+                                  digest, read.error or read.excluded, None, row, read.view, bool(read.excluded)))
             if len(columns["image"]) >= rows_per_group:
                 flush()
                 yield from pending

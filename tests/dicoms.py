@@ -1,7 +1,14 @@
-"""DICOM files made by the tests with pydicom (no real patient data): uncompressed or encapsulated."""
+"""DICOM files made by the tests with pydicom (no real patient data): uncompressed or encapsulated.
+
+``python -m tests.dicoms OUT`` writes cxr3 as a PACS-like export into OUT: a folder per class of DICOM
+files (JPEGs wrapped untouched, PNGs as uncompressed grey), PatientID from the manifest, ViewPosition from
+its view column, every third file without an extension (the README's DICOM demo)."""
 from __future__ import annotations
 
+import csv
 import io
+import os
+import sys
 
 import numpy as np
 import pydicom
@@ -78,3 +85,39 @@ def wrap_jpeg(jpeg: bytes, **tags) -> bytes:
     colour = {} if grey else {"SamplesPerPixel": 3, "PlanarConfiguration": 0}
     return encapsulated([jpeg], height, width, pydicom.uid.JPEGBaseline8Bit,
                         photometric="MONOCHROME2" if grey else "YBR_FULL_422", **colour, **tags)
+
+
+def as_dicom(path: str, **tags) -> bytes:
+    """An image file as DICOM: a JPEG wrapped untouched, anything else as uncompressed 8-bit grey."""
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:3] == b"\xff\xd8\xff":
+        return wrap_jpeg(data, **tags)
+    with Image.open(io.BytesIO(data)) as img:
+        return encoded(dataset(np.asarray(img.convert("L")), **tags))
+
+
+def write_cxr3_export(cxr3: str, out: str) -> int:
+    """cxr3 (``manifest.csv`` and its images) as a folder per class of DICOM files; returns the count."""
+    with open(os.path.join(cxr3, "manifest.csv"), newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows):
+        os.makedirs(os.path.join(out, row["label"]), exist_ok=True)
+        tags = {"PatientID": row["patient_id"] or f"anon-{i}", "PatientName": "Cxr3^Patient"}
+        if row.get("view"):
+            tags["ViewPosition"] = row["view"]
+        name = f"IM{i:05d}" if i % 3 == 2 else f"img-{i:05d}.dcm"
+        with open(os.path.join(out, row["label"], name), "wb") as handle:
+            handle.write(as_dicom(os.path.join(cxr3, row["path"]), **tags))
+    return len(rows)
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.simplefilter("ignore")  # pydicom warns that "AP Supine" is not a valid CS value; it is what cxr3 says
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    count = write_cxr3_export(os.path.join(os.path.dirname(here), "shared", "data", "cxr3"), sys.argv[1])
+    print(f"wrote {count} DICOM files under {sys.argv[1]}")

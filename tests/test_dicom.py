@@ -319,3 +319,9 @@ def test_no_salt_fails_before_any_work_naming_the_variable(spark, tmp_path, monk
     assert "P-77" not in str(caught.value)
     assert not os.path.exists(tmp_path / "out") and not any(p.startswith("out") for p in os.listdir(tmp_path))
     require_no_patient_ids([str(tmp_path / "in" / "covid" / "missing.dcm")])  # unreadable: judged later
+
+
+def test_the_salt_never_shows_in_a_repr_or_a_reason():
+    assert "zz-secret" not in repr(Pseudonyms("zz-secret"))
+    read = read_image(RSNA, 32, BIG, pseudonyms=Pseudonyms(None))
+    assert SALT_ENV in read.error and read.image is None

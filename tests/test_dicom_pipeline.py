@@ -5,17 +5,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
-import io
 import json
 import os
 import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.conftest import CXR3, cxr3_rows
-from tests.dicoms import dataset, encoded, wrap_jpeg
+from tests.dicoms import as_dicom, dataset, encoded
 
 pytest.importorskip("pydicom")
 
@@ -26,16 +24,6 @@ PER_CLASS = 10
 def _raw_ids(number: int) -> tuple[str, str]:
     """PatientID and PatientName of the test's patient ``number`` (two images each)."""
     return f"RAWPID{number:04d}X", f"Rawname^Doe{number:04d}"
-
-
-def _as_dicom(path: str, **tags) -> bytes:
-    """The cxr3 file as DICOM: a JPEG wrapped untouched, anything else as uncompressed 8-bit grey."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if data[:3] == b"\xff\xd8\xff":
-        return wrap_jpeg(data, **tags)
-    with Image.open(io.BytesIO(data)) as img:
-        return encoded(dataset(np.asarray(img.convert("L")), **tags))
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +39,12 @@ def dicom_folder(tmp_path_factory) -> dict:
             patient, name = _raw_ids(number // 2)
             number += 1
             file = root / label / (f"IM{i:04d}" if i % 3 == 2 else f"img-{i:04d}.dcm")
-            file.write_bytes(_as_dicom(os.path.join(CXR3, row["path"]), PatientID=patient, PatientName=name,
+            file.write_bytes(as_dicom(os.path.join(CXR3, row["path"]), PatientID=patient, PatientName=name,
                                        ViewPosition="AP SUPINE" if i % 2 else "PA"))
             ids[str(file)] = patient
     lateral = root / "covid" / "lateral.dcm"
     patient, name = _raw_ids(900)
-    lateral.write_bytes(_as_dicom(os.path.join(CXR3, rows[0]["path"]), PatientID=patient, PatientName=name,
+    lateral.write_bytes(as_dicom(os.path.join(CXR3, rows[0]["path"]), PatientID=patient, PatientName=name,
                                   ViewPosition="LL"))
     empty = dataset(None, PatientID=_raw_ids(901)[0], PatientName=_raw_ids(901)[1], ViewPosition="PA")
     empty.Rows, empty.Columns = 64, 64

@@ -245,7 +245,7 @@ def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
     for path in paths:
         read_and_decode(path, size, max_pixels)
     profile.disable()
-    wanted = ("(read_and_decode)", "(decode_image)", "(dhash)", "(draft)", "(load)", "(resize)",
+    wanted = ("(read_and_decode)", "(decode_file)", "(dhash)", "(draft)", "(load)", "(resize)",
               "(_to_rgb)", "(_upright)", "(_open)", "(_sniff)", "(array)", "method 'read'")
     rows = _top_functions(profile, wanted, limit=14)
     for row in rows:

@@ -41,6 +41,7 @@ import hmac
 import os
 import struct
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,13 +160,31 @@ def has_patient_id(path: str) -> bool:
             if not looks_like_dicom(handle.read(4096)):
                 return False
             handle.seek(0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True,
-                                     specific_tags=["PatientID"])
-        return bool(str(ds.get("PatientID", "") or "").strip())
+            with _quiet():
+                ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True, specific_tags=["PatientID"])
+                return bool(str(ds.get("PatientID", "") or "").strip())
     except Exception:  # noqa: BLE001 - judged when the file is decoded
         return False
+
+
+@contextmanager
+def _quiet():
+    """pydicom without its value validation, warnings and log lines: they quote element values, and a
+    value may be a PatientID or PatientName, which must never reach a log."""
+    import logging
+
+    import pydicom.config
+
+    settings = pydicom.config.settings
+    mode, logger = settings.reading_validation_mode, logging.getLogger("pydicom")
+    disabled = logger.disabled
+    settings.reading_validation_mode, logger.disabled = pydicom.config.IGNORE, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        settings.reading_validation_mode, logger.disabled = mode, disabled
 
 
 def _truncated(ds, size: int) -> bool:
@@ -192,12 +211,12 @@ def _read_dataset(data: bytes):
 
     import pydicom
 
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:  # inside _quiet(): recorded, never shown
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(BytesIO(data), force=True)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for broken headers
-            raise ImageRejected(f"corrupt DICOM header: {type(exc).__name__}: {exc}") from exc
+            raise ImageRejected(f"corrupt DICOM header: {type(exc).__name__}") from exc
     if any("End of file reached" in str(w.message) for w in caught) or _truncated(ds, len(data)):
         raise ImageRejected("truncated DICOM file: it ends inside an element")
     if "TransferSyntaxUID" not in ds.file_meta:
@@ -308,6 +327,12 @@ def decode_dicom(data: bytes, max_pixels: int, views: ViewFilter | None = None, 
         ImageExcluded: the view filter leaves this file out.
         ImageRejected: the file cannot be used; ``.reason`` says why.
     """
+    with _quiet():
+        return _decode(data, max_pixels, views, listed_view, pseudonyms)
+
+
+def _decode(data: bytes, max_pixels: int, views: ViewFilter | None, listed_view: str,
+            pseudonyms: Pseudonyms | None) -> DicomImage:
     from pydicom.pixels import pixel_array
 
     ds = _read_dataset(data)
@@ -327,17 +352,15 @@ def decode_dicom(data: bytes, max_pixels: int, views: ViewFilter | None = None, 
     if rows * columns > max_pixels:
         raise ImageRejected(f"{columns}x{rows} exceeds the {megapixels(max_pixels)} limit")
     _check_decoder(ds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            stored = pixel_array(ds, index=0)
-        except ValueError as exc:
-            if "less than expected" in str(exc) or "end of" in str(exc).lower():
-                raise ImageRejected(f"truncated DICOM pixel data: {str(exc).split(' - ')[0]}") from exc
-            raise ImageRejected(f"cannot decode DICOM pixel data: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - decoder plugins raise many kinds for broken data
-            raise ImageRejected(f"cannot decode DICOM pixel data ({ds.file_meta.TransferSyntaxUID}): "
-                                f"{type(exc).__name__}: {exc}") from exc
+    try:
+        stored = pixel_array(ds, index=0)
+    except ValueError as exc:
+        if "less than expected" in str(exc) or "end of" in str(exc).lower():
+            raise ImageRejected(f"truncated DICOM pixel data: {str(exc).split(' - ')[0]}") from exc
+        raise ImageRejected(f"cannot decode DICOM pixel data: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - decoder plugins raise many kinds for broken data
+        raise ImageRejected(f"cannot decode DICOM pixel data ({ds.file_meta.TransferSyntaxUID}): "
+                            f"{type(exc).__name__}: {exc}") from exc
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if stored.ndim == 3 and samples == 1:  # some decoders keep a trailing axis of one sample
         stored = stored[..., 0]

@@ -325,3 +325,25 @@ def test_the_salt_never_shows_in_a_repr_or_a_reason():
     assert "zz-secret" not in repr(Pseudonyms("zz-secret"))
     read = read_image(RSNA, 32, BIG, pseudonyms=Pseudonyms(None))
     assert SALT_ENV in read.error and read.image is None
+
+
+def test_reading_a_header_emits_no_warning_or_log_line(caplog, capfd, recwarn):
+    """pydicom's validation warns, and logs, about header values (some messages quote them: "Invalid value
+    for VR DA: '…'"); reading stays silent, so no header value, an identifier among them, reaches a log."""
+    import logging
+
+    import pydicom.config
+
+    mode = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:  # an over-long PatientID and PatientName component: pydicom warns when reading them
+        data = encoded(dataset(RAMP12, bits_stored=12, PatientID="QQLEAK-ID" * 9,
+                               PatientName="Qqleak^Name" * 7, ViewPosition="PA"))
+    finally:
+        pydicom.config.settings.writing_validation_mode = mode
+    caplog.set_level(logging.DEBUG)
+    caplog.clear(), capfd.readouterr(), recwarn.clear()  # what making the file printed
+    decoded = decode_dicom(data, BIG, pseudonyms=Pseudonyms("s"))
+    assert decoded.patient_id and decoded.view == "PA"
+    assert [r for r in caplog.records if r.name.startswith("pydicom")] == []
+    assert len(recwarn) == 0 and capfd.readouterr() == ("", "")

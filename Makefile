@@ -27,7 +27,7 @@ TRACKING_SET = $(if $(TRACKING),--set tracking.mlflow_uri=$(TRACKING))
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
-	  $(if $(MODEL),--model $(MODEL)) $(TRACKING_SET)
+	  $(if $(MODEL),--model $(MODEL)) $(if $(VIEWS),--views $(VIEWS)) $(TRACKING_SET)
 
 # The same pipeline on cxr-xl (17,445 images; about 35 minutes on 2 cores): conf/xl.yaml. DATA given on the
 # command line replaces cxr-xl, e.g. cxr3 and cxr-xl together: make demo-xl DATA="../shared/data/cxr3 ../shared/data/cxr-xl"
@@ -46,7 +46,7 @@ demo-xl: setup
 SPARK_SUBMIT = $(if $(MEASURE),$(PY) -m bench.treemem) spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf
 preprocess: setup
 	@test -n "$(OUT)" || { echo "make preprocess: set OUT=runs/<name>/dataset"; exit 2; }
-	$(SPARK_SUBMIT) jobs/preprocess.py $(INPUTS) --output $(OUT) $(if $(OVERWRITE),--overwrite)
+	$(SPARK_SUBMIT) jobs/preprocess.py $(INPUTS) --output $(OUT) $(if $(VIEWS),--views $(VIEWS)) $(if $(OVERWRITE),--overwrite)
 
 train: setup
 	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make train: set DATASET=… and MODEL_DIR=…"; exit 2; }
@@ -64,7 +64,7 @@ evaluate: setup
 
 predict: setup
 	@test -n "$(MODEL_DIR)" -a -n "$(OUT)" || { echo "make predict: set MODEL_DIR=… and OUT=….csv|.parquet"; exit 2; }
-	$(SPARK_SUBMIT) jobs/predict.py $(INPUTS) --model-dir $(MODEL_DIR) --output $(OUT) $(if $(OVERWRITE),--overwrite)
+	$(SPARK_SUBMIT) jobs/predict.py $(INPUTS) --model-dir $(MODEL_DIR) --output $(OUT) $(if $(VIEWS),--views $(VIEWS)) $(if $(OVERWRITE),--overwrite)
 
 # Leave-one-source-out shortcut check: train without SOURCE, test on all of SOURCE.
 # On cxr-xl: make loso DATA=../shared/data/cxr-xl SOURCE=nih CONFIG=conf/xl.yaml EPOCHS=1

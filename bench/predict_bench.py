@@ -71,7 +71,7 @@ def _plain_main(folder: str, model_dir: str, batch_size: int) -> dict:
     import resource
 
     from covid_spark.config import load_config
-    from covid_spark.predict import cached_model, predict_partition, set_tf_threads
+    from covid_spark.predict import cached_model, predict_partition, prediction_records, set_tf_threads
     from covid_spark.rundir import RunDir
     from covid_spark.sources import discover
 
@@ -81,8 +81,7 @@ def _plain_main(folder: str, model_dir: str, batch_size: int) -> dict:
     with open(RunDir(model_dir).model, "rb") as handle:
         model_bytes = handle.read()
     inventory = discover(folder, labelled=False)
-    records = sorted([(r["path"], None) for r in inventory.records]
-                     + [(s["path"], s["reason"]) for s in inventory.skipped])
+    records = prediction_records(inventory)
     set_tf_threads(1)
     load_started = time.perf_counter()
     cached_model(model_bytes)

@@ -36,8 +36,7 @@ def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
     started = time.perf_counter()
     ok = 0
     for path in paths:
-        image, _digest, error = read_and_decode(path, size, max_pixels)
-        ok += error is None
+        ok += read_and_decode(path, size, max_pixels)[0].image is not None
     queue.put({"pid": os.getpid(), "images": len(paths), "decoded": ok,
                "seconds": time.perf_counter() - started, "maxrss_mb": maxrss_mb()})
 
@@ -246,7 +245,7 @@ def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
     for path in paths:
         read_and_decode(path, size, max_pixels)
     profile.disable()
-    wanted = ("(read_and_decode)", "(decode_image)", "(dhash)", "(draft)", "(load)", "(resize)",
+    wanted = ("(read_and_decode)", "(decode_file)", "(dhash)", "(draft)", "(load)", "(resize)",
               "(_to_rgb)", "(_upright)", "(_open)", "(_sniff)", "(array)", "method 'read'")
     rows = _top_functions(profile, wanted, limit=14)
     for row in rows:

@@ -171,6 +171,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "skip_unknown_classes": Field(bool, "skip folders and labels that name no class instead of failing"),
         "holdout_source": Field(str, "leave-one-source-out: every image of this source is the test split "
                                      "(empty: off)"),
+        "views": Field(str, "views to keep, e.g. PA,AP (unknown views are kept unless -unknown is listed; "
+                            "empty: every view); preprocess and predict"),
     },
     "train": {
         "model": Field(str, "architecture (covid_spark.models.REGISTRY)", choices=_model_names),

@@ -6,8 +6,10 @@ imports no Spark.
 
 Decoding steps, in order:
 
-1. Sniff the content: empty files, HTML/XML error pages, PDFs and DICOM files
-   are rejected with a reason that says what the file looks like.
+1. Sniff the content: empty files, HTML/XML error pages and PDFs are rejected
+   with a reason that says what the file looks like. DICOM content (whatever
+   the file's name) is decoded by :mod:`covid_spark.dicom` into 8-bit grey,
+   then joins step 7.
 2. Open lazily and check width x height from the header against ``max_pixels``
    before any pixel is allocated (decompression bombs). Pillow's own global
    ``MAX_IMAGE_PIXELS`` is left untouched; its warning is silenced locally so our
@@ -41,16 +43,24 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
 import re
 import struct
 import warnings
 import zlib
 from io import BytesIO
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from covid_spark.config import DEFAULT_IMAGE_SIZE
+from covid_spark.sources import DICOM_EXTENSIONS
+from covid_spark.views import normalise_view
+
+if TYPE_CHECKING:
+    from covid_spark.dicom import Pseudonyms
+    from covid_spark.views import ViewFilter
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +81,34 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
+class ImageExcluded(Exception):
+    """An input file left out on purpose (the ``--views`` filter): skipped, not rejected."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Decoded(NamedTuple):
+    """A decoded file: the ``(size, size, 3)`` uint8 image, its view ("" when unknown) and, for a DICOM
+    file read with pseudonyms, its patient pseudonym ("" otherwise)."""
+
+    image: np.ndarray
+    view: str = ""
+    patient_id: str = ""
+
+
+class ReadResult(NamedTuple):
+    """What :func:`read_image` made of one file: ``image`` (None unless usable), else ``error`` (rejected)
+    or ``excluded`` (left out by the view filter), with the view and pseudonym a DICOM header gave."""
+
+    image: np.ndarray | None
+    error: str | None = None
+    excluded: str | None = None
+    view: str = ""
+    patient_id: str = ""
+
+
 def _sniff(data: bytes) -> None:
     """Reject content that is evidently not an image, before Pillow sees it."""
     if not data:
@@ -80,11 +118,9 @@ def _sniff(data: bytes) -> None:
         raise ImageRejected("not an image: looks like HTML/XML")
     if head.startswith(b"%PDF"):
         raise ImageRejected("not an image: looks like PDF")
-    if data[128:132] == b"DICM":
-        raise ImageRejected("not an image: looks like DICOM (convert to PNG first)")
 
 
-def _megapixels(max_pixels: int) -> str:
+def megapixels(max_pixels: int) -> str:
     return f"{max_pixels / 1e6:g}-megapixel"
 
 
@@ -113,7 +149,7 @@ def _bomb_reason(exc: Exception, data: bytes, max_pixels: int) -> str:
     else:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         what = f"{int(found.group(1))} pixels" if found else "image"
-    return f"{what} exceeds the {_megapixels(max_pixels)} limit"
+    return f"{what} exceeds the {megapixels(max_pixels)} limit"
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -136,7 +172,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(f"{img.format} has an empty size {width}x{height}")
     if width * height > max_pixels:
         img.close()
-        raise ImageRejected(f"{width}x{height} exceeds the {_megapixels(max_pixels)} limit")
+        raise ImageRejected(f"{width}x{height} exceeds the {megapixels(max_pixels)} limit")
     return img
 
 
@@ -176,8 +212,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         raise ImageRejected(f"unsupported colour mode {mode}: {exc}") from exc
 
 
+def _check_size_args(size, max_pixels) -> tuple[int, int]:
+    if not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return int(size), int(max_pixels)
+
+
+def _resized(img: Image.Image, size: int) -> np.ndarray:
+    return np.array(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8, order="C")
+
+
 def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode image bytes into a ``(size, size, 3)`` uint8 RGB array.
+    """Decode image bytes (any format Pillow reads, or DICOM) into a ``(size, size, 3)`` uint8 RGB array.
 
     Args:
         data: the file's bytes.
@@ -191,13 +239,41 @@ def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = 
         ImageRejected: the bytes are not a usable image; ``.reason`` says why.
         ValueError: ``size`` or ``max_pixels`` is not a positive integer.
     """
-    if not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    if not isinstance(max_pixels, numbers.Integral) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
-    size, max_pixels = int(size), int(max_pixels)
+    return decode_file(data, size, max_pixels).image
+
+
+def decode_file(data: bytes, size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                views: "ViewFilter | None" = None, listed_view: str = "",
+                pseudonyms: "Pseudonyms | None" = None) -> Decoded:
+    """:func:`decode_image` with the file's view and patient pseudonym, and the view filter applied.
+
+    Args:
+        views: leave out files whose view it excludes (checked before any pixel is decoded).
+        listed_view: the view a manifest gave for the file; a DICOM file's ViewPosition otherwise.
+        pseudonyms: for DICOM files, turn PatientID into a pseudonym (None: patient ids not wanted).
+
+    Raises:
+        ImageExcluded: the view filter leaves the file out.
+        ImageRejected: the bytes are not a usable image.
+    """
+    from covid_spark import dicom  # imports this module: not at the top
+
+    size, max_pixels = _check_size_args(size, max_pixels)
     data = bytes(data)
     _sniff(data)
+    if dicom.looks_like_dicom(data):
+        decoded = dicom.decode_dicom(data, max_pixels, views=views, listed_view=listed_view, pseudonyms=pseudonyms)
+        with Image.fromarray(decoded.pixels) as img:
+            return Decoded(_resized(img.convert("RGB"), size), decoded.view, decoded.patient_id)
+    view = normalise_view(listed_view)
+    excluded = views.reason(view) if views is not None else None
+    if excluded:
+        raise ImageExcluded(excluded)
+    return Decoded(_decode_pillow(data, size, max_pixels), view)
+
+
+def _decode_pillow(data: bytes, size: int, max_pixels: int) -> np.ndarray:
+    """Steps 2-7 of the module docstring for anything Pillow opens."""
     img = _open(data, max_pixels)
     fmt = img.format or "image"
     try:
@@ -213,33 +289,46 @@ def decode_image(data: bytes, size: int = DEFAULT_IMAGE_SIZE, max_pixels: int = 
         except _DECODE_ERRORS as exc:
             raise ImageRejected(f"truncated or corrupt {fmt}: {exc}") from exc
         try:
-            rgb = _to_rgb(_upright(img))
-            resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+            return _resized(_to_rgb(_upright(img)), size)
         except ImageRejected:
             raise
         except _DECODE_ERRORS as exc:
             raise ImageRejected(f"cannot convert {fmt} ({img.mode}): {exc}") from exc
     finally:
         img.close()
-    return np.array(resized, dtype=np.uint8, order="C")
 
 
-def read_image(path: str, size: int, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
-    """Read and decode one file: ``(image, None)``, or ``(None, reason)`` when it cannot be used.
+def read_image(path: str, size: int, max_pixels: int, *, views: "ViewFilter | None" = None,
+               listed_view: str = "", pseudonyms: "Pseudonyms | None" = None) -> ReadResult:
+    """Read and decode one file (:func:`decode_file`) into a :class:`ReadResult`.
 
     Never raises for a bad file (one odd file must never kill a job): a missing or unreadable file,
-    a rejected image (``ImageRejected``) and any decoder error become the reason.
+    a rejected image (``ImageRejected``) and any decoder error become ``error``; a file the view
+    filter leaves out gets ``excluded``. A file named ``.dcm``/``.dicom`` or with no extension must
+    be DICOM by content.
     """
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
-        return None, "file not found"
+        return ReadResult(None, "file not found")
     except OSError as exc:
-        return None, f"cannot read file: {exc.strerror or exc}"
+        return ReadResult(None, f"cannot read file: {exc.strerror or exc}")
+    name = os.path.basename(path)
+    extension = os.path.splitext(name)[1].lower() if name.rfind(".") > 0 else ""
     try:
-        return decode_image(data, size=size, max_pixels=max_pixels), None
+        if extension in DICOM_EXTENSIONS or not extension:
+            from covid_spark.dicom import looks_like_dicom
+
+            if data and not looks_like_dicom(data):
+                what = f"named {extension}" if extension else "without a file extension"
+                return ReadResult(None, f"not DICOM: a file {what} must be DICOM (no 'DICM' marker at "
+                                        f"byte 128, no group 0002/0008 element first)")
+        decoded = decode_file(data, size, max_pixels, views=views, listed_view=listed_view, pseudonyms=pseudonyms)
+        return ReadResult(decoded.image, view=decoded.view, patient_id=decoded.patient_id)
+    except ImageExcluded as exc:
+        return ReadResult(None, excluded=exc.reason)
     except ImageRejected as exc:
-        return None, exc.reason
+        return ReadResult(None, exc.reason)
     except Exception as exc:  # noqa: BLE001 - one odd file must never kill the job
-        return None, f"cannot decode: {type(exc).__name__}: {exc}"
+        return ReadResult(None, f"cannot decode: {type(exc).__name__}: {exc}")

@@ -11,6 +11,7 @@ from covid_spark.config import CLASSES, INFERENCE_BATCH_SIZE
 from covid_spark.rundir import RunDir
 from covid_spark.sources import discover
 from covid_spark.storage import refuse_existing
+from covid_spark.views import ViewFilter
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,14 @@ def cached_model(model_bytes: bytes):
 
 
 def predict_partition(records: Iterable[tuple], model_bytes: bytes, size: int, max_pixels: int,
-                      batch_size: int, threads: int = 1, explain_dir: str | None = None) -> Iterator[tuple]:
+                      batch_size: int, threads: int = 1, explain_dir: str | None = None,
+                      views=None) -> Iterator[tuple]:
     """mapPartitions body: decode with the preprocess code, score in batches, one row per record, in order.
 
-    ``records`` are ``(path, skip_reason)`` pairs; a skipped or unreadable file gets its error row in
-    its place, so rows leave in the order records came. With ``explain_dir``, also writes one Grad-CAM
-    overlay PNG per readable image there.
+    ``records`` are ``(path, skip_reason, listed_view)``; a skipped, unreadable or view-filtered
+    (``views``, a ``views.ViewFilter``) file gets its error row in its place, so rows leave in the
+    order records came. With ``explain_dir``, also writes one Grad-CAM overlay PNG per readable image
+    there.
     """
     import numpy as np
 
@@ -97,13 +100,13 @@ def predict_partition(records: Iterable[tuple], model_bytes: bytes, size: int, m
                 yield (path, CLASSES[int(row.argmax())], *(float(v) for v in row), "")
 
     pending, images = [], 0
-    for path, skip in records:
+    for path, skip, view in records:
         if skip:
             pending.append((path, None, skip))
         else:
-            image, error = read_image(path, size, max_pixels)
-            pending.append((path, image, error))
-            images += image is not None
+            read = read_image(path, size, max_pixels, views=views, listed_view=view)
+            pending.append((path, read.image, read.error or read.excluded))
+            images += read.image is not None
         # Rows leave in input order, so an error row waits for the batch it sits in to be scored;
         # flushing at 4 batches' worth of entries bounds that wait when many files in a row fail.
         if images == batch_size or len(pending) >= 4 * batch_size:
@@ -218,6 +221,13 @@ def partitions_in_order(rdd, in_flight: int) -> Iterator:
         pool.shutdown(wait=True)
 
 
+def prediction_records(inventory) -> list[tuple]:
+    """``(path, skip_reason, listed_view)`` per file a ``sources.Inventory`` found, in path order:
+    what :func:`predict_partition` takes."""
+    return sorted([(r["path"], None, r.get("view", "")) for r in inventory.records]
+                  + [(s["path"], s["reason"], "") for s in inventory.skipped], key=lambda r: r[0])
+
+
 def partition_count(files: int, parallelism: int, files_per_partition: int = 2000) -> int:
     """Few, large partitions: at least one per core, more only past ``files_per_partition`` each.
 
@@ -256,8 +266,8 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
     inventory = discover(input_locations, labelled=False,
                          skip_unknown=config["preprocess"]["skip_unknown_classes"])
     max_pixels = config["preprocess"]["max_pixels"]
-    records = sorted([(r["path"], None) for r in inventory.records]
-                     + [(s["path"], s["reason"]) for s in inventory.skipped], key=lambda r: r[0])
+    views = ViewFilter.parse(config["preprocess"]["views"])
+    records = prediction_records(inventory)
     if explain_dir:
         explain_dir = os.path.abspath(explain_dir)
         os.makedirs(explain_dir, exist_ok=True)
@@ -266,7 +276,7 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
     slices = partition_count(len(records), sc.defaultParallelism)
     sc.setJobDescription(f"predict {len(records)} files")
     scored = sc.parallelize(records, slices).mapPartitions(
-        lambda part: predict_partition(part, model_bc.value, size, max_pixels, batch_size, 1, explain_dir))
+        lambda part: predict_partition(part, model_bc.value, size, max_pixels, batch_size, 1, explain_dir, views))
     counts = {"rows": 0, "errors": 0}
 
     def in_path_order(rows):

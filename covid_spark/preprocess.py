@@ -33,10 +33,12 @@ import numpy as np
 
 from covid_spark.config import CLASSES
 from covid_spark.dataset import split_url, write_summary
+from covid_spark.dicom import Pseudonyms, require_no_patient_ids
 from covid_spark.duplicates import HASH_SIZE
 from covid_spark.sources import count_per_input, discover
 from covid_spark.splits import SPLITS, assign_splits
 from covid_spark.storage import HadoopFS, atomic_directory, to_url
+from covid_spark.views import ViewFilter
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +60,21 @@ class Staged(NamedTuple):
     source: str
     input: int            # index of the input location the file was listed in
     dhash: int | None     # 256-bit difference hash; None when rejected
-    error: str | None     # why the file was rejected; None when its image was staged
+    error: str | None     # why the file was rejected or excluded; None when its image was staged
     file: str | None      # staged file holding its row (set by stage_partition)
     row: int              # the row's index in that file; -1 when rejected
+    view: str = ""        # PA, AP, LATERAL, ... ("" unknown): the manifest's, else the DICOM header's
+    excluded: bool = False  # left out by the views filter (error says why): skipped, not rejected
 
 
-def read_and_decode(path: str, size: int, max_pixels: int) -> tuple:
-    """Return ``(image, dhash, error)`` for one file (``images.read_image``, then its hash); exactly one of
-    image/error is None."""
+def read_and_decode(path: str, size: int, max_pixels: int, views=None, listed_view: str = "",
+                    pseudonyms=None) -> tuple:
+    """Read one file (``images.read_image``) and hash its image: ``(ReadResult, dhash or None)``."""
     from covid_spark.duplicates import dhash
     from covid_spark.images import read_image
 
-    image, error = read_image(path, size, max_pixels)
-    return (None, None, error) if image is None else (image, dhash(image, hash_size=HASH_SIZE), None)
+    read = read_image(path, size, max_pixels, views=views, listed_view=listed_view, pseudonyms=pseudonyms)
+    return read, (None if read.image is None else dhash(read.image, hash_size=HASH_SIZE))
 
 
 def stored_image(image: np.ndarray) -> np.ndarray:
@@ -87,7 +91,7 @@ def arrow_schema(with_split: bool = True):
 
     fields = [pa.field("image", pa.binary(), nullable=False), pa.field("label", pa.int32(), nullable=False)]
     fields += [pa.field(name, pa.string(), nullable=False)
-               for name in ("label_name", "patient_id", "source", "path", "dhash")]
+               for name in ("label_name", "patient_id", "source", "path", "dhash", "view")]
     if with_split:
         fields.append(pa.field("split", pa.string(), nullable=False))
     return pa.schema(fields)
@@ -103,17 +107,21 @@ def _open_writer(url: str, schema):
     # Raw pixels barely compress; the small string columns are snappy-compressed as Spark does.
     return pq.ParquetWriter(path, schema, filesystem=fs, compression={
         "image": "NONE", "label": "SNAPPY", "label_name": "SNAPPY", "patient_id": "SNAPPY",
-        "source": "SNAPPY", "path": "SNAPPY", "dhash": "SNAPPY", "split": "SNAPPY"}, use_dictionary=False,
+        "source": "SNAPPY", "path": "SNAPPY", "dhash": "SNAPPY", "view": "SNAPPY", "split": "SNAPPY"}, use_dictionary=False,
         write_statistics=False)
 
 
 def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
-                 rows_per_group: int = STAGE_ROWS_PER_GROUP) -> Iterator[Staged]:
+                 rows_per_group: int = STAGE_ROWS_PER_GROUP, views=None, pseudonyms=None) -> Iterator[Staged]:
     """Decode each record's file; write good images as rows of one Parquet file at ``url``.
 
     Yields one :class:`Staged` per record, in order (``file`` None: the caller knows ``url``).
     The file is closed before the last one is yielded, and only created when some image is good.
+    ``views`` (a ``views.ViewFilter``) leaves files out; ``pseudonyms`` (``dicom.Pseudonyms``) turns
+    DICOM PatientIDs into the patient id of a record that has none from its manifest.
     """
+    from covid_spark.sources import patient_key
+
     import pyarrow as pa
 
     from covid_spark.schema import XraySchema
@@ -135,19 +143,23 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
 
     try:
         for record in records:
-            image, digest, error = read_and_decode(record["path"], size, max_pixels)
+            read, digest = read_and_decode(record["path"], size, max_pixels, views, record.get("view", ""),
+                                           pseudonyms)
+            source = record["source"] or ""
+            patient = record["patient_id"] or (patient_key(source, read.patient_id) if read.patient_id else "")
             row = -1
-            if image is not None:
+            if read.image is not None:
                 row, rows = rows, rows + 1
-                columns["image"].append(bytes(image_field.codec.encode(image_field, stored_image(image))))
+                columns["image"].append(bytes(image_field.codec.encode(image_field, stored_image(read.image))))
                 columns["label"].append(CLASSES.index(record["label"]))
                 columns["label_name"].append(record["label"])
-                columns["patient_id"].append(record["patient_id"] or "")
-                columns["source"].append(record["source"] or "")
+                columns["patient_id"].append(patient)
+                columns["source"].append(source)
                 columns["path"].append(record["path"])
                 columns["dhash"].append(format(digest, f"0{HASH_SIZE * HASH_SIZE // 4}x"))
-            pending.append(Staged(record["path"], record["label"], record["patient_id"] or "",
-                                  record["source"] or "", record.get("input", 0), digest, error, None, row))
+                columns["view"].append(read.view)
+            pending.append(Staged(record["path"], record["label"], patient, source, record.get("input", 0),
+                                  digest, read.error or read.excluded, None, row, read.view, bool(read.excluded)))
             if len(columns["image"]) >= rows_per_group:
                 flush()
                 yield from pending
@@ -160,14 +172,15 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
 
 
 def stage_partition(index: int, records: Iterable[dict], size: int, max_pixels: int,
-                    staging_url: str) -> Iterator[Staged]:
+                    staging_url: str, views=None, pseudonyms=None) -> Iterator[Staged]:
     """mapPartitionsWithIndex body: one staged file per task attempt, named so attempts never collide."""
     marker = os.environ.get(FAIL_ONCE_ENV)
     if marker and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(3)
     name = f"stage-{index:05d}-{uuid.uuid4().hex[:12]}.parquet"
-    for staged in stage_images(records, size, max_pixels, f"{staging_url}/{name}"):
+    for staged in stage_images(records, size, max_pixels, f"{staging_url}/{name}", views=views,
+                               pseudonyms=pseudonyms):
         yield staged._replace(file=name) if staged.row >= 0 else staged
 
 
@@ -332,6 +345,10 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
     sc = spark.sparkContext
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
         inventory = discover(locations, skip_unknown=cfg["skip_unknown_classes"])
+        views = ViewFilter.parse(cfg["views"])
+        pseudonyms = Pseudonyms.from_env()
+        if pseudonyms.salt is None:
+            require_no_patient_ids(r["path"] for r in inventory.records)
         found, skipped, per_input = len(inventory.records), inventory.skipped, inventory.per_input
         # Shuffled (seeded) so every staged file, and so every row group, mixes classes and sources.
         order = np.random.default_rng(seed).permutation(found)
@@ -347,13 +364,15 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         sc.setJobDescription(f"decode and stage {found} images")
         rdd = sc.parallelize(records, slices)
         del records
-        staged = (rdd.mapPartitionsWithIndex(lambda i, part: stage_partition(i, part, size, max_pixels, staging))
-                  .collect())
+        staged = (rdd.mapPartitionsWithIndex(
+            lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms)).collect())
         del rdd
         phases["stage"] = time.time() - started - sum(phases.values())
         staged.sort()  # by path (the first field)
         good = [m for m in staged if m.error is None]
-        rejected = [{"path": m.path, "reason": m.error, "input": m.input} for m in staged if m.error is not None]
+        rejected = [{"path": m.path, "reason": m.error, "input": m.input} for m in staged
+                    if m.error is not None and not m.excluded]
+        excluded = [{"path": m.path, "reason": m.error, "input": m.input} for m in staged if m.excluded]
         del staged
         duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
         splits = split_images(good, cfg, duplicates)
@@ -403,14 +422,16 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             "inputs": found + len(skipped),
             "written": len(good),
             "rejected": [{"path": r["path"], "reason": r["reason"]} for r in rejected],
-            "skipped": skipped,
-            "per_input": count_per_input(per_input, written=({"input": m.input} for m in good), rejected=rejected),
+            "skipped": skipped + excluded,
+            "per_input": count_per_input(per_input, written=({"input": m.input} for m in good), rejected=rejected,
+                                         excluded_by_view=excluded),
             "duplicates": duplicates,
             "duplicate_label_conflicts": [g for g in duplicates if len({label_of[p] for p in g}) > 1],
             "per_class": _count(m.label for m in good),
             "per_split": {s: per_split[s] for s in SPLITS},
             "per_split_class": {s: _count(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
             "per_source": _count(m.source for m in good),
+            "per_view": _count(m.view or "unknown" for m in good),
             "per_source_class": _count_within((m.source, m.label) for m in good),
             "per_input_source": [_count_within((m.input, m.source) for m in good).get(i, {})
                                  for i in range(len(locations))],
@@ -423,10 +444,10 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
             "seconds": round(time.time() - started, 1),
             "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         }
-        if summary["inputs"] != summary["written"] + len(rejected) + len(skipped):
+        if summary["inputs"] != summary["written"] + len(rejected) + len(summary["skipped"]):
             raise RuntimeError("internal error: input counts do not reconcile")  # never expected
         write_summary(tmp_url, summary)
     logger.info("preprocess: %d inputs = %d written + %d rejected + %d skipped; per split %s; "
                 "%d duplicate group(s); %.1f s", summary["inputs"], summary["written"], len(rejected),
-                len(skipped), summary["per_split"], len(duplicates), summary["seconds"])
+                len(summary["skipped"]), summary["per_split"], len(duplicates), summary["seconds"])
     return summary

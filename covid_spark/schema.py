@@ -22,5 +22,7 @@ XraySchema = Unischema("XraySchema", [
     # The image's 256-bit difference hash (covid_spark.duplicates.dhash, 16×16) as 64 hex digits: lets a
     # later stage find near-copies of these images in another dataset without decoding them again.
     UnischemaField("dhash", np.str_, (), ScalarCodec(StringType()), False),
+    # PA, AP, LATERAL, ... or "" when unknown (covid_spark.views): the manifest's view, else DICOM ViewPosition.
+    UnischemaField("view", np.str_, (), ScalarCodec(StringType()), False),
     UnischemaField("split", np.str_, (), ScalarCodec(StringType()), False),
 ])

@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from covid_spark.views import normalise_view
+
 logger = logging.getLogger(__name__)
 
 LISTED_TWICE = "listed twice"
@@ -33,6 +35,10 @@ LISTED_TWICE = "listed twice"
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 )
+# DICOM files: these names, and files with no extension at all (as PACS exports often are), are read
+# and must be DICOM by content (covid_spark.images.read_image); a DICOM file under an image
+# extension is read as DICOM too.
+DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
 _SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
 
 # Folder or label names accepted for each class, compared after lower-casing and turning
@@ -63,12 +69,11 @@ def skip_reason(path: str) -> str | None:
         return f"Windows system file {name}"
     dot = name.rfind(".")
     if dot <= 0:
-        return f"no file extension on {name}"
+        return None  # no extension: read, and judged as DICOM by its content
     extension = name[dot:].lower()
-    if extension not in IMAGE_EXTENSIONS:
-        hint = " (DICOM: convert to PNG first)" if extension in (".dcm", ".dicom") else ""
-        return (f"unsupported extension '{extension}'{hint}; expected one of "
-                f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    if extension not in IMAGE_EXTENSIONS | DICOM_EXTENSIONS:
+        return (f"unsupported extension '{extension}'; expected one of "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS))}, or none (DICOM)")
     return None
 
 
@@ -116,7 +121,8 @@ def manifest_of(location: str) -> str | None:
 class Inventory:
     """Every input file found: those to read, and those skipped by name with a reason.
 
-    ``records``: path, label, patient_id (see :func:`patient_key`), source, input.
+    ``records``: path, label, patient_id (see :func:`patient_key`), source, view (the manifest's
+    ``view`` cell, normalised; "" when not listed), input.
     ``skipped``: path, reason, input. ``input`` is the index of the location in the list
     given to :func:`discover`; ``per_input`` has one ``{"input": location, "found": n,
     "skipped": n}`` per location, in that order (later stages add their own counts per index).
@@ -195,7 +201,8 @@ def _manifest_entries(path: str, skip_unknown: bool, labelled: bool) -> Iterator
                     raise ValueError(f"manifest {path} line {line}: path {listed!r} lies outside "
                                      f"the manifest's folder {base}")
             entry = {"path": full, "label": "", "patient_id": (row.get("patient_id") or "").strip(),
-                     "source": (row.get("source") or "").strip(), "reason": None}
+                     "source": (row.get("source") or "").strip(), "view": normalise_view(row.get("view")),
+                     "reason": None}
             label = class_of(row.get("label") or "")
             if labelled and label is None:
                 if not skip_unknown:
@@ -291,7 +298,7 @@ def discover(locations: str | Sequence[str], skip_unknown: bool = False, labelle
             source = entry["source"] or default_source
             inventory.records.append({"path": entry["path"], "label": entry["label"],
                                       "patient_id": patient_key(source, entry["patient_id"]),
-                                      "source": source, "input": index})
+                                      "source": source, "view": entry.get("view", ""), "input": index})
             found += 1
         inventory.per_input.append({"input": location, "found": found, "skipped": skipped})
         if not found and not repeats:

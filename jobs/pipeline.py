@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", required=True, help="e.g. runs/nightly-2026-11-26")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--holdout-source", help="leave-one-source-out check: train without this source, test on it")
+    parser.add_argument("--views", help="keep these views, e.g. PA,AP (unknown views kept unless -unknown is listed)")
     parser.add_argument("--model", choices=sorted(MODELS), help="architecture (overrides the config's train.model)")
     parser.add_argument("--epochs", type=int, help="overrides the config's train.epochs")
     parser.add_argument("--force", action="store_true", help="rerun every stage even if its inputs did not change")
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         print(f"pipeline: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}", file=sys.stderr)
         return 2
     config = load_config(args.config, model=args.model, sets=args.set)  # checked here, not after preprocessing
-    config = override(config, "preprocess", {"holdout_source": args.holdout_source})
+    config = override(config, "preprocess", {"holdout_source": args.holdout_source, "views": args.views})
     config = override(config, "train", {"model": args.model, "epochs": args.epochs})
     spark, owned = build_spark(args, "covid-spark pipeline")
     try:

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
-from covid_spark.config import INFERENCE_BATCH_SIZE, load_config
+from covid_spark.config import INFERENCE_BATCH_SIZE, load_config, override
 from covid_spark.predict import predict
 
 
@@ -19,6 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--explain", metavar="DIR",
                         help="also write one Grad-CAM overlay PNG per readable image into DIR "
                              "(a path every executor can write)")
+    parser.add_argument("--views", help="score only these views, e.g. PA,AP (others get a row with the reason "
+                                         "in error); unknown views are scored unless -unknown is listed")
     add_overwrite_arg(parser)
     # Refusing is the default now (as in every job); the old flag is accepted and does nothing.
     parser.add_argument("--no-overwrite", action="store_true", help=argparse.SUPPRESS)
@@ -30,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
-    config = load_config(args.config, sets=args.set)
+    config = override(load_config(args.config, sets=args.set), "preprocess", {"views": args.views})
     spark, owned = build_spark(args, "covid-spark predict")
     try:
         result = predict(spark, args.input, args.model_dir, args.output, config,

@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-unknown-classes", action="store_true", default=None,
                         help="skip folders/labels that name no class instead of failing")
     parser.add_argument("--holdout-source", help="leave-one-source-out: put every image of this source in test")
+    parser.add_argument("--views", help="keep these views, e.g. PA,AP (AP variants count as AP); images of "
+                                         "unknown view are kept unless -unknown is listed")
     add_overwrite_arg(parser)
     add_spark_args(parser)
     return parser.parse_args(argv)
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
         "image_size": args.image_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
         "seed": args.seed, "max_pixels": args.max_pixels, "min_row_groups": args.min_row_groups,
         "skip_unknown_classes": args.skip_unknown_classes,
-        "holdout_source": args.holdout_source})
+        "holdout_source": args.holdout_source, "views": args.views})
     spark, owned = build_spark(args, "covid-spark preprocess")
     try:
         summary = preprocess(spark, args.input, args.output, config, overwrite=args.overwrite)

@@ -331,6 +331,14 @@ def test_model_card_holdout_and_partial_patient_ids(tmp_path):
     assert "**Leave-one-source-out.** Every test image comes from source hannover" in text
 
 
+def test_model_card_names_views_and_the_views_filter(tmp_path):
+    summary = dict(XL_SUMMARY, per_view={"PA": 30, "unknown": 5, "AP": 12}, config={"views": "PA,AP"},
+                   per_input=[{"input": "/x", "excluded_by_view": 3}, {"input": "/y", "excluded_by_view": 4}])
+    text = _card(tmp_path, _xl_metrics(), summary)
+    assert "Views: PA 30, AP 12, unknown 5. Kept with `--views PA,AP`; 7 image(s) of other views left out." in text
+    assert "Views:" not in _card(tmp_path, _xl_metrics(), XL_SUMMARY, name="no-views.md")
+
+
 def test_model_card_licence_note(tmp_path):
     m = _xl_metrics()
     text = _card(tmp_path, m, XL_SUMMARY, licenses=["CC BY-NC-SA 4.0", "CC BY 4.0"], name="a.md")

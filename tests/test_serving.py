@@ -121,8 +121,8 @@ def test_saved_model_in_plain_tensorflow_equals_predict(tracked_run, tmp_path):
     assert len(rows) == 6 and not [r["error"] for r in rows if r["error"]]
     size, max_pixels = 224, load_config()["preprocess"]["max_pixels"]
     decoded = [read_image(r["path"], size, max_pixels) for r in rows]  # predict's decode, as predict calls it
-    assert all(error is None for _, error in decoded)
-    np.save(tmp_path / "images.npy", np.stack([image for image, _ in decoded]))
+    assert [d.error for d in decoded if d.image is None] == []
+    np.save(tmp_path / "images.npy", np.stack([d.image for d in decoded]))
     (tmp_path / "paths.json").write_text(json.dumps([r["path"] for r in rows]))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", PLAIN_TENSORFLOW, run.saved_model, str(tmp_path / "images.npy"),

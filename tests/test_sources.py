@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from covid_spark.sources import (
+    DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
     LISTED_TWICE,
     class_of,
@@ -34,11 +35,11 @@ def test_class_names_map_case_insensitively(name, expected):
 def test_manifest_relative_paths_and_optional_columns(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"")
-    (tmp_path / "m.csv").write_text("label,path,extra\nCOVID-19,a/x.png,1\nnormal,a/.hidden.png,2\n")
+    (tmp_path / "m.csv").write_text("label,path,extra,view\nCOVID-19,a/x.png,1,AP Supine\nnormal,a/.hidden.png,2,\n")
     inv = discover(str(tmp_path / "m.csv"))
-    # no source column: the source is the name of the manifest's folder
+    # no source column: the source is the name of the manifest's folder; the view is normalised
     assert inv.records == [{"path": str(tmp_path / "a" / "x.png"), "label": "covid", "patient_id": "",
-                            "source": tmp_path.name, "input": 0}]
+                            "source": tmp_path.name, "view": "AP", "input": 0}]
     assert inv.skipped == [{"path": str(tmp_path / "a" / ".hidden.png"), "reason": "hidden file .hidden.png",
                             "input": 0}]
     assert inv.inputs == 2
@@ -262,7 +263,6 @@ def test_jobs_take_input_repeatedly(job, extra):
     ("C:\\data\\.git\\x.png", "inside hidden folder .git"),
     ("Thumbs.db", "Windows system file Thumbs.db"),
     ("covid/desktop.ini", "Windows system file desktop.ini"),
-    ("README", "no file extension on README"),
 ])
 def test_skip_reason_names_the_problem(path, expected):
     assert skip_reason(path) == expected
@@ -270,8 +270,13 @@ def test_skip_reason_names_the_problem(path, expected):
 
 def test_skip_reason_unsupported_extension_names_it():
     reason = skip_reason("x.txt")
-    assert reason is not None and "'.txt'" in reason
-    assert "DICOM" in skip_reason("study/scan.dcm")
+    assert reason is not None and "'.txt'" in reason and ".dcm" in reason
+
+
+@pytest.mark.parametrize("path", ["study/scan.dcm", "IMG.DICOM", "PACS/1.2.840/IM00001", "DICOMDIR"])
+def test_skip_reason_reads_dicom_names_and_files_without_extension(path):
+    """DICOM exports: .dcm, .dicom and extensionless files are read (and judged by content)."""
+    assert skip_reason(path) is None
 
 
 @pytest.mark.parametrize("path", [
@@ -285,3 +290,4 @@ def test_skip_reason_accepts_images(path):
 def test_image_extensions():
     assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff",
                                 ".webp", ".pgm", ".ppm"}
+    assert DICOM_EXTENSIONS == {".dcm", ".dicom"}

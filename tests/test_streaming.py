@@ -271,9 +271,9 @@ def new_images(tiny, tmp_path_factory) -> dict:
 
 
 def _expected_probs(model, paths, size=SIZE):
-    from covid_spark.preprocess import read_and_decode
+    from covid_spark.images import read_image
 
-    images = np.stack([read_and_decode(p, size, 50_000_000)[0] for p in paths])
+    images = np.stack([read_image(p, size, 50_000_000).image for p in paths])
     return model(images.astype("float32"), training=False).numpy()
 
 

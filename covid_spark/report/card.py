@@ -264,7 +264,22 @@ def training_data_lines(summary: Mapping, classes: Sequence[str] = ()) -> list[s
     by_source = source_class_table(summary, classes)
     if by_source is not None:
         out += _md_of(by_source)
+    out += view_lines(summary)
     return out
+
+
+def view_lines(summary: Mapping) -> list[str]:
+    """The views the images were taken in (``per_view``) and the ``--views`` filter, when recorded."""
+    views = summary.get("per_view") or {}
+    if not views:
+        return []
+    counts = ", ".join(f"{name} {count(n)}" for name, n in sorted(views.items(), key=lambda kv: (-kv[1], kv[0])))
+    line = f"Views: {counts}."
+    kept = (summary.get("config") or {}).get("views")
+    if kept:
+        left_out = sum(int(entry.get("excluded_by_view", 0)) for entry in summary.get("per_input") or [])
+        line += f" Kept with `--views {kept}`; {count(left_out)} image(s) of other views left out."
+    return [line, ""]
 
 
 def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: dict | None,

@@ -1,6 +1,16 @@
 # Two commands a newcomer types: `make demo` and `make test`. Both set up .venv first (idempotent).
+# STACK=current runs any target on the second stack instead (README "Two stacks"): .venv-current,
+# Python 3.12, requirements-current.txt, no Horovod (training with train.engine tf-distribute).
 SHELL := /bin/bash
+STACK ?= pinned
+ifeq ($(STACK),current)
+VENV := $(abspath .venv-current)
+export TF_USE_LEGACY_KERAS := 1
+else ifeq ($(STACK),pinned)
 VENV := $(abspath .venv)
+else
+$(error STACK must be pinned or current, found '$(STACK)')
+endif
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/cxr3
 # DATA may name several inputs, separated by spaces: each becomes one --input.
@@ -18,7 +28,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 .PHONY: setup demo demo-xl preprocess train evaluate predict loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
 
 setup:
-	@bash scripts/setup_env.sh
+	@STACK=$(STACK) VENV=$(VENV) bash scripts/setup_env.sh
 
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \

@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned stack and Horovod built against its TensorFlow.
-# Idempotent: does nothing when requirements.txt, setup.py and this script are unchanged.
+# Create the venv of one stack (README "Two stacks"), chosen by STACK:
+#   STACK=pinned (default): .venv, Python 3.11, requirements.txt, and Horovod built against its TensorFlow;
+#   STACK=current:          .venv-current, Python 3.12, requirements-current.txt, no Horovod.
+# Idempotent: does nothing when the stack's requirements file, setup.py and this script are unchanged.
 # The Horovod wheel is cached outside the clone, keyed by Horovod and TensorFlow versions,
 # so a fresh clone on the same machine installs it in seconds instead of compiling (~8 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3.11}
-VENV=${VENV:-.venv}
+STACK=${STACK:-pinned}
+case "$STACK" in
+  pinned)  PYTHON=${PYTHON:-python3.11}; VENV=${VENV:-.venv}; REQUIREMENTS=requirements.txt ;;
+  current) PYTHON=${PYTHON:-python3.12}; VENV=${VENV:-.venv-current}; REQUIREMENTS=requirements-current.txt ;;
+  *) echo "setup: STACK must be pinned or current, found '$STACK'" >&2; exit 2 ;;
+esac
+if ! "$PYTHON" -c 'import sys' 2>/dev/null; then  # pyenv shims name versions they do not select
+  for candidate in "$HOME/.pyenv/versions/${PYTHON#python}".*/bin/"$PYTHON"; do
+    [ -x "$candidate" ] && PYTHON=$candidate
+  done
+fi
+"$PYTHON" -c 'import sys' 2>/dev/null \
+  || { echo "setup: the $STACK stack needs $PYTHON on PATH (or PYTHON=/path/to/python)" >&2; exit 1; }
 HOROVOD_VERSION=0.28.1
-TF_VERSION=$(sed -n 's/^tensorflow-cpu==//p' requirements.txt)
+TF_VERSION=$(sed -n 's/^tensorflow-cpu==\([^ ]*\).*/\1/p' "$REQUIREMENTS")
 CACHE=${COVID_SPARK_CACHE:-$HOME/.cache/covid-spark}
 WHEEL_DIR="$CACHE/wheels/horovod-$HOROVOD_VERSION-tf-$TF_VERSION"
 
-stamp_of() { cat requirements.txt setup.py scripts/setup_env.sh | sha256sum | cut -c1-16; }
+stamp_of() { cat "$REQUIREMENTS" setup.py scripts/setup_env.sh | sha256sum | cut -c1-16; }
 STAMP="$VENV/.covid-spark-stamp"
 want=$(stamp_of)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
@@ -24,7 +37,14 @@ fi
 command -v java >/dev/null || { echo "setup: Java 17 is required for Spark (java not on PATH)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
-$PIP install -q -r requirements.txt
+$PIP install -q -r "$REQUIREMENTS"
+
+if [ "$STACK" = current ]; then  # no Horovod: training runs with train.engine tf-distribute
+  $PIP install -q --no-deps -e .
+  echo "$want" > "$STAMP"
+  echo "setup: $VENV ready (current stack)"
+  exit 0
+fi
 
 if ! "$VENV/bin/python" -c "import horovod, sys; sys.exit(horovod.__version__ != '$HOROVOD_VERSION')" 2>/dev/null; then
   if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then

@@ -149,7 +149,7 @@ def describe_stack() -> str:
     """This interpreter's stack in words (read from package metadata; nothing imported)."""
     tf = _version("tensorflow-cpu", "tensorflow")
     keras = _version("tf-keras") or _version("keras")
-    hvd = _version("horovod")
+    hvd = _version("horovod") if importlib.util.find_spec("horovod") is not None else None
     return (f"Python {sys.version.split()[0]} at {sys.prefix}, TensorFlow {tf or 'not installed'}"
             + (f", {'tf-keras' if _version('tf-keras') else 'Keras'} {keras}" if keras else "")
             + (f", Horovod {hvd}" if hvd else ", no Horovod"))

@@ -126,7 +126,8 @@ def train_fn(job: dict) -> dict:
                                checkpoint_dir=job["checkpoint_dir"] if rank == 0 else scratch,
                                model_name=job["model"], say=say,
                                validation_steps=val_steps)
-    result = {"rank": rank, "size": size, "history": fitted["history"], "best_epoch": fitted["best_epoch"]}
+    result = {"rank": rank, "size": size, "history": fitted["history"], "best_epoch": fitted["best_epoch"],
+              "weights_digest": weights_digest(model)}
     if rank == 0 or every_rank_saves:  # the other ranks' copies (collective saves) are thrown away
         with tempfile.TemporaryDirectory() as tmp:
             path = RunDir(tmp).model  # a .keras name: Keras picks the format by it
@@ -137,6 +138,16 @@ def train_fn(job: dict) -> dict:
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def weights_digest(model) -> str:
+    """A hash of the trainable weights' bytes: equal on every rank when the ranks trained in step."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.trainable_weights:
+        digest.update(weight.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _prepare_model_dir(model_dir: str, overwrite: bool, resume: bool) -> dict | None:
@@ -233,6 +244,10 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     launcher = ENGINES[job["engine"]].launcher(spark)
     results = launcher.run(train_fn, job, num_proc)
     rank0 = next(r for r in results if r["rank"] == 0)
+    in_sync = len({r.get("weights_digest") for r in results}) == 1
+    if not in_sync:
+        logger.warning("train: the ranks ended with different weights (%s); rank 0's are saved",
+                       ", ".join(f"rank {r['rank']}: {r.get('weights_digest')}" for r in sorted(results, key=lambda r: r["rank"])))
     tmp_model = os.path.join(model_dir, f".{os.path.basename(run_dir.model)}.tmp")
     with open(tmp_model, "wb") as handle:
         handle.write(rank0["model_bytes"])
@@ -252,6 +267,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         "pretrained": provenance(cfg["model"]),
         "config": config, "versions": versions(), "git_commit": commit,
         "resumed_from_epoch": state["epoch"] if state else None,
+        "ranks_in_sync": in_sync,  # every rank ended with the same trainable weights (weights_digest)
         "spark_master": spark.sparkContext.master,
         "wall_seconds": round(time.time() - started, 1),
     }

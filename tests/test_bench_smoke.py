@@ -6,10 +6,17 @@ import json
 import math
 import os
 
+import importlib.util
+
 import pytest
 
 from bench.inputs import sized_input, synthetic_input
 from bench.train_bench import window_rate
+
+# The benchmarks time Horovod ranks against independent processes.
+needs_horovod = pytest.mark.skipif(
+    importlib.util.find_spec("horovod") is None,
+    reason="Horovod is not installed: the current stack has none (README 'Two stacks'); the benchmarks time its ranks")
 
 
 def _positive(value) -> bool:
@@ -54,6 +61,7 @@ def test_sized_input_repeats_the_source_through_symlinks(tmp_path):
 
 
 @pytest.mark.slow
+@needs_horovod
 def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     from covid_spark.config import load_config, override
 
@@ -144,6 +152,7 @@ def test_xl_sizes_samples_and_copies(tmp_path):
 
 
 @pytest.mark.slow
+@needs_horovod
 def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
     from covid_spark.config import load_config, override
 

@@ -101,8 +101,9 @@ def check_slots(sc, num_proc: int, wait_s: float = SLOT_WAIT_S) -> int:
 class TFDistributeLauncher:
     """``num_proc`` ranks as the tasks of one Spark barrier stage (see the module's docstring)."""
 
-    def __init__(self, spark):
+    def __init__(self, spark, env: dict[str, str] | None = None):
         self.spark = spark
+        self.env = dict(env or {})  # more environment for the ranks (a PYTHONPATH is put first on theirs)
 
     def run(self, fn: Callable[[dict], dict], job: dict, num_proc: int) -> list[dict]:
         from pyspark import cloudpickle
@@ -112,7 +113,7 @@ class TFDistributeLauncher:
         _release_barrier_timer_at_exit(sc)
         payload = cloudpickle.dumps((fn, job))
         env = {"OMP_NUM_THREADS": str(job["threads"]), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+               "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **self.env}
 
         def task(_, payload=payload, env=env):  # plain values only: no SparkContext in the closure
             return _barrier_task(payload, env)
@@ -176,7 +177,7 @@ def _barrier_task(payload: bytes, env: dict[str, str]):
         read_fd, write_fd = os.pipe()
         child_env = dict(os.environ, **env)
         # The task's own import path (with the files shipped by --py-files), so the child imports the same code.
-        child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", "")] + sys.path if p)
         child = subprocess.Popen(
             [sys.executable, "-c", "import sys; from covid_spark.tfdistribute import rank_main; "
                                    "rank_main(sys.argv[1], int(sys.argv[2]))", folder, str(write_fd)],

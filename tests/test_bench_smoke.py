@@ -97,7 +97,9 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     assert train["model"] == "compact"
     # 1 rank is the same horovod_run as 2 ranks, left out here to keep the test under a minute
     assert "horovod_1" not in train
-    for key, processes in (("horovod_2", 2), ("independent_2", 2)):
+    assert results["settings"]["engines"] == ["horovod", "tf-distribute"]
+    assert train["independent_engine"] == "horovod" and _positive(train["efficiency_tf_distribute"])
+    for key, processes in (("horovod_2", 2), ("tf_distribute_2", 2), ("independent_2", 2)):
         assert train[key]["processes"] == processes
         assert len(train[key]["per_process"]) == processes
         assert all(_positive(r) for r in train[key]["per_process"])

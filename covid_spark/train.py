@@ -209,7 +209,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     started = time.time()
     commit = git_commit()  # the code that trains, taken before it runs (the tree may move on meanwhile)
     cfg = config["train"]
-    engine = resolve_engine(cfg.get("engine", "auto"))  # before any Spark work: fails fast on the wrong stack
+    engine = resolve_engine(cfg["engine"])  # before any Spark work: fails fast on the wrong stack
     summary = read_summary(spark, dataset)
     num_proc = cfg["num_proc"]
     if summary.get("classes") != list(CLASSES):

@@ -33,7 +33,7 @@ setup:
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
-	  $(if $(MODEL),--model $(MODEL))
+	  $(if $(MODEL),--model $(MODEL)) $(if $(ENGINE),--engine $(ENGINE))
 
 # The same pipeline on cxr-xl (17,445 images; about 35 minutes on 2 cores): conf/xl.yaml. DATA given on the
 # command line replaces cxr-xl, e.g. cxr3 and cxr-xl together: make demo-xl DATA="../shared/data/cxr3 ../shared/data/cxr-xl"
@@ -45,7 +45,7 @@ demo-xl: setup
 
 # One stage at a time, under .venv (the README's cxr-xl commands):
 #   make preprocess DATA="dir [dir ...]" OUT=runs/<name>/dataset
-#   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1]
+#   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1] [ENGINE=tf-distribute]
 #   make predict DATA="dir [dir ...]" MODEL_DIR=runs/<name>/model OUT=runs/<name>/predictions.parquet
 # An existing OUT / MODEL_DIR is refused, as by every job; OVERWRITE=1 passes --overwrite to replace it.
 # MEASURE=1 runs the job under python -m bench.treemem (wall time and peak memory of its process tree).
@@ -58,7 +58,7 @@ train: setup
 	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make train: set DATASET=… and MODEL_DIR=…"; exit 2; }
 	$(SPARK_SUBMIT) jobs/train.py --dataset $(DATASET) --model-dir $(MODEL_DIR) \
 	  $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-	  $(if $(OVERWRITE),--overwrite)
+	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(OVERWRITE),--overwrite)
 
 # make evaluate DATASET=… MODEL_DIR=… [SPLIT=test|val|all] [EXCLUDE=<dataset>] [OUT=<metrics file>] [OVERWRITE=1]
 # EXCLUDE drops the near-copies of that dataset's train and val images (scoring a model on another collection).

@@ -177,3 +177,55 @@ def test_two_tf_distribute_ranks_train_resume_and_write_the_run(pipeline_run, tm
         longer = json.load(handle)
     assert resumed["resumed_from_epoch"] == 2 and resumed["epochs_run"] == 3 and resumed["engine"] == "tf-distribute"
     assert longer["loss"][:2] == history["loss"] and len(longer["loss"]) == 3
+
+
+def test_a_taken_port_reruns_the_barrier_stage_and_other_errors_do_not():
+    import pickle
+
+    from covid_spark import tfdistribute
+
+    class Stage:
+        def __init__(self, outcomes):
+            self.outcomes = outcomes
+
+        def barrier(self):
+            return self
+
+        def mapPartitions(self, fn):
+            return self
+
+        def collect(self):
+            outcome = self.outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+    class Context:
+        master, defaultParallelism, _jsc = "spark://nowhere:7077", 2, None
+
+        def __init__(self, outcomes):
+            self.stage, self.started = Stage(outcomes), 0
+
+        def parallelize(self, data, slices):
+            self.started += 1
+            return self.stage
+
+    class Spark:
+        def __init__(self, outcomes):
+            self.sparkContext = Context(outcomes)
+
+    results = [pickle.dumps({"rank": 0}), pickle.dumps({"rank": 1})]
+    taken = RuntimeError(f"rank 1 failed: {tfdistribute.PORT_TAKEN}: Address already in use")
+    spark = Spark([taken, list(results)])
+    assert tfdistribute.TFDistributeLauncher(spark).run(len, {"threads": 1}, 2) == [{"rank": 0}, {"rank": 1}]
+    assert spark.sparkContext.started == 2  # the second attempt, with new ports, succeeded
+    spark = Spark([taken] * tfdistribute.PORT_ATTEMPTS)
+    with pytest.raises(RuntimeError, match="Address already in use"):
+        tfdistribute.TFDistributeLauncher(spark).run(len, {"threads": 1}, 2)
+    assert spark.sparkContext.started == tfdistribute.PORT_ATTEMPTS
+    spark = Spark([ValueError("a bug in the rank function"), list(results)])
+    with pytest.raises(ValueError, match="a bug"):
+        tfdistribute.TFDistributeLauncher(spark).run(len, {"threads": 1}, 2)
+    assert spark.sparkContext.started == 1  # not rerun
+    assert tfdistribute._port_taken(RuntimeError("UNKNOWN: Could not start gRPC server"))
+    assert not tfdistribute._port_taken(RuntimeError("Connection refused"))

@@ -229,3 +229,47 @@ def test_a_taken_port_reruns_the_barrier_stage_and_other_errors_do_not():
     assert spark.sparkContext.started == 1  # not rerun
     assert tfdistribute._port_taken(RuntimeError("UNKNOWN: Could not start gRPC server"))
     assert not tfdistribute._port_taken(RuntimeError("Connection refused"))
+
+
+def _fail_in_rank_1(job):
+    """A rank function: rank 1 fails once the strategy is up, rank 0 would wait five minutes."""
+    import time
+
+    from covid_spark.tfdistribute import TFDistributeRank
+
+    rank = TFDistributeRank(job)
+    if rank.rank == 1:
+        raise ValueError("boom in rank 1")
+    time.sleep(300)
+    return {"rank": rank.rank}
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_stage_with_its_error_and_leaves_no_rank_behind(spark):
+    import time
+
+    import psutil
+
+    from covid_spark.tfdistribute import TFDistributeLauncher
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    launcher = TFDistributeLauncher(spark, env={"PYTHONPATH": repo})
+    with pytest.raises(Exception, match="boom in rank 1"):  # not after rank 0's five minutes (timeout 1200 s)
+        launcher.run(_fail_in_rank_1, {"threads": 1}, 2)
+
+    def ranks_left():
+        left = []
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if "rank_main" in " ".join(process.cmdline()) and process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(process.pid)
+            except psutil.Error:  # ended while we looked
+                pass
+        return left
+
+    for _ in range(30):  # Spark ends the other task's Python worker, whose rank then sees its pipe close
+        if not ranks_left():
+            break
+        time.sleep(1)
+    assert ranks_left() == []
+    assert spark.sparkContext.parallelize(range(4), 2).sum() == 6  # the session still runs jobs

@@ -1,6 +1,16 @@
 # Two commands a newcomer types: `make demo` and `make test`. Both set up .venv first (idempotent).
+# STACK=current runs any target on the second stack instead (README "Two stacks"): .venv-current,
+# Python 3.12, requirements-current.txt, no Horovod (training with train.engine tf-distribute).
 SHELL := /bin/bash
+STACK ?= pinned
+ifeq ($(STACK),current)
+VENV := $(abspath .venv-current)
+export TF_USE_LEGACY_KERAS := 1
+else ifeq ($(STACK),pinned)
 VENV := $(abspath .venv)
+else
+$(error STACK must be pinned or current, found '$(STACK)')
+endif
 PY := $(VENV)/bin/python
 DATA ?= ../shared/data/cxr3
 # DATA may name several inputs, separated by spaces: each becomes one --input.
@@ -18,7 +28,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 .PHONY: setup demo demo-xl preprocess train evaluate predict loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
 
 setup:
-	@bash scripts/setup_env.sh
+	@STACK=$(STACK) VENV=$(VENV) bash scripts/setup_env.sh
 
 # TRACKING=local (or an MLflow tracking URI, e.g. http://127.0.0.1:5000) logs the run to MLflow:
 # tracking.mlflow_uri (README "Experiment tracking, serving and the report").
@@ -27,7 +37,7 @@ TRACKING_SET = $(if $(TRACKING),--set tracking.mlflow_uri=$(TRACKING))
 demo: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
-	  $(if $(MODEL),--model $(MODEL)) $(if $(VIEWS),--views $(VIEWS)) $(TRACKING_SET)
+	  $(if $(MODEL),--model $(MODEL)) $(if $(VIEWS),--views $(VIEWS)) $(if $(ENGINE),--engine $(ENGINE)) $(TRACKING_SET)
 
 # The same pipeline on cxr-xl (17,445 images; about 35 minutes on 2 cores): conf/xl.yaml. DATA given on the
 # command line replaces cxr-xl, e.g. cxr3 and cxr-xl together: make demo-xl DATA="../shared/data/cxr3 ../shared/data/cxr-xl"
@@ -39,7 +49,7 @@ demo-xl: setup
 
 # One stage at a time, under .venv (the README's cxr-xl commands):
 #   make preprocess DATA="dir [dir ...]" OUT=runs/<name>/dataset
-#   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1]
+#   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1] [ENGINE=tf-distribute]
 #   make predict DATA="dir [dir ...]" MODEL_DIR=runs/<name>/model OUT=runs/<name>/predictions.parquet
 # An existing OUT / MODEL_DIR is refused, as by every job; OVERWRITE=1 passes --overwrite to replace it.
 # MEASURE=1 runs the job under python -m bench.treemem (wall time and peak memory of its process tree).
@@ -52,7 +62,7 @@ train: setup
 	@test -n "$(DATASET)" -a -n "$(MODEL_DIR)" || { echo "make train: set DATASET=… and MODEL_DIR=…"; exit 2; }
 	$(SPARK_SUBMIT) jobs/train.py --dataset $(DATASET) --model-dir $(MODEL_DIR) \
 	  $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
-	  $(if $(OVERWRITE),--overwrite)
+	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(OVERWRITE),--overwrite)
 
 # make evaluate DATASET=… MODEL_DIR=… [SPLIT=test|val|all] [EXCLUDE=<dataset>] [OUT=<metrics file>] [OVERWRITE=1]
 # EXCLUDE drops the near-copies of that dataset's train and val images (scoring a model on another collection).

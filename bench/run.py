@@ -103,7 +103,8 @@ def input_for(source: str, size: str, workdir: str) -> str:
 def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("compact", "original"),
                    steps: dict | None = None, warmup: int = 3, read_batches: int = 20, read_warmup: int = 3,
                    master: str = "local[2]", config: dict | None = None, batch_size: int | None = None,
-                   spark=None, keep_work: bool = False, ranks: tuple[int, ...] = (1, 2)) -> dict:
+                   spark=None, keep_work: bool = False, ranks: tuple[int, ...] = (1, 2),
+                   engines: tuple[str, ...] | None = None) -> dict:
     """Run every benchmark; return the results (plain data, JSON-ready).
 
     ``spark``: an existing session to use (it is not stopped); otherwise one is started with
@@ -115,12 +116,13 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
     from bench.inputs import sized_input
 
     config = config or load_config()
+    engines = tuple(engines or default_engines())
     steps = dict(DEFAULT_STEPS, **(steps or {}))
     os.makedirs(workdir, exist_ok=True)
     started = time.time()
     settings = {"input": os.path.abspath(source), "sizes": list(sizes), "models": list(models),
                 "steps": {m: steps[m] for m in models}, "warmup_steps": warmup, "read_batches": read_batches,
-                "horovod_ranks": list(ranks), "image_size": int(config["preprocess"]["image_size"]),
+                "horovod_ranks": list(ranks), "engines": list(engines), "image_size": int(config["preprocess"]["image_size"]),
                 "master": master if spark is None else spark.sparkContext.master}
     results: dict = {"machine": machine(), "goals": GOALS, "settings": settings}
     owned = spark is None
@@ -158,7 +160,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
             for model in models:
                 with PeakRss() as rss:
                     entry = train_bench.run_model(spark, dataset, config, model, steps[model], warmup,
-                                                  os.path.join(workdir, "train"), batch_size, ranks)
+                                                  os.path.join(workdir, "train"), batch_size, ranks, engines)
                 entry["peak_rss_mb"] = rss.peaks
                 results["train"].append(entry)
         finally:
@@ -204,7 +206,17 @@ def verdicts(results: dict) -> list[dict]:
         if "efficiency" in entry:
             add(f"training ({entry['model']}): 2 ranks ≥ 0.9 × independent pair", entry["efficiency"],
                 GOALS["efficiency"], "")
+        if "efficiency_tf_distribute" in entry:
+            add(f"training ({entry['model']}, tf-distribute): 2 ranks ≥ 0.9 × independent pair",
+                entry["efficiency_tf_distribute"], GOALS["efficiency"], "")
     return out
+
+
+def default_engines() -> tuple[str, ...]:
+    """Both engines where Horovod is installed (the pinned stack), else tf-distribute alone."""
+    import importlib.util
+
+    return ("horovod", "tf-distribute") if importlib.util.find_spec("horovod") is not None else ("tf-distribute",)
 
 
 def training_rate(results: dict) -> float | None:
@@ -255,6 +267,12 @@ def format_tables(results: dict) -> str:
         if "horovod_2" in e:
             lines.append(f"| train {m}: 2 Horovod ranks | {_fmt(e['horovod_2']['images_per_s'])} | "
                          f"2 independent processes | {_fmt(pair)} | {_fmt(e['efficiency'], 2)} | ≥ 0.90 |")
+        if "tf_distribute_2" in e:
+            lines.append(f"| train {m}: 2 tf-distribute ranks | {_fmt(e['tf_distribute_2']['images_per_s'])} | "
+                         f"2 independent processes | {_fmt(pair)} | {_fmt(e['efficiency_tf_distribute'], 2)} | ≥ 0.90 |")
+        if "tf_distribute_1" in e:
+            lines.append(f"| train {m}: 1 tf-distribute rank | {_fmt(e['tf_distribute_1']['images_per_s'])} "
+                         f"| – | – | – | |")
         if "horovod_1" in e:
             lines.append(f"| train {m}: 1 Horovod rank | {_fmt(e['horovod_1']['images_per_s'])} | – | – | – | |")
             lines.append(f"| train {m}: 2 independent processes | {_fmt(pair)} | 1 Horovod rank | "
@@ -383,6 +401,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--read-batches", type=int, default=None, help="timed batches per read run (default 20)")
     parser.add_argument("--quick", action="store_true", help="one size, one model, few steps (a minute or two)")
     parser.add_argument("--master", default="local[2]", help="Spark master for the benchmark session")
+    parser.add_argument("--engines", default=None,
+                        help="training engines to time, comma-separated (default: horovod,tf-distribute where "
+                             "Horovod is installed, else tf-distribute)")
     parser.add_argument("--config", default=None, help="job config YAML (default: the packaged defaults)")
     parser.add_argument("--workdir", default=os.path.join(REPO, "bench", "tmp", "work"),
                         help="scratch folder (removed at the end unless --keep-work)")
@@ -411,7 +432,8 @@ def main(argv=None) -> int:
     results = run_benchmarks(args.input, args.workdir, sizes=[s.strip() for s in sizes if s.strip()],
                              models=[m.strip() for m in models if m.strip()], steps=steps,
                              warmup=args.warmup_steps, read_batches=read_batches, master=args.master,
-                             config=load_config(args.config), keep_work=args.keep_work)
+                             config=load_config(args.config), keep_work=args.keep_work,
+                             engines=tuple(e.strip() for e in args.engines.split(",")) if args.engines else None)
     results["command"] = command.strip()
     save(results, args.output)
     m = results["machine"]

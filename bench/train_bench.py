@@ -8,6 +8,7 @@ pair that starts or ends a little apart is measured only while both are training
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import multiprocessing as mp
 import os
@@ -160,6 +161,25 @@ def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
                 maxrss_mb=[r["maxrss_mb"] for r in results])
 
 
+def tf_distribute_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
+    """``num_proc`` tf-distribute ranks (MultiWorkerMirroredStrategy in Spark barrier tasks), as ``run_training``
+    launches them with ``train.engine: tf-distribute``."""
+    from covid_spark.tfdistribute import TFDistributeLauncher
+
+    job = dict(job, engine="tf-distribute")
+    started = time.perf_counter()
+    with MachineCpu() as machine:
+        results = TFDistributeLauncher(spark, env={"PYTHONPATH": REPO}).run(timed_train_fn, job, num_proc)
+    wall = time.perf_counter() - started
+    results = sorted(results, key=lambda r: r["rank"])
+    rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"],
+                       [r["batch_cpu"] for r in results])
+    rate["others_share"] = _others_share(machine, rate)
+    in_fit = max(r["batch_ends"][-1] for r in results) - min(r["fit_began"] for r in results)
+    return dict(rate, processes=num_proc, wall_s=round(wall, 1), outside_fit_s=round(wall - in_fit, 1),
+                maxrss_mb=[r["maxrss_mb"] for r in results])
+
+
 def _pair_worker(job: dict, env: dict, barrier, warmup: int, results) -> None:
     os.environ.update(env)
     results.put(timed_train_fn(job, barrier, warmup))
@@ -190,8 +210,14 @@ def independent_run(jobs: list[dict], warmup: int, env: dict) -> dict:
 
 
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,
-              batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2)) -> dict:
-    """1 and 2 Horovod ranks and an independent pair, for one model; with the efficiency."""
+              batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2),
+              engines: tuple[str, ...] = ("horovod",)) -> dict:
+    """1 and 2 ranks of each engine and an independent pair, for one model; with the efficiencies.
+
+    ``engines``: ``horovod`` (keys ``horovod_<n>``, ``efficiency``) and/or ``tf-distribute`` (keys
+    ``tf_distribute_<n>``, ``efficiency_tf_distribute``). The independent processes run the rank
+    function alone: as Horovod rank 0 of 1 where Horovod is installed, else as a tf-distribute
+    strategy of one worker."""
     threads = threads_per_rank(config, 2)
     out: dict = {"model": model, "threads_per_process": threads, "warmup_steps": warmup, "steps": steps}
 
@@ -201,11 +227,21 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
 
     out["batch_size"] = job("x")["batch_size"]
     for num_proc in ranks:
-        logger.info("train bench: %s, %d Horovod rank(s)", model, num_proc)
-        out[f"horovod_{num_proc}"] = horovod_run(spark, job(f"{model}-hvd{num_proc}"), num_proc, warmup)
+        if "horovod" in engines:
+            logger.info("train bench: %s, %d Horovod rank(s)", model, num_proc)
+            out[f"horovod_{num_proc}"] = horovod_run(spark, job(f"{model}-hvd{num_proc}"), num_proc, warmup)
+        if "tf-distribute" in engines:
+            logger.info("train bench: %s, %d tf-distribute rank(s)", model, num_proc)
+            out[f"tf_distribute_{num_proc}"] = tf_distribute_run(spark, job(f"{model}-tfd{num_proc}"), num_proc,
+                                                                 warmup)
     logger.info("train bench: %s, 2 independent processes", model)
-    out["independent_2"] = independent_run([job(f"{model}-solo{i}") for i in range(2)], warmup,
-                                           rank_env(spark, threads))
+    solo_engine = "horovod" if importlib.util.find_spec("horovod") is not None else "tf-distribute"
+    out["independent_engine"] = solo_engine
+    out["independent_2"] = independent_run([dict(job(f"{model}-solo{i}"), engine=solo_engine) for i in range(2)],
+                                           warmup, rank_env(spark, threads))
+    if "tf_distribute_2" in out:
+        out["efficiency_tf_distribute"] = round(out["tf_distribute_2"]["images_per_s"]
+                                                / out["independent_2"]["images_per_s"], 3)
     if "horovod_2" in out:
         out["efficiency"] = round(out["horovod_2"]["images_per_s"] / out["independent_2"]["images_per_s"], 3)
     if "horovod_1" in out and "horovod_2" in out:

@@ -176,7 +176,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "train": {
         "model": Field(str, "architecture (covid_spark.models.REGISTRY)", choices=_model_names),
-        "num_proc": Field(int, "Horovod ranks (Spark tasks)", minimum=1),
+        "engine": Field(str, "what runs the ranks: horovod (horovod.spark.run over Gloo), tf-distribute "
+                             "(MultiWorkerMirroredStrategy in Spark barrier tasks) or auto (horovod where it is "
+                             "installed, else tf-distribute)", choices=("auto", "horovod", "tf-distribute")),
+        "num_proc": Field(int, "ranks (Spark tasks)", minimum=1),
         "epochs": Field(int, "epochs to train", minimum=1),
         "batch_size": Field(int, "images per step per rank", minimum=1),
         "learning_rate": Field(float, "Adam learning rate per rank, scaled by the number of ranks with warm-up",

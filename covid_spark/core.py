@@ -43,6 +43,12 @@ class Distribution(Protocol):
     def scope(self) -> ContextManager:
         """Where the model is built and compiled (a ``tf.distribute`` strategy's scope; else nothing)."""
 
+    # Optional (read with getattr, absent means no):
+    # ``distribute(dataset)``: the rank's dataset as the strategy takes it (tf-distribute); Keras cannot
+    #     apply ``class_weight`` to such a dataset, so fit_model turns the class weights into sample weights
+    #     first (the same numbers: Keras's class_weight is a per-sample weight gathered by label).
+    # ``every_rank_saves``: reading the weights is a collective, so every rank must save when rank 0 does.
+
 
 class SingleProcess:
     """One process, no engine: rank 0 of 1, the optimizer as it is, no callbacks."""
@@ -182,23 +188,40 @@ class Checkpoint(tf.keras.callbacks.Callback):
         os.replace(tmp_state, os.path.join(folder, CHECKPOINT_STATE))
 
 
+def with_class_weights(dataset, class_weight: dict | None):
+    """``(image, label)`` batches → ``(image, label, weight)`` with each sample's weight its class's,
+    as Keras's ``class_weight`` computes it (``dataset`` unchanged when ``class_weight`` is None)."""
+    if not class_weight:
+        return dataset
+    table = tf.constant([float(class_weight.get(i, 1.0)) for i in range(max(class_weight) + 1)],
+                        dtype=tf.keras.backend.floatx())
+    return dataset.map(lambda image, label: (image, label, tf.gather(table, tf.cast(label, tf.int32))))
+
+
 def fit_model(model, train_ds, *, epochs: int, steps_per_epoch: int, learning_rate: float, ranks: int,
               warmup_epochs: int, lr_schedule: str, val_ds=None, class_weight: dict | None = None,
               patience: int = 0, initial_epoch: int = 0, history: dict[str, list] | None = None,
               distribution: Distribution = SINGLE_PROCESS, checkpoint_dir: str | None = None,
-              model_name: str | None = None, say: Callable[[str], None] | None = None) -> dict:
+              model_name: str | None = None, say: Callable[[str], None] | None = None,
+              validation_steps: int | None = None) -> dict:
     """Compile ``model`` (Adam at ``learning_rate``, sparse cross-entropy, accuracy) and fit it on the
     endless ``train_ds`` for ``epochs`` × ``steps_per_epoch`` steps, with the callbacks above.
 
     ``learning_rate`` is the peak (already scaled for ``ranks`` ranks: the warm-up climbs from
     ``learning_rate / ranks``). ``history`` (from a checkpoint, when resuming at ``initial_epoch``) is
-    extended in place. ``checkpoint_dir``: write a checkpoint there after every epoch (give it on one
+    extended in place. ``validation_steps``: batches of ``val_ds`` per epoch (None: until it ends; a
+    distributed dataset needs a number). ``checkpoint_dir``: write a checkpoint there after every epoch (give it on one
     rank only). The model ends with the best epoch's weights when ``val_ds`` is given, else the last.
 
     Returns:
         ``{"history": key → per-epoch values, "best_epoch": 1-based epoch of the lowest val loss or None}``.
     """
     history = {} if history is None else history
+    distribute = getattr(distribution, "distribute", None)
+    if distribute is not None:
+        train_ds = distribute(with_class_weights(train_ds, class_weight))
+        val_ds = None if val_ds is None else distribute(val_ds)
+        class_weight = None
     model.compile(optimizer=distribution.optimizer(tf.keras.optimizers.Adam(learning_rate)),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     best = BestWeights(patience)
@@ -210,5 +233,6 @@ def fit_model(model, train_ds, *, epochs: int, steps_per_epoch: int, learning_ra
     if checkpoint_dir:
         callbacks.append(Checkpoint(checkpoint_dir, model_name, history))
     model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=epochs, initial_epoch=initial_epoch,
-              validation_data=val_ds, class_weight=class_weight, callbacks=callbacks, verbose=0)
+              validation_data=val_ds, validation_steps=validation_steps, class_weight=class_weight,
+              callbacks=callbacks, verbose=0)
     return {"history": history, "best_epoch": None if best.best_epoch is None else best.best_epoch + 1}

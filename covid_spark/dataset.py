@@ -101,6 +101,22 @@ def split_row_groups(dataset: str, split: str):
     return fs, groups
 
 
+def shard_rows(dataset: str, split: str, shard_count: int | None = None) -> list[int]:
+    """Rows in each shard of a split, sharded by row group as :func:`iter_split_batches` shards it
+    (one number, the whole split, when ``shard_count`` is None). Reads only the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    fs, groups = split_row_groups(dataset, split)
+    sizes, footers = [], {}
+    for path, index in groups:
+        if path not in footers:
+            with fs.open_input_file(path) as handle:
+                footers[path] = pq.ParquetFile(handle).metadata
+        sizes.append(footers[path].row_group(index).num_rows)
+    count = shard_count or 1
+    return [sum(sizes[i] for i in range(shard, len(sizes), count)) for shard in range(count)]
+
+
 def iter_split_batches(dataset: str, split: str, fields: Sequence[str] = ("image", "label"),
                        batch_size: int = 32, paths: Collection[str] | None = None,
                        shard: int | None = None, shard_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:

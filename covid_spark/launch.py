@@ -9,20 +9,24 @@ An engine is two small pieces, kept apart from the training function (as Spark's
   (``covid_spark.core.fit_model``) must add for them (a ``covid_spark.core.Distribution``).
 
 The rank function (``covid_spark.train.train_fn``) is the same for every engine: it reads
-``job["engine"]`` and asks :data:`ENGINES` for the rank context. Only Horovod exists today
-(``horovod.spark.run`` over Gloo). A second engine (issue 17: ``tf.distribute`` in Spark barrier
-tasks) adds its :class:`Engine` to :data:`ENGINES`: a launcher that runs ``fn(job)`` in a barrier
-stage and collects the results, and a rank context whose ``optimizer`` and ``callbacks`` add nothing
-(``MultiWorkerMirroredStrategy`` averages the gradients itself) and whose ``scope()`` is its
-strategy's, in which the rank function builds and compiles the model.
+``job["engine"]`` and asks :data:`ENGINES` for the rank context. Two engines exist: ``horovod``
+(``horovod.spark.run`` over Gloo; the pinned stack only) and ``tf-distribute``
+(``MultiWorkerMirroredStrategy`` in Spark barrier tasks, ``covid_spark.tfdistribute``; both stacks),
+whose rank context adds nothing to the optimizer or the callbacks (the strategy averages the gradients
+itself) and whose ``scope()`` is its strategy's, in which the rank function builds and compiles the model.
+``train.engine: auto`` is Horovod where it is installed, else tf-distribute (:func:`resolve_engine`,
+which also refuses, before any Spark job, an engine this stack cannot run).
 
 This module imports neither Spark nor Horovod nor TensorFlow at import time.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata as metadata
+import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -107,7 +111,80 @@ class Engine:
     rank: Callable[[dict], Any]
 
 
+def _tf_distribute_launcher(spark) -> Launcher:
+    from covid_spark.tfdistribute import TFDistributeLauncher
+
+    return TFDistributeLauncher(spark)
+
+
+def _tf_distribute_rank(job: dict):
+    from covid_spark.tfdistribute import TFDistributeRank
+
+    return TFDistributeRank(job)
+
+
 ENGINES: dict[str, Engine] = {
     "horovod": Engine(launcher=HorovodSparkLauncher, rank=HorovodRank),
+    "tf-distribute": Engine(launcher=_tf_distribute_launcher, rank=_tf_distribute_rank),
 }
-DEFAULT_ENGINE = "horovod"
+DEFAULT_ENGINE = "horovod"  # a job dict without "engine" (made before issue 17) ran Horovod
+AUTO = "auto"
+
+# How each stack is set up (README "Two stacks"): the command a message points a user to.
+SETUP_PINNED = "make setup (scripts/setup_env.sh: the pinned stack in .venv, Python 3.11, TensorFlow 2.15, Horovod)"
+SETUP_CURRENT = ("make setup STACK=current (scripts/setup_env.sh with STACK=current: the current stack in "
+                 ".venv-current, Python 3.12, TensorFlow 2.20 with tf-keras, no Horovod)")
+
+
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def describe_stack() -> str:
+    """This interpreter's stack in words (read from package metadata; nothing imported)."""
+    tf = _version("tensorflow-cpu", "tensorflow")
+    keras = _version("tf-keras") or _version("keras")
+    hvd = _version("horovod") if importlib.util.find_spec("horovod") is not None else None
+    return (f"Python {sys.version.split()[0]} at {sys.prefix}, TensorFlow {tf or 'not installed'}"
+            + (f", {'tf-keras' if _version('tf-keras') else 'Keras'} {keras}" if keras else "")
+            + (f", Horovod {hvd}" if hvd else ", no Horovod"))
+
+
+def engine_problem(engine: str) -> str | None:
+    """Why ``engine`` cannot run on this stack, or None when it can (checked from package metadata)."""
+    tf = _version("tensorflow-cpu", "tensorflow")
+    if tf is None:
+        return f"train.engine {engine!r} needs TensorFlow, which is not installed"
+    if engine == "horovod" and importlib.util.find_spec("horovod") is None:
+        return (f"train.engine 'horovod' needs Horovod, which is not installed on this stack ({describe_stack()}); "
+                f"use --engine tf-distribute here, or set up the pinned stack with {SETUP_PINNED}")
+    if engine == "tf-distribute":
+        keras2 = int(tf.split(".")[0]) == 2 and int(tf.split(".")[1]) < 16
+        if not keras2 and importlib.util.find_spec("tf_keras") is None:
+            return (f"train.engine 'tf-distribute' needs the Keras 2 API (TensorFlow 2.15's tf.keras, or tf-keras "
+                    f"with TF_USE_LEGACY_KERAS=1): Keras 3's model.fit fails under MultiWorkerMirroredStrategy "
+                    f"(keras-team/keras#20585), and this stack ({describe_stack()}) has no tf-keras; set up the "
+                    f"current stack with {SETUP_CURRENT}, or the pinned one with {SETUP_PINNED}")
+    return None
+
+
+def resolve_engine(engine: str) -> str:
+    """The engine that will run: ``auto`` is Horovod where it is installed, else tf-distribute.
+
+    Raises:
+        ValueError: an unknown engine, or one this stack cannot run (names the engine, the stack and
+            the command that sets up one that can).
+    """
+    if engine == AUTO:
+        engine = "horovod" if importlib.util.find_spec("horovod") is not None else "tf-distribute"
+    if engine not in ENGINES:
+        raise ValueError(f"train.engine must be one of {AUTO}, {', '.join(ENGINES)}; found {engine!r}")
+    problem = engine_problem(engine)
+    if problem:
+        raise ValueError(problem)
+    return engine

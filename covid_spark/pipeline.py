@@ -107,7 +107,9 @@ def run_pipeline(spark, input_locations: str | Sequence[str], run_dir: str, conf
         return "ran"
 
     def do_train():
-        key = hashlib.sha256(json.dumps([state.get("preprocess_key"), config["train"]],
+        # train.engine "auto" (the default) is left out, so models trained before the key existed still match.
+        train_cfg = {k: v for k, v in config["train"].items() if not (k == "engine" and v == "auto")}
+        key = hashlib.sha256(json.dumps([state.get("preprocess_key"), train_cfg],
                                         sort_keys=True).encode()).hexdigest()
         if not force and state.get("train_key") == key and os.path.exists(paths.model):
             logger.info("pipeline: model already trained on this dataset and config; training skipped")

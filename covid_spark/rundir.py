@@ -20,6 +20,7 @@ own (the file names are those of earlier versions: their run dirs and checkpoint
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -147,8 +148,13 @@ class RunDir:
     def load_model(self):
         """Load ``<path>/model.keras`` (our own layers registered first, so no ``custom_objects`` is needed).
 
+        A model saved by another Keras than this stack's does not always load: Keras 2.15 (the pinned
+        stack) cannot read what tf-keras 2.20 (the current stack) saves (its config names ``tf_keras``
+        modules), while the other way round works. Such a failure is reported naming both versions.
+
         Raises:
             FileNotFoundError: no model there (names the path).
+            ValueError: the model was saved by another Keras and does not load here (names both versions).
         """
         if not os.path.exists(self.model):
             raise FileNotFoundError(f"{self.model} not found: train a model into {self.path} first (jobs/train.py)")
@@ -156,7 +162,45 @@ class RunDir:
 
         import covid_spark.layers  # noqa: F401  (registers our layers for loading)
 
-        return tf.keras.models.load_model(self.model, compile=False)
+        try:
+            return tf.keras.models.load_model(self.model, compile=False)
+        except Exception as error:
+            saved, here = saved_keras_version(self.model), keras_in_use()
+            if saved is None or saved == here.split()[-1]:
+                raise
+            major_minor = tuple(int(x) for x in saved.split(".")[:2] if x.isdigit())
+            saver = f"tf-keras {saved}" if (2, 16) <= major_minor < (3,) else f"Keras {saved}"
+            raise ValueError(
+                f"{self.model} was saved by {saver} and does not load with {here} (TensorFlow "
+                f"{tf.__version__}) on this stack: {type(error).__name__}: {str(error)[:200]}. Load it on the stack "
+                f"that trained it (its run.json 'versions'); a model saved by the pinned stack (Keras 2.15) loads "
+                f"on the current one (tf-keras), not the other way round") from error
+
+
+def saved_keras_version(model_path: str) -> str | None:
+    """The Keras version that saved a ``.keras`` archive (its ``metadata.json``), or None if unreadable."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            return str(json.loads(archive.read("metadata.json"))["keras_version"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def keras_in_use() -> str:
+    """The Keras behind ``tf.keras`` here: ``tf-keras <version>`` (with TF_USE_LEGACY_KERAS) or ``Keras <version>``."""
+    import importlib.metadata as md
+
+    if os.environ.get("TF_USE_LEGACY_KERAS", "").lower() in ("1", "true"):
+        try:
+            return f"tf-keras {md.version('tf-keras')}"
+        except md.PackageNotFoundError:
+            pass
+    try:
+        return f"Keras {md.version('keras')}"
+    except md.PackageNotFoundError:
+        return "Keras (version unknown)"
 
 
 # --------------------------------------------------------------------------------- provenance
@@ -167,7 +211,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0]}
-    for dist in ("tensorflow-cpu", "tensorflow", "keras", "horovod", "pyspark", "petastorm",
+    for dist in ("tensorflow-cpu", "tensorflow", "keras", "tf-keras", "horovod", "pyspark", "petastorm",
                  "pyarrow", "numpy", "pillow", "covid-spark"):
         try:
             out[dist] = md.version(dist)

@@ -15,6 +15,7 @@ import sys
 
 from covid_spark.cli import USER_ERRORS, add_spark_args, build_spark, fail, job_main, one_line, setup_logging
 from covid_spark.config import load_config, override
+from covid_spark.launch import resolve_engine
 from covid_spark.metrics import format_table
 from covid_spark.models import MODELS
 from covid_spark.pipeline import STAGES, StageFailed, run_pipeline
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--views", help="keep these views, e.g. PA,AP (unknown views kept unless -unknown is listed)")
     parser.add_argument("--model", choices=sorted(MODELS), help="architecture (overrides the config's train.model)")
     parser.add_argument("--epochs", type=int, help="overrides the config's train.epochs")
+    parser.add_argument("--engine", choices=["auto", "horovod", "tf-distribute"],
+                        help="what runs the training ranks (overrides the config's train.engine)")
     parser.add_argument("--force", action="store_true", help="rerun every stage even if its inputs did not change")
     add_spark_args(parser)
     return parser.parse_args(argv)
@@ -49,7 +52,9 @@ def main(argv=None) -> int:
         return 2
     config = load_config(args.config, model=args.model, sets=args.set)  # checked here, not after preprocessing
     config = override(config, "preprocess", {"holdout_source": args.holdout_source, "views": args.views})
-    config = override(config, "train", {"model": args.model, "epochs": args.epochs})
+    config = override(config, "train", {"model": args.model, "epochs": args.epochs, "engine": args.engine})
+    if "train" in stages:
+        resolve_engine(config["train"]["engine"])  # a wrong stack fails here, before preprocessing runs
     spark, owned = build_spark(args, "covid-spark pipeline")
     try:
         result = run_pipeline(spark, args.input, args.run_dir, config, force=args.force, stages=stages)

@@ -6,15 +6,18 @@ import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config, override
+from covid_spark.launch import resolve_engine
 from covid_spark.models import MODELS
 from covid_spark.train import run_training
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the CNN with Horovod across Spark executors.")
+    parser = argparse.ArgumentParser(description="Train the CNN across Spark executors (Horovod or tf.distribute).")
     parser.add_argument("--dataset", required=True, help="dataset written by jobs/preprocess.py")
     parser.add_argument("--model-dir", required=True, help="run directory for the model and its records")
-    parser.add_argument("--num-proc", type=int, help="Horovod ranks (Spark tasks)")
+    parser.add_argument("--engine", choices=["auto", "horovod", "tf-distribute"],
+                        help="what runs the ranks (train.engine; auto: horovod where installed, else tf-distribute)")
+    parser.add_argument("--num-proc", type=int, help="ranks (Spark tasks)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int, help="per rank")
     parser.add_argument("--model", choices=sorted(MODELS))
@@ -34,9 +37,10 @@ def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
     config = override(load_config(args.config, model=args.model, sets=args.set), "train", {
-        "num_proc": args.num_proc, "epochs": args.epochs, "batch_size": args.batch_size, "model": args.model,
+        "engine": args.engine, "num_proc": args.num_proc, "epochs": args.epochs, "batch_size": args.batch_size, "model": args.model,
         "learning_rate": args.learning_rate, "seed": args.seed, "early_stopping_patience": args.patience,
         "class_weights": args.class_weights})
+    resolve_engine(config["train"]["engine"])  # a wrong stack fails here, before Spark starts
     spark, owned = build_spark(args, "covid-spark train")
     try:
         run = run_training(spark, args.dataset, args.model_dir, config,

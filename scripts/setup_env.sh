@@ -1,22 +1,36 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned stack, Horovod built against its TensorFlow, and the optional
-# experiment tracking (requirements-mlflow.txt: the `mlflow` extra, pinned); install Debian's chromium
-# for the report's browser test where this runs as root with apt.
-# Idempotent: does nothing when requirements*.txt, setup.py and this script are unchanged (and
-# chromium is there or cannot be installed here).
+# Create the venv of one stack (README "Two stacks"), chosen by STACK:
+#   STACK=pinned (default): .venv, Python 3.11, requirements.txt, Horovod built against its TensorFlow,
+#                           and the optional experiment tracking (requirements-mlflow.txt: the `mlflow` extra);
+#   STACK=current:          .venv-current, Python 3.12, requirements-current.txt, no Horovod, no MLflow.
+# Either installs Debian's chromium for the report's browser test where this runs as root with apt.
+# Idempotent: does nothing when the stack's requirements files, setup.py and this script are unchanged
+# (and chromium is there or cannot be installed here).
 # The Horovod wheel is cached outside the clone, keyed by Horovod and TensorFlow versions,
 # so a fresh clone on the same machine installs it in seconds instead of compiling (~8 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3.11}
-VENV=${VENV:-.venv}
+STACK=${STACK:-pinned}
+case "$STACK" in
+  pinned)  PYTHON=${PYTHON:-python3.11}; VENV=${VENV:-.venv}; REQUIREMENTS=requirements.txt ;;
+  current) PYTHON=${PYTHON:-python3.12}; VENV=${VENV:-.venv-current}; REQUIREMENTS=requirements-current.txt ;;
+  *) echo "setup: STACK must be pinned or current, found '$STACK'" >&2; exit 2 ;;
+esac
+if ! "$PYTHON" -c 'import sys' 2>/dev/null; then  # pyenv shims name versions they do not select
+  for candidate in "$HOME/.pyenv/versions/${PYTHON#python}".*/bin/"$PYTHON"; do
+    [ -x "$candidate" ] && PYTHON=$candidate
+  done
+fi
+"$PYTHON" -c 'import sys' 2>/dev/null \
+  || { echo "setup: the $STACK stack needs $PYTHON on PATH (or PYTHON=/path/to/python)" >&2; exit 1; }
 HOROVOD_VERSION=0.28.1
-TF_VERSION=$(sed -n 's/^tensorflow-cpu==//p' requirements.txt)
+TF_VERSION=$(sed -n 's/^tensorflow-cpu==\([^ ]*\).*/\1/p' "$REQUIREMENTS")
 CACHE=${COVID_SPARK_CACHE:-$HOME/.cache/covid-spark}
 WHEEL_DIR="$CACHE/wheels/horovod-$HOROVOD_VERSION-tf-$TF_VERSION"
 
-stamp_of() { cat requirements.txt requirements-mlflow.txt setup.py scripts/setup_env.sh | sha256sum | cut -c1-16; }
+EXTRAS=$([ "$STACK" = pinned ] && echo requirements-mlflow.txt || true)
+stamp_of() { cat "$REQUIREMENTS" $EXTRAS setup.py scripts/setup_env.sh | sha256sum | cut -c1-16; }
 
 # The report's browser test (tests/test_report_browser.py) drives Debian's chromium; it skips, saying
 # why, where there is none. Installed only when missing, only as root with apt; never fails the set-up.
@@ -38,7 +52,14 @@ fi
 command -v java >/dev/null || { echo "setup: Java 17 is required for Spark (java not on PATH)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
-$PIP install -q -r requirements.txt
+$PIP install -q -r "$REQUIREMENTS"
+
+if [ "$STACK" = current ]; then  # no Horovod: training runs with train.engine tf-distribute
+  $PIP install -q --no-deps -e .
+  echo "$want" > "$STAMP"
+  echo "setup: $VENV ready (current stack)"
+  exit 0
+fi
 $PIP install -q -r requirements-mlflow.txt
 
 if ! "$VENV/bin/python" -c "import horovod, sys; sys.exit(horovod.__version__ != '$HOROVOD_VERSION')" 2>/dev/null; then

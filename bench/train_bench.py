@@ -151,7 +151,11 @@ def horovod_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
         results = horovod.spark.run(timed_train_fn, args=(job,), num_proc=num_proc, use_gloo=True, use_mpi=False,
                                     env=env, executable=spark.sparkContext.pythonExec, start_timeout=600,
                                     verbose=0)
-    wall = time.perf_counter() - started
+    return _ranks_result(results, time.perf_counter() - started, machine, job, num_proc, warmup)
+
+
+def _ranks_result(results: list, wall: float, machine, job: dict, num_proc: int, warmup: int) -> dict:
+    """The rate over the ranks' timed window, the others' share of the machine, wall and memory, for one launch."""
     results = sorted(results, key=lambda r: r["rank"])
     rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"],
                        [r["batch_cpu"] for r in results])
@@ -170,14 +174,7 @@ def tf_distribute_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
     started = time.perf_counter()
     with MachineCpu() as machine:
         results = TFDistributeLauncher(spark, env={"PYTHONPATH": REPO}).run(timed_train_fn, job, num_proc)
-    wall = time.perf_counter() - started
-    results = sorted(results, key=lambda r: r["rank"])
-    rate = window_rate([r["batch_ends"] for r in results], warmup, job["batch_size"],
-                       [r["batch_cpu"] for r in results])
-    rate["others_share"] = _others_share(machine, rate)
-    in_fit = max(r["batch_ends"][-1] for r in results) - min(r["fit_began"] for r in results)
-    return dict(rate, processes=num_proc, wall_s=round(wall, 1), outside_fit_s=round(wall - in_fit, 1),
-                maxrss_mb=[r["maxrss_mb"] for r in results])
+    return _ranks_result(results, time.perf_counter() - started, machine, job, num_proc, warmup)
 
 
 def _pair_worker(job: dict, env: dict, barrier, warmup: int, results) -> None:

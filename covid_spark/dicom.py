@@ -137,12 +137,10 @@ def require_no_patient_ids(paths) -> None:
     Raises:
         ValueError: names the variable to set and the file (never the id).
     """
-    from covid_spark.sources import DICOM_EXTENSIONS
+    from covid_spark.sources import named_as_dicom
 
     for path in paths:
-        name = os.path.basename(path)
-        extension = os.path.splitext(name)[1].lower() if name.rfind(".") > 0 else ""
-        if (extension in DICOM_EXTENSIONS or not extension) and has_patient_id(path):
+        if named_as_dicom(path) and has_patient_id(path):
             raise ValueError(f"{path} is a DICOM file with a PatientID: set the environment variable "
                              f"{SALT_ENV} to a secret salt, so that patient ids are kept as keyed "
                              f"pseudonyms (HMAC-SHA256), never raw")

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import os
 import re
 import struct
 import warnings
@@ -55,7 +54,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from covid_spark.config import DEFAULT_IMAGE_SIZE
-from covid_spark.sources import DICOM_EXTENSIONS
+from covid_spark.sources import file_extension, named_as_dicom
 from covid_spark.views import normalise_view
 
 if TYPE_CHECKING:
@@ -314,13 +313,12 @@ def read_image(path: str, size: int, max_pixels: int, *, views: "ViewFilter | No
         return ReadResult(None, "file not found")
     except OSError as exc:
         return ReadResult(None, f"cannot read file: {exc.strerror or exc}")
-    name = os.path.basename(path)
-    extension = os.path.splitext(name)[1].lower() if name.rfind(".") > 0 else ""
     try:
-        if extension in DICOM_EXTENSIONS or not extension:
+        if named_as_dicom(path):
             from covid_spark.dicom import looks_like_dicom
 
             if data and not looks_like_dicom(data):
+                extension = file_extension(path)
                 what = f"named {extension}" if extension else "without a file extension"
                 return ReadResult(None, f"not DICOM: a file {what} must be DICOM (no 'DICM' marker at "
                                         f"byte 128, no group 0002/0008 element first)")

@@ -42,6 +42,13 @@ class Launcher(Protocol):
         """Run ``fn(job)`` in ``num_proc`` ranks; return each rank's result (in any order)."""
 
 
+def rank_settings(threads: int) -> dict[str, str]:
+    """What every rank's environment sets, whatever the engine: its threads, quiet TensorFlow, no GPU,
+    unbuffered output (its progress lines reach the log as they are printed)."""
+    return {"TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+            "CUDA_VISIBLE_DEVICES": ""}
+
+
 def rank_env(sc, threads: int) -> dict[str, str]:
     """Environment of the Horovod ranks, which each executor's task service starts in its work dir.
 
@@ -51,8 +58,7 @@ def rank_env(sc, threads: int) -> dict[str, str]:
     ranks' working directory too. So a rank imports ``covid_spark`` from the shipped package on
     any host. (Use with ``executable=sc.pythonExec``: the executors' Python, not the driver's.)
     """
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS=str(threads),
-               PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, **rank_settings(threads))
     shipped = [os.path.basename(p) for p in sc.getConf().get("spark.submit.pyFiles", "").split(",") if p]
     if shipped:
         env["PYTHONPATH"] = os.pathsep.join(shipped + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

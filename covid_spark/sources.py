@@ -52,6 +52,19 @@ CLASS_ALIASES: dict[str, str] = {
 }
 
 
+def file_extension(path: str) -> str:
+    """The lower-cased extension of a path's file name, or "" when it has none (".bashrc" has none)."""
+    name = re.split(r"[\\/]+", path.rstrip("/\\"))[-1]
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
+
+
+def named_as_dicom(path: str) -> bool:
+    """Whether the file's name says DICOM: a DICOM extension, or none at all (it must then be DICOM by content)."""
+    extension = file_extension(path)
+    return not extension or extension in DICOM_EXTENSIONS
+
+
 def skip_reason(path: str) -> str | None:
     """Return why a file should be skipped, judging by its path alone, or None to read it."""
     parts = [p for p in re.split(r"[\\/]+", path) if p not in ("", ".", "..")]
@@ -67,10 +80,9 @@ def skip_reason(path: str) -> str | None:
         return f"hidden file {name}"
     if name.lower() in _SYSTEM_FILES:
         return f"Windows system file {name}"
-    dot = name.rfind(".")
-    if dot <= 0:
+    extension = file_extension(name)
+    if not extension:
         return None  # no extension: read, and judged as DICOM by its content
-    extension = name[dot:].lower()
     if extension not in IMAGE_EXTENSIONS | DICOM_EXTENSIONS:
         return (f"unsupported extension '{extension}'; expected one of "
                 f"{', '.join(sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS))}, or none (DICOM)")

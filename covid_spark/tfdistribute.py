@@ -108,12 +108,13 @@ class TFDistributeLauncher:
     def run(self, fn: Callable[[dict], dict], job: dict, num_proc: int) -> list[dict]:
         from pyspark import cloudpickle
 
+        from covid_spark.launch import rank_settings
+
         sc = self.spark.sparkContext
         check_slots(sc, num_proc)
         _release_barrier_timer_at_exit(sc)
         payload = cloudpickle.dumps((fn, job))
-        env = {"OMP_NUM_THREADS": str(job["threads"]), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **self.env}
+        env = {**rank_settings(job["threads"]), **self.env}
 
         def task(_, payload=payload, env=env):  # plain values only: no SparkContext in the closure
             return _barrier_task(payload, env)

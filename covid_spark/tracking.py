@@ -94,16 +94,15 @@ def resolve_uri(config: Mapping, run_dir: str) -> str | None:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else uri
 
 
-def artifact_root(uri: str, run_dir: str) -> str | None:
-    """Where a new experiment keeps its artifacts: beside an SQLite store's file, else the store's choice.
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``mlartifacts/`` beside an SQLite store's file (for
+    ``local``, ``RunDir.local_tracking_artifacts``), else the store's choice.
 
     MLflow's default for an SQLite store is ``./mlruns`` in the working directory, which would scatter
     artifacts wherever a job happened to start.
     """
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///"):]
-        if os.path.abspath(db) == RunDir(run_dir).local_tracking_db:
-            return "file://" + RunDir(run_dir).local_tracking_artifacts
         return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), LOCAL_TRACKING_ARTIFACTS)
     return None
 
@@ -299,7 +298,7 @@ class Tracker:
             return found.experiment_id
         try:
             return self.client.create_experiment(self.experiment,
-                                                 artifact_location=artifact_root(self.uri, self.run_dir))
+                                                 artifact_location=artifact_root(self.uri))
         except Exception:  # noqa: BLE001 - created meanwhile by another job: use it
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:

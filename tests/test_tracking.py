@@ -50,10 +50,10 @@ def test_tracking_is_off_by_default_and_on_by_config_or_environment(tmp_path, mo
     assert tracking.resolve_uri({}, run_dir) is None  # a config written before the section existed
     local = tracking.resolve_uri(load_config(sets=["tracking.mlflow_uri=local"]), run_dir)
     assert local == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    assert tracking.artifact_root(local, run_dir) == f"file://{tmp_path / 'runs' / 'mlartifacts'}"
+    assert tracking.artifact_root(local) == f"file://{tmp_path / 'runs' / 'mlartifacts'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999/")
     assert tracking.resolve_uri(load_config(), run_dir) == "http://127.0.0.1:5999"
-    assert tracking.artifact_root("http://127.0.0.1:5999", run_dir) is None  # the server decides
+    assert tracking.artifact_root("http://127.0.0.1:5999") is None  # the server decides
     # The config wins over the environment.
     assert tracking.resolve_uri(load_config(sets=["tracking.mlflow_uri=local"]), run_dir) == local
 

@@ -35,7 +35,7 @@ from covid_spark.config import CLASSES
 from covid_spark.dataset import split_url, write_summary
 from covid_spark.dicom import Pseudonyms, require_no_patient_ids
 from covid_spark.duplicates import HASH_SIZE
-from covid_spark.sources import count_per_input, discover
+from covid_spark.sources import count_per_input, discover, patient_key
 from covid_spark.splits import SPLITS, assign_splits
 from covid_spark.storage import HadoopFS, atomic_directory, to_url
 from covid_spark.views import ViewFilter
@@ -104,11 +104,10 @@ def _open_writer(url: str, schema):
 
     fs, path = pafs.FileSystem.from_uri(url)
     fs.create_dir(os.path.dirname(path), recursive=True)
-    # Raw pixels barely compress; the small string columns are snappy-compressed as Spark does.
-    return pq.ParquetWriter(path, schema, filesystem=fs, compression={
-        "image": "NONE", "label": "SNAPPY", "label_name": "SNAPPY", "patient_id": "SNAPPY",
-        "source": "SNAPPY", "path": "SNAPPY", "dhash": "SNAPPY", "view": "SNAPPY", "split": "SNAPPY"}, use_dictionary=False,
-        write_statistics=False)
+    # Raw pixels barely compress; the small columns are snappy-compressed as Spark does.
+    compression = {name: "NONE" if name == "image" else "SNAPPY" for name in schema.names}
+    return pq.ParquetWriter(path, schema, filesystem=fs, compression=compression, use_dictionary=False,
+                            write_statistics=False)
 
 
 def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
@@ -120,8 +119,6 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
     ``views`` (a ``views.ViewFilter``) leaves files out; ``pseudonyms`` (``dicom.Pseudonyms``) turns
     DICOM PatientIDs into the patient id of a record that has none from its manifest.
     """
-    from covid_spark.sources import patient_key
-
     import pyarrow as pa
 
     from covid_spark.schema import XraySchema

@@ -25,7 +25,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo demo-xl preprocess train evaluate predict loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
+.PHONY: setup demo demo-xl preprocess train evaluate predict loso cv test test-fast test-docker bench bench-demo bench-xl cluster-up cluster-down clean
 
 setup:
 	@STACK=$(STACK) VENV=$(VENV) bash scripts/setup_env.sh
@@ -99,6 +99,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# The Docker image of STACK built and the compose cluster (docker/docker-compose.yml) run on a small sample,
+# outputs checked, everything taken down (docker/README.md). DOCKER_STACKS="pinned current" does both stacks.
+# Installs and starts Docker where missing (root); prints SKIPPED where Docker cannot run. No venv needed.
+test-docker:
+	DOCKER_STACKS="$(or $(DOCKER_STACKS),$(STACK))" bash scripts/test_docker.sh
 
 # Throughput benchmarks (not part of `make test`; ~5-10 min on 2 cores): bench/results.json + tables.
 # BENCH_ARGS e.g. --quick, --sizes all,10000, --models compact. See docs/performance.md.

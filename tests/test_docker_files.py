@@ -1,8 +1,8 @@
-"""docker/: the image and the compose cluster agree with the pinned stack and with each other.
+"""docker/: the image and the compose cluster agree with both stacks and with each other.
 
-No Docker engine is needed (none was available where these were written): the compose file is
-read with yaml.safe_load, the Dockerfile with tests/structure.py's instruction parser, the shell
-in its RUN lines and in scripts/setup_env.sh as simple commands.
+No Docker engine is needed here (scripts/test_docker.sh, `make test-docker`, builds and runs them): the
+compose file is read with yaml.safe_load, the Dockerfile with tests/structure.py's instruction parser, the
+shell in its RUN lines, docker/install_horovod.sh and scripts/setup_env.sh as simple commands.
 """
 from __future__ import annotations
 
@@ -10,20 +10,28 @@ import graphlib
 import importlib.metadata
 import os
 import posixpath
+import re
+import shutil
+import subprocess
+import sys
+from string import Template
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from jobs.pipeline import parse_args
-from tests.structure import (Command, Stage, dockerfile_stages, interpolate, compose_variables, parse_dockerfile,
-                             parse_spark_submit, shell_commands, shell_script_commands)
+from tests.structure import (Command, Instruction, Stage, dockerfile_stages, interpolate, compose_variables,
+                             parse_dockerfile, parse_spark_submit, shell_commands, shell_script_commands)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCKER = os.path.join(REPO, "docker")
 SHARED_CXR3 = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "cxr3"))   # as in conftest.py
 MASTER, WORKERS, SUBMIT = "spark-master", ("spark-worker-1", "spark-worker-2"), "submit"
 MASTER_CLASS, WORKER_CLASS = "org.apache.spark.deploy.master.Master", "org.apache.spark.deploy.worker.Worker"
+# The build args of each stack, as the Dockerfile's header and scripts/test_docker.sh give them.
+STACK_ARGS = {"pinned": {}, "current": {"BASE": "python:3.12-slim-bookworm", "REQUIREMENTS": "requirements-current.txt",
+                                        "HOROVOD_VERSION": ""}}
 
 
 def _read(*parts: str) -> str:
@@ -55,10 +63,28 @@ def spark_profile(name: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stages() -> list[Stage]:
-    parsed = dockerfile_stages(parse_dockerfile(_read("docker", "Dockerfile")))
+def instructions() -> list[Instruction]:
+    return parse_dockerfile(_read("docker", "Dockerfile"))
+
+
+@pytest.fixture(scope="module")
+def stages(instructions) -> list[Stage]:
+    parsed = dockerfile_stages(instructions)
     assert len(parsed) == 2, [stage.base for stage in parsed]
     return parsed
+
+
+def arg_defaults(instructions: list[Instruction]) -> dict[str, str]:
+    """Every ARG's default, the global ones (before the first FROM) and the stages' alike."""
+    defaults = {}
+    for ins in instructions:
+        if ins.keyword == "ARG":
+            defaults.update(ins.pairs())
+    return defaults
+
+
+def base_image(stage: Stage, args: dict[str, str]) -> str:
+    return Template(stage.base).substitute(args)
 
 
 def run_commands(stage: Stage) -> list[tuple[int, Command]]:
@@ -78,21 +104,22 @@ def apt_packages(stage: Stage) -> list[str]:
     return packages
 
 
-def copies(stage: Stage) -> list[tuple[int, dict, list[str], str]]:
-    """(index, flags, sources, destination resolved against WORKDIR) of each COPY of the stage."""
+def copies(stage: Stage, args: dict[str, str] | None = None) -> list[tuple[int, dict, list[str], str]]:
+    """(index, flags, sources with build args substituted, destination resolved against WORKDIR) of each COPY."""
     result = []
     for ins in stage.of("COPY"):
         flags, words = ins.flags_and_words()
         destination = posixpath.normpath(posixpath.join(stage.workdir(before=ins), words[-1]))
-        result.append((stage.instructions.index(ins), flags, words[:-1], destination))
+        sources = [Template(word).substitute(args) if args is not None else word for word in words[:-1]]
+        result.append((stage.instructions.index(ins), flags, sources, destination))
     return result
 
 
-def image_path(stage: Stage, path: str) -> str | None:
+def image_path(stage: Stage, path: str, args: dict[str, str] | None = None) -> str | None:
     """The repository file that a path in the image (absolute, or relative to the final WORKDIR)
     comes from, through the stage's COPYs from the build context; None when no COPY puts it there."""
     target = posixpath.normpath(posixpath.join(stage.workdir(), path))
-    for _, flags, sources, destination in copies(stage):
+    for _, flags, sources, destination in copies(stage, args):
         for source in sources if "from" not in flags else ():
             if os.path.isdir(os.path.join(REPO, source)):          # a folder's contents go into the destination
                 if target.startswith(destination + "/"):
@@ -102,37 +129,66 @@ def image_path(stage: Stage, path: str) -> str | None:
     return None
 
 
-def test_two_stages_from_python_311_and_no_compilers_in_the_runtime(stages):
+def horovod_script() -> list[Command]:
+    return shell_script_commands(_read("docker", "install_horovod.sh"))
+
+
+def horovod_runs(stage: Stage) -> list[tuple[int, Command]]:
+    return [(i, c) for i, c in run_commands(stage) if c.argv[:2] == ["bash", "/tmp/horovod/install_horovod.sh"]]
+
+
+def test_both_stages_from_the_base_arg_and_no_compilers_in_the_runtime(instructions, stages):
     build, runtime = stages
-    assert build.base == runtime.base == "python:3.11-slim-bookworm"
+    args = arg_defaults(instructions)
+    assert build.base == runtime.base == "${BASE}", "one base image, chosen by the BASE build arg"
+    assert instructions[0].keyword == "ARG" and "BASE" in instructions[0].pairs(), "BASE is a global ARG"
+    assert base_image(build, args) == "python:3.11-slim-bookworm", "the default is the pinned stack's Python"
+    assert base_image(build, STACK_ARGS["current"]).startswith("python:3.12-")
     assert build.name == "build" and runtime.name is None
     for _, flags, _, _ in copies(runtime):
         if "from" in flags:
             assert flags["from"] == build.name, "COPY --from names the build stage"
-    assert {"g++", "make", "cmake"} <= set(apt_packages(build))
-    assert not {"g++", "gcc", "make", "cmake"} & set(apt_packages(runtime)), "compilers live in the build stage only"
-    # The venv's site-packages path in SPARK_HOME is the base image's Python.
-    python = "python" + build.base.split(":")[1].split("-")[0]
-    assert runtime.env()["SPARK_HOME"] == f"/opt/venv/lib/{python}/site-packages/pyspark"
+    # Compilers are installed only by the Horovod script, only when it compiles, only in the build stage.
+    script_packages = {word for c in horovod_script() if c.argv[:2] == ["apt-get", "install"]
+                       for word in c.argv[2:] if not word.startswith("-")}
+    assert {"g++", "make", "cmake"} <= script_packages
+    assert horovod_runs(build) and not horovod_runs(runtime)
+    for stage in stages:
+        assert not {"g++", "gcc", "make", "cmake"} & set(apt_packages(stage)), "compilers only when Horovod compiles"
+    # SPARK_HOME is a link the build stage makes to the venv's pyspark, whichever Python the base has.
+    links = [c.argv for _, c in run_commands(build) if c.argv[:2] == ["ln", "-s"]]
+    assert links and links[0][-1] == runtime.env()["SPARK_HOME"] == "/opt/venv/spark"
+    assert "import os, pyspark" in links[0][2]
 
 
-def test_runtime_has_java_17_only_and_curl_for_the_healthcheck(stages):
+def test_runtime_has_java_17_only(stages):
     packages = apt_packages(stages[1])
     assert "openjdk-17-jre-headless" in packages
     assert [p for p in packages if p.startswith("openjdk-")] == ["openjdk-17-jre-headless"], packages
-    assert "curl" in packages
 
 
-def test_requirements_are_installed_before_the_code_is_copied(stages):
+def test_extra_ca_certificates_reach_the_build_stage_only(stages):
+    build, runtime = stages
+    (certs,) = [(i, dest) for i, _, sources, dest in copies(build) if sources == ["docker/certs/"]]
+    assert certs[1] == "/usr/local/share/ca-certificates"
+    updates = [i for i, c in run_commands(build) if c.argv == ["update-ca-certificates"]]
+    assert updates and updates[0] > certs[0]
+    assert build.env()["PIP_CERT"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert not [s for _, _, s, _ in copies(runtime) if "docker/certs/" in s]
+
+
+@pytest.mark.parametrize("stack, requirements", [("pinned", "requirements.txt"), ("current", "requirements-current.txt")])
+def test_requirements_are_installed_before_the_code_is_copied(instructions, stages, stack, requirements):
     build = stages[0]
-    (copied,) = [i for i, _, sources, _ in copies(build) if sources == ["requirements.txt"]]
+    args = {**arg_defaults(instructions), **STACK_ARGS[stack]}
+    (copied,) = [i for i, _, sources, _ in copies(build, args) if sources == [requirements]]
     installs = [(i, c) for i, c in pip_installs(build) if c.argv[1] == "install" and "-r" in c.argv]
-    assert len(installs) == 1, "one pip install -r requirements.txt"
+    assert len(installs) == 1, "one pip install -r of the stack's requirements"
     index, command = installs[0]
-    # The file pip reads, from the WORKDIR the RUN runs in, is the requirements.txt COPY'd there.
+    # The file pip reads, from the WORKDIR the RUN runs in, is the stack's requirements file COPY'd there.
     read = command.argv[command.argv.index("-r") + 1]
     in_image = posixpath.join(build.workdir(before=build.instructions[index]), read)
-    assert image_path(build, in_image) == os.path.join(REPO, "requirements.txt")
+    assert image_path(build, in_image, args) == os.path.join(REPO, requirements)
     code = [i for i, _, sources, _ in copies(build) if {"covid_spark", "setup.py"} & set(sources)]
     assert copied < index < min(code), "requirements are installed before the code is copied (a code change keeps that layer)"
     # The package is installed from a wheel built after the code is copied.
@@ -152,26 +208,40 @@ def test_versions_written_in_the_dockerfile_are_the_pinned_ones(stages):
 
 def test_horovod_is_built_like_setup_env_after_tensorflow(stages):
     build = stages[0]
-    script = shell_script_commands(_read("scripts", "setup_env.sh"))
-    (script_version,) = [c.env["HOROVOD_VERSION"] for c in script if "HOROVOD_VERSION" in c.env and not c.argv]
-    (script_build,) = [c for c in script if "horovod==$HOROVOD_VERSION" in c.argv]
+    setup = shell_script_commands(_read("scripts", "setup_env.sh"))
+    (setup_version,) = [c.env["HOROVOD_VERSION"] for c in setup if "HOROVOD_VERSION" in c.env and not c.argv]
+    (setup_build,) = [c for c in setup if "horovod==$HOROVOD_VERSION" in c.argv]
     args = {}
     for ins in build.of("ARG"):
         args.update(ins.pairs())
-    assert args["HOROVOD_VERSION"] == script_version
-    horovod = [(i, c) for i, c in pip_installs(build) if "horovod==${HOROVOD_VERSION}" in c.argv]
-    assert len(horovod) == 1, "one pip install of horovod==${HOROVOD_VERSION}"
-    index, command = horovod[0]
-    declared = build.instructions.index(build.of("ARG")[0])
+    assert args["HOROVOD_VERSION"] == setup_version
+    (run,) = horovod_runs(build)
+    index, command = run
+    assert command.argv[2:] == ["${HOROVOD_VERSION}", "/tmp/horovod"]
+    declared = build.instructions.index(next(ins for ins in build.of("ARG") if "HOROVOD_VERSION" in ins.pairs()))
     assert declared < index, "the ARG is declared before the RUN that uses it"
-    # Same HOROVOD_WITH*/WITHOUT* flags in the command's environment, the same pip flags.
-    assert command.env == script_build.env
-    assert {"HOROVOD_WITH_TENSORFLOW", "HOROVOD_WITH_GLOO"} <= {k for k, v in command.env.items() if v == "1"}
-    assert {"--no-build-isolation", "--no-deps"} <= set(command.argv) & set(script_build.argv)
+    # The script and the cached wheels are COPY'd to the folder it is given, before it runs.
+    (copied,) = [(i, sources, dest) for i, _, sources, dest in copies(build) if "docker/install_horovod.sh" in sources]
+    assert copied[0] < index and copied[2] == "/tmp/horovod" and "docker/wheels/" in copied[1]
+    # In the script: the same HOROVOD_WITH*/WITHOUT* flags and pip flags as setup_env.sh, then the check.
+    script = horovod_script()
+    (compile_,) = [c for c in script if "horovod==$HOROVOD_VERSION" in c.argv]
+    assert compile_.env == setup_build.env
+    assert {"HOROVOD_WITH_TENSORFLOW", "HOROVOD_WITH_GLOO"} <= {k for k, v in compile_.env.items() if v == "1"}
+    assert {"--no-build-isolation", "--no-deps"} <= set(compile_.argv) & set(setup_build.argv)
+    assert script[0].argv == ["set", "-euo", "pipefail"], "the build fails when a step of the script fails"
+    checks = [c for c in script if c.argv[:2] == ["horovodrun", "--check-build"]]
+    assert checks and script.index(checks[0]) > script.index(compile_), "checked after it is installed"
     requirements = [i for i, c in pip_installs(build) if "-r" in c.argv]
-    assert requirements and max(requirements) < index, "Horovod is compiled against the TensorFlow already installed"
-    checks = [c for i, c in run_commands(build) if i == index and c.argv[:2] == ["horovodrun", "--check-build"]]
-    assert checks and checks[0].after == "&&", "the build fails when Horovod lacks TensorFlow or Gloo"
+    assert requirements and max(requirements) < index, "Horovod is built against the TensorFlow already installed"
+
+
+def test_horovod_script_installs_nothing_for_an_empty_version(tmp_path):
+    """The current stack's build arg HOROVOD_VERSION= : the script says so and succeeds, touching nothing."""
+    done = subprocess.run([shutil.which("bash"), os.path.join(DOCKER, "install_horovod.sh"), "", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30, env={"PATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "horovod: not installed (HOROVOD_VERSION is empty)"
 
 
 def test_runtime_environment_is_the_venv_the_spark_profile_names(stages):
@@ -180,7 +250,7 @@ def test_runtime_environment_is_the_venv_the_spark_profile_names(stages):
     assert venvs == ["/opt/venv"]
     assert ("/opt/venv", ["/opt/venv"]) in [(dest, sources) for _, flags, sources, dest in copies(runtime) if flags.get("from")]
     env = runtime.env()
-    assert env["PATH"].split(":")[0] == "/opt/venv/bin"
+    assert env["PATH"].split(":")[0] == "/opt/venv/bin" == build.env()["PATH"].split(":")[0]
     assert env["PYSPARK_PYTHON"] == env["PYSPARK_DRIVER_PYTHON"] == "/opt/venv/bin/python"
     profile = spark_profile("spark-docker.conf")
     assert profile["spark.pyspark.python"] == profile["spark.pyspark.driver.python"] == env["PYSPARK_PYTHON"]
@@ -193,7 +263,11 @@ def test_cmd_is_an_exec_form_array_and_there_is_no_entrypoint(stages, compose):
     assert cmd.exec_form == ["spark-submit", "--version"]
     # Every program a container starts is a script the pinned pyspark puts in the venv's bin/.
     scripts = {str(f).rsplit("/", 1)[1] for f in importlib.metadata.files("pyspark") if str(f).startswith("../../../bin/")}
-    programs = {cmd.exec_form[0]} | {service["command"][0] for service in compose["services"].values()}
+    commands = [cmd.exec_form] + [service["command"] for service in compose["services"].values()]
+    # The submit command runs spark-submit under docker/run_as_runs_owner.sh, COPY'd onto the PATH.
+    wrapper = "run_as_runs_owner.sh"
+    assert image_path(runtime, posixpath.join("/usr/local/bin", wrapper)) == os.path.join(DOCKER, wrapper)
+    programs = {command[1] if command[0] == wrapper else command[0] for command in commands}
     assert programs <= scripts, programs - scripts
 
 
@@ -206,17 +280,22 @@ def test_exposed_ports_are_the_ones_the_cluster_listens_on(stages, compose):
     assert listening <= exposed, listening - exposed
 
 
-def test_dockerignore_keeps_what_the_dockerfile_copies(stages):
-    ignore = [line.strip() for line in _read("docker", "Dockerfile.dockerignore").splitlines()
-              if line.strip() and not line.startswith("#")]
+@pytest.mark.parametrize("stack", sorted(STACK_ARGS))
+def test_dockerignore_keeps_what_the_dockerfile_copies(instructions, stages, stack):
+    # At the context's root, where the classic builder reads it too (BuildKit's Dockerfile.dockerignore is not).
+    ignore = [line.strip() for line in _read(".dockerignore").splitlines() if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*", "everything is excluded, then the needed paths are let back in"
     kept = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    args = {**arg_defaults(instructions), **STACK_ARGS[stack]}
     for stage in stages:
-        for _, flags, sources, _ in copies(stage):
+        for _, flags, sources, _ in copies(stage, args):
             if "from" not in flags:
                 for source in sources:
                     assert source.rstrip("/") in kept, f"COPY {source} but the .dockerignore excludes it"
                     assert os.path.exists(os.path.join(REPO, source)), source
+    # The build-context folders exist in a clone; what is put in them is never committed.
+    gitignore = _read(".gitignore").splitlines()
+    assert {"docker/wheels/*.whl", "docker/certs/*.crt"} <= set(gitignore)
 
 
 # --- the compose file ----------------------------------------------------------------------------
@@ -291,12 +370,39 @@ def test_services_start_in_dependency_order_after_a_healthy_master(compose):
     assert order[0] == MASTER and order[-1] == SUBMIT, order
     for name in WORKERS:
         assert _depends_on(services[name]) == {MASTER: "service_healthy"}
-    assert set(_depends_on(services[SUBMIT])) == set(WORKERS)
-    # service_healthy needs a healthcheck: the master's web UI, on the port it serves it on.
-    check = services[MASTER]["healthcheck"]["test"]
-    assert isinstance(check, list) and check[:2] == ["CMD", "curl"]
-    url = urlsplit(check[-1])
-    assert url.hostname == "localhost" and url.port == int(_option(services[MASTER]["command"], "--webui-port"))
+    assert _depends_on(services[SUBMIT]) == {name: "service_healthy" for name in WORKERS}
+    # service_healthy needs a healthcheck: each one polls the web UI on the port it serves it on, with the
+    # image's python (the image has no curl).
+    for name in (MASTER, *WORKERS):
+        check = services[name]["healthcheck"]["test"]
+        assert isinstance(check, list) and check[:3] == ["CMD", "python", "-c"], check
+        (url,) = re.findall(r"'(http://[^']+)'", check[3])
+        assert urlsplit(url).hostname == "localhost"
+        assert urlsplit(url).port == int(_option(services[name]["command"], "--webui-port"))
+        compile(check[3], f"{name} healthcheck", "exec")
+
+
+def test_healthcheck_fails_where_nothing_answers_and_passes_where_the_ui_does():
+    """The master's check, run here against a port where nothing listens and against a served /json/."""
+    import http.server
+    import socket
+    import threading
+    with open(os.path.join(DOCKER, "docker-compose.yml"), encoding="utf-8") as handle:
+        check = yaml.safe_load(handle)["services"][MASTER]["healthcheck"]["test"][3]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        def run(port: int) -> int:
+            code = check.replace("localhost:8080/json/", f"127.0.0.1:{port}/")
+            return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+        assert run(closed) != 0
+        assert run(server.server_address[1]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_published_ports_are_the_masters_web_ui_on_loopback_only(compose):
@@ -304,7 +410,7 @@ def test_published_ports_are_the_masters_web_ui_on_loopback_only(compose):
     published = {}
     for name, service in services.items():
         for port in service.get("ports", []):
-            host_ip, host_port, container_port = port.split(":")
+            host_ip, host_port, container_port = interpolate(port, {}).split(":")
             assert host_ip == "127.0.0.1", f"{name}: {port} must not listen on every interface"
             published[name] = int(container_port)
     assert published == {MASTER: int(_option(services[MASTER]["command"], "--webui-port"))}
@@ -312,7 +418,7 @@ def test_published_ports_are_the_masters_web_ui_on_loopback_only(compose):
 
 def test_every_variable_has_a_default(compose):
     variables = {(name, operator, default) for text in _strings(compose) for name, operator, default in compose_variables(text)}
-    assert {name for name, _, _ in variables} == {"DATA", "RUN_ID"}
+    assert {name for name, _, _ in variables} == {"IMAGE", "DATA", "RUNS", "RUN_ID", "WEBUI_PORT"}
     assert all(operator == ":-" and default for _, operator, default in variables), variables
 
 
@@ -336,14 +442,20 @@ def test_data_is_mounted_read_only_and_runs_shared_where_spark_runs(compose):
         for volume in service.get("volumes", []):
             if _mount(volume)[1] == "/data":
                 assert _mount(volume, {"DATA": "/srv/xrays"})[0] == "/srv/xrays"
-    # Executors write the dataset and Horovod rank 0 the checkpoints: one named volume for all.
-    assert set(runs.values()) == {"runs"} and "runs" in compose["volumes"]
+    # Executors write the dataset and Horovod rank 0 the checkpoints: one host folder (bind mount) for all,
+    # by default the repository's runs/ (as `make demo`'s); RUNS=... replaces it.
+    assert {os.path.normpath(os.path.join(DOCKER, source)) for source in runs.values()} == {os.path.join(REPO, "runs")}
+    assert {_mount(volume, {"RUNS": "/srv/runs"})[0] for name in runs for volume in services[name]["volumes"]
+            if _mount(volume)[1] == "/runs"} == {"/srv/runs"}
+    assert "volumes" not in compose, "no named volume: nothing is left behind by `down`"
 
 
 def test_submit_runs_the_pipeline_on_the_compose_cluster(compose, stages):
     services = compose["services"]
     master = services[MASTER]["command"]
-    submit = parse_spark_submit(services[SUBMIT]["command"])
+    wrapper, *spark_submit = services[SUBMIT]["command"]
+    assert wrapper == "run_as_runs_owner.sh", "what the run writes is handed to the runs folder's owner"
+    submit = parse_spark_submit(spark_submit)
     url = urlsplit(submit.options["--master"])
     assert (url.scheme, url.hostname, url.port) == ("spark", MASTER, int(_option(master, "--port")))
     for name in WORKERS:
@@ -389,3 +501,19 @@ def test_spark_profiles_agree_with_the_local_one(profile):
     for key in ("spark.driver.memory", "spark.driver.extraJavaOptions", "spark.task.maxFailures",
                 "spark.sql.execution.arrow.pyspark.enabled", "spark.ui.showConsoleProgress"):
         assert other.get(key) == local[key], f"{profile}: {key} is {other.get(key)!r}, spark-local.conf has {local[key]!r}"
+
+
+def test_the_docker_test_submits_what_the_compose_file_does(compose):
+    """scripts/test_docker.sh runs the submit service with the compose file's command, shortened to a few
+    epochs: the same master, properties, driver host, job and config."""
+    script = shell_script_commands(_read("scripts", "test_docker.sh"))
+    runs = [c.argv[c.argv.index("compose"):] for c in script if "compose" in c.argv]   # `if ! compose run ...`
+    (run,) = [argv for argv in runs if argv[:5] == ["compose", "run", "--rm", "--use-aliases", "submit"]]
+    assert run[5] == compose["services"][SUBMIT]["command"][0] == "run_as_runs_owner.sh"
+    tested = parse_spark_submit(run[6:])
+    composed = parse_spark_submit(compose["services"][SUBMIT]["command"][1:])
+    assert (tested.options, tested.conf, tested.application) == (composed.options, composed.conf, composed.application)
+    tested_args = parse_args([word.replace("$EPOCHS", "2") for word in tested.app_args])   # the script's variable
+    composed_args = parse_args(composed.app_args)
+    assert tested_args.epochs is not None and composed_args.epochs is None
+    assert (tested_args.input, tested_args.config) == (composed_args.input, composed_args.config)

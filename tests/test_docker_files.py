@@ -513,7 +513,8 @@ def test_the_docker_test_submits_what_the_compose_file_does(compose):
     tested = parse_spark_submit(run[6:])
     composed = parse_spark_submit(compose["services"][SUBMIT]["command"][1:])
     assert (tested.options, tested.conf, tested.application) == (composed.options, composed.conf, composed.application)
-    tested_args = parse_args([word.replace("$EPOCHS", "2") for word in tested.app_args])   # the script's variable
+    tested_args = parse_args([word.replace("$EPOCHS", "2") for word in tested.app_args])   # the script's variables
     composed_args = parse_args(composed.app_args)
     assert tested_args.epochs is not None and composed_args.epochs is None
     assert (tested_args.input, tested_args.config) == (composed_args.input, composed_args.config)
+    assert tested_args.set == ["train.batch_size=$BATCH_SIZE"], "only the batch size is changed besides the epochs"

@@ -184,8 +184,8 @@ sys.exit(f"test-docker: {alive} of 2 workers registered with the master within 1
 EOF
   log "submitting the pipeline ($EPOCHS epochs, batch $BATCH_SIZE per rank) to the cluster"
   # The compose file's submit command with a short training: the driver is the container named
-  # `submit` on the project's network (--use-aliases), executors connect back to it.
-  if ! compose run --rm --use-aliases submit run_as_runs_owner.sh \
+  # `submit` on the project's network (--use-aliases), executors connect back to it. -T: no terminal (CI).
+  if ! compose run -T --rm --use-aliases submit run_as_runs_owner.sh \
         spark-submit --master spark://spark-master:7077 --properties-file conf/spark-docker.conf \
         --conf spark.driver.host=submit \
         jobs/pipeline.py --input /data --run-dir "/runs/$run_id" --config conf/demo.yaml --epochs "$EPOCHS" \

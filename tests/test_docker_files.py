@@ -508,9 +508,12 @@ def test_the_docker_test_submits_what_the_compose_file_does(compose):
     epochs: the same master, properties, driver host, job and config."""
     script = shell_script_commands(_read("scripts", "test_docker.sh"))
     runs = [c.argv[c.argv.index("compose"):] for c in script if "compose" in c.argv]   # `if ! compose run ...`
-    (run,) = [argv for argv in runs if argv[:5] == ["compose", "run", "--rm", "--use-aliases", "submit"]]
-    assert run[5] == compose["services"][SUBMIT]["command"][0] == "run_as_runs_owner.sh"
-    tested = parse_spark_submit(run[6:])
+    (run,) = [argv for argv in runs if argv[:2] == ["compose", "run"] and SUBMIT in argv]
+    options, service, wrapper = run[2:run.index(SUBMIT)], SUBMIT, run[run.index(SUBMIT) + 1]
+    assert "--use-aliases" in options, "the executors reach the driver by the service's name"
+    assert "--rm" in options and "-T" in options
+    assert wrapper == compose["services"][service]["command"][0] == "run_as_runs_owner.sh"
+    tested = parse_spark_submit(run[run.index(SUBMIT) + 2:])
     composed = parse_spark_submit(compose["services"][SUBMIT]["command"][1:])
     assert (tested.options, tested.conf, tested.application) == (composed.options, composed.conf, composed.application)
     tested_args = parse_args([word.replace("$EPOCHS", "2") for word in tested.app_args])   # the script's variables

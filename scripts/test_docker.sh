@@ -9,7 +9,7 @@
 # BASE=<image> builds on that image; otherwise on the official Python image when it is already here,
 # else on one made from Debian's packages (scripts/docker_base.sh): no image registry is needed.
 # SAMPLE_PER_CLASS images of each class of DATA (default 25, chosen by the rule below), EPOCHS (2),
-# BATCH_SIZE per rank (8).
+# BATCH_SIZE per rank (8). KEEP_RUNS=<dir> keeps a copy of each run directory there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -205,6 +205,9 @@ EOF
   take_down
   log "cluster run time ($stack): $((SECONDS - start)) s (start, pipeline, take-down)"
   check_outputs "$runs/$run_id" "$owner" "$stack"
+  if [ -n "${KEEP_RUNS:-}" ]; then
+    mkdir -p "$KEEP_RUNS" && cp -a "$runs/$run_id" "$KEEP_RUNS/" && log "run kept in $KEEP_RUNS/$run_id"
+  fi
 }
 
 check_outputs() {

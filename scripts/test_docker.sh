@@ -157,7 +157,7 @@ run_cluster() {
   local stack=$1 start runs="$WORK/runs-$stack" run_id="docker-$1"
   mkdir -p "$runs"
   # Owned by someone else than root, as a user's folder would be: the run must come back owned by them.
-  local owner=0:0
+  local owner="$(id -u):$(id -g)"
   if [ "$(id -u)" = 0 ]; then owner=1000:1000; chown "$owner" "$runs"; fi
   PROJECT="covid-spark-test-$stack-$$-$(date +%s)"
   export IMAGE="covid-spark:$stack" DATA="$WORK/data" RUNS="$runs" RUN_ID="$run_id" WEBUI_PORT

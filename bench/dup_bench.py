@@ -1,7 +1,7 @@
 """python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]
 
 Near-duplicate grouping at scale: the banded ``group_duplicates`` against the all-pairs
-``group_duplicates_all_pairs`` it replaced (covid_spark/duplicates.py), on one thread.
+``group_duplicates_all_pairs`` it replaced (covid_spark/data/duplicates.py), on one thread.
 ``--max-distance`` defaults to the configured ``preprocess.duplicate_distance``.
 
 The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``,
@@ -21,7 +21,7 @@ import random
 import time
 
 from covid_spark.config import load_config
-from covid_spark.duplicates import group_duplicates, group_duplicates_all_pairs
+from covid_spark.data.duplicates import group_duplicates, group_duplicates_all_pairs
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import csv
 import os
 import shutil
 
-from covid_spark.sources import discover
+from covid_spark.inputs.sources import discover
 
 FIELDS = ("path", "label", "source", "patient_id")
 
@@ -165,7 +165,7 @@ def synthetic_input(folder: str, images: int, side: int = 96, seed: int = 0) -> 
     import numpy as np
     from PIL import Image
 
-    from covid_spark.config import CLASSES
+    from covid_spark.constants import CLASSES
 
     rng = np.random.default_rng(seed)
     rows = []

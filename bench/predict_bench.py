@@ -1,6 +1,6 @@
 """python -m bench.predict_bench --input DIR_OR_MANIFEST [--input ...] [--model-dir DIR] [--images N]
 
-Batch-prediction throughput: the Spark job (``covid_spark.predict.predict`` on ``--master``,
+Batch-prediction throughput: the Spark job (``covid_spark.stages.predict.predict`` on ``--master``,
 local[2] by default) against one plain Python process running the same decode and model
 (``predict_partition``: batches of 32, one intra-op and one inter-op TensorFlow thread). The
 goal (issue 13) is Spark at least 0.8 x (cores x the plain rate).
@@ -30,9 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def make_model_dir(folder: str, model: str = "efficientnet_lite0", image_size: int | None = None) -> str:
     """A model dir as train.py leaves it (``model.keras`` and ``run.json``), with an untrained head;
     ``image_size`` defaults to the library's ``DEFAULT_IMAGE_SIZE``."""
-    from covid_spark.config import CLASSES, DEFAULT_IMAGE_SIZE
-    from covid_spark.models import make_model
-    from covid_spark.rundir import RunDir
+    from covid_spark.constants import CLASSES, DEFAULT_IMAGE_SIZE
+    from covid_spark.models.registry import make_model
+    from covid_spark.data.rundir import RunDir
 
     image_size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
     os.makedirs(folder, exist_ok=True)
@@ -45,7 +45,7 @@ def make_model_dir(folder: str, model: str = "efficientnet_lite0", image_size: i
 def subset_folder(inputs, folder: str, n_images: int | None) -> tuple[str, int]:
     """A flat folder of symlinks to ``n_images`` readable inputs spread evenly over their path order
     (all of them when ``None``); returns the folder and the number of links. Nothing is copied."""
-    from covid_spark.sources import discover
+    from covid_spark.inputs.sources import discover
 
     paths = sorted(r["path"] for r in discover(inputs, labelled=False).records)
     if n_images is not None and n_images < len(paths):
@@ -71,9 +71,9 @@ def _plain_main(folder: str, model_dir: str, batch_size: int) -> dict:
     import resource
 
     from covid_spark.config import load_config
-    from covid_spark.predict import cached_model, predict_partition, prediction_records, set_tf_threads
-    from covid_spark.rundir import RunDir
-    from covid_spark.sources import discover
+    from covid_spark.stages.predict import cached_model, predict_partition, prediction_records, set_tf_threads
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.inputs.sources import discover
 
     config = load_config()
     with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
@@ -99,9 +99,9 @@ def profile_partitions(spark, folder: str, model_dir: str, batch_size: int = 32)
     """Run predict's partitions once more, timing each: the worker's TensorFlow import, the model
     load, decoding + scoring, and whether the worker process had run an earlier partition."""
     from covid_spark.config import load_config
-    from covid_spark.predict import partition_count
-    from covid_spark.rundir import RunDir
-    from covid_spark.sources import discover
+    from covid_spark.stages.predict import partition_count
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.inputs.sources import discover
 
     with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
         size = int(json.load(handle)["image_size"])
@@ -119,7 +119,7 @@ def profile_partitions(spark, folder: str, model_dir: str, batch_size: int = 32)
         reused = "tensorflow" in _sys.modules
         import tensorflow  # noqa: F401
 
-        from covid_spark import predict as P
+        from covid_spark.stages import predict as P
 
         t1 = time.perf_counter()
         P.set_tf_threads(1)
@@ -164,7 +164,7 @@ def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None
     """
     from bench.memory import CpuUse, PeakRss
     from covid_spark.config import load_config
-    from covid_spark.predict import predict
+    from covid_spark.stages.predict import predict
 
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
         folder, n = subset_folder(input_dir_or_list, os.path.join(tmp, "inputs"), n_images)

@@ -30,7 +30,7 @@ MB = 1024 * 1024
 
 def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
     """Body of one plain process: wait for the start signal, decode ``paths``, report."""
-    from covid_spark.preprocess import read_and_decode
+    from covid_spark.stages.preprocess import read_and_decode
 
     barrier.wait()
     started = time.perf_counter()
@@ -88,8 +88,8 @@ def run_at_barrier(workers, barrier, queue, start_timeout: float, join_timeout: 
 def _stage_worker(location, index, processes, size, max_pixels, url, barrier, queue, hashes_path) -> None:
     """Body of one plain staging process: list the input, take its share, wait for the start signal,
     stage the share to ``url``, report."""
-    from covid_spark.preprocess import stage_images
-    from covid_spark.sources import discover
+    from covid_spark.stages.preprocess import stage_images
+    from covid_spark.inputs.sources import discover
 
     records = discover(location).records[index::processes]
     barrier.wait()
@@ -214,7 +214,7 @@ SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_s
 
 def spark_preprocess(spark, input_location: str, output: str, config: dict) -> dict:
     """Run the real preprocess job once; wall time, throughput, counts and a driver profile."""
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     profile = cProfile.Profile()  # default timer is wall-clock: blocking JVM calls show their duration
     first_job = last_job_id(spark)
@@ -238,7 +238,7 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
 
 def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
     """Where one process spends its time per image: cProfile of ``read_and_decode`` on ``paths``."""
-    from covid_spark.preprocess import read_and_decode
+    from covid_spark.stages.preprocess import read_and_decode
 
     profile = cProfile.Profile(time.process_time)
     profile.enable()
@@ -259,7 +259,7 @@ def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict)
     ``spark_factory()`` builds the session. The first tiny job also starts Spark's Python
     workers; the second is the steady per-job fixed cost subtracted for ``net`` throughput.
     """
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     started = time.perf_counter()
     spark = spark_factory()
@@ -275,7 +275,7 @@ def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict)
 
 def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
     """Single process, two processes, then Spark, on one input; with the ratios."""
-    from covid_spark.sources import discover
+    from covid_spark.inputs.sources import discover
 
     cfg = config["preprocess"]
     size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])

@@ -5,7 +5,7 @@ docs/performance.md). Not part of `make bench`: profiling slows what it watches.
 
 * ``spark-preprocess``: the preprocess job with Spark's Python worker profiler on
   (``spark.python.profile``), merged over all workers: where the executors' Python time goes.
-* ``augment``: ``covid_spark.data.augment_batch`` (one composed resampling) against the former Keras
+* ``augment``: ``covid_spark.training.tfdata.augment_batch`` (one composed resampling) against the former Keras
   layer stack, layer by layer, on a batch with one intra-op thread as a rank has.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int 
     from bench.inputs import sized_input
     from bench.run import spark_settings
     from covid_spark.config import load_config
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     location = sized_input(source, os.path.join(workdir, f"input-{images}"), images)
     builder = SparkSession.builder.appName("covid-spark profile")
@@ -67,7 +67,7 @@ def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int 
 
 def keras_layer_stack(augment: dict):
     """The Keras preprocessing layers training used until 2026-11-27 (one resampling per layer,
-    stateful random generators), kept here only to compare with ``covid_spark.data.augment_batch``."""
+    stateful random generators), kept here only to compare with ``covid_spark.training.tfdata.augment_batch``."""
     from tensorflow import keras
     from tensorflow.keras import layers
 
@@ -82,7 +82,7 @@ def keras_layer_stack(augment: dict):
 
 
 def profile_augment(batch_size: int = 32, size: int | None = None, repeats: int = 5) -> str:
-    """Milliseconds per image of the augmentation as trained (``covid_spark.data.augment_batch``: one
+    """Milliseconds per image of the augmentation as trained (``covid_spark.training.tfdata.augment_batch``: one
     composed resampling) against the former Keras layer stack, layer by layer, on one intra-op thread.
     ``size``: image side in pixels, by default the config's ``preprocess.image_size``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -90,7 +90,7 @@ def profile_augment(batch_size: int = 32, size: int | None = None, repeats: int 
     import tensorflow as tf
 
     from covid_spark.config import default_config
-    from covid_spark.data import augment_batch
+    from covid_spark.training.tfdata import augment_batch
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)

@@ -22,7 +22,7 @@ def _read_worker(dataset, batch_size, variants, seed, shuffle_buffer, threads, w
     os.environ.update(env)
     import tensorflow as tf
 
-    from covid_spark.data import make_train_dataset
+    from covid_spark.training.tfdata import make_train_dataset
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))

@@ -37,7 +37,7 @@ FIXED_COST_IMAGES = 6
 
 def machine() -> dict:
     """nproc, CPU model, RAM and load of this machine, and the library versions."""
-    from covid_spark.rundir import versions
+    from covid_spark.data.rundir import versions
 
     cpu = "unknown"
     try:
@@ -176,7 +176,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
 
 
 def _paths(location: str) -> list[str]:
-    from covid_spark.sources import discover
+    from covid_spark.inputs.sources import discover
 
     return [r["path"] for r in discover(location).records]
 
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
 
 def save(results: dict, path: str, section: str = "bench") -> None:
     """Write ``results`` under ``section`` of the JSON file at ``path``, keeping its other sections."""
-    from covid_spark.storage import atomic_write_json
+    from covid_spark.data.storage import atomic_write_json
 
     existing = {}
     if os.path.exists(path):

@@ -1,6 +1,6 @@
 """Training throughput: Horovod ranks over Spark against independent single-rank trainings.
 
-Every run calls the real ``covid_spark.train.train_fn`` with a job built as ``run_training``
+Every run calls the real ``covid_spark.stages.train.train_fn`` with a job built as ``run_training``
 builds it (no validation, one epoch of ``warmup + steps`` steps) and a step timer added to its
 ``fit()`` call. Images/s come from the batch-end timestamps after the warm-up steps, inside
 the window where every process of the run was past its warm-up and none had finished, so a
@@ -29,7 +29,7 @@ def threads_per_rank(config: dict, num_proc: int) -> int:
 
 def rank_env(spark, threads: int) -> dict[str, str]:
     """The environment ``run_training`` gives each rank, plus this checkout on PYTHONPATH."""
-    from covid_spark.train import rank_env as job_rank_env
+    from covid_spark.engines.horovod import rank_env as job_rank_env
 
     env = job_rank_env(spark.sparkContext, threads)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH", "")) if p)
@@ -39,8 +39,8 @@ def rank_env(spark, threads: int) -> dict[str, str]:
 def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, checkpoint_dir: str,
              batch_size: int | None = None) -> dict:
     """A ``train_fn`` job for ``steps`` steps of one epoch on ``dataset``'s train split."""
-    from covid_spark.dataset import read_summary
-    from covid_spark.train import make_job as train_job
+    from covid_spark.data.dataset import read_summary
+    from covid_spark.stages.train import make_job as train_job
 
     cfg = dict(config["train"], model=model, epochs=1, batch_size=int(batch_size or config["train"]["batch_size"]))
     job = train_job(cfg, read_summary(None, dataset), dataset, steps, threads, checkpoint_dir)
@@ -56,7 +56,7 @@ def timed_train_fn(job: dict, barrier=None, warmup: int = 0) -> dict:
     """
     import tensorflow as tf
 
-    from covid_spark.train import train_fn
+    from covid_spark.stages.train_rank import train_fn
 
     batch_ends: list[float] = []
     batch_cpu: list[float] = []  # this process's CPU seconds (all threads) at each batch end
@@ -168,7 +168,7 @@ def _ranks_result(results: list, wall: float, machine, job: dict, num_proc: int,
 def tf_distribute_run(spark, job: dict, num_proc: int, warmup: int) -> dict:
     """``num_proc`` tf-distribute ranks (MultiWorkerMirroredStrategy in Spark barrier tasks), as ``run_training``
     launches them with ``train.engine: tf-distribute``."""
-    from covid_spark.tfdistribute import TFDistributeLauncher
+    from covid_spark.engines.tfdistribute import TFDistributeLauncher
 
     job = dict(job, engine="tf-distribute")
     started = time.perf_counter()

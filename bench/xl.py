@@ -108,7 +108,7 @@ def _rm(path: str) -> None:
 
 
 def _warm_worker(location: str, queue) -> None:
-    from covid_spark.sources import discover
+    from covid_spark.inputs.sources import discover
 
     started = time.perf_counter()
     files = total = 0
@@ -344,10 +344,10 @@ def _save_untrained(model: str, image_size: int, model_dir: str, queue) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from covid_spark.config import CLASSES
-    from covid_spark.models import make_model
-    from covid_spark.rundir import RunDir, versions
-    from covid_spark.storage import atomic_write_json
+    from covid_spark.constants import CLASSES
+    from covid_spark.models.registry import make_model
+    from covid_spark.data.rundir import RunDir, versions
+    from covid_spark.data.storage import atomic_write_json
 
     net = make_model(model, input_shape=(image_size, image_size, 3), num_classes=len(CLASSES))
     net.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
@@ -426,8 +426,8 @@ def run_predict(source: str, workdir: str, images: int, model: str, image_size: 
 
 def ensure_dataset(spark, source: str, workdir: str, images: int, config: dict) -> str:
     """The preprocessed dataset of the ``images`` sample: kept from the preprocess part, or made now (untimed)."""
-    from covid_spark.dataset import has_summary
-    from covid_spark.preprocess import preprocess
+    from covid_spark.data.dataset import has_summary
+    from covid_spark.stages.preprocess import preprocess
 
     output = os.path.join(workdir, f"ds-{images}")
     if not has_summary(spark, output):
@@ -443,9 +443,9 @@ def run_train(spark, dataset: str, config: dict, models, steps: dict, warmup: in
     one whole epoch each."""
     from bench import train_bench
     from covid_spark.config import load_config, override
-    from covid_spark.dataset import read_summary
-    from covid_spark.rundir import RunDir
-    from covid_spark.train import run_training
+    from covid_spark.data.dataset import read_summary
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.stages.train import run_training
 
     summary = read_summary(None, dataset)
     threads = train_bench.threads_per_rank(config, 2)
@@ -540,7 +540,7 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
     from bench.inputs import source_rows
     from bench.run import machine, spark_settings, start_spark
     from covid_spark.config import load_config
-    from covid_spark.rundir import git_commit
+    from covid_spark.data.rundir import git_commit
 
     profile = profile or Profile(False)
     config = config or load_config(config_path)
@@ -630,7 +630,7 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
 
 
 def save(results: dict, path: str) -> None:
-    from covid_spark.storage import atomic_write_json
+    from covid_spark.data.storage import atomic_write_json
 
     atomic_write_json(path, results)
 

@@ -15,6 +15,8 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from covid_spark.config import PRECEDENCE
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,6 @@ def job_main(job: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
     """Add --config (a YAML job config) and --set KEY=VALUE (repeatable) to ``parser``: pass both to
     ``config.load_config(args.config, sets=args.set)``."""
-    from covid_spark.config import PRECEDENCE
-
     parser.add_argument("--config", default=None,
                         help="YAML job config overriding the packaged defaults (covid_spark/defaults.yaml; "
                              "see conf/)")

@@ -25,16 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
-# The one definition of the default input image size (square, pixels) in the library: where a function
-# needs a default size it takes this one. The user's default is ``preprocess.image_size`` in
-# defaults.yaml, which must equal it (tests/test_config.py checks); a dataset's own size is the
-# ``image_size`` of its _summary.json, and a run's the ``image_size`` of its run.json.
-DEFAULT_IMAGE_SIZE: int = 224
-# The split a run is judged on (its metrics.json, report and model card), and the number of images
-# a model scores at once when it evaluates or predicts: one definition each.
-EVALUATION_SPLIT: str = "test"
-INFERENCE_BATCH_SIZE: int = 32
+from covid_spark.models.registry import INPUT_NORMS, REGISTRY
 
 PRECEDENCE = "packaged defaults < the model's own train values (train.per_model) < --config file < --set < named flags"
 
@@ -134,21 +125,21 @@ class PerModel:
 
 
 def _model_names() -> list[str]:
-    from covid_spark.models import REGISTRY
-
     return sorted(REGISTRY)
 
 
 def _input_norms() -> tuple[str, ...]:
-    from covid_spark.models import INPUT_NORMS
-
     return INPUT_NORMS
 
 
-def _tracking_uri(value: str) -> bool:
-    from covid_spark.tracking import is_tracking_uri
+# ``tracking.mlflow_uri``: off (empty), ``local`` (the run dir's own store), or a URI MLflow stores runs at.
+TRACKING_LOCAL = "local"
+TRACKING_URI_SCHEMES = ("http://", "https://", "sqlite:///", "file:")
 
-    return is_tracking_uri(value)
+
+def is_tracking_uri(value: str) -> bool:
+    """True for what ``tracking.mlflow_uri`` accepts: empty (off), ``local``, or a URI MLflow stores runs at."""
+    return value in ("", TRACKING_LOCAL) or value.startswith(TRACKING_URI_SCHEMES)
 
 
 def _fraction(help: str) -> Field:
@@ -175,7 +166,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                             "empty: every view); preprocess and predict"),
     },
     "train": {
-        "model": Field(str, "architecture (covid_spark.models.REGISTRY)", choices=_model_names),
+        "model": Field(str, "architecture (covid_spark.models.registry.REGISTRY)", choices=_model_names),
         "engine": Field(str, "what runs the ranks: horovod (horovod.spark.run over Gloo), tf-distribute "
                              "(MultiWorkerMirroredStrategy in Spark barrier tasks) or auto (horovod where it is "
                              "installed, else tf-distribute)", choices=("auto", "horovod", "tf-distribute")),
@@ -215,7 +206,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "mlflow_uri": Field(str, "MLflow tracking: empty (off, unless MLFLOW_TRACKING_URI is set), 'local' (an "
                                  "SQLite store beside the run dir: <run-dir>/../mlflow.db), or a tracking URI "
                                  "(http(s)://host:port of an mlflow server, sqlite:///file.db, file:///dir)",
-                            rule=_tracking_uri,
+                            rule=is_tracking_uri,
                             rule_text="empty, 'local', or an http://, https://, sqlite:/// or file:// URI"),
         "experiment": Field(str, "MLflow experiment the runs are logged in (created when missing)",
                             rule=bool, rule_text="a non-empty string"),
@@ -277,13 +268,11 @@ def _check_together(config: Mapping) -> None:
 
 def default_config() -> dict[str, Any]:
     """Return a fresh copy of the packaged defaults: defaults.yaml, with ``train.per_model`` filled from
-    the model registry (``covid_spark.models.REGISTRY``: each architecture's own train values).
+    the model registry (``covid_spark.models.registry.REGISTRY``: each architecture's own train values).
 
     Raises:
         RuntimeError: defaults.yaml and ``SCHEMA`` disagree (a bug of the package, not of the user).
     """
-    from covid_spark.models import REGISTRY
-
     text = resources.files("covid_spark").joinpath("defaults.yaml").read_text()
     config = yaml.safe_load(text)
     config["train"]["per_model"] = {name: copy.deepcopy(dict(spec.train_defaults)) for name, spec in REGISTRY.items()}

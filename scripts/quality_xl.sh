@@ -52,7 +52,7 @@ for m in plain1 equalize1; do
     OUT=$R/$m/metrics_cxr3_val.json
 done
 # The README's tables.
-c() { .venv/bin/python -m covid_spark.compare "$@"; }
+c() { .venv/bin/python -m covid_spark.evaluation.compare "$@"; }
 c "efficientnet_lite0=$R/effnet/metrics.json" "original=$R/original/metrics.json" > $R/table-test.md
 c --part patient_wise "efficientnet_lite0=$R/effnet/metrics.json" "original=$R/original/metrics.json" > $R/table-test-patients.md
 c "cxr-xl → cxr3=$R/effnet/metrics_cxr3.json" "original cxr-xl → cxr3=$R/original/metrics_cxr3.json" \

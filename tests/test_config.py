@@ -73,7 +73,7 @@ def _train_config_of_the_train_job(monkeypatch, argv: list[str]) -> dict:
 
 
 def test_precedence_defaults_per_model_file_set_flag_end_to_end(tmp_path, monkeypatch, capsys):
-    from covid_spark.models import REGISTRY
+    from covid_spark.models.registry import REGISTRY
 
     mine = tmp_path / "mine.yaml"
     mine.write_text("train:\n  epochs: 5\n")
@@ -194,7 +194,7 @@ def test_checking_keeps_the_json_of_valid_values():
     import yaml
 
     from covid_spark.config import default_config
-    from covid_spark.models import REGISTRY
+    from covid_spark.models.registry import REGISTRY
 
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "..", "covid_spark", "defaults.yaml"), encoding="utf-8") as handle:
@@ -290,7 +290,7 @@ def test_every_job_takes_set_and_states_the_precedence_in_its_help(name, capsys)
 
 
 def test_make_job_passes_gradient_compression_and_input_norm_which_the_config_checks():
-    from covid_spark.train import make_job
+    from covid_spark.stages.train import make_job
 
     summary = {"image_size": 224, "per_split_class": {"train": {"covid": 4, "normal": 2, "pneumonia": 2}},
                "per_split": {"val": 3}, "row_groups": {"val": 1}}
@@ -347,15 +347,15 @@ def test_make_targets_pass_inputs_config_and_epochs():
 # ----------------------------------------------------------------------------- the input image size, defined once
 
 # The literal 224 may appear in code only here: the library's default, and the ImageNet weights' own size.
-ALLOWED_224 = {("covid_spark/config.py", "DEFAULT_IMAGE_SIZE"), ("covid_spark/models.py", "IMAGENET_INPUT_SIZE")}
+ALLOWED_224 = {("covid_spark/constants.py", "DEFAULT_IMAGE_SIZE"), ("covid_spark/models/registry.py", "IMAGENET_INPUT_SIZE")}
 
 
 def test_the_users_default_image_size_is_the_librarys():
     import inspect
 
-    from covid_spark.config import DEFAULT_IMAGE_SIZE
-    from covid_spark.images import decode_image
-    from covid_spark.models import DEFAULT_INPUT_SHAPE
+    from covid_spark.constants import DEFAULT_IMAGE_SIZE
+    from covid_spark.inputs.images import decode_image
+    from covid_spark.models.registry import DEFAULT_INPUT_SHAPE
 
     assert load_config()["preprocess"]["image_size"] == DEFAULT_IMAGE_SIZE
     assert DEFAULT_INPUT_SHAPE == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3)
@@ -386,14 +386,16 @@ def test_no_other_224_in_the_code():
                         allowed.update(here)
                     else:
                         found.append(f"{folder}/{name}:{tok.start[0]}: {line}")
-    assert found == [], "use covid_spark.config.DEFAULT_IMAGE_SIZE or the config's preprocess.image_size"
+    assert found == [], "use covid_spark.constants.DEFAULT_IMAGE_SIZE or the config's preprocess.image_size"
     assert allowed == ALLOWED_224
 
 
 def test_evaluation_split_and_inference_batch_are_defined_once():
     import inspect
 
-    from covid_spark import config, evaluate, predict
+    from covid_spark import constants as config
+    from covid_spark.stages import evaluate
+    from covid_spark.stages import predict
     from jobs import evaluate as evaluate_job
     from jobs import predict as predict_job
 

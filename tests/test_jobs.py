@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from covid_spark.cli import JobError, job_main, one_line
-from covid_spark.config import CLASSES
+from covid_spark.constants import CLASSES
 
 EXISTS = "already exists: pass --overwrite to replace it"
 
@@ -260,7 +260,7 @@ def test_pipeline_names_the_stage_and_a_missing_input(fake_spark, tmp_path, caps
 
 def test_pipeline_keeps_the_traceback_of_a_failed_stage_that_is_a_bug(fake_spark, tmp_path, capsys, caplog,
                                                                      monkeypatch):
-    from covid_spark.pipeline import StageFailed
+    from covid_spark.stages.pipeline import StageFailed
 
     def broken(*args, **kwargs):
         try:
@@ -307,7 +307,7 @@ def test_crossval_refuses_an_existing_output_and_unknown_models(tmp_path, capsys
 def test_the_old_crossval_command_points_to_the_job():
     import sys
 
-    old = subprocess.run([sys.executable, "-m", "covid_spark.crossval", "--dataset", "d", "--output", "o.json"],
+    old = subprocess.run([sys.executable, "-m", "covid_spark.stages.crossval", "--dataset", "d", "--output", "o.json"],
                          capture_output=True, text=True)
     assert old.returncode == 2 and "jobs/crossval.py" in old.stderr and old.stderr.count("\n") == 1
 

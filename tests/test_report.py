@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_curve
 
-from covid_spark import metrics as M
+from covid_spark.evaluation import metrics as M
 from covid_spark import report as R
 from covid_spark.report import figures as F
 from covid_spark.report import tables as T
@@ -150,7 +150,7 @@ def report_inputs(tmp_path):
     m.update(aucs)
     cam = tmp_path / "cam0.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(cam)
-    summary = {  # the shape covid_spark.preprocess writes to _summary.json
+    summary = {  # the shape covid_spark.stages.preprocess writes to _summary.json
         "classes": CLASSES,
         "image_size": 224,
         "inputs": 700,
@@ -437,7 +437,7 @@ def test_data_card_sources_reads_the_source_table_only():
 
 
 def test_card_describes_sources_from_the_data_card_first(tmp_path):
-    from covid_spark.run_report import data_card_notes
+    from covid_spark.stages.report import data_card_notes
 
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "manifest.csv").write_text("path,label,source\nx.png,normal,nih\n")
@@ -461,7 +461,7 @@ def test_card_describes_sources_from_the_data_card_first(tmp_path):
 
 
 def test_data_card_notes_of_the_real_cxr3():
-    from covid_spark.run_report import data_card_notes
+    from covid_spark.stages.report import data_card_notes
     from tests.conftest import CXR3
 
     if not os.path.isfile(os.path.join(CXR3, "README.md")):

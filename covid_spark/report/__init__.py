@@ -8,14 +8,27 @@
                  markdown model card
     html.py      the HTML report, rendered from templates/report.html.j2 with autoescaping on
 
-The names below are the public interface; ``covid_spark.run_report`` assembles a run's report.
+The names below are the public interface; ``covid_spark.stages.report`` assembles a run's report.
 """
 
-from covid_spark.metrics import roc_pr_curves
-from covid_spark.report.card import (KNOWN_SOURCES, data_card_sources, data_limitations, licence_note,
-                                     source_confounding, training_data_lines, write_model_card)
-from covid_spark.report.figures import (confusion_figure, history_figure, plot_confusion, plot_history,
-                                        plot_roc_pr, roc_pr_figure)
+from covid_spark.evaluation.metrics import roc_pr_curves
+from covid_spark.report.card import (
+                                     KNOWN_SOURCES,
+                                     data_card_sources,
+                                     data_limitations,
+                                     licence_note,
+                                     source_confounding,
+                                     training_data_lines,
+                                     write_model_card,
+)
+from covid_spark.report.figures import (
+                                     confusion_figure,
+                                     history_figure,
+                                     plot_confusion,
+                                     plot_history,
+                                     plot_roc_pr,
+                                     roc_pr_figure,
+)
 from covid_spark.report.html import render_html_report, write_html_report
 from covid_spark.report.summary import patient_id_status
 from covid_spark.report.tables import MAX_LIST_SHOWN

@@ -12,11 +12,21 @@ import logging
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from covid_spark.data.storage import atomic_write_text
 from covid_spark.report.summary import inputs_of, patient_id_counts, sources_of, summary_classes
-from covid_spark.report.tables import (Table, classes_of, count, group_table, inputs_table, is_scalar,
-                                       overall_table, per_class_table, parts, source_class_table,
-                                       summary_tables)
-from covid_spark.storage import atomic_write_text
+from covid_spark.report.tables import (
+    Table,
+    classes_of,
+    count,
+    group_table,
+    inputs_table,
+    is_scalar,
+    overall_table,
+    parts,
+    per_class_table,
+    source_class_table,
+    summary_tables,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,18 @@ from functools import lru_cache
 import jinja2
 from markupsafe import Markup, escape
 
+from covid_spark.data.storage import atomic_write_text
 from covid_spark.report.card import data_limitations, source_confounding
-from covid_spark.report.tables import (classes_of, confusion_table, group_table, overall_table,
-                                       per_class_table, parts, summary_tables, versions_table)
-from covid_spark.storage import atomic_write_text
+from covid_spark.report.tables import (
+    classes_of,
+    confusion_table,
+    group_table,
+    overall_table,
+    parts,
+    per_class_table,
+    summary_tables,
+    versions_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +116,7 @@ def write_html_report(path: str, **report) -> None:
         path: output file; written to ``path + ".tmp"`` first and renamed into place.
         report: the keyword arguments of :func:`render_html_report`:
         title: page title.
-        metrics: a :func:`covid_spark.metrics.classification_metrics` result, optionally with
+        metrics: a :func:`covid_spark.evaluation.metrics.classification_metrics` result, optionally with
             ``"ci95"`` (a bootstrap_ci result), ``"per_source"`` (metrics_by_group result),
             ``"per_input"`` and ``"patient_wise"`` (parts of the test set), ``"roc_auc"`` /
             ``"pr_auc"`` (per-class dicts) and extra scalars such as ``"ece"``.

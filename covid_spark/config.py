@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
+from covid_spark.errors import ConfigError
 from covid_spark.models.registry import INPUT_NORMS, REGISTRY
 
 PRECEDENCE = "packaged defaults < the model's own train values (train.per_model) < --config file < --set < named flags"
@@ -79,7 +80,7 @@ class Field:
         """
         cast = self._cast(value)
         if cast is None or not self._in_range(cast):
-            raise ValueError(f"config key '{key}' must be {self.expected()}, found {value!r}")
+            raise ConfigError(f"config key '{key}' must be {self.expected()}, found {value!r}")
         return cast
 
     def _cast(self, value: Any) -> Any:
@@ -226,25 +227,25 @@ def _check(tree: Any, schema: Mapping, where: str, partial: bool) -> dict:
     """A copy of ``tree`` with every value checked and cast against ``schema``; unknown keys refused,
     and missing ones too unless ``partial``."""
     if not isinstance(tree, Mapping):
-        raise ValueError(f"config key '{where[:-1]}' must be a mapping, found {tree!r}")
+        raise ConfigError(f"config key '{where[:-1]}' must be a mapping, found {tree!r}")
     out = {}
     for key, value in tree.items():
         name = f"{where}{key}"
         if key not in schema:
-            raise ValueError(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
+            raise ConfigError(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
         spec = schema[key]
         if isinstance(spec, Mapping):
             out[key] = _check(value, spec, f"{name}.", partial)
         elif isinstance(spec, PerModel):
             if not isinstance(value, Mapping):
-                raise ValueError(f"config key '{name}' must map model names to mappings of train keys, found {value!r}")
+                raise ConfigError(f"config key '{name}' must map model names to mappings of train keys, found {value!r}")
             per_model = {k: v for k, v in SCHEMA["train"].items() if k not in ("model", "per_model")}
             out[key] = _check(value, {model: per_model for model in _model_names()}, f"{name}.", partial=True)
         else:
             out[key] = spec.check(name, value)
     missing = [key for key in schema if key not in tree] if not partial else []
     if missing:
-        raise ValueError(f"config key '{where}{missing[0]}' is missing")
+        raise ConfigError(f"config key '{where}{missing[0]}' is missing")
     return out
 
 
@@ -262,7 +263,7 @@ def _check_together(config: Mapping) -> None:
     """What no single key can check: the val and test shares leave some patients to train."""
     pre = config["preprocess"]
     if not pre["holdout_source"] and pre["val_fraction"] + pre["test_fraction"] >= 1:
-        raise ValueError(f"config keys 'preprocess.val_fraction' + 'preprocess.test_fraction' must be below 1, "
+        raise ConfigError(f"config keys 'preprocess.val_fraction' + 'preprocess.test_fraction' must be below 1, "
                          f"found {pre['val_fraction']} + {pre['test_fraction']}")
 
 
@@ -289,11 +290,11 @@ def parse_set(pair: str) -> dict[str, Any]:
     key, sep, text = pair.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(p.strip() for p in parts):
-        raise ValueError(f"--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got {pair!r}")
+        raise ConfigError(f"--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got {pair!r}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as err:
-        raise ValueError(f"--set {key.strip()}: the value {text!r} is not YAML ({' '.join(str(err).split())})") from err
+        raise ConfigError(f"--set {key.strip()}: the value {text!r} is not YAML ({' '.join(str(err).split())})") from err
     tree: dict[str, Any] = {}
     node = tree
     for part in parts[:-1]:
@@ -324,7 +325,7 @@ def load_config(path: str | None = None, model: str | None = None, sets: Sequenc
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
         if not isinstance(loaded, Mapping):
-            raise ValueError(f"config file {path} must hold a mapping at top level")
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
         user = _check(loaded, SCHEMA, "", partial=True)
     for pair in sets:
         _deep_merge(user, _check(parse_set(pair), SCHEMA, "", partial=True))

@@ -13,6 +13,7 @@ from covid_spark.data.duplicates import near_copies
 from covid_spark.data.rundir import RunDir
 from covid_spark.data.splits import SPLITS
 from covid_spark.data.storage import atomic_write_json, refuse_existing
+from covid_spark.errors import DatasetError, InputError
 from covid_spark.evaluation.metrics import (
     bootstrap_ci,
     classification_metrics,
@@ -50,7 +51,7 @@ def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label
         for f in wanted:
             kept[f].append(batch[f])
     if not kept["probs"]:
-        raise ValueError(f"split {split!r} of {dataset} holds no rows")
+        raise DatasetError(f"split {split!r} of {dataset} holds no rows")
     out = {f: np.concatenate(parts) for f, parts in kept.items()}
     order = np.argsort(out["path"].astype(str), kind="stable")
     return {f: values[order] for f, values in out.items()}
@@ -72,7 +73,7 @@ def stored_hashes(dataset: str, splits: Sequence[str]) -> dict[str, tuple[int, i
         fs, groups = split_row_groups(dataset, split)
         with fs.open_input_file(groups[0][0]) as handle:
             if "dhash" not in pq.ParquetFile(handle).schema_arrow.names:
-                raise ValueError(f"{dataset} holds no stored image hashes (written before they were stored): "
+                raise DatasetError(f"{dataset} holds no stored image hashes (written before they were stored): "
                                  f"preprocess it again to find near-copies")
         for batch in iter_split_batches(dataset, split, fields=("dhash", "label"), batch_size=4096):
             out.update((str(p), (int(str(h), 16), int(y), split))
@@ -171,11 +172,11 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
     summary = read_summary(None, dataset)
     splits = [s for s in SPLITS if summary["per_split"].get(s, 0)] if split == "all" else [split]
     if not splits or summary["per_split"].get(splits[0], 0) == 0:
-        raise ValueError(f"split {split!r} of {dataset} is empty; nothing to evaluate")
+        raise DatasetError(f"split {split!r} of {dataset} is empty; nothing to evaluate")
     model = load_model(RunDir(model_dir))
     expected = tuple(model.input_shape[1:3])
     if expected != (summary["image_size"], summary["image_size"]):
-        raise ValueError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
+        raise InputError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
     kept, exclusion = None, None
     if exclude_near_copies_of:
         found = near_copy_exclusion(dataset, splits, exclude_near_copies_of,
@@ -184,7 +185,7 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
         logger.info("evaluate: %d near-copies of %s dropped, %d images kept", exclusion["dropped"],
                     exclude_near_copies_of, exclusion["kept"])
         if not exclusion["kept"]:
-            raise ValueError(f"every image of {dataset} ({split}) is a near-copy of {exclude_near_copies_of}")
+            raise InputError(f"every image of {dataset} ({split}) is a near-copy of {exclude_near_copies_of}")
     parts = [score_split(model, dataset, s, fields=("label", "source", "patient_id"),
                          paths=None if kept is None else kept[s])
              for s in splits if kept is None or kept[s]]

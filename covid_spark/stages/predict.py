@@ -10,6 +10,7 @@ from typing import Iterable, Iterator, Sequence
 from covid_spark.constants import CLASSES, INFERENCE_BATCH_SIZE
 from covid_spark.data.rundir import RunDir
 from covid_spark.data.storage import refuse_existing
+from covid_spark.errors import InputError
 from covid_spark.inputs.images import read_image
 from covid_spark.inputs.sources import discover
 from covid_spark.inputs.views import ViewFilter
@@ -254,7 +255,7 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
 
     started = time.time()
     if not output.lower().endswith((".csv", ".parquet")):
-        raise ValueError(f"--output {output} must end in .csv or .parquet")
+        raise InputError(f"--output {output} must end in .csv or .parquet")
     refuse_existing(output, overwrite)
     run_dir = RunDir(model_dir)
     if not os.path.exists(run_dir.model):

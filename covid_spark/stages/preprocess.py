@@ -36,6 +36,7 @@ from covid_spark.data.dataset import split_url, write_summary
 from covid_spark.data.duplicates import HASH_SIZE, dhash, group_duplicates
 from covid_spark.data.splits import SPLITS, assign_splits
 from covid_spark.data.storage import HadoopFS, atomic_directory, to_url
+from covid_spark.errors import ConfigError
 from covid_spark.inputs.dicom import Pseudonyms, require_no_patient_ids
 from covid_spark.inputs.images import read_image
 from covid_spark.inputs.sources import count_per_input, discover, patient_key
@@ -276,7 +277,7 @@ def split_images(good: Sequence[Staged], cfg: dict, duplicates: list[list[str]])
     rest = [i for i, m in enumerate(good) if m.source != holdout] if holdout else range(len(good))
     if holdout and len(rest) == len(good):
         known = sorted({m.source for m in good})
-        raise ValueError(f"preprocess.holdout_source {holdout!r} matches no image; sources: {known}")
+        raise ConfigError(f"preprocess.holdout_source {holdout!r} matches no image; sources: {known}")
     test_fraction = 0.0 if holdout else cfg["test_fraction"]
     splits = ["test"] * len(good)
     assigned = assign_splits([good[i].path for i in rest], [good[i].label for i in rest],

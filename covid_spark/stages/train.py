@@ -18,6 +18,7 @@ from covid_spark.data.dataset import read_summary
 from covid_spark.data.rundir import CHECKPOINT_STATE, RunDir, git_commit, versions
 from covid_spark.data.storage import atomic_write_json, exists_error, to_url
 from covid_spark.engines.registry import ENGINES, resolve_engine
+from covid_spark.errors import ConfigError, DatasetError, InputError
 from covid_spark.models.registry import provenance
 from covid_spark.stages.train_rank import train_fn
 from covid_spark.tracking.serving import export_run
@@ -87,18 +88,18 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     summary = read_summary(spark, dataset)
     num_proc = cfg["num_proc"]
     if summary.get("classes") != list(CLASSES):
-        raise ValueError(f"dataset classes {summary.get('classes')} differ from the model's {list(CLASSES)}")
+        raise DatasetError(f"dataset classes {summary.get('classes')} differ from the model's {list(CLASSES)}")
     n_train = summary["per_split"].get("train", 0)
     if n_train == 0:
-        raise ValueError(f"dataset {dataset} has an empty train split")
+        raise DatasetError(f"dataset {dataset} has an empty train split")
     groups = summary["row_groups"].get("train", 0)
     if groups < num_proc:
-        raise ValueError(f"train.num_proc is {num_proc} but the train split of {dataset} has only "
+        raise ConfigError(f"train.num_proc is {num_proc} but the train split of {dataset} has only "
                          f"{groups} row group(s); Petastorm shards by row group, so rerun preprocess "
                          f"with a larger preprocess.min_row_groups or use fewer ranks")
     batch = cfg["batch_size"]
     if n_train < batch * num_proc:
-        raise ValueError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
+        raise ConfigError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
     model_dir = os.path.abspath(model_dir)
     run_dir = RunDir(model_dir)
     state = _prepare_model_dir(model_dir, overwrite, resume)
@@ -107,7 +108,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     steps = math.ceil(n_train / (batch * num_proc))
     job = make_job(cfg, summary, dataset, steps, threads, run_dir.checkpoints, engine)
     if state and state.get("model", cfg["model"]) != cfg["model"]:
-        raise ValueError(f"--resume: {model_dir} holds a checkpoint of model {state['model']!r}, but this run "
+        raise InputError(f"--resume: {model_dir} holds a checkpoint of model {state['model']!r}, but this run "
                          f"trains {cfg['model']!r}; pass --model {state['model']} to continue it")
     if state:
         job = dataclasses.replace(job, initial_epoch=int(state["epoch"]), resume_history=state.get("history", {}),

@@ -7,6 +7,7 @@ it imports no stage, no Spark and no TensorFlow. The ``train`` config is checked
 from __future__ import annotations
 
 from covid_spark.constants import CLASSES
+from covid_spark.errors import ConfigError
 
 
 def class_weights(train_counts: dict[str, int], mode: str) -> dict[int, float] | None:
@@ -14,7 +15,7 @@ def class_weights(train_counts: dict[str, int], mode: str) -> dict[int, float] |
     if mode == "none":
         return None
     if mode != "balanced":
-        raise ValueError(f"train.class_weights must be 'balanced' or 'none', found {mode!r}")
+        raise ConfigError(f"train.class_weights must be 'balanced' or 'none', found {mode!r}")
     total = sum(train_counts.get(c, 0) for c in CLASSES)
     present = [c for c in CLASSES if train_counts.get(c, 0) > 0]
     return {i: (total / (len(present) * train_counts[c]) if train_counts.get(c, 0) else 0.0)

@@ -1,5 +1,5 @@
 # Two commands a newcomer types: `make demo` and `make test`. Both set up .venv first (idempotent).
-# STACK=current runs any target on the second stack instead (README "Two stacks"): .venv-current,
+# STACK=current runs any target on the second stack instead (docs/stacks.md): .venv-current,
 # Python 3.12, requirements-current.txt, no Horovod (training with train.engine tf-distribute).
 SHELL := /bin/bash
 STACK ?= pinned
@@ -31,7 +31,7 @@ setup:
 	@STACK=$(STACK) VENV=$(VENV) bash scripts/setup_env.sh
 
 # TRACKING=local (or an MLflow tracking URI, e.g. http://127.0.0.1:5000) logs the run to MLflow:
-# tracking.mlflow_uri (README "Experiment tracking, serving and the report").
+# tracking.mlflow_uri (docs/tracking-and-serving.md).
 TRACKING_SET = $(if $(TRACKING),--set tracking.mlflow_uri=$(TRACKING))
 
 demo: setup
@@ -47,7 +47,7 @@ demo-xl: setup
 	  jobs/pipeline.py $(XL_INPUTS) --run-dir runs/$(subst demo-,xl-,$(RUN_ID)) --config conf/xl.yaml \
 	  $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRACKING_SET)
 
-# One stage at a time, under .venv (the README's cxr-xl commands):
+# One stage at a time, under .venv (docs/jobs.md, "make shortcuts"):
 #   make preprocess DATA="dir [dir ...]" OUT=runs/<name>/dataset
 #   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1] [ENGINE=tf-distribute]
 #   make predict DATA="dir [dir ...]" MODEL_DIR=runs/<name>/model OUT=runs/<name>/predictions.parquet

@@ -567,7 +567,8 @@ def test_html_report_folds_the_lists_and_names_no_local_path(tmp_path):
     assert "<td>cxr3/bad29.jpg</td>" in page and "truncated JPEG: cxr3/bad29.jpg" in text
     assert "cxr-xl/images/0-a.png, cxr3/covid/0-b.jpg" in text
     assert "correct: cxr3/covid/0-b.jpg" in text and "sqlite:///…/mlflow.db" in text
-    # the long lists are folded; the per-class metrics are not
+    # the metrics and the limitations come before the dataset; the long lists are folded, the metrics are not
+    assert page.index("<h2>Metrics</h2>") < page.index("<h2>Known limitations</h2>") < page.index("<h2>Dataset</h2>")
     for caption in ("rejected (30 input(s))", "skipped (54 input(s))",
                     "duplicates (214 group(s); first 200 shown, 14 more not listed)"):
         assert f"<details><summary>{caption}</summary>" in page

@@ -4,7 +4,7 @@ The report is one file: figures are embedded as base64 ``data:`` URIs, styles ar
 is no script and no external link, so it can be mailed or archived as is. The template
 (``templates/report.html.j2``) is rendered with autoescaping on, so all text taken from inputs
 is escaped; only the limitation bullets' markdown ``**bold**`` becomes ``<strong>``. The metrics
-and the limitations come first; the dataset's lists (rejected and skipped files, duplicate groups),
+and the known limitations come first, then the figures and the Grad-CAM gallery; the dataset's lists (rejected and skipped files, duplicate groups),
 the configuration and the versions sit in collapsed ``<details>`` sections. No absolute local path
 is shown (:class:`~covid_spark.report.summary.PathNames`).
 """

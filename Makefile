@@ -39,7 +39,7 @@ demo: setup
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
 	  $(if $(MODEL),--model $(MODEL)) $(if $(VIEWS),--views $(VIEWS)) $(if $(ENGINE),--engine $(ENGINE)) $(TRACKING_SET)
 
-# The same pipeline on cxr-xl (17,445 images; about 35 minutes on 2 cores): conf/xl.yaml. DATA given on the
+# The same pipeline on cxr-xl (17,445 images): conf/xl.yaml. DATA given on the
 # command line replaces cxr-xl, e.g. cxr3 and cxr-xl together: make demo-xl DATA="../shared/data/cxr3 ../shared/data/cxr-xl"
 XL_INPUTS = $(if $(filter command line,$(origin DATA)),$(INPUTS),--input ../shared/data/cxr-xl)
 demo-xl: setup
@@ -100,7 +100,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-# Throughput benchmarks (not part of `make test`; ~5-10 min on 2 cores): bench/results.json + tables.
+# Throughput benchmarks (not part of `make test`): bench/results.json + tables.
 # BENCH_ARGS e.g. --quick, --sizes all,10000, --models compact. See docs/performance.md.
 BENCH_ARGS ?=
 bench: setup
@@ -110,7 +110,7 @@ bench: setup
 bench-demo: setup
 	$(PY) -m bench.demo
 
-# The same on real data at scale (../shared/data/cxr-xl, 17,445 images; ~14 min on 2 cores): preprocess at
+# The same on real data at scale (../shared/data/cxr-xl, 17,445 images): preprocess at
 # 671-50,000 images with peak memory, duplicate grouping, predict, training rates and one epoch per model
 # → bench/results-xl.json + tables. BENCH_XL_ARGS e.g. --quick, --skip-epoch, --models compact.
 BENCH_XL_ARGS ?=

@@ -71,7 +71,8 @@ def _plain_main(folder: str, model_dir: str, batch_size: int) -> dict:
     import resource
 
     from covid_spark.config import load_config
-    from covid_spark.stages.predict import cached_model, predict_partition, prediction_records, set_tf_threads
+    from covid_spark.stages.predict import prediction_records
+    from covid_spark.stages.predict_tasks import cached_model, predict_partition, set_tf_threads
     from covid_spark.data.rundir import RunDir
     from covid_spark.inputs.sources import discover
 
@@ -119,7 +120,7 @@ def profile_partitions(spark, folder: str, model_dir: str, batch_size: int = 32)
         reused = "tensorflow" in _sys.modules
         import tensorflow  # noqa: F401
 
-        from covid_spark.stages import predict as P
+        from covid_spark.stages import predict_tasks as P
 
         t1 = time.perf_counter()
         P.set_tf_threads(1)

@@ -161,8 +161,8 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
     before any work).
 
     Raises:
-        ValueError: the split is empty or missing, image size and model disagree, or every image
-            is a near-copy.
+        DatasetError / InputError: the split is empty or missing, image size and model disagree, or
+            every image is a near-copy.
         FileExistsError: the metrics file exists and ``overwrite`` is false.
         FileNotFoundError: no dataset summary or no model.
     """
@@ -177,58 +177,76 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
     expected = tuple(model.input_shape[1:3])
     if expected != (summary["image_size"], summary["image_size"]):
         raise InputError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
-    kept, exclusion = None, None
-    if exclude_near_copies_of:
-        found = near_copy_exclusion(dataset, splits, exclude_near_copies_of,
-                                    config["preprocess"]["duplicate_distance"])
-        kept, exclusion = found["kept"], found["report"]
-        logger.info("evaluate: %d near-copies of %s dropped, %d images kept", exclusion["dropped"],
-                    exclude_near_copies_of, exclusion["kept"])
-        if not exclusion["kept"]:
-            raise InputError(f"every image of {dataset} ({split}) is a near-copy of {exclude_near_copies_of}")
+    kept, exclusion = _near_copies_left_out(dataset, split, splits, exclude_near_copies_of, config)
+    data = _scored(model, dataset, splits, kept)
+    metrics = _metrics(data, split, dataset, summary, config)
+    if exclusion:
+        metrics["near_copies"] = exclusion
+    if split not in ("val", "all") and summary["per_split"].get("val", 0):
+        metrics.update(_calibration(model, dataset, data))
+    metrics["predictions"] = metrics.pop("predictions")  # the long part last
+    atomic_write_json(output, metrics)
+    if in_run_dir:  # a file written elsewhere (--output: another collection) is not this run's evaluation
+        log_evaluation(model_dir, config)
+    return metrics
+
+
+def _near_copies_left_out(dataset: str, split: str, splits: list[str], reference: str | None,
+                          config: dict) -> tuple[dict | None, dict | None]:
+    """``(kept paths per split, report)`` without the near-copies of ``reference``; ``(None, None)`` without one."""
+    if not reference:
+        return None, None
+    found = near_copy_exclusion(dataset, splits, reference, config["preprocess"]["duplicate_distance"])
+    kept, exclusion = found["kept"], found["report"]
+    logger.info("evaluate: %d near-copies of %s dropped, %d images kept", exclusion["dropped"], reference,
+                exclusion["kept"])
+    if not exclusion["kept"]:
+        raise InputError(f"every image of {dataset} ({split}) is a near-copy of {reference}")
+    return kept, exclusion
+
+
+def _scored(model, dataset: str, splits: list[str], kept: dict | None) -> dict[str, np.ndarray]:
+    """Probabilities, labels, sources, patient ids and paths of the scored images, in path order."""
     parts = [score_split(model, dataset, s, fields=("label", "source", "patient_id"),
                          paths=None if kept is None else kept[s])
              for s in splits if kept is None or kept[s]]
     data = {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
     order = np.argsort(data["path"].astype(str), kind="stable")
-    data = {f: values[order] for f, values in data.items()}
-    probs = data["probs"]
-    y = data["label"].astype(int)
+    return {f: values[order] for f, values in data.items()}
+
+
+def _metrics(data: dict[str, np.ndarray], split: str, dataset: str, summary: dict, config: dict) -> dict:
+    """The metrics file's content but for calibration: overall, per source, patient-wise, per input."""
+    probs, y = data["probs"], data["label"].astype(int)
     metrics = classification_metrics(y, probs, list(CLASSES))
     metrics["split"] = split
     metrics["dataset"] = dataset
-    if exclusion:
-        metrics["near_copies"] = exclusion
     metrics["ci95"] = bootstrap_ci(y, probs, list(CLASSES), n_boot=config["evaluate"]["bootstrap"],
                                    seed=config["train"]["seed"])
     metrics["ece"] = expected_calibration_error(y, probs)
     sources = np.array([s or "unknown" for s in data["source"]])
     metrics["per_source"] = metrics_by_group(y, probs, sources, list(CLASSES))
+    predictions = {"path": [str(p) for p in data["path"]], "label": y.tolist(),
+                   "probs": np.round(probs, 6).tolist(), "source": sources.tolist()}
     with_id = np.array([bool(str(p)) for p in data["patient_id"]])
     if with_id.any() and not with_id.all():
         metrics["patient_wise"] = dict(subset_metrics(y, probs, with_id, config),
                                        sources=sorted(set(sources[with_id])))
+        predictions["with_patient_id"] = with_id.tolist()
     owner = collection_names(summary)
     if owner:
         collection = np.array([owner.get(s, "unknown") for s in sources])
         metrics["per_input"] = {str(name): subset_metrics(y, probs, collection == name, config)
                                 for name in np.unique(collection)}
-    if split not in ("val", "all") and summary["per_split"].get("val", 0):
-        val = score_split(model, dataset, "val", fields=("label",))
-        logits = np.log(np.clip(val["probs"], 1e-7, 1.0))
-        temperature = fit_temperature(logits, val["label"].astype(int))
-        metrics["temperature"] = temperature
-        metrics["ece_temperature_scaled"] = expected_calibration_error(
-            y, softmax(np.log(np.clip(probs, 1e-7, 1.0)), temperature))
-    metrics["predictions"] = {
-        "path": [str(p) for p in data["path"]], "label": y.tolist(),
-        "probs": np.round(probs, 6).tolist(), "source": sources.tolist(),
-    }
-    if "patient_wise" in metrics:
-        metrics["predictions"]["with_patient_id"] = with_id.tolist()
-    if "per_input" in metrics:
-        metrics["predictions"]["input"] = collection.tolist()
-    atomic_write_json(output, metrics)
-    if in_run_dir:  # a file written elsewhere (--output: another collection) is not this run's evaluation
-        log_evaluation(model_dir, config)
+        predictions["input"] = collection.tolist()
+    metrics["predictions"] = predictions
     return metrics
+
+
+def _calibration(model, dataset: str, data: dict[str, np.ndarray]) -> dict[str, float]:
+    """A temperature fitted on val, and the evaluated split's ECE after scaling by it."""
+    val = score_split(model, dataset, "val", fields=("label",))
+    temperature = fit_temperature(np.log(np.clip(val["probs"], 1e-7, 1.0)), val["label"].astype(int))
+    scaled = softmax(np.log(np.clip(data["probs"], 1e-7, 1.0)), temperature)
+    return {"temperature": temperature,
+            "ece_temperature_scaled": expected_calibration_error(data["label"].astype(int), scaled)}

@@ -3,9 +3,9 @@
 Part of issue 23 ("models that learn the disease, not the hospital"): the masks let a classifier be
 cropped to the lungs, and let an audit (:mod:`covid_spark.audit`) ask whether it looks at them.
 
-Modules (imports point down the list):
+Modules, each importing only those above it (and ``masks`` only :mod:`covid_spark.audit.masking`):
 
-- ``masks``         pure numpy on masks: binarize, Dice, :func:`lung_box`, :func:`mask_summary`,
+- ``masks``         pure functions on masks: binarize, Dice, :func:`lung_box`, :func:`mask_summary`,
                     :func:`crop_to_box`. No TensorFlow.
 - ``model``         :func:`make_segmenter` (the pure Keras builder) and the portable ``.npz`` weight
                     format (:func:`save_weights_npz`, :func:`load_weights_npz`).
@@ -20,7 +20,7 @@ Modules (imports point down the list):
 (``unet128.json``). See ``docs/lungs.md``.
 
 TensorFlow is imported only inside functions (when a model is built or loaded), so importing this
-package stays cheap, and a Spark task imports it only where it segments.
+package stays cheap; a process (driver or Spark executor) loads TensorFlow on its first ``segment`` call.
 """
 from covid_spark.lungs.masks import LungBox, binarize, crop_to_box, dice, lung_box, mask_summary
 from covid_spark.lungs.segment import load_model, prepare, segment

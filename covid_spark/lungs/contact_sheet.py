@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from covid_spark.lungs.data import read_grey, read_manifest
-from covid_spark.lungs.masks import LungBox, binarize, mask_summary
+from covid_spark.lungs.masks import LungBox, mask_summary
 from covid_spark.lungs.segment import DEFAULT_WEIGHTS, resize_float, segment
 
 log = logging.getLogger(__name__)

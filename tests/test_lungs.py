@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from covid_spark.errors import InputError
 from covid_spark.lungs import LungBox, crop_to_box, dice, lung_box, mask_summary
 from covid_spark.lungs.masks import MIN_LUNG_FRACTION
 
@@ -100,15 +101,17 @@ def test_dice_by_hand():
 # --- patient split ----------------------------------------------------------------------------------
 
 def test_split_keeps_each_patient_on_one_side():
-    from covid_spark.lungs.data import MaskRecord, split_by_patient
+    from covid_spark.lungs.data import MaskRecord, read_manifest, split_by_patient
     records = [MaskRecord(f"i{n}.jpg", f"m{n}.png", f"p{n % 10}", "PA", 8, 8) for n in range(37)]
     train, test = split_by_patient(records, held_out=0.2, seed=3)
     assert len({r.patient_id for r in test}) == 2  # ceil(0.2 * 10)
     assert not {r.patient_id for r in train} & {r.patient_id for r in test}
     assert len(train) + len(test) == 37
     assert split_by_patient(records, held_out=0.2, seed=3) == (train, test)
-    with pytest.raises(ValueError, match="held_out must be in"):
+    with pytest.raises(InputError, match="held_out must be in"):
         split_by_patient(records, held_out=1.0, seed=3)
+    with pytest.raises(InputError, match="lung-mask manifest not found"):
+        read_manifest("/nonexistent/lung-masks")
 
 
 # --- model and weights ------------------------------------------------------------------------------
@@ -138,6 +141,8 @@ def test_shipped_weights_are_small_and_give_masks_at_the_input_size():
     assert load_model() is load_model()  # loaded once per process
     with pytest.raises(ValueError, match="must be uint8"):
         segment(rgb.astype(np.float32))
+    with pytest.raises(InputError, match="weights not found"):
+        segment(rgb, weights="/nonexistent/unet.npz")
 
 
 def test_shipped_weights_on_held_out_drawn_masks():

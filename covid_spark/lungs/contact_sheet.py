@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from covid_spark.errors import InputError
 from covid_spark.lungs.data import read_grey, read_manifest
 from covid_spark.lungs.masks import LungBox, mask_summary
 from covid_spark.lungs.segment import DEFAULT_WEIGHTS, resize_float, segment
@@ -122,12 +123,12 @@ def trained_on(weights: str, masks_dir: str) -> frozenset[str]:
     in the JSON beside the weights.
 
     Raises:
-        FileNotFoundError: if that JSON is missing (without it every masked image counts as trained on
+        InputError: if that JSON is missing (without it every masked image counts as trained on
             would be a guess; the message names the file).
     """
     record_path = os.path.splitext(weights)[0] + ".json"
     if not os.path.isfile(record_path):
-        raise FileNotFoundError(f"training record not found beside the weights: {record_path}")
+        raise InputError(f"training record not found beside the weights: {record_path}")
     with open(record_path, encoding="utf-8") as handle:
         held_out = set(json.load(handle)["held_out_dice_per_image"])
     return frozenset(record.image for record in read_manifest(masks_dir)) - held_out

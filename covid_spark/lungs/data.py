@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from covid_spark.errors import InputError
 from covid_spark.lungs.segment import prepare, resize_float
 
 MANIFEST_COLUMNS = ("image", "mask", "patient_id", "view", "width", "height")
@@ -33,17 +34,16 @@ def read_manifest(masks_dir: str) -> list[MaskRecord]:
     """The rows of ``<masks_dir>/manifest.csv``, in file order.
 
     Raises:
-        FileNotFoundError: if the manifest is missing.
-        ValueError: if a column is missing (the message names it and the file).
+        InputError: if the manifest is missing, or a column (the message names it and the file).
     """
     path = os.path.join(masks_dir, "manifest.csv")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"lung-mask manifest not found: {path}")
+        raise InputError(f"lung-mask manifest not found: {path} (--masks names the lung-masks folder)")
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [column for column in MANIFEST_COLUMNS if column not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: columns {missing} missing; found {reader.fieldnames}")
+            raise InputError(f"{path}: columns {missing} missing; found {reader.fieldnames}")
         return [MaskRecord(row["image"], row["mask"], row["patient_id"], row["view"],
                            int(row["width"]), int(row["height"])) for row in reader]
 
@@ -53,14 +53,14 @@ def split_by_patient(records: list[MaskRecord], held_out: float, seed: int
     """(train, held-out): ``ceil(held_out * patients)`` patients, drawn with ``seed``, are held out.
 
     Raises:
-        ValueError: if ``held_out`` is not in (0, 1) or either side would be empty.
+        InputError: if ``held_out`` is not in (0, 1) or either side would be empty.
     """
     if not 0.0 < held_out < 1.0:
-        raise ValueError(f"held_out must be in (0, 1); got {held_out}")
+        raise InputError(f"held_out must be in (0, 1); got {held_out}")
     patients = sorted({record.patient_id for record in records})
     count = math.ceil(held_out * len(patients))
     if count < 1 or count >= len(patients):
-        raise ValueError(f"held_out={held_out} of {len(patients)} patients leaves an empty side")
+        raise InputError(f"held_out={held_out} of {len(patients)} patients leaves an empty side")
     chosen = set(np.random.default_rng(seed).permutation(patients)[:count].tolist())
     train = [record for record in records if record.patient_id not in chosen]
     test = [record for record in records if record.patient_id in chosen]
@@ -77,12 +77,13 @@ def read_pair(record: MaskRecord, images_dir: str, masks_dir: str) -> tuple[np.n
     """(image, mask) of one record at their native size, both uint8 ``[H,W]``.
 
     Raises:
-        ValueError: if the image and mask sizes differ (the message names both files).
+        InputError: if the image and mask sizes differ (the message names both files).
+        FileNotFoundError: if either file is missing.
     """
     image = read_grey(os.path.join(images_dir, record.image))
     mask = read_grey(os.path.join(masks_dir, record.mask))
     if image.shape != mask.shape:
-        raise ValueError(f"{record.image} is {image.shape}, its mask {record.mask} is {mask.shape}")
+        raise InputError(f"{record.image} is {image.shape}, its mask {record.mask} is {mask.shape}")
     return image, mask
 
 

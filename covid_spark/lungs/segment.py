@@ -13,6 +13,8 @@ import threading
 import numpy as np
 from PIL import Image
 
+from covid_spark.errors import InputError
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -73,13 +75,13 @@ def load_model(weights: str | None = None):
     """The segmenter for ``weights`` (the shipped file by default), loaded once per process.
 
     Raises:
-        FileNotFoundError: if the weights file does not exist (the message names it).
+        InputError: if the weights file does not exist (the message names it).
     """
     path = os.path.abspath(weights or DEFAULT_WEIGHTS)
     with _lock:
         if path not in _models:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"lung segmenter weights not found: {path} "
+                raise InputError(f"lung segmenter weights not found: {path} "
                                         f"(train them with python -m covid_spark.lungs.train)")
             from covid_spark.lungs.model import load_weights_npz  # pulls in TensorFlow (heavy)
             _models[path] = load_weights_npz(path)

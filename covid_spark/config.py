@@ -12,8 +12,8 @@ value they take against ``SCHEMA`` and cast it (``5.0`` becomes ``5`` for an int
 YAML 1.1 reads as a string, becomes the number), so the config they return is a plain nested dict
 (stored as JSON in ``run.json``) whose values already have their declared types: code reads
 ``config["train"]["epochs"]`` as an int without casting or checking it again. A number key (float) keeps
-an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower): its JSON, and
-so the pipeline's cache keys of runs made before these checks, stay what they were.
+an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower), so a config's
+JSON, and the pipeline's cache keys made from it, do not change when it is checked again.
 """
 from __future__ import annotations
 

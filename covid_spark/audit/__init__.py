@@ -1,6 +1,6 @@
 """Does a classifier learn the disease or the hospital? Checks that need only numpy and scikit-learn.
 
-Part of issue 23. Nothing here imports TensorFlow or Spark: callers hand in arrays (features,
+Nothing here imports TensorFlow or Spark: callers hand in arrays (features,
 predictions, Grad-CAM maps, lung masks) and get plain numbers and words back.
 
 Modules:

@@ -5,7 +5,7 @@ picks what of it to show: the whole evaluation (``all``), the images with a pati
 (``patient_wise``), one input of a several-input dataset (``input:<name>``) or one source
 (``source:<name>``). Rows: images, accuracy, macro-F1, the share of images called the first class
 (COVID-19: what a source without COVID-19 images gets wrong), then per class precision and recall; a
-value is followed by its 95 % bootstrap interval where the file holds one. Markdown, for the README.
+value is followed by its 95 % bootstrap interval where the file holds one. Markdown, as in docs/results.md.
 """
 from __future__ import annotations
 

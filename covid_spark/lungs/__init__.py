@@ -1,7 +1,6 @@
 """Lung fields: a small U-Net segmenter, its training job, inference, and crops to the lungs.
 
-Part of issue 23 ("models that learn the disease, not the hospital"): the masks let a classifier be
-cropped to the lungs, and let an audit (:mod:`covid_spark.audit`) ask whether it looks at them.
+The masks let a classifier be cropped to the lungs, and let an audit (:mod:`covid_spark.audit`) ask whether it looks at them.
 
 Modules, each importing only those above it (and ``masks`` only :mod:`covid_spark.audit.masking`):
 

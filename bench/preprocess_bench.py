@@ -30,7 +30,7 @@ MB = 1024 * 1024
 
 def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
     """Body of one plain process: wait for the start signal, decode ``paths``, report."""
-    from covid_spark.stages.preprocess import read_and_decode
+    from covid_spark.stages.preprocess_tasks import read_and_decode
 
     barrier.wait()
     started = time.perf_counter()
@@ -88,7 +88,7 @@ def run_at_barrier(workers, barrier, queue, start_timeout: float, join_timeout: 
 def _stage_worker(location, index, processes, size, max_pixels, url, barrier, queue, hashes_path) -> None:
     """Body of one plain staging process: list the input, take its share, wait for the start signal,
     stage the share to ``url``, report."""
-    from covid_spark.stages.preprocess import stage_images
+    from covid_spark.stages.preprocess_tasks import stage_images
     from covid_spark.inputs.sources import discover
 
     records = discover(location).records[index::processes]
@@ -238,7 +238,7 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
 
 def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
     """Where one process spends its time per image: cProfile of ``read_and_decode`` on ``paths``."""
-    from covid_spark.stages.preprocess import read_and_decode
+    from covid_spark.stages.preprocess_tasks import read_and_decode
 
     profile = cProfile.Profile(time.process_time)
     profile.enable()

@@ -6,7 +6,8 @@ from covid_spark.config import load_config, override
 
 def test_defaults_and_override(tmp_path):
     config = load_config()
-    assert config["preprocess"]["image_size"] == 224 and config["evaluate"] == {"bootstrap": 1000}
+    assert config["preprocess"]["image_size"] == 224 and config["evaluate"]["bootstrap"] == 1000
+    assert config["evaluate"]["audit"] is True and config["preprocess"]["lung_crop"] is False
     changed = override(config, "train", {"epochs": 3, "model": None})
     assert changed["train"]["epochs"] == 3 and changed["train"]["model"] == config["train"]["model"]
     assert config == load_config()  # override returns a copy; the original is untouched

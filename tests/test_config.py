@@ -108,8 +108,8 @@ def test_set_reaches_nested_keys_and_per_model_groups():
 
 
 @pytest.mark.parametrize("pair, message", [
-    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: augment, batch_size,"),
-    ("evaluate.split=val", "unknown config key 'evaluate.split' (known: bootstrap)"),  # removed: read by nothing
+    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: adversary, augment, batch_size,"),
+    ("evaluate.split=val", "unknown config key 'evaluate.split' (known: audit, audit_cam_images, audit_images, bootstrap)"),
     ("classes=[a, b]", "unknown config key 'classes' (known: evaluate, preprocess, tracking, train)"),  # removed too
     ("train.augment.rotate=5", "unknown config key 'train.augment.rotate'"),
     ("train.per_model.resnet.epochs=3", "unknown config key 'train.per_model.resnet' (known: compact, "),

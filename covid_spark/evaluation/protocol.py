@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from covid_spark.constants import CLASSES
+from covid_spark.data.rundir import RunDir
 from covid_spark.evaluation.compare import paired_differences
 
 NOT_RUN = "not run"
@@ -78,11 +79,13 @@ def tables(runs: str, variants: Sequence[str], sources: Sequence[str]) -> str:
     def metrics(variant: str, run: str, name: str) -> dict | None:
         return _load(os.path.join(runs, variant, run, name))
 
+    test, val = RunDir("").metrics_path("test"), RunDir("").metrics_path("val")  # file names, run-relative
+
     out = ["## Choice on val (mean val macro-F1 over the leave-one-source-out runs)", "",
            "| variant | mean val macro-F1 | runs |", "|---|---:|---:|"]
     means = {}
     for v in variants:
-        values = [m["macro_f1"] for s in sources if (m := metrics(v, f"without-{s}", "metrics_val.json"))]
+        values = [m["macro_f1"] for s in sources if (m := metrics(v, f"without-{s}", val))]
         means[v] = float(np.mean(values)) if values else None
         out.append(f"| {v} | {_f(means[v])} | {len(values)} of {len(sources)} |")
     chosen = max((v for v in variants if means[v] is not None), key=lambda v: means[v], default=None)
@@ -92,9 +95,9 @@ def tables(runs: str, variants: Sequence[str], sources: Sequence[str]) -> str:
         out += [f"## Held-out source: {s} (never trained on)", "",
                 f"| variant | macro-F1 [95% CI] | recall per class | {'variant − ' + base + ' (paired)'} |",
                 "|---|---|---|---|"]
-        first = metrics(base, f"without-{s}", "metrics.json")
+        first = metrics(base, f"without-{s}", test)
         for v in variants:
-            m = metrics(v, f"without-{s}", "metrics.json")
+            m = metrics(v, f"without-{s}", test)
             paired = "" if v == base else _paired(first, m, (v, base))
             out.append(f"| {v} | {_macro(m)} | {_recalls(m)} | {paired} |")
         out.append("")
@@ -109,7 +112,7 @@ def tables(runs: str, variants: Sequence[str], sources: Sequence[str]) -> str:
             "|---|---|---:|---:|---:|---|"]
     for v in variants:
         for run in [f"without-{s}" for s in sources] + ["all"]:
-            out.append(f"| {v} | {run} | " + " | ".join(_audit(metrics(v, run, "metrics.json"))) + " |")
+            out.append(f"| {v} | {run} | " + " | ".join(_audit(metrics(v, run, test))) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -1,15 +1,12 @@
 """python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]
 
 Near-duplicate grouping at scale: the banded ``group_duplicates`` against the all-pairs
-``group_duplicates_all_pairs`` it replaced (covid_spark/data/duplicates.py), on one thread.
-``--max-distance`` defaults to the configured ``preprocess.duplicate_distance``.
+``group_duplicates_all_pairs``, on one thread. ``--max-distance`` defaults to ``preprocess.duplicate_distance``.
 
-The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``,
-a JSON object of key -> int) or, by default, clustered synthetic 256-bit hashes (chest X-ray
-dHashes are far from uniform: many images sit within a few bits of each other), plus seeded
-copies of base hashes with 0-10 flipped bits. All-pairs is quadratic, so above
-``ALL_PAIRS_MAX`` hashes both methods are also run on a seeded subset of that size, to show
-that they agree and how far apart their times are. Prints one JSON object.
+The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``, a JSON object
+of key -> int) or clustered synthetic 256-bit hashes (chest X-ray dHashes are far from uniform), plus seeded
+copies of base hashes with 0-10 flipped bits. All-pairs is quadratic, so above ``ALL_PAIRS_MAX`` hashes both
+methods also run on a seeded subset of that size, to show that they agree. Prints one JSON object.
 """
 from __future__ import annotations
 

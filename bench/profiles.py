@@ -1,12 +1,12 @@
 """python -m bench.profiles [spark-preprocess] [augment] [--images N]
 
-Profiles behind the goals that `make bench` reports as missed (summarised in
-docs/performance.md). Not part of `make bench`: profiling slows what it watches.
+Profiles behind the goals that `make bench` reports as missed; not part of `make bench` (profiling slows
+what it watches).
 
-* ``spark-preprocess``: the preprocess job with Spark's Python worker profiler on
-  (``spark.python.profile``), merged over all workers: where the executors' Python time goes.
-* ``augment``: ``covid_spark.training.tfdata.augment_batch`` (one composed resampling) against the former Keras
-  layer stack, layer by layer, on a batch with one intra-op thread as a rank has.
+* ``spark-preprocess``: the preprocess job with Spark's Python worker profiler on (``spark.python.profile``),
+  merged over all workers: where the executors' Python time goes.
+* ``augment``: ``covid_spark.training.tfdata.augment_batch`` (one composed resampling) against Keras's random
+  preprocessing layers (one resampling each), layer by layer, on one intra-op thread as a rank has.
 """
 from __future__ import annotations
 
@@ -21,10 +21,7 @@ import sys
 import tempfile
 import time
 
-logger = logging.getLogger("bench.profiles")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_INPUT = os.path.join(REPO, "..", "shared", "data", "cxr3")
+from bench.harness import DATA, SCRATCH, local_settings, start_spark
 
 
 def _stats_text(stats: pstats.Stats, sort: str, limit: int) -> str:
@@ -36,18 +33,13 @@ def _stats_text(stats: pstats.Stats, sort: str, limit: int) -> str:
 
 def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int = 25) -> str:
     """Run the preprocess job once with the Python worker profiler; the merged top functions."""
-    from pyspark.sql import SparkSession
-
     from bench.inputs import sized_input
-    from bench.run import spark_settings
     from covid_spark.config import load_config
     from covid_spark.stages.preprocess import preprocess
 
     location = sized_input(source, os.path.join(workdir, f"input-{images}"), images)
-    builder = SparkSession.builder.appName("covid-spark profile")
-    for key, value in dict(spark_settings("local[2]"), **{"spark.python.profile": "true"}).items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    spark = start_spark("local[2]", dict(local_settings("local[2]"), **{"spark.python.profile": "true"}),
+                        "covid-spark profile")
     try:
         started = time.perf_counter()
         preprocess(spark, location, os.path.join(workdir, "dataset"), load_config(), overwrite=True)
@@ -66,8 +58,8 @@ def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int 
 
 
 def keras_layer_stack(augment: dict):
-    """The Keras preprocessing layers training used until 2026-11-27 (one resampling per layer,
-    stateful random generators), kept here only to compare with ``covid_spark.training.tfdata.augment_batch``."""
+    """Keras's random rotation, translation and zoom layers for ``augment`` (one resampling per layer,
+    stateful random generators): the reference ``augment_batch`` is compared with."""
     from tensorflow import keras
     from tensorflow.keras import layers
 
@@ -82,9 +74,9 @@ def keras_layer_stack(augment: dict):
 
 
 def profile_augment(batch_size: int = 32, size: int | None = None, repeats: int = 5) -> str:
-    """Milliseconds per image of the augmentation as trained (``covid_spark.training.tfdata.augment_batch``: one
-    composed resampling) against the former Keras layer stack, layer by layer, on one intra-op thread.
-    ``size``: image side in pixels, by default the config's ``preprocess.image_size``."""
+    """Milliseconds per image of the augmentation as trained (``augment_batch``: one composed resampling) against
+    the Keras layer stack, layer by layer, on one intra-op thread. ``size``: image side in pixels, by default
+    the config's ``preprocess.image_size``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
     import tensorflow as tf
@@ -111,31 +103,29 @@ def profile_augment(batch_size: int = 32, size: int | None = None, repeats: int 
             times.append(time.perf_counter() - started)
         return 1000 * min(times) / batch_size
 
-    total = 0.0
     for layer in stack.layers:
         ms = best_ms(tf.function(lambda x, layer=layer: layer(x, training=True)))
-        total += ms
-        lines.append(f"  former: {layer.name:<20} {ms:6.2f}")
+        lines.append(f"  Keras: {layer.name:<20} {ms:6.2f}")
     whole = best_ms(tf.function(lambda x: tf.clip_by_value(stack(x, training=True), 0.0, 255.0)))
-    lines.append(f"  former: {'whole stack + clip':<20} {whole:6.2f}  → {1000 / whole:.0f} images/s")
+    lines.append(f"  Keras: {'whole stack + clip':<20} {whole:6.2f}  → {1000 / whole:.0f} images/s")
     seed = tf.constant([0, 0], tf.int64)
     now = best_ms(tf.function(lambda x: augment_batch(x, seed, augment)))
-    lines.append(f"  now: {'augment_batch':<23} {now:6.2f}  → {1000 / now:.0f} images/s ({whole / now:.1f}× faster)")
+    lines.append(f"  {'augment_batch':<27} {now:6.2f}  → {1000 / now:.0f} images/s ({whole / now:.1f}× faster)")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Profiles of the stages that miss a benchmark goal.")
     parser.add_argument("what", nargs="*", help="spark-preprocess and/or augment (default: both)")
-    parser.add_argument("--input", default=DEFAULT_INPUT)
+    parser.add_argument("--input", default=os.path.join(DATA, "cxr3"))
     parser.add_argument("--images", type=int, default=671, help="images for the Spark profile")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.what) - {"spark-preprocess", "augment"})
     if unknown:
         parser.error(f"unknown profile(s) {', '.join(unknown)}; choose spark-preprocess and/or augment")
     logging.basicConfig(level=logging.WARNING)
-    os.makedirs(os.path.join(REPO, "bench", "tmp"), exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="profile-", dir=os.path.join(REPO, "bench", "tmp"))
+    os.makedirs(SCRATCH, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="profile-", dir=SCRATCH)
     try:
         for what in args.what or ["spark-preprocess", "augment"]:
             if what == "spark-preprocess":

@@ -1,18 +1,16 @@
 """Read throughput: Petastorm reader → tf.data (``make_train_dataset``), without and with augmentation.
 
-Both variants run, one after the other, in one fresh process with the environment and threads
-a training rank gets, so the figure is what one rank's input pipeline can deliver while
-nothing else runs in that process.
+Both variants run, one after the other, in one fresh process with the environment and threads a training
+rank gets: what one rank's input pipeline can deliver while nothing else runs in that process.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import time
 
-from bench.memory import maxrss_mb
-from bench.procs import collect
+from bench.harness import in_process
+from bench.monitors import maxrss_mb
 from bench.train_bench import rank_env
 
 logger = logging.getLogger(__name__)
@@ -45,24 +43,13 @@ def _read_worker(dataset, batch_size, variants, seed, shuffle_buffer, threads, w
 
 def run_read(spark, dataset: str, config: dict, threads: int, warmup: int, batches: int,
              batch_size: int | None = None) -> dict:
-    """Images/s of one rank's input pipeline over ``dataset``'s train split, without then with the
-    configured augmentation, after ``warmup`` batches each, in one fresh process with a rank's
-    environment and threads. ``maxrss_mb`` is the process's peak so far (the augmented run's
-    includes the first run's)."""
+    """Images/s of one rank's input pipeline over ``dataset``'s train split, without then with the configured
+    augmentation, after ``warmup`` batches each. ``maxrss_mb`` is the process's peak so far (the augmented
+    run's includes the first run's)."""
     cfg = config["train"]
     batch = int(batch_size or cfg["batch_size"])
     variants = (("no_augment", {}), ("augment", dict(cfg["augment"])))
     logger.info("read bench: %d + %d batches of %d, without and with augmentation", warmup, batches, batch)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    worker = ctx.Process(target=_read_worker, daemon=True,
-                         args=(dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]), threads,
-                               warmup, batches, rank_env(spark, threads), results))
-    worker.start()
-    try:
-        (report,) = collect(results, [worker])
-    finally:
-        worker.join(timeout=60)
-        if worker.is_alive():
-            worker.terminate()
+    report = in_process(_read_worker, dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]),
+                        threads, warmup, batches, rank_env(spark, threads))
     return dict(report, batch_size=batch, threads=threads)

@@ -2,7 +2,7 @@
 
 Entry points: ``run`` (`make bench`), ``demo`` (`make bench-demo`), ``xl`` (`make bench-xl`), ``profiles``,
 ``predict_bench``, ``dup_bench`` and ``treemem`` (``python -m bench.<name>``). Measurements:
-``preprocess_bench``, ``read_bench``, ``train_bench``, ``predict_bench``, ``dup_bench``. Shared: ``harness``
+``preprocess_bench``, ``train_bench`` (training and reading), ``predict_bench``, ``dup_bench``. Shared: ``harness``
 (paths, Spark session, machine facts, spawned processes, saving, tables, the goals and their verdicts),
 ``monitors`` (memory and CPU samplers), ``inputs`` (benchmark inputs made from a source).
 """

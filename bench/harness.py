@@ -9,6 +9,7 @@ import os
 import platform
 import queue as queue_module
 import time
+import timeit
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,9 +18,6 @@ RESULTS = os.path.join(REPO, "bench", "results.json")
 SCRATCH = os.path.join(REPO, "bench", "tmp")
 FIXED_COST_IMAGES = 6  # the tiny input whose job time is Spark's fixed cost per preprocess job
 MB = 1024 * 1024
-
-
-# ------------------------------------------------------------------------------------------ goals
 
 
 @dataclass(frozen=True)
@@ -50,10 +48,7 @@ GOALS = {
 
 
 def verdict(key: str, measured: float | None, subject: str = "", detail: str = "") -> dict | None:
-    """One goal judged: the figure against ``GOALS[key]``, and by how many percent it misses (None: met).
-
-    ``subject`` says what was measured (a model, a size); None when nothing was measured.
-    """
+    """``measured`` judged against ``GOALS[key]`` (``subject``: what was measured); None when nothing was."""
     if measured is None:
         return None
     goal = GOALS[key]
@@ -69,9 +64,6 @@ def verdict_table(verdicts: list[dict]) -> str:
                    "yes" if v["met"] else f"**no**, {v['miss_pct']:g} % off"] for v in verdicts], left=(0, 3))
 
 
-# ---------------------------------------------------------------------------------------- machine
-
-
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -79,22 +71,10 @@ def loadavg() -> list[float]:
 def speed_reference(repeats: int = 3) -> dict:
     """Single-core rates of fixed workloads (best of ``repeats``), to compare absolute times across machines:
     a pure-Python loop (millions of iterations per second) and SHA-256 (MiB per second)."""
-    def best(work) -> float:
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    def loop():
-        total = 0
-        for i in range(1_000_000):
-            total += i
-
     block = bytes(32 * MB)
-    return {"python_mloops_per_s": round(1 / best(loop), 1),
-            "sha256_mb_per_s": round(32 / best(lambda: hashlib.sha256(block).digest()), 1)}
+    loop, sha = (min(timeit.repeat(work, number=1, repeat=repeats)) for work in (
+        lambda: sum(i for i in range(1_000_000)), lambda: hashlib.sha256(block).digest()))
+    return {"python_mloops_per_s": round(1 / loop, 1), "sha256_mb_per_s": round(32 / sha, 1)}
 
 
 def machine() -> dict:
@@ -119,9 +99,6 @@ def machine_line(m: dict) -> str:
     ref = m["speed_reference"]
     return (f"{m['nproc']} CPUs ({m['cpu_model']}, {ref['python_mloops_per_s']} M Python loops/s, "
             f"SHA-256 {ref['sha256_mb_per_s']} MiB/s on one core), {m['ram_gib']} GiB RAM")
-
-
-# ------------------------------------------------------------------------------------------ Spark
 
 
 def local_settings(master: str) -> dict[str, str]:
@@ -149,9 +126,6 @@ def start_spark(master: str = "local[2]", settings: dict[str, str] | None = None
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
-
-
-# ------------------------------------------------------------------------------ spawned processes
 
 
 class ChildFailed(RuntimeError):
@@ -195,10 +169,8 @@ def reap(workers, timeout: float = 60.0) -> None:
 
 
 def in_process(target, *args, timeout: float = 3600.0):
-    """``target(*args, queue)`` in a fresh spawned process; what it put on the queue.
-
-    Not a daemon, so it may start processes of its own; the caller's memory never holds its work.
-    """
+    """What ``target(*args, queue)`` put on the queue, run in a fresh spawned process (not a daemon: it may
+    start processes of its own)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     worker = ctx.Process(target=target, args=(*args, results))
@@ -208,9 +180,6 @@ def in_process(target, *args, timeout: float = 3600.0):
     finally:
         reap([worker], 120)
     return report
-
-
-# ----------------------------------------------------------------------------------------- output
 
 
 def save(results: dict, path: str, section: str | None = None) -> None:

@@ -31,8 +31,7 @@ def process_kind(proc) -> str:
 
 
 class Sampler:
-    """Calls ``sample()`` on entering the block, then every ``interval`` s in a thread until it ends
-    (and once more on leaving it when ``sample_on_exit``)."""
+    """Calls ``sample()`` on entering the block, every ``interval`` s in a thread, and on leaving it if asked."""
 
     sample_on_exit = False
 
@@ -40,9 +39,6 @@ class Sampler:
         self.interval = interval
         self._stop = threading.Event()
         self._thread = None
-
-    def sample(self) -> None:
-        raise NotImplementedError
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -67,11 +63,9 @@ class Sampler:
 class PeakRss(Sampler):
     """Peak RSS in MiB of this process and its descendants, polled every ``interval`` s.
 
-    ``peaks``: ``driver`` (this process), ``jvm``, ``spark_python_workers`` and ``other_children`` (sums
-    over those processes at one instant) and ``tree`` (everything at one instant). Processes living
-    between two polls are missed, so children also report their own ``ru_maxrss``. ``workers``: each
-    Spark Python process's own peak by pid, ``{"role", "peak_mb"}``, the role ``daemon``
-    (``pyspark.daemon``, which forks the workers) or ``worker`` (forked; runs tasks, reused between them).
+    ``peaks``: ``driver`` (this process), ``jvm``, ``spark_python_workers``, ``other_children`` (sums at one
+    instant) and ``tree`` (all at one instant); processes living between two polls are missed. ``workers``:
+    each Spark Python process's peak by pid, with its role: ``daemon`` (forks the workers) or ``worker``.
     """
 
     def __init__(self, interval: float = 0.2):
@@ -110,8 +104,7 @@ class PeakRss(Sampler):
 
 
 def _tree_cpu(me) -> dict[str, float]:
-    """CPU seconds so far of this process and its descendants by kind, reaped children included (a parent's
-    ``children_*`` times hold the children it reaped, so two snapshots count processes that came and went)."""
+    """CPU seconds so far of this process and its descendants by kind, reaped children included."""
     import psutil
 
     sums = {"driver": 0.0, "jvm": 0.0, "spark_python_workers": 0.0, "other_children": 0.0}
@@ -134,12 +127,8 @@ def machine_busy() -> float:
 
 
 class CpuUse:
-    """Core-seconds used during a block by this process tree (by kind) and by the whole machine.
-
-    ``result``: ``wall_s``, ``ours_core_s`` (by kind and ``total``), ``machine_busy_core_s``,
-    ``others_core_s`` (busy minus ours: other users of a shared machine) and ``others_share``
-    (their part of the machine's capacity during the block).
-    """
+    """Core-seconds used during a block by this process tree (``ours_core_s``, by kind and ``total``), by the
+    machine (``machine_busy_core_s``) and by other users (``others_core_s``; ``others_share`` of its capacity)."""
 
     def __enter__(self) -> "CpuUse":
         import psutil
@@ -163,7 +152,7 @@ class CpuUse:
 
 class MachineCpu(Sampler):
     """The machine's busy core-seconds every ``interval`` s, to ask afterwards how busy it was between two
-    wall-clock times (``time.time()``), such as a training window stamped inside the ranks."""
+    wall-clock times, such as a training window stamped inside the ranks."""
 
     sample_on_exit = True
 
@@ -187,14 +176,9 @@ class MachineCpu(Sampler):
 
 
 class JvmHeap(Sampler):
-    """Heap the Spark driver JVM still holds after a full GC, every ``interval`` s and on entering and leaving.
-
-    Each sample calls ``System.gc()`` in the JVM through py4j, then reads ``Runtime``'s total minus free
-    memory: the live data. ``result``: ``after_gc_peak_mb`` (the largest such reading: the figure to compare
-    across input sizes), ``before_gc_peak_mb`` (heap in use, garbage included, just before each GC),
-    ``committed_peak_mb``, ``max_heap_mb`` (the JVM's limit), ``samples``, and ``gc_s`` (seconds in those
-    forced collections: they pause the JVM, so those inside the block are part of its time).
-    """
+    """Heap the Spark driver JVM holds after a full GC (``System.gc()`` through py4j; live data), sampled every
+    ``interval`` s and on entering and leaving: ``after_gc_peak_mb``, ``before_gc_peak_mb``,
+    ``committed_peak_mb``, ``max_heap_mb``, ``samples`` and ``gc_s`` (the forced collections pause the JVM)."""
 
     sample_on_exit = True
 

@@ -1,16 +1,11 @@
 """python -m bench.predict_bench --input DIR_OR_MANIFEST [--input ...] [--model-dir DIR] [--images N]
 
-Batch-prediction throughput: the Spark job (``covid_spark.stages.predict.predict`` on ``--master``,
-local[2] by default) against one plain Python process running the same decode and model
-(``predict_partition``: batches of 32, one intra-op and one inter-op TensorFlow thread); the goal is
-``GOALS["predict_vs_plain"]`` of ``bench.harness``.
-
-The plain process imports everything and loads the model before its clock starts, so its rate is the
-steady state. The Spark time is the whole ``predict`` call on a session already up: listing the inputs,
-Python workers starting and importing TensorFlow, one model load per worker, scoring, and the driver
-writing the CSV. ``--profile`` adds one more Spark run that reports where each partition's time went.
-Without ``--model-dir``, the model is ``--model`` with an untrained head (ImageNet weights where it has
-them): the same work per image as a trained one.
+Batch-prediction throughput: the Spark job (``covid_spark.stages.predict.predict``, local[2] by default)
+against one plain process running the same decode and model (``predict_partition``: batches of 32, one
+TensorFlow thread), which imports everything and loads the model before its clock starts. The Spark time
+is the whole ``predict`` call on a session already up: listing, Python workers starting and importing
+TensorFlow, one model load per worker, scoring, and the driver writing the CSV. Without ``--model-dir`` the
+model is ``--model`` with an untrained head: the same work per image as a trained one.
 """
 from __future__ import annotations
 
@@ -21,11 +16,10 @@ import sys
 import tempfile
 import time
 
-from bench.harness import in_process, start_spark
+from bench.harness import in_process, save, start_spark
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 SESSION = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g"}
-LOADED = "COVID_SPARK_BENCH_MODEL_LOADED"  # set in a Python worker once it has loaded the model
 
 
 def _save_untrained(model: str, image_size: int, model_dir: str, queue) -> None:
@@ -72,31 +66,19 @@ def subset_folder(inputs, folder: str, n_images: int | None) -> tuple[str, int]:
     return folder, len(paths)
 
 
-def _model(model_dir: str) -> tuple[int, bytes]:
-    """The image size and the saved model's bytes of a model dir, as ``predict`` reads them."""
-    from covid_spark.data.rundir import RunDir
-
-    with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
-        size = int(json.load(handle)["image_size"])
-    with open(RunDir(model_dir).model, "rb") as handle:
-        return size, handle.read()
-
-
-def _records(folder: str) -> list[tuple]:
-    from covid_spark.inputs.sources import discover
-    from covid_spark.stages.predict import prediction_records
-
-    return prediction_records(discover(folder, labelled=False))
-
-
 def _plain_worker(folder: str, model_dir: str, batch_size: int, queue) -> None:
     """The plain process: everything but decoding and scoring happens before the clock."""
     from covid_spark.config import load_config
-    from covid_spark.stages.predict import cached_model, predict_partition, set_tf_threads
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.inputs.sources import discover
+    from covid_spark.stages.predict import cached_model, predict_partition, prediction_records, set_tf_threads
 
     max_pixels = int(load_config()["preprocess"]["max_pixels"])
-    size, model_bytes = _model(model_dir)
-    records = _records(folder)
+    with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
+        size = int(json.load(handle)["image_size"])
+    with open(RunDir(model_dir).model, "rb") as handle:
+        model_bytes = handle.read()
+    records = prediction_records(discover(folder, labelled=False))
     set_tf_threads(1)
     load_started = time.perf_counter()
     cached_model(model_bytes)
@@ -109,55 +91,15 @@ def _plain_worker(folder: str, model_dir: str, batch_size: int, queue) -> None:
                "model_load_s": round(load_s, 2), "peak_rss_mb": maxrss_mb()})
 
 
-def profile_partitions(spark, folder: str, model_dir: str, batch_size: int = 32) -> list[dict]:
-    """Run predict's partitions once more, timing each: the worker's TensorFlow import, the model load,
-    decoding + scoring, and whether the worker process had run an earlier partition."""
-    from covid_spark.config import load_config
-    from covid_spark.stages.predict import partition_count
-
-    size, model_bytes = _model(model_dir)
-    records = _records(folder)
-    max_pixels = int(load_config()["preprocess"]["max_pixels"])
-    sc = spark.sparkContext
-    model_bc = sc.broadcast(model_bytes)
-
-    def timed(index, part):
-        t0 = time.perf_counter()
-        reused = "tensorflow" in sys.modules
-        import tensorflow  # noqa: F401
-
-        from covid_spark.stages.predict import cached_model, predict_partition, set_tf_threads
-
-        t1 = time.perf_counter()
-        set_tf_threads(1)
-        cached = os.environ.get(LOADED) == "1"
-        cached_model(model_bc.value)
-        os.environ[LOADED] = "1"
-        t2 = time.perf_counter()
-        rows = sum(1 for _ in predict_partition(part, model_bc.value, size, max_pixels, batch_size, 1))
-        t3 = time.perf_counter()
-        yield {"partition": index, "pid": os.getpid(), "rows": rows, "worker_reused": reused, "model_cached": cached,
-               "import_tf_s": round(t1 - t0, 2), "model_load_s": round(t2 - t1, 2), "score_s": round(t3 - t2, 2),
-               "images_per_s": round(rows / (t3 - t2), 2) if t3 > t2 else None}
-
-    try:
-        slices = partition_count(len(records), sc.defaultParallelism)
-        return sc.parallelize(records, slices).mapPartitionsWithIndex(timed).collect()
-    finally:
-        model_bc.unpersist()
-
-
 def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None, master: str = "local[2]",
-                  batch_size: int = 32, profile: bool = False) -> dict:
+                  batch_size: int = 32) -> dict:
     """Spark predict's images/s against one plain process's, with memory and CPU.
 
     Returns ``images``, ``spark`` (seconds, images/s, partitions, rows, errors, core-ms per image), ``plain``
     (the plain process's figures), ``parallelism``, ``ideal_images_per_s`` (parallelism × plain), ``ratio``
     (Spark over ideal), ``cpu_ratio`` (the plain process's core-ms per image over Spark's, driver, JVM and
     workers together: the same comparison, less moved by other users of a shared machine), ``peak_rss_mb``,
-    ``cpu`` (core-seconds of ours and of other users during the Spark run), ``loadavg`` before and after, and
-    with ``profile`` a per-partition breakdown (from a second run on a fresh session, so that it too pays
-    the Python workers' cold start).
+    ``cpu`` (core-seconds of ours and of other users during the Spark run) and ``loadavg`` before and after.
     """
     from covid_spark.config import load_config
     from covid_spark.stages.predict import predict
@@ -176,12 +118,6 @@ def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None
             parallelism = spark.sparkContext.defaultParallelism
         finally:
             spark.stop()
-        if profile:
-            spark = start_spark(master, SESSION, "predict bench")
-            try:
-                result["profile"] = profile_partitions(spark, folder, model_dir, batch_size)
-            finally:
-                spark.stop()
     core_ms = round(1000 * cpu.result["ours_core_s"]["total"] / n, 2)
     result.update(
         spark={"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2), "partitions": run["partitions"],
@@ -203,18 +139,15 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=1000, help="inputs spread over the listing (0: all)")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--profile", action="store_true", help="also time each partition's phases")
     parser.add_argument("--output", help="also write the result JSON here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="predict-bench-model-") as tmp:
         model_dir = args.model_dir or untrained_model_dir(
             args.model, int(load_config()["preprocess"]["image_size"]), os.path.join(tmp, "model"))["model_dir"]
         r = bench_predict(args.input if len(args.input) > 1 else args.input[0], model_dir, args.images or None,
-                          args.master, args.batch_size, args.profile)
+                          args.master, args.batch_size)
     print(json.dumps(r, indent=2))
     if args.output:
-        from bench.harness import save
-
         save(r, args.output)
     print(f"\npredict on {r['master']}, {r['images']} images: Spark {r['spark']['images_per_s']:.1f}/s, plain 1 "
           f"process {r['plain']['images_per_s']:.1f}/s, ratio to {r['parallelism']} x plain {r['ratio']:.2f} (core "

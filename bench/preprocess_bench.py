@@ -1,11 +1,7 @@
-"""Preprocessing throughput: the real Spark preprocess job against plain Python processes.
-
-The plain baselines run the job's own per-file function over the same inventory, in fresh processes that
-import everything before the clock starts: ``plain_decode`` calls ``read_and_decode`` (read, decode,
-resize, perceptual hash) and writes nothing; ``plain_stage`` runs the job's whole first pass,
-``stage_images``, which also writes the rows to Parquet as a Spark task does. The Spark figure is the whole
-job: decode, duplicate grouping, split assignment and the Petastorm write of three splits.
-"""
+"""Preprocessing throughput: the real Spark preprocess job (decode, duplicate grouping, splits, the Petastorm
+write) against the job's own per-file code in plain processes that import everything before the clock starts:
+``plain_decode`` (``read_and_decode``, nothing written) or ``plain_stage`` (``stage_images``, the job's first
+pass, which also writes the rows to Parquet as a Spark task does)."""
 from __future__ import annotations
 
 import cProfile
@@ -40,12 +36,9 @@ def paths_of(location: str) -> list[str]:
 
 
 def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
-    """Spawn one process per argument tuple (``target(*args, barrier, queue)``), release them together at
-    a barrier and time them until each has reported.
-
-    Returns ``(reports, wall seconds, CpuUse result)``; the workers are reaped inside the CPU window so
-    their CPU time is counted.
-    """
+    """Spawn ``target(*args, barrier, queue)`` per argument tuple, release them together at the barrier and
+    time them until each has reported: ``(reports, wall seconds, CPU use)``, the workers reaped inside the
+    CPU window so that their CPU time counts."""
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(len(args_per_worker) + 1), ctx.Queue()
     workers = [ctx.Process(target=target, args=(*args, barrier, queue), daemon=True) for args in args_per_worker]
@@ -78,8 +71,7 @@ def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
 
 
 def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -> dict:
-    """Decode ``paths``, split round-robin over ``processes`` independent processes at once; the wall
-    time runs from the barrier to the last process's report."""
+    """Decode ``paths``, split round-robin over ``processes`` independent processes at once."""
     reports, wall, cpu = run_at_barrier(_decode_worker, [(paths[i::processes], size, max_pixels)
                                                          for i in range(processes)], 120, 30)
     decoded = sum(r["decoded"] for r in reports)
@@ -107,14 +99,9 @@ def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path
 
 def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_dir: str,
                 hashes: bool = False) -> dict:
-    """The preprocess job's first pass, ``stage_images``, in ``processes`` independent plain processes at once.
-
-    Each process lists ``location`` as the job does, takes every ``processes``-th record, and reads, decodes,
-    resizes and hashes those files and writes the good rows to one Parquet file in ``out_dir``, as a Spark
-    task of the job does; this process never holds the records. With ``hashes``, each process also writes
-    ``{path: dhash}`` to a JSON file after its clock stops, named in the result's ``hash_files``. The staged
-    files stay in ``out_dir`` (the caller deletes it).
-    """
+    """The job's first pass, ``stage_images``, in ``processes`` plain processes at once, each over every
+    ``processes``-th record and writing one Parquet file in ``out_dir`` (the caller deletes it). With ``hashes``,
+    each also writes ``{path: dhash}`` to a JSON file after its clock stops (``hash_files``)."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     hash_files = [os.path.join(out_dir, f"hashes-{i}.json") if hashes else None for i in range(processes)]
@@ -157,12 +144,8 @@ def _rest(spark, path: str):
 
 
 def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
-    """Each Spark job after ``after_job_id``: description, wall seconds and per-stage task metrics.
-
-    Per stage: ``task_s`` (sum of task wall times, which include waiting for the Python worker),
-    ``jvm_cpu_s`` (the JVM's task threads only), ``gc_s``, and MiB shuffled, written and spilled. None when
-    the session has no UI (the REST API lives there).
-    """
+    """Each Spark job after ``after_job_id``: description, wall seconds and per-stage task metrics (``task_s``
+    includes waiting for the Python worker; ``jvm_cpu_s`` is the JVM's task threads only). None without a UI."""
     jobs, stages = _rest(spark, "jobs"), _rest(spark, "stages")
     if jobs is None or stages is None:
         return None
@@ -228,11 +211,8 @@ def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
 
 
 def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict) -> tuple:
-    """Start Spark (``spark_factory()``) and run the job on a tiny input twice; return ``(spark, costs)``.
-
-    The first tiny job also starts Spark's Python workers; the second is the steady fixed cost per job,
-    subtracted for the ``net`` throughput.
-    """
+    """Start Spark (``spark_factory()``) and run the job on a tiny input twice: ``(spark, costs)``. The first
+    job also starts the Python workers; the second is the fixed cost per job, subtracted for ``net`` rates."""
     from covid_spark.stages.preprocess import preprocess
 
     started = time.perf_counter()
@@ -274,7 +254,10 @@ def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s:
             "spark_vs_single": ratio(run["images_per_s"], single["images_per_s"])}
 
 
-# ----------------------------------------------------------------------------------------- tables
+def format_fixed(fixed: dict) -> str:
+    return (f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on {fixed['tiny_job_images']}"
+            f" images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the Python workers), "
+            f"{fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates).")
 
 
 def format_sizes(entries: list[dict]) -> str:
@@ -288,18 +271,23 @@ def format_sizes(entries: list[dict]) -> str:
 
 
 def format_cpu(entries: list[dict]) -> str:
-    """Core-seconds each run used (ours, by process kind, per image) and what other users took meanwhile."""
+    """Each run's core-seconds (ours, by process kind, per image), other users' share meanwhile, and peak RSS
+    (each plain process; the Spark job's JVM and Python workers, sampled)."""
     rows = []
     for e in entries:
         for key, label in (("single", "1 plain process"), ("pair", "2 plain processes"), ("spark", "Spark job")):
-            cpu = (e.get(key) or {}).get("cpu")
-            if cpu:
-                ours = cpu["ours_core_s"]
-                rows.append([f"{e['images']:,}: {label}", cpu["wall_s"], ours["total"],
-                             1000 * ours["total"] / e["images"], f"{fmt(ours['jvm'])} / {fmt(ours['spark_python_workers'])}"
-                             f" / {fmt(ours['driver'])} / {fmt(ours['other_children'])}", pct(cpu["others_share"])])
+            run = e.get(key)
+            if run:
+                ours = run["cpu"]["ours_core_s"]
+                rss = ([p["maxrss_mb"] for p in run["per_process"]] if key != "spark" else
+                       [run["peak_rss_mb"]["jvm"], run["peak_rss_mb"]["spark_python_workers"]])
+                rows.append([f"{e['images']:,}: {label}", run["cpu"]["wall_s"], ours["total"],
+                             1000 * ours["total"] / e["images"], " / ".join(fmt(ours[k]) for k in (
+                                 "jvm", "spark_python_workers", "driver", "other_children")),
+                             pct(run["cpu"]["others_share"]), " / ".join(fmt(m) for m in rss)])
     return table(["preprocess run", "wall s", "our core-s", "our core-ms per image",
-                  "JVM / Spark Python / driver / other core-s", "other users' share of the machine"], rows, left=(0, 4))
+                  "JVM / Spark Python / driver / other core-s", "other users' share", "peak RSS MiB: each process "
+                  "(Spark: JVM / Python workers)"], rows, left=(0, 4, 6))
 
 
 def format_jobs(entry: dict) -> str | None:

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import timeit
 
 from bench.harness import DATA, SCRATCH, local_settings, start_spark
 
@@ -57,29 +58,14 @@ def profile_spark_preprocess(source: str, images: int, workdir: str, limit: int 
     return header + _stats_text(stats, "tottime", limit) + _stats_text(stats, "cumulative", limit)
 
 
-def keras_layer_stack(augment: dict):
-    """Keras's random rotation, translation and zoom layers for ``augment`` (one resampling per layer,
-    stateful random generators): the reference ``augment_batch`` is compared with."""
-    from tensorflow import keras
-    from tensorflow.keras import layers
-
-    stack = []
-    if augment.get("rotation_deg"):
-        stack.append(layers.RandomRotation(float(augment["rotation_deg"]) / 360.0, fill_mode="constant", seed=1))
-    if augment.get("shift"):
-        stack.append(layers.RandomTranslation(augment["shift"], augment["shift"], fill_mode="constant", seed=2))
-    if augment.get("zoom"):
-        stack.append(layers.RandomZoom((-augment["zoom"], augment["zoom"]), fill_mode="constant", seed=3))
-    return keras.Sequential(stack, name="augment")
-
-
 def profile_augment(batch_size: int = 32, size: int | None = None, repeats: int = 5) -> str:
-    """Milliseconds per image of the augmentation as trained (``augment_batch``: one composed resampling) against
-    the Keras layer stack, layer by layer, on one intra-op thread. ``size``: image side in pixels, by default
-    the config's ``preprocess.image_size``."""
+    """Milliseconds per image (best of ``repeats``, one intra-op thread) of ``augment_batch`` (one composed
+    resampling) and of Keras's random rotation, translation and zoom layers (one resampling each), layer by
+    layer; ``size`` defaults to ``preprocess.image_size``."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
     import tensorflow as tf
+    from tensorflow.keras import layers
 
     from covid_spark.config import default_config
     from covid_spark.training.tfdata import augment_batch
@@ -87,30 +73,27 @@ def profile_augment(batch_size: int = 32, size: int | None = None, repeats: int 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
     config = default_config()
-    augment = config["train"]["augment"]
-    size = int(config["preprocess"]["image_size"]) if size is None else size
-    stack = keras_layer_stack(augment)
+    aug, size = config["train"]["augment"], size or int(config["preprocess"]["image_size"])
+    stack = tf.keras.Sequential(
+        ([layers.RandomRotation(float(aug["rotation_deg"]) / 360.0, fill_mode="constant", seed=1)]
+         if aug.get("rotation_deg") else []) +
+        ([layers.RandomTranslation(aug["shift"], aug["shift"], fill_mode="constant", seed=2)] if aug.get("shift")
+         else []) +
+        ([layers.RandomZoom((-aug["zoom"], aug["zoom"]), fill_mode="constant", seed=3)] if aug.get("zoom") else []))
     images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch_size, size, size, 3)), tf.float32)
-    lines = [f"augmentation of a {batch_size}×{size}×{size}×3 float batch, 1 intra-op thread "
-             f"(ms per image, best of {repeats}), config {augment}"]
 
     def best_ms(fn) -> float:
         fn(images)  # trace / warm up
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn(images).numpy()
-            times.append(time.perf_counter() - started)
-        return 1000 * min(times) / batch_size
+        return 1000 * min(timeit.repeat(lambda: fn(images).numpy(), number=1, repeat=repeats)) / batch_size
 
+    lines = [f"augmentation of a {batch_size}×{size}×{size}×3 float batch, 1 intra-op thread (ms per image, best of "
+             f"{repeats}), config {aug}"]
     for layer in stack.layers:
-        ms = best_ms(tf.function(lambda x, layer=layer: layer(x, training=True)))
-        lines.append(f"  Keras: {layer.name:<20} {ms:6.2f}")
+        lines.append(f"  Keras: {layer.name:<20} {best_ms(tf.function(lambda x, la=layer: la(x, training=True))):6.2f}")
     whole = best_ms(tf.function(lambda x: tf.clip_by_value(stack(x, training=True), 0.0, 255.0)))
-    lines.append(f"  Keras: {'whole stack + clip':<20} {whole:6.2f}  → {1000 / whole:.0f} images/s")
-    seed = tf.constant([0, 0], tf.int64)
-    now = best_ms(tf.function(lambda x: augment_batch(x, seed, augment)))
-    lines.append(f"  {'augment_batch':<27} {now:6.2f}  → {1000 / now:.0f} images/s ({whole / now:.1f}× faster)")
+    now = best_ms(tf.function(lambda x: augment_batch(x, tf.constant([0, 0], tf.int64), aug)))
+    lines += [f"  Keras: {'whole stack + clip':<20} {whole:6.2f}  → {1000 / whole:.0f} images/s",
+              f"  {'augment_batch':<27} {now:6.2f}  → {1000 / now:.0f} images/s ({whole / now:.1f}× faster)"]
     return "\n".join(lines)
 
 

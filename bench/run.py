@@ -9,28 +9,16 @@ single-rank trainings, per model); plus the peak memory of every process. Writes
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
 import os
 import shutil
 import sys
 import time
 
-from bench import preprocess_bench, read_bench, train_bench
+from bench import preprocess_bench, train_bench
 from bench.harness import (DATA, FIXED_COST_IMAGES, GOALS, RESULTS, SCRATCH, cli_logging, fmt, loadavg, machine,
                            machine_line, save, start_spark, table, verdict, verdict_table)
 from bench.inputs import sized_input, source_rows
 from bench.monitors import PeakRss, maxrss_mb
-
-logger = logging.getLogger("bench")
-
-DEFAULT_STEPS = {"compact": 30, "original": 30, "efficientnet_lite0": 12}
-QUICK_STEPS = {"compact": 6, "original": 4, "efficientnet_lite0": 3}
-
-
-def default_engines() -> tuple[str, ...]:
-    """Both engines where Horovod is installed (the pinned stack), else tf-distribute alone."""
-    return ("horovod", "tf-distribute") if importlib.util.find_spec("horovod") is not None else ("tf-distribute",)
 
 
 def input_for(source: str, size: str, workdir: str) -> str:
@@ -45,17 +33,15 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
                    master: str = "local[2]", config: dict | None = None, batch_size: int | None = None,
                    spark=None, keep_work: bool = False, ranks: tuple[int, ...] = (1, 2),
                    engines: tuple[str, ...] | None = None) -> dict:
-    """Run every benchmark; return the results (plain data, JSON-ready).
-
-    ``spark``: a session to use (not stopped); otherwise one is started on ``master`` and stopped at the end.
-    ``config``: the job config (default: the packaged defaults). The read and training benchmarks use the
-    first size's dataset.
-    """
+    """Run every benchmark; return the results (plain data). ``spark``: a session to use (not stopped), else
+    one on ``master``; ``config``: the job config (default: the packaged defaults). The read and training
+    benchmarks use the first size's dataset."""
     from covid_spark.config import load_config
 
     config = config or load_config()
-    engines = tuple(engines or default_engines())
-    steps = dict(DEFAULT_STEPS, **(steps or {}))
+    engines = tuple(engines or (("horovod", "tf-distribute") if train_bench.solo_engine() == "horovod"
+                                else ("tf-distribute",)))  # both where Horovod is installed (the pinned stack)
+    steps = dict(train_bench.STEPS, **(steps or {}))
     cfg = config["preprocess"]
     os.makedirs(workdir, exist_ok=True)
     started = time.time()
@@ -70,8 +56,8 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
     with PeakRss() as whole:
         try:
             tiny = sized_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES)
-            spark, fixed = preprocess_bench.spark_fixed_costs((lambda: start_spark(master)) if owned else (lambda: spark),
-                                                              tiny, os.path.join(workdir, "ds-tiny"), config)
+            spark, fixed = preprocess_bench.spark_fixed_costs(lambda: spark or start_spark(master), tiny,
+                                                              os.path.join(workdir, "ds-tiny"), config)
             if not owned:
                 fixed["session_start_s"] = None  # the caller's session was already running
             results["spark_fixed"], results["preprocess"] = fixed, []
@@ -91,7 +77,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
             results["decode_profile"] = preprocess_bench.profile_decode(
                 preprocess_bench.paths_of(source)[:200], int(cfg["image_size"]), int(cfg["max_pixels"]))
             threads = train_bench.threads_per_rank(config, 2)
-            results["read"] = read_bench.run_read(spark, dataset, config, threads, read_warmup, read_batches,
+            results["read"] = train_bench.run_read(spark, dataset, config, threads, read_warmup, read_batches,
                                                   batch_size)
             results["train"] = []
             for model in models:
@@ -146,51 +132,31 @@ def verdicts(results: dict) -> list[dict]:
 
 
 def format_tables(results: dict) -> str:
-    """Markdown tables: preprocessing, Spark's fixed costs, CPU, the Spark job, reading, training, memory, goals."""
+    """Markdown: preprocessing, Spark's costs, reading, training, the whole run's memory, the goals."""
     out = []
     pre = results.get("preprocess") or []
     if pre:
         out += [preprocess_bench.format_sizes(pre), preprocess_bench.format_cpu(pre)]
         out.append(preprocess_bench.format_jobs(max(pre, key=lambda e: e["images"])))
-    fixed = results.get("spark_fixed")
-    if fixed:
-        out.append(table(["Spark fixed cost", "seconds"], [
-            ["session start-up (JVM, SparkContext)", fixed["session_start_s"]],
-            [f"first preprocess job, {fixed['tiny_job_images']} images (starts Python workers)",
-             fixed["tiny_job_first_s"]],
-            [f"next preprocess job, {fixed['tiny_job_images']} images", fixed["tiny_job_s"]]]))
+    if results.get("spark_fixed"):
+        out.append(preprocess_bench.format_fixed(results["spark_fixed"]))
     if results.get("read"):
         ratios = read_ratios(results)
-        out.append(table(["read Petastorm → tf.data", "images/s", "training, 1 rank: images/s", "ratio", "goal"],
+        out.append(table(["read Petastorm → tf.data", "images/s", "training, 1 rank: images/s", "ratio", "goal",
+                          "reader peak RSS MiB"],
                          [[v.replace("_", " "), results["read"][v]["images_per_s"], training_rate(results),
-                           fmt(ratios[v], 2), GOALS["read_vs_train"].rule] for v in ratios]))
+                           fmt(ratios[v], 2), GOALS["read_vs_train"].rule, results["read"][v]["maxrss_mb"]]
+                          for v in ratios]))
     if results.get("train"):
         out.append(train_bench.format_rates(results["train"]))
-    out.append(format_memory(results))
+    if results.get("memory"):
+        mem, tree = results["memory"], results["memory"]["tree_peaks_mb"]
+        out.append(f"Peak RSS of the whole run: bench driver {fmt(mem['driver_python_maxrss_mb'])} MiB (ru_maxrss); "
+                   f"sampled, at one instant: JVM {fmt(tree['jvm'])}, Spark Python workers "
+                   f"{fmt(tree['spark_python_workers'])}, the whole process tree {fmt(tree['tree'])} MiB.")
     if results.get("verdicts"):
         out.append(verdict_table(results["verdicts"]))
     return "\n\n".join(t for t in out if t)
-
-
-def format_memory(results: dict) -> str:
-    """Peak RSS (MiB) of the bench driver, the JVM, Spark's Python workers, the plain processes and the reader
-    (each training process's is in the training table)."""
-    rows = []
-    mem = results.get("memory")
-    if mem:
-        tree = mem["tree_peaks_mb"]
-        rows += [["bench driver (Python, whole run, ru_maxrss)", mem["driver_python_maxrss_mb"]],
-                 ["Spark JVM (sampled)", tree["jvm"]],
-                 ["Spark Python workers, all at once (sampled)", tree["spark_python_workers"]],
-                 ["whole process tree at one instant (sampled)", tree["tree"]]]
-    for e in results.get("preprocess", []):
-        rows += [[f"plain decode process ({e['images']} images, 1 process)", e["single"]["per_process"][0]["maxrss_mb"]],
-                 [f"Spark job ({e['images']} images): JVM / Python workers",
-                  f"{fmt(e['spark']['peak_rss_mb']['jvm'])} / {fmt(e['spark']['peak_rss_mb']['spark_python_workers'])}"]]
-    for variant, read in (results.get("read") or {}).items():
-        if isinstance(read, dict):
-            rows.append([f"reader process, {variant.replace('_', ' ')}", read["maxrss_mb"]])
-    return table(["process", "peak RSS (MiB)"], rows)
 
 
 def main(argv=None) -> int:
@@ -223,7 +189,7 @@ def main(argv=None) -> int:
         return [s.strip() for s in text.split(",") if s.strip()]
 
     models = items(args.models or ("compact" if args.quick else "compact,original"))
-    steps = {m: args.steps for m in models} if args.steps else dict(QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    steps = {m: args.steps for m in models} if args.steps else dict(train_bench.QUICK_STEPS if args.quick else train_bench.STEPS)
     results = run_benchmarks(args.input, args.workdir, sizes=items(args.sizes or ("all" if args.quick else "all,5000")),
                              models=models, steps=steps, warmup=args.warmup_steps,
                              read_batches=args.read_batches or (8 if args.quick else 20), master=args.master,

@@ -1,10 +1,9 @@
-"""Training throughput: ranks of each engine over Spark against independent single-rank trainings.
+"""Training throughput: ranks of each engine against independent single-rank trainings, and the input pipeline.
 
-Every run calls the real rank function ``covid_spark.stages.train_rank.train_fn`` with a ``TrainJob`` made
-as ``run_training`` makes it (no validation, one epoch of ``warmup + steps`` steps) and a step timer added
-to its ``fit()`` call. Images/s come from the batch-end timestamps after the warm-up steps, inside the
-window where every process of the run was past its warm-up and none had finished, so a pair that starts or
-ends a little apart is measured only while both are training.
+Every run calls the real rank function ``train_fn`` with a ``TrainJob`` made as ``run_training`` makes it (no
+validation, one epoch of ``warmup + steps`` steps) and a step timer in its ``fit()``. Images/s come from the
+batch-end times inside the window where every process was past its warm-up and none had finished. The read
+benchmark runs ``make_train_dataset`` alone in a fresh process with a rank's environment and threads.
 """
 from __future__ import annotations
 
@@ -15,10 +14,13 @@ import multiprocessing as mp
 import os
 import time
 
-from bench.harness import REPO, collect, fmt, pct, reap, table
+from bench.harness import REPO, collect, fmt, in_process, pct, reap, table
 from bench.monitors import MachineCpu, maxrss_mb
 
 logger = logging.getLogger(__name__)
+
+STEPS = {"compact": 30, "original": 30, "efficientnet_lite0": 12}  # timed steps per model
+QUICK_STEPS = {"compact": 6, "original": 4, "efficientnet_lite0": 3}
 
 
 def threads_per_rank(config: dict, num_proc: int) -> int:
@@ -52,11 +54,8 @@ def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, c
 
 
 def timed_train_fn(job, barrier=None, warmup: int = 0) -> dict:
-    """Run the real ``train_fn(job)``; return its rank, size, batch-end times, CPU times and peak RSS.
-
-    ``barrier`` (optional) is waited on at the end of step ``warmup``, so that independent processes, whose
-    first steps (graph tracing) take different times, start their timed steps together.
-    """
+    """Run the real ``train_fn(job)``; return its rank, size, batch-end times, CPU times and peak RSS. ``barrier``
+    is waited on at the end of step ``warmup``, so that independent processes start their timed steps together."""
     import tensorflow as tf
 
     from covid_spark.stages.train_rank import train_fn
@@ -93,10 +92,9 @@ def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int,
                 batch_cpu: list[list[float]] | None = None) -> dict:
     """Images/s of processes measured together, from their batch-end times.
 
-    The window opens when the last process ends its ``warmup``-th step and closes when the first one ends
-    its last step (give or take half a median step, for ranks in lockstep); each process's rate is its steps
-    inside the window over their duration. With ``batch_cpu`` (each process's CPU seconds at the same batch
-    ends), also the CPU cores each process kept busy over those steps.
+    The window opens when the last process ends its ``warmup``-th step and closes when the first one ends its
+    last step (give or take half a median step, for ranks in lockstep); each process's rate is its steps inside
+    it over their duration. With ``batch_cpu`` (CPU seconds at the same batch ends), also the cores kept busy.
 
     Raises:
         ValueError: fewer than two steps of some process fall inside the window.
@@ -143,8 +141,8 @@ def _rate_of(reports: list, machine: MachineCpu, job, warmup: int, wall: float) 
 
 
 def _launch(spark, job, num_proc: int, warmup: int) -> dict:
-    """``num_proc`` ranks of ``job.engine``, launched as ``run_training`` launches them; with the time spent
-    outside ``fit()`` (launch, TensorFlow import, model build, save)."""
+    """``num_proc`` ranks of ``job.engine``, launched as ``run_training`` launches them, and the time outside
+    ``fit()`` (launch, TensorFlow import, model build, save)."""
     started = time.perf_counter()
     with MachineCpu() as machine:
         if job.engine == "horovod":
@@ -197,12 +195,8 @@ def independent_run(jobs: list, warmup: int, env: dict) -> dict:
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,
               batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2),
               engines: tuple[str, ...] = ("horovod",)) -> dict:
-    """``ranks`` ranks of each engine and an independent pair, for one model; with the efficiencies.
-
-    ``engines``: ``horovod`` (keys ``horovod_<n>``, ``efficiency``) and/or ``tf-distribute`` (keys
-    ``tf_distribute_<n>``, ``efficiency_tf_distribute``). The independent processes run the rank function
-    alone, on :func:`solo_engine`.
-    """
+    """``ranks`` ranks of each of ``engines`` (keys ``horovod_<n>``, ``tf_distribute_<n>``) and an independent
+    pair on :func:`solo_engine`, for one model; with the efficiencies (2 ranks over the pair)."""
     threads = threads_per_rank(config, 2)
 
     def job(name):
@@ -232,6 +226,44 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
     return out
 
 
+def _read_worker(dataset, batch_size, variants, seed, shuffle_buffer, threads, warmup, batches, env, results):
+    os.environ.update(env)
+    import tensorflow as tf
+
+    from covid_spark.training.tfdata import make_train_dataset
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+    report = {}
+    for name, augment in variants:
+        reader, ds = make_train_dataset(dataset, batch_size, augment, seed, shuffle_buffer=shuffle_buffer)
+        with reader:
+            batches_iter = iter(ds)
+            for _ in range(warmup):
+                next(batches_iter)
+            started = time.perf_counter()
+            for _ in range(batches):
+                images, _labels = next(batches_iter)
+            seconds = time.perf_counter() - started
+        report[name] = {"images": batches * batch_size, "seconds": round(seconds, 3),
+                        "images_per_s": round(batches * batch_size / seconds, 1), "batch_shape": list(images.shape),
+                        "maxrss_mb": maxrss_mb()}
+    results.put(report)
+
+
+def run_read(spark, dataset: str, config: dict, threads: int, warmup: int, batches: int,
+             batch_size: int | None = None) -> dict:
+    """Images/s of one rank's input pipeline over ``dataset``'s train split, without then with the configured
+    augmentation, after ``warmup`` batches each (``maxrss_mb``: the process's peak so far)."""
+    cfg = config["train"]
+    batch = int(batch_size or cfg["batch_size"])
+    variants = (("no_augment", {}), ("augment", dict(cfg["augment"])))
+    logger.info("read bench: %d + %d batches of %d, without and with augmentation", warmup, batches, batch)
+    report = in_process(_read_worker, dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]),
+                        threads, warmup, batches, rank_env(spark, threads))
+    return dict(report, batch_size=batch, threads=threads)
+
+
 RUNS = (("horovod_1", "1 Horovod rank", None), ("horovod_2", "2 Horovod ranks", "efficiency"),
         ("tf_distribute_1", "1 tf-distribute rank", None),
         ("tf_distribute_2", "2 tf-distribute ranks", "efficiency_tf_distribute"),
@@ -239,8 +271,8 @@ RUNS = (("horovod_1", "1 Horovod rank", None), ("horovod_2", "2 Horovod ranks", 
 
 
 def format_rates(entries: list[dict]) -> str:
-    """Each model's runs: images/s over the timed window, the ratio to its baseline (2 ranks: the independent
-    pair; the pair: 1 Horovod rank), CPU cores busy, other users' share, time outside fit() and peak RSS."""
+    """Each model's runs: images/s, the ratio to the baseline (2 ranks: the independent pair; the pair: 1 Horovod
+    rank), CPU cores busy, other users' share, time outside fit() and peak RSS."""
     rows = []
     for e in entries:
         for key, label, ratio_key in RUNS:

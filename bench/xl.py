@@ -1,19 +1,12 @@
 """python -m bench.xl [--quick] [--sizes 671,5000,17445,50000] [--models …] [--skip-epoch] [--parts …]
 
-Benchmarks on real data at scale (what `make bench-xl` runs), the 17,445 X-rays of ../shared/data/cxr-xl,
-each figure against its baseline in the same run, in a local[2] session with conf/spark-local.conf:
-
-1. **preprocess**: the real job at each size against two plain processes running its first pass
-   (``stage_images``) over alternate halves of the files, less the job's time on 6 images (its fixed cost).
-   A size up to the source's is a seeded sample stratified by label, listed by absolute path; a larger one
-   (or one written ``3000c``) is byte copies in a temporary folder. Peak memory at every size (the driver,
-   each Spark Python worker, the JVM's heap after a full GC) and its growth from the reference size.
-2. **duplicates**: ``bench.dup_bench.bench_duplicates`` on the real hashes of the largest sample.
-3. **predict**: ``bench.predict_bench.bench_predict`` on a sample, with an untrained model.
-4. **train**: each model's rate with 2 Horovod ranks over timed steps, and one whole epoch of ``run_training``.
-
-Writes bench/results-xl.json after every part (a failure keeps what was done) and prints Markdown tables.
-``--parts`` reruns some parts and merges them into the existing file.
+`make bench-xl`: the benchmarks on real data at scale (../shared/data/cxr-xl, 17,445 X-rays), in four parts:
+**preprocess** (the job at each size against two plain processes running its first pass, ``stage_images``,
+less its fixed cost; peak memory at each size and its growth; a size above the source's, or written
+``3000c``, is made of byte copies, the others are stratified samples), **duplicates** (``dup_bench`` on the
+real hashes), **predict** (``predict_bench`` with an untrained model) and **train** (2-rank rates over timed
+steps, and one whole epoch of ``run_training``). Results go to bench/results-xl.json after every part;
+``--parts`` reruns some and merges them into the existing file.
 """
 from __future__ import annotations
 
@@ -31,7 +24,7 @@ from bench.harness import (DATA, FIXED_COST_IMAGES, REPO, cli_logging, fmt, in_p
                            machine, machine_line, pct, save, start_spark, table, verdict, verdict_table)
 from bench.inputs import copied_input, sampled_input, source_rows
 from bench.monitors import JvmHeap, PeakRss, maxrss_mb
-from bench.preprocess_bench import (format_cpu, format_jobs, format_sizes, net_rate, plain_stage, ratio,
+from bench.preprocess_bench import (format_cpu, format_fixed, format_jobs, format_sizes, net_rate, plain_stage, ratio,
                                     spark_fixed_costs, spark_preprocess)
 
 logger = logging.getLogger("bench.xl")
@@ -48,22 +41,19 @@ class Profile:
     """What one invocation runs: full (the defaults) or quick (development and the smoke test)."""
 
     def __init__(self, quick: bool):
-        self.quick = quick
+        self.quick = self.skip_epoch = quick
         self.sizes = "200,1000,3000c" if quick else "671,5000,17445,50000"
         self.memory_reference = 1000 if quick else 5000
         self.hashes_total = 5_000 if quick else 100_000
         self.predict_images = 200 if quick else 17_445  # all of cxr-xl: each worker's start-up amortised as in use
         self.models = ("compact",) if quick else MODELS
-        self.steps = ({"compact": 6, "original": 4, "efficientnet_lite0": 3} if quick
-                      else {"compact": 30, "original": 30, "efficientnet_lite0": 12})
+        self.steps = dict(train_bench.QUICK_STEPS if quick else train_bench.STEPS)
         self.warmup = 2 if quick else 3
-        self.skip_epoch = quick
 
 
 def parse_sizes(text: str, distinct: int) -> list[tuple[int, str]]:
-    """``"671,5000,50000"`` → ``[(671, "sample"), (5000, "sample"), (50000, "copies")]``, sorted by size.
-
-    A size above ``distinct`` (the source's image count), or written with a ``c`` suffix, is made of copies.
+    """``"671,5000,50000"`` → ``[(671, "sample"), (5000, "sample"), (50000, "copies")]``, sorted by size: a size
+    above ``distinct`` (the source's image count), or written with a ``c`` suffix, is made of copies.
 
     Raises:
         ValueError: a size is not a positive integer (with an optional ``c``).
@@ -84,6 +74,7 @@ def _rm(path: str) -> None:
 
 
 def _warm_worker(location: str, queue) -> None:
+    """Read every input file once, so that the plain processes and Spark both find them in the page cache."""
     from covid_spark.inputs.sources import discover
 
     started, files, total = time.perf_counter(), 0, 0
@@ -97,12 +88,9 @@ def _warm_worker(location: str, queue) -> None:
     queue.put({"files": files, "mb": round(total / 2 ** 20, 1), "seconds": round(time.perf_counter() - started, 2)})
 
 
-def make_input(source: str, workdir: str, images: int, kind: str, seed: int = 0) -> tuple[str, float]:
-    """The input for one size, and the seconds it took to make."""
-    started = time.perf_counter()
-    location = (copied_input if kind == "copies" else sampled_input)(
-        source, os.path.join(workdir, f"input-{kind}-{images}"), images, seed=seed)
-    return location, round(time.perf_counter() - started, 1)
+def make_input(source: str, workdir: str, images: int, kind: str) -> str:
+    return (copied_input if kind == "copies" else sampled_input)(
+        source, os.path.join(workdir, f"input-{kind}-{images}"), images, seed=0)
 
 
 def stage_pair(location: str, workdir: str, images: int, config: dict, hashes: bool) -> dict:
@@ -118,47 +106,45 @@ def stage_pair(location: str, workdir: str, images: int, config: dict, hashes: b
 
 
 def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
-    workers = [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == "worker"]
-    daemons = [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == "daemon"]
-    return {"driver_mb": run["peak_rss_mb"]["driver"], "driver_before_job_mb": driver_before_mb,
-            "python_worker_max_mb": max(workers, default=None), "python_workers_mb": sorted(workers),
-            "python_daemon_mb": max(daemons, default=None), "python_workers_sum_mb": run["peak_rss_mb"]["spark_python_workers"],
+    roles = {role: [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == role]
+             for role in ("worker", "daemon")}
+    peaks = run["peak_rss_mb"]
+    return {"driver_mb": peaks["driver"], "driver_before_job_mb": driver_before_mb,
+            "python_worker_max_mb": max(roles["worker"], default=None), "python_workers_mb": sorted(roles["worker"]),
+            "python_daemon_mb": max(roles["daemon"], default=None), "python_workers_sum_mb": peaks["spark_python_workers"],
             "jvm_heap_after_gc_mb": heap["after_gc_peak_mb"], "jvm_heap_before_gc_mb": heap["before_gc_peak_mb"],
             "jvm_heap_committed_mb": heap["committed_peak_mb"], "jvm_max_heap_mb": heap["max_heap_mb"],
-            "jvm_rss_mb": run["peak_rss_mb"]["jvm"], "forced_gc_samples": heap["samples"], "forced_gc_s": heap["gc_s"]}
+            "jvm_rss_mb": peaks["jvm"], "forced_gc_samples": heap["samples"], "forced_gc_s": heap["gc_s"]}
 
 
 def preprocess_size(spark, source: str, workdir: str, images: int, kind: str, config: dict, fixed_job_s: float,
-                    keep_dataset: bool, want_hashes: bool, gc_interval: float) -> dict:
-    """One size: make the input, warm the page cache (both sides then read from memory), the plain pair, the
-    Spark job timed, then the job again with the memory samplers (peak RSS; JVM heap after forced full GCs,
-    whose pauses must not be inside the timed run)."""
+                    largest_sample: bool, keep_dataset: bool, gc_interval: float) -> dict:
+    """One size: the input, the page cache warmed, the plain pair, the Spark job timed, then the job again with
+    the memory samplers (the JVM heap's forced full GCs pause it: they must not be inside the timed run). The
+    largest sample keeps its hash files (and its dataset, with ``keep_dataset``)."""
     import psutil
 
     logger.info("xl preprocess: %d images (%s)", images, kind)
-    location, setup_s = make_input(source, workdir, images, kind)
-    entry = {"images": images, "kind": kind, "input": location, "input_setup_s": setup_s,
+    started = time.perf_counter()
+    location = make_input(source, workdir, images, kind)
+    entry = {"images": images, "kind": kind, "input": location, "input_setup_s": round(time.perf_counter() - started, 1),
              "page_cache": in_process(_warm_worker, location)}
     output = os.path.join(workdir, f"ds-{images}")
     try:
-        pair = stage_pair(location, workdir, images, config, want_hashes)
-        if want_hashes:
-            entry["hash_files"] = pair.pop("hash_files")
+        pair = stage_pair(location, workdir, images, config, largest_sample)
+        entry.update({"hash_files": pair.pop("hash_files")} if largest_sample else {})
         run = spark_preprocess(spark, location, output, config)
         _rm(output)
         driver_before = round(psutil.Process().memory_info().rss / 2 ** 20, 1)
         with JvmHeap(spark, interval=gc_interval) as heap:
             memory_run = spark_preprocess(spark, location, output, config)
         run["seconds_of_memory_run"] = memory_run["seconds"]
-        if keep_dataset:
-            entry["dataset"] = output
-        else:
+        if not (keep_dataset and largest_sample):
             _rm(output)
     finally:
         if kind == "copies":
             _rm(location)
-    run["net_seconds"] = round(run["seconds"] - fixed_job_s, 3)
-    run["net_images_per_s"] = net_rate(run, images, fixed_job_s)
+    run.update(net_seconds=round(run["seconds"] - fixed_job_s, 3), net_images_per_s=net_rate(run, images, fixed_job_s))
     entry.update(pair=pair, spark=run, memory=_memory_of(memory_run, heap.result, driver_before),
                  spark_vs_pair=ratio(run["images_per_s"], pair["images_per_s"]),
                  spark_net_vs_pair=ratio(run["net_images_per_s"], pair["images_per_s"]))
@@ -185,45 +171,29 @@ def memory_growth(entries: list[dict], reference: int) -> list[dict]:
 
 def run_preprocess(spark_factory, source: str, workdir: str, sizes: list[tuple[int, str]], config: dict,
                    memory_reference: int, keep_dataset: bool, gc_interval: float = 2.0) -> tuple:
-    """Spark's fixed costs, then every size. Returns ``(spark, part)``; the largest sample's dataset
-    (``part["dataset"]``, when ``keep_dataset``) and hash files (``part["hash_files"]``) are kept."""
+    """Spark's fixed costs, then every size; returns ``(spark, part)``."""
     tiny = sampled_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES)
     spark, fixed = spark_fixed_costs(spark_factory, tiny, os.path.join(workdir, "ds-tiny"), config)
     _rm(os.path.join(workdir, "ds-tiny"))
     largest = max((n for n, kind in sizes if kind == "sample"), default=None)
     entries = [preprocess_size(spark, source, workdir, n, kind, config, fixed["tiny_job_s"],
-                               keep_dataset and n == largest and kind == "sample", n == largest and kind == "sample",
-                               gc_interval) for n, kind in sizes]
-    part = {"spark_fixed": fixed, "sizes": entries, "memory_reference": memory_reference,
-            "memory_growth": memory_growth(entries, memory_reference)}
-    for entry in entries:
-        part.update({k: entry[k] for k in ("dataset", "hash_files") if entry.get(k)})
-    return spark, part
+                               (n, kind) == (largest, "sample"), keep_dataset, gc_interval) for n, kind in sizes]
+    hash_files = [f for e in entries for f in e.get("hash_files", [])]
+    return spark, {"spark_fixed": fixed, "sizes": entries, "memory_reference": memory_reference,
+                   "memory_growth": memory_growth(entries, memory_reference), "hash_files": hash_files}
 
 
 def _duplicates_worker(hash_files: list[str], total: int, max_distance: int, queue) -> None:
     """``bench_duplicates`` on the hashes in ``hash_files``, pinned to one CPU."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    result = dup_bench.bench_duplicates(_read_hashes(hash_files), total=total, max_distance=max_distance, seed=0)
-    queue.put(dict(result, cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                   maxrss_mb=maxrss_mb()))
-
-
-def _read_hashes(files: list[str]) -> dict[str, int]:
     hashes = {}
-    for path in files:
+    for path in hash_files:
         with open(path, encoding="utf-8") as handle:
             hashes.update({p: int(h) for p, h in json.load(handle).items()})
-    return hashes
-
-
-def run_duplicates(hash_files: list[str], total: int, max_distance: int) -> dict:
-    """``bench_duplicates`` fed the real hashes, grown to ``total``, in a fresh process on one CPU."""
-    real = len(_read_hashes(hash_files))
-    logger.info("xl duplicates: %d real hashes grown to %d, max distance %d, one CPU", real, total, max_distance)
-    return {"real_hashes": real, "total": total, "max_distance": max_distance,
-            "result": in_process(_duplicates_worker, hash_files, total, max_distance)}
+    result = dup_bench.bench_duplicates(hashes, total=total, max_distance=max_distance, seed=0)
+    queue.put({"real_hashes": len(hashes), "result": dict(result, maxrss_mb=maxrss_mb(), cpus=sorted(
+        os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)})
 
 
 def _predict_worker(location: str, model_dir: str, images: int, queue) -> None:
@@ -240,25 +210,15 @@ def run_predict(source: str, workdir: str, images: int, model: str, image_size: 
             "result": in_process(_predict_worker, location, made["model_dir"], images)}
 
 
-def ensure_dataset(spark, source: str, workdir: str, images: int, config: dict) -> str:
-    """The preprocessed dataset of the ``images`` sample: kept from the preprocess part, or made now (untimed)."""
-    from covid_spark.data.dataset import has_summary
-    from covid_spark.stages.preprocess import preprocess
-
-    output = os.path.join(workdir, f"ds-{images}")
-    if not has_summary(spark, output):
-        preprocess(spark, make_input(source, workdir, images, "sample")[0], output, config, overwrite=True)
-    return output
-
-
 def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str | None, batch_size: int | None,
                 workdir: str) -> dict:
-    """One whole epoch of ``run_training`` over the train split (with validation), 2 ranks."""
+    """One whole epoch of ``run_training`` over the train split (with validation)."""
     from covid_spark.config import load_config, override
     from covid_spark.data.rundir import RunDir
     from covid_spark.stages.train import run_training
 
-    cfg = override(load_config(config_path, model=model), "train", {"model": model, "epochs": 1, "batch_size": batch_size})
+    cfg = override(load_config(config_path, model=model), "train", {"model": model, "epochs": 1,
+                                                                    "batch_size": batch_size})
     model_dir, rows, batch = os.path.join(workdir, "epoch", model), summary["per_split"]["train"], cfg["train"]["batch_size"]
     logger.info("xl train: %s, one epoch over %d train images", model, rows)
     load_start = loadavg()
@@ -267,17 +227,16 @@ def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str
         run = run_training(spark, dataset, model_dir, cfg, overwrite=True)
         outer = time.perf_counter() - started
     with open(RunDir(model_dir).history, encoding="utf-8") as handle:
-        history = json.load(handle)
+        history = {k: v[0] for k, v in json.load(handle).items() if isinstance(v, list) and v}
     _rm(model_dir)
-    epoch_s = history["seconds"][0]
     return {"model": model, "train_rows": rows, "val_rows": summary["per_split"].get("val", 0),
             "num_proc": run["num_proc"], "steps_per_epoch": run["steps_per_epoch"], "batch_size": int(batch),
             "threads_per_rank": run["threads_per_rank"], "run_json_wall_s": run["wall_seconds"],
-            "epoch_s": round(epoch_s, 1), "call_s": round(outer, 1),
-            "images_per_s_wall": round(rows / run["wall_seconds"], 1), "images_per_s_epoch": round(rows / epoch_s, 1),
-            "images_per_s_steps": round(run["steps_per_epoch"] * run["num_proc"] * int(batch) / epoch_s, 1),
-            "loss": history.get("loss", [None])[0], "val_loss": history.get("val_loss", [None])[0],
-            "val_accuracy": history.get("val_accuracy", [None])[0], "jvm_peak_rss_mb": rss.peaks["jvm"],
+            "epoch_s": round(history["seconds"], 1), "call_s": round(outer, 1),
+            "images_per_s_wall": round(rows / run["wall_seconds"], 1),
+            "images_per_s_epoch": round(rows / history["seconds"], 1),
+            "images_per_s_steps": round(run["steps_per_epoch"] * run["num_proc"] * int(batch) / history["seconds"], 1),
+            **{k: history.get(k) for k in ("loss", "val_loss", "val_accuracy")}, "jvm_peak_rss_mb": rss.peaks["jvm"],
             "loadavg_at_start": load_start, "loadavg_at_end": loadavg()}
 
 
@@ -315,11 +274,11 @@ def verdicts(results: dict) -> list[dict]:
         out.append(verdict("memory_growth", g["ratio"], f"{g['process']}, {g['reference_images']:,} → "
                            f"{g['largest_images']:,} images", f"{g['reference_mb']} → {g['largest_mb']} MiB"))
     dup = (results.get("duplicates") or {}).get("result") or {}
-    if isinstance(dup.get("seconds_banded"), (int, float)):
+    if dup:
         out.append(verdict("duplicates_s", dup["seconds_banded"], f"{dup['n']:,} real hashes grown with copies",
-                           f"all-pairs {dup.get('all_pairs_seconds')} s on {dup.get('all_pairs_checked_n')}"))
+                           f"all-pairs {dup['all_pairs_seconds']} s on {dup['all_pairs_checked_n']}"))
     pred = (results.get("predict") or {}).get("result") or {}
-    if pred.get("ratio") is not None:
+    if pred:
         out.append(verdict("predict_vs_plain", pred["ratio"], f"{pred['parallelism']} × plain, {pred['images']:,} images"))
     return [v for v in out if v]
 
@@ -332,18 +291,18 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
     """Run the chosen parts; return the results (plain data). ``results``: earlier results to update part by
     part; ``save_to``: write them there after each part. ``spark``: a session to use (not stopped)."""
     from covid_spark.config import load_config
+    from covid_spark.data.dataset import has_summary
     from covid_spark.data.rundir import git_commit
+    from covid_spark.stages.preprocess import preprocess
 
-    profile = profile or Profile(False)
-    config = config or load_config(config_path)
+    profile, config = profile or Profile(False), config or load_config(config_path)
     distinct = len(source_rows(source))
     size_list = parse_sizes(sizes or profile.sizes, distinct)
     models = tuple(models or profile.models)
     skip_epoch = profile.skip_epoch if skip_epoch is None else skip_epoch
     results = results if results is not None else {}
     results["machine"] = machine()
-    largest_sample = max((n for n, kind in size_list if kind == "sample"),
-                         default=min(distinct, profile.memory_reference))
+    largest = max((n for n, kind in size_list if kind == "sample"), default=min(distinct, profile.memory_reference))
     owned, session = spark is None, {"spark": spark}
 
     def get_spark():
@@ -359,38 +318,29 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
                 "spark.python.worker.reuse": conf.get("spark.python.worker.reuse", "true (default)"),
                 "source": "conf/spark-local.conf" if owned else "the caller's session"}
 
-    def run_part(name, work):
-        started, load = time.time(), loadavg()
-        part = work()
-        results[name] = dict(part, seconds=round(time.time() - started, 1), loadavg_at_start=load,
-                             loadavg_at_end=loadavg())
-        results["verdicts"] = verdicts(results)
-        if save_to:
-            save(results, save_to)
-
     def preprocess_part():
-        spark_now, part = run_preprocess(get_spark, source, workdir, size_list, config, profile.memory_reference,
-                                         keep_dataset="train" in parts, gc_interval=gc_interval)
-        session["spark"] = spark_now
+        session["spark"], part = run_preprocess(get_spark, source, workdir, size_list, config, profile.memory_reference,
+                                                "train" in parts, gc_interval)
         return dict(part, settings=settings())
 
     def duplicates_part():
-        hash_files = (results.get("preprocess") or {}).get("hash_files") or []
-        if not hash_files or not all(os.path.exists(f) for f in hash_files):
-            location = make_input(source, workdir, largest_sample, "sample")[0]
-            hash_files = stage_pair(location, workdir, largest_sample, config, hashes=True)["hash_files"]
-        return run_duplicates(hash_files, profile.hashes_total, int(config["preprocess"]["duplicate_distance"]))
+        files = (results.get("preprocess") or {}).get("hash_files") or []
+        if not files or not all(os.path.exists(f) for f in files):
+            files = stage_pair(make_input(source, workdir, largest, "sample"), workdir, largest, config, True)["hash_files"]
+        total, distance = profile.hashes_total, int(config["preprocess"]["duplicate_distance"])
+        logger.info("xl duplicates: real hashes grown to %d, max distance %d, one CPU", total, distance)
+        return dict(in_process(_duplicates_worker, files, total, distance), total=total, max_distance=distance)
 
     def train_part():
-        dataset = (results.get("preprocess") or {}).get("dataset") or ensure_dataset(
-            get_spark(), source, workdir, largest_sample, config)
+        dataset = os.path.join(workdir, f"ds-{largest}")  # kept by the preprocess part, else made now (untimed)
+        if not has_summary(None, dataset):
+            preprocess(get_spark(), make_input(source, workdir, largest, "sample"), dataset, config, overwrite=True)
         return dict(run_train(get_spark(), dataset, config, models, profile.steps, profile.warmup, workdir,
                               skip_epoch, config_path, batch_size, rates=train_rates), settings=settings())
 
     work = {"preprocess": preprocess_part, "duplicates": duplicates_part, "train": train_part,
-            "predict": lambda: run_predict(source, workdir, profile.predict_images,
-                                           predict_model or config["train"]["model"],
-                                           int(config["preprocess"]["image_size"]))}
+            "predict": lambda: run_predict(source, workdir, profile.predict_images, predict_model or
+                                           config["train"]["model"], int(config["preprocess"]["image_size"]))}
     started_all, work_made = time.time(), not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     invocation = {"parts": list(parts), "sizes": [f"{n}{'c' if k == 'copies' else ''}" for n, k in size_list],
@@ -399,7 +349,12 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
                   "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     try:
         for name in (p for p in PARTS if p in parts):
-            run_part(name, work[name])
+            started, load = time.time(), loadavg()
+            results[name] = dict(work[name](), seconds=round(time.time() - started, 1), loadavg_at_start=load,
+                                 loadavg_at_end=loadavg())
+            results["verdicts"] = verdicts(results)
+            if save_to:
+                save(results, save_to)
     finally:
         if owned and session["spark"] is not None:
             session["spark"].stop()
@@ -416,25 +371,20 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
 
 def format_preprocess(part: dict) -> str:
     fixed, sizes = part["spark_fixed"], part["sizes"]
-    lines = [f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on "
-             f"{fixed['tiny_job_images']} images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the "
-             f"Python workers), {fmt(fixed['tiny_job_s'])} s the next (subtracted below).",
-             format_sizes(sizes), format_cpu(sizes), format_jobs(max(sizes, key=lambda e: e["images"])) or ""]
-    lines.append(table(["images", "Python driver MiB (before the job)", "Spark Python workers MiB, each",
-                        "pyspark.daemon MiB", "JVM heap after full GC MiB", "JVM heap before GC, peak MiB",
-                        "JVM RSS MiB", "forced GCs (s)", "plain process MiB, each"],
-                       [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
-                         " / ".join(fmt(x) for x in m["python_workers_mb"]) or "–", m["python_daemon_mb"],
-                         m["jvm_heap_after_gc_mb"], m["jvm_heap_before_gc_mb"], m["jvm_rss_mb"],
-                         f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})",
-                         " / ".join(fmt(p["maxrss_mb"]) for p in e["pair"]["per_process"])]
-                        for e, m in ((e, e["memory"]) for e in sizes)], left=(2, 8)))
+    lines = [format_fixed(fixed), format_sizes(sizes), format_cpu(sizes), format_jobs(max(sizes, key=lambda e: e["images"])),
+             table(["images", "Python driver MiB (before the job)", "Spark Python workers MiB, each",
+                    "pyspark.daemon MiB", "JVM heap after full GC MiB", "JVM heap before GC, peak MiB", "JVM RSS MiB",
+                    "forced GCs (s)"],
+                   [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
+                     " / ".join(fmt(x) for x in m["python_workers_mb"]) or "–", m["python_daemon_mb"],
+                     m["jvm_heap_after_gc_mb"], m["jvm_heap_before_gc_mb"], m["jvm_rss_mb"],
+                     f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"] for e, m in ((e, e["memory"]) for e in sizes)],
+                   left=(2,))]
     if part.get("memory_growth"):
         lines.append(table(["peak memory", "at reference size", "MiB", "at largest size", "MiB", "ratio"],
                            [[g["process"], f"{g['reference_images']:,}", g["reference_mb"], f"{g['largest_images']:,}",
                              g["largest_mb"], fmt(g["ratio"], 2)] for g in part["memory_growth"]]))
-    settings = part.get("settings") or {}
-    lines.append("Memory settings: " + "; ".join(f"{k} = {v}" for k, v in settings.items() if v))
+    lines.append("Memory settings: " + "; ".join(f"{k} = {v}" for k, v in (part.get("settings") or {}).items() if v))
     return "\n\n".join(line for line in lines if line)
 
 
@@ -451,33 +401,31 @@ def format_tables(results: dict) -> str:
               fmt(dup["seconds_banded"], 2), fmt(dup["cpu_seconds_banded"], 2), f"{dup['groups']:,}",
               dup["largest_group"], f"{dup['all_pairs_checked_n']:,}", fmt(dup["all_pairs_seconds"], 2),
               fmt(dup["banded_seconds_same_set"], 2), "yes" if dup["same_groups_as_all_pairs"] else "**no**"]],
-            left=(1, 9)) + f"\n\nOne process pinned to CPU {dup.get('cpus')}; max distance {dup['max_distance']} bits "
+            left=(1, 9)) + f"\n\nOne process pinned to CPU {dup['cpus']}; max distance {dup['max_distance']} bits "
                            f"of {dup['bits']}.")
     pred = (results.get("predict") or {}).get("result")
     if pred:
-        peaks = pred.get("peak_rss_mb", {})
         out.append("### Predict\n\n" + table(
             ["images", "model", "Spark: s", "images/s", "1 plain process: images/s", "× parallelism",
              "Spark / (parallelism × plain)", "driver / JVM / Python workers peak MiB", "other users' share"],
-            [[f"{pred['images']:,}", f"{results['predict']['model']['model']} (untrained head)", pred["spark"]["seconds"],
-              pred["spark"]["images_per_s"], pred["plain"]["images_per_s"], pred["parallelism"], fmt(pred["ratio"], 2),
-              " / ".join(fmt(peaks.get(k)) for k in ("driver", "jvm", "spark_python_workers")),
-              pct((pred.get("cpu") or {}).get("others_share"))]], left=(1, 7)))
+            [[f"{pred['images']:,}", f"{results['predict']['model']['model']} (untrained head)",
+              pred["spark"]["seconds"], pred["spark"]["images_per_s"], pred["plain"]["images_per_s"],
+              pred["parallelism"], fmt(pred["ratio"], 2),
+              " / ".join(fmt(pred["peak_rss_mb"][k]) for k in ("driver", "jvm", "spark_python_workers")),
+              pct(pred["cpu"]["others_share"])]], left=(1, 7)))
     train = results.get("train")
     if train:
-        lines = [f"Dataset: the {sum(train['per_split'].values()):,}-image sample ({train['per_split']['train']:,} "
-                 f"train, {train['per_split'].get('val', 0):,} val); {train['threads_per_rank']} thread(s) per rank."]
-        if train["rates"]:
-            lines.append(train_bench.format_rates(train["rates"]))
-        if train["epochs"]:
-            lines.append(table(["model", "train images", "steps × batch × ranks", "run_training wall s",
-                                "epoch s (fit, incl. validation)", "train images / wall s", "train images / epoch s",
-                                "val accuracy after 1 epoch"],
-                               [[e["model"], f"{e['train_rows']:,}", f"{e['steps_per_epoch']} × {e['batch_size']} × "
-                                 f"{e['num_proc']}", e["run_json_wall_s"], e["epoch_s"], e["images_per_s_wall"],
-                                 e["images_per_s_epoch"], fmt(e["val_accuracy"], 3)] for e in train["epochs"]],
-                               left=(0, 2)))
-        out.append("### Training\n\n" + "\n\n".join(lines))
+        split = train["per_split"]
+        out.append("### Training\n\n" + "\n\n".join(
+            [f"Dataset: the {sum(split.values()):,}-image sample ({split['train']:,} train, {split.get('val', 0):,} "
+             f"val); {train['threads_per_rank']} thread(s) per rank.",
+             train_bench.format_rates(train["rates"]) if train["rates"] else "",
+             table(["model", "train images", "steps × batch × ranks", "run_training wall s",
+                    "epoch s (fit, incl. validation)", "train images / wall s", "train images / epoch s",
+                    "val accuracy after 1 epoch"],
+                   [[e["model"], f"{e['train_rows']:,}", f"{e['steps_per_epoch']} × {e['batch_size']} × {e['num_proc']}",
+                     e["run_json_wall_s"], e["epoch_s"], e["images_per_s_wall"], e["images_per_s_epoch"],
+                     fmt(e["val_accuracy"], 3)] for e in train["epochs"]], left=(0, 2)) if train["epochs"] else ""]))
     if results.get("verdicts"):
         out.append("### Goals\n\n" + verdict_table(results["verdicts"]))
     out.append("Time per part: " + ", ".join(f"{p} {results[p]['seconds']:.0f} s" for p in PARTS if results.get(p)))
@@ -485,8 +433,7 @@ def format_tables(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmarks on cxr-xl at scale: preprocess, duplicate grouping, "
-                                                 "predict and training (see docs/performance.md).")
+    parser = argparse.ArgumentParser(description="Benchmarks on cxr-xl at scale (see docs/performance.md).")
     parser.add_argument("--input", default=os.path.join(DATA, "cxr-xl"), help="real images (default: cxr-xl)")
     parser.add_argument("--sizes", help="comma-separated preprocess sizes; above the source's count (or with a 'c' "
                                         "suffix) made of copies (default 671,5000,17445,50000; --quick 200,1000,3000c)")
@@ -504,35 +451,34 @@ def main(argv=None) -> int:
     parser.add_argument("--predict-model", help="model to score with (default: train.model)")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--config", help="job config YAML (default: the packaged defaults)")
-    parser.add_argument("--workdir", help="scratch folder (default: a new temporary folder, removed at the end; "
-                                          "a folder given is kept)")
+    parser.add_argument("--workdir", help="scratch folder (default: a new temporary one, removed at the end)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    cli_logging()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     models = [m.strip() for m in args.models.split(",")] if args.models else None
-    problem = (f"unknown part(s) {', '.join(sorted(set(parts) - set(PARTS)))}; choose from {', '.join(PARTS)}"
-               if set(parts) - set(PARTS) else
-               f"unknown model(s) {', '.join(sorted(set(models) - set(MODELS)))}" if models and set(models) - set(MODELS)
-               else None if os.path.exists(args.input) else f"input {args.input} not found")
-    if problem:
-        print(f"bench.xl: {problem}", file=sys.stderr)
-        return 2
+    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(models or ()) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown {', '.join(unknown)}: parts are {', '.join(PARTS)}; models {', '.join(MODELS)}")
+    if not os.path.exists(args.input):
+        parser.error(f"input {args.input} not found")
+    cli_logging()
     profile = Profile(args.quick)
-    for name in ("memory_reference", "predict_images"):
-        setattr(profile, name, getattr(args, name) or getattr(profile, name))
+    profile.memory_reference = args.memory_reference or profile.memory_reference
     profile.hashes_total = args.hashes or profile.hashes_total
+    profile.predict_images = args.predict_images or profile.predict_images
     results = {}
     if set(parts) != set(PARTS) and os.path.exists(args.output):
         with open(args.output, encoding="utf-8") as handle:
             results = json.load(handle)
-    workdir = args.workdir or os.path.join(tempfile.gettempdir(), f"covid-spark-bench-xl-{os.getpid()}")
     results["command"] = "python -m bench.xl " + " ".join(sys.argv[1:] if argv is None else argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="covid-spark-bench-xl-")
+    if not args.workdir:
+        os.rmdir(workdir)  # run_xl removes a folder it makes, and keeps one given
     try:
-        results = run_xl(args.input, workdir, parts=parts, profile=profile, sizes=args.sizes, models=models,
-                         skip_epoch=True if args.skip_epoch else None, config_path=args.config, master=args.master,
-                         results=results, save_to=args.output, predict_model=args.predict_model,
-                         train_rates=not args.skip_rates)
+        results = run_xl(args.input, workdir, parts=parts,
+                         profile=profile, sizes=args.sizes, models=models, skip_epoch=args.skip_epoch or None,
+                         config_path=args.config, master=args.master, results=results, save_to=args.output,
+                         predict_model=args.predict_model, train_rates=not args.skip_rates)
     except ValueError as exc:
         print(f"bench.xl: {exc}", file=sys.stderr)
         return 2

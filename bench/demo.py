@@ -1,9 +1,5 @@
-"""python -m bench.demo [--run-id ID]   (what `make bench-demo` runs)
-
-Times `make demo` end to end, stage by stage (from the run's pipeline.json), beside the original project's
-48 minutes of training, and writes the figures under "demo" in bench/results.json. The time outside the
-stages is spark-submit, the JVM and the driver's imports.
-"""
+"""python -m bench.demo [--run-id ID] (`make bench-demo`): `make demo` end to end, stage by stage (from the run's
+pipeline.json), beside the original project's 48 minutes of training; under "demo" in bench/results.json."""
 from __future__ import annotations
 
 import argparse
@@ -54,11 +50,13 @@ def format_table(result: dict) -> str:
     wall = result["wall_s"]
     rows = [[stage, seconds, f"{100 * seconds / wall:.0f} %"] for stage, seconds in result["stages_s"].items()]
     rows += [["outside the stages (spark-submit, JVM, imports)", result["outside_stages_s"],
-              f"{100 * result['outside_stages_s'] / wall:.0f} %"], ["**make demo, end to end**", f"**{wall:.1f}**", "100 %"]]
+              f"{100 * result['outside_stages_s'] / wall:.0f} %"], ["**make demo, end to end**", f"**{wall:.1f}**",
+                                                                     "100 %"]]
     t = result.get("training")
     if t:
         rows.append([f"(train stage: {t['model']}, {t['num_proc']} ranks × {t['threads_per_rank']} thread(s), "
-                     f"{t['epochs_run']} epochs of {t['steps_per_epoch']} steps, {t['train_images']} train images)", "", ""])
+                     f"{t['epochs_run']} epochs of {t['steps_per_epoch']} steps, {t['train_images']} train images)",
+                     "", ""])
     if "original_training_vs_train_stage" in result:
         rows.append(["original project: training alone", f"{ORIGINAL_TRAINING_S:.0f} (48 min)",
                      f"{result['original_training_vs_train_stage']:g} × this train stage"])

@@ -52,10 +52,8 @@ def synthetic_hashes(count: int = SYNTHETIC_BASE, seed: int = 0, bits: int = 256
 
 
 def grow(base: dict[str, int], total: int, seed: int = 0) -> dict[str, int]:
-    """``base`` plus seeded copies of its hashes with 0..``COPY_FLIPS`` flipped bits, ``total`` in all.
-
-    When ``base`` alone has more than ``total`` hashes, a seeded sample of ``total`` of them.
-    """
+    """``base`` plus seeded copies of its hashes with 0..``COPY_FLIPS`` flipped bits, ``total`` in all (a seeded
+    sample of ``total`` when ``base`` alone has more)."""
     rng = random.Random(seed)
     keys = sorted(base)
     if len(keys) >= total:

@@ -128,17 +128,9 @@ def start_spark(master: str = "local[2]", settings: dict[str, str] | None = None
     return spark
 
 
-class ChildFailed(RuntimeError):
-    """A benchmark process exited without reporting."""
-
-
 def collect(results, workers, timeout: float = 3600.0) -> list:
-    """One item per worker from the ``results`` queue, in arrival order.
-
-    Raises:
-        ChildFailed: more workers exited than reported.
-        TimeoutError: nothing complete within ``timeout`` seconds.
-    """
+    """One item per worker from the ``results`` queue, in arrival order; ``RuntimeError`` when more workers
+    exited than reported, ``TimeoutError`` when they take longer than ``timeout`` seconds."""
     items = []
     deadline = time.monotonic() + timeout
     while len(items) < len(workers):
@@ -154,7 +146,7 @@ def collect(results, workers, timeout: float = 3600.0) -> list:
                 continue
             except queue_module.Empty:
                 codes = ", ".join(f"pid {w.pid}: exit {w.exitcode}" for w in dead)
-                raise ChildFailed(f"benchmark process(es) died without a result ({codes})") from None
+                raise RuntimeError(f"benchmark process(es) died without a result ({codes})") from None
         if time.monotonic() > deadline:
             raise TimeoutError(f"benchmark processes gave {len(items)} of {len(workers)} results in {timeout:.0f} s")
     return items
@@ -219,11 +211,3 @@ def table(headings: list[str], rows, left: tuple[int, ...] = (0,)) -> str:
              "|" + "|".join("---" if i in left else "---:" for i in range(len(headings))) + "|"]
     lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def cli_logging() -> None:
-    """INFO from covid_spark and bench on stderr; the root stays at WARNING (py4j logs a harmless
-    reconnect at INFO)."""
-    from covid_spark.cli import setup_logging
-
-    setup_logging("bench")

@@ -2,7 +2,8 @@
 
 ``sized_input`` lists the source's images repeated through symlinks, so the bytes read are the real X-rays;
 ``sampled_input`` lists N distinct images of a source by absolute path; ``copied_input`` makes N files out of
-byte copies of the source's images, for sizes beyond it. Each returns the folder holding ``manifest.csv``.
+byte copies of the source's images, for sizes beyond it. Each returns the folder holding ``manifest.csv``, and
+raises ``ValueError`` when N < 1 or the source has no readable records.
 """
 from __future__ import annotations
 
@@ -30,11 +31,6 @@ def _write_manifest(folder: str, rows: list[dict]) -> str:
 
 
 def _rows_for(location: str, images: int) -> list[dict]:
-    """The source's readable records, for an input of ``images`` images.
-
-    Raises:
-        ValueError: ``images`` < 1 or the source has no readable records.
-    """
     if images < 1:
         raise ValueError(f"images must be >= 1, got {images}")
     rows = source_rows(location)
@@ -70,22 +66,13 @@ def _repeated(location: str, folder: str, images: int, seed: int | None) -> str:
 
 
 def sized_input(location: str, folder: str, images: int) -> str:
-    """``images`` entries: the source's images in order, repeated as needed, each a symlink (nothing copied).
-
-    Raises:
-        ValueError: ``images`` < 1 or the source has no readable records.
-    """
+    """``images`` entries: the source's images in order, repeated as needed, each a symlink (nothing copied)."""
     return _repeated(location, folder, images, None)
 
 
 def copied_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """``images`` files, byte copies of the source's images in a seeded random order, repeated as needed; each
-    file is read from its own inode (no link resolves to a file already cached under another name). Delete
-    the folder when done.
-
-    Raises:
-        ValueError: ``images`` < 1 or the source has no readable records.
-    """
+    """``images`` files, byte copies of the source's images in a seeded random order, repeated as needed: each
+    is read from its own inode, not from a file already cached under another name. Delete the folder after."""
     return _repeated(location, folder, images, seed)
 
 
@@ -104,13 +91,8 @@ def _allocate(counts: dict[str, int], images: int) -> dict[str, int]:
 
 
 def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """A manifest of ``images`` distinct images of ``location`` by absolute path, stratified by label (largest
-    remainders), drawn with a seeded generator, in path order; all of them when ``images`` is the source's size
-    or more.
-
-    Raises:
-        ValueError: ``images`` < 1 or the source has no readable records.
-    """
+    """A manifest of ``images`` distinct images of ``location`` by absolute path, stratified by label, drawn with
+    a seeded generator, in path order (all of them when ``images`` is the source's size or more)."""
     import numpy as np
 
     rows = _rows_for(location, images)
@@ -123,7 +105,8 @@ def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str
     for label in sorted(by_label):
         pool = by_label[label]
         chosen += [pool[i] for i in sorted(rng.choice(len(pool), wanted[label], replace=False))]
-    return _write_manifest(folder, [dict(r, path=os.path.abspath(r["path"])) for r in sorted(chosen, key=lambda r: r["path"])])
+    chosen.sort(key=lambda r: r["path"])
+    return _write_manifest(folder, [dict(r, path=os.path.abspath(r["path"])) for r in chosen])
 
 
 def synthetic_input(folder: str, images: int, side: int = 96, seed: int = 0) -> str:

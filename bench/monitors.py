@@ -61,12 +61,9 @@ class Sampler:
 
 
 class PeakRss(Sampler):
-    """Peak RSS in MiB of this process and its descendants, polled every ``interval`` s.
-
-    ``peaks``: ``driver`` (this process), ``jvm``, ``spark_python_workers``, ``other_children`` (sums at one
-    instant) and ``tree`` (all at one instant); processes living between two polls are missed. ``workers``:
-    each Spark Python process's peak by pid, with its role: ``daemon`` (forks the workers) or ``worker``.
-    """
+    """Peak RSS in MiB of this process and its descendants, polled every ``interval`` s: ``peaks`` of ``driver``
+    (this process), ``jvm``, ``spark_python_workers``, ``other_children`` and ``tree`` (sums at one instant), and
+    ``workers``, each Spark Python process's peak by pid with its role (``daemon`` forks the ``worker``s)."""
 
     def __init__(self, interval: float = 0.2):
         import psutil

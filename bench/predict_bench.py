@@ -93,14 +93,9 @@ def _plain_worker(folder: str, model_dir: str, batch_size: int, queue) -> None:
 
 def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None, master: str = "local[2]",
                   batch_size: int = 32) -> dict:
-    """Spark predict's images/s against one plain process's, with memory and CPU.
-
-    Returns ``images``, ``spark`` (seconds, images/s, partitions, rows, errors, core-ms per image), ``plain``
-    (the plain process's figures), ``parallelism``, ``ideal_images_per_s`` (parallelism × plain), ``ratio``
-    (Spark over ideal), ``cpu_ratio`` (the plain process's core-ms per image over Spark's, driver, JVM and
-    workers together: the same comparison, less moved by other users of a shared machine), ``peak_rss_mb``,
-    ``cpu`` (core-seconds of ours and of other users during the Spark run) and ``loadavg`` before and after.
-    """
+    """Spark predict's images/s (``spark``) against one plain process's (``plain``): ``ratio`` is Spark over
+    ``parallelism`` × plain; ``cpu_ratio`` the plain process's core-ms per image over Spark's (all its processes),
+    the same comparison less moved by other users; with peak memory, CPU use and load before and after."""
     from covid_spark.config import load_config
     from covid_spark.stages.predict import predict
 
@@ -149,10 +144,6 @@ def main(argv=None) -> int:
     print(json.dumps(r, indent=2))
     if args.output:
         save(r, args.output)
-    print(f"\npredict on {r['master']}, {r['images']} images: Spark {r['spark']['images_per_s']:.1f}/s, plain 1 "
-          f"process {r['plain']['images_per_s']:.1f}/s, ratio to {r['parallelism']} x plain {r['ratio']:.2f} (core "
-          f"time per image: {r['cpu_ratio']:.2f}); driver peak RSS {r['peak_rss_mb']['driver']:.0f} MB; other "
-          f"users' share of the machine {r['cpu']['others_share']:.0%}", file=sys.stderr)
     return 0
 
 

@@ -21,18 +21,9 @@ from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 logger = logging.getLogger(__name__)
 
-# Driver-side calls that account for the Spark job's wall time: the decode job (collect), each split's
-# write, and the pure steps in between.
+# The driver's calls that make up the Spark job's wall time: the decode job, each split's write, the steps between.
 SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_splits)", "(discover)",
                       "(materialize_dataset)", "(createDataFrame)", "(__exit__)", "(unpersist)")
-DECODE_CALLS = ("(read_and_decode)", "(decode_file)", "(dhash)", "(draft)", "(load)", "(resize)", "(_to_rgb)",
-                "(_upright)", "(_open)", "(_sniff)", "(array)", "method 'read'")
-
-
-def paths_of(location: str) -> list[str]:
-    from covid_spark.inputs.sources import discover
-
-    return [r["path"] for r in discover(location).records]
 
 
 def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
@@ -98,13 +89,13 @@ def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path
 
 
 def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_dir: str,
-                hashes: bool = False) -> dict:
+                hashes_to: str | None = None) -> dict:
     """The job's first pass, ``stage_images``, in ``processes`` plain processes at once, each over every
-    ``processes``-th record and writing one Parquet file in ``out_dir`` (the caller deletes it). With ``hashes``,
-    each also writes ``{path: dhash}`` to a JSON file after its clock stops (``hash_files``)."""
+    ``processes``-th record and writing one Parquet file in ``out_dir`` (the caller deletes it). With ``hashes_to``,
+    each also writes ``{path: dhash}`` to ``<hashes_to>-<i>.json`` after its clock stops (``hash_files``)."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    hash_files = [os.path.join(out_dir, f"hashes-{i}.json") if hashes else None for i in range(processes)]
+    hash_files = [f"{hashes_to}-{i}.json" if hashes_to else None for i in range(processes)]
     reports, wall, cpu = run_at_barrier(
         _stage_worker, [(location, i, processes, size, max_pixels, f"file://{out_dir}/plain-{i}.parquet",
                          hash_files[i]) for i in range(processes)], 600, 60)
@@ -113,7 +104,7 @@ def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_d
     out = {"processes": processes, "images": images, "staged": sum(r["staged"] for r in reports),
            "seconds": round(wall, 3), "images_per_s": round(images / wall, 1), "written_bytes": written,
            "written_mb": round(written / MB, 1), "per_process": _per_process(reports), "cpu": cpu}
-    if hashes:
+    if hashes_to:
         out["hash_files"] = hash_files
     return out
 
@@ -195,21 +186,6 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
             "python_worker_peaks_mb": [dict(w, pid=pid) for pid, w in sorted(rss.workers.items())]}
 
 
-def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
-    """Where one process spends its CPU time per image: cProfile of ``read_and_decode`` on ``paths``."""
-    from covid_spark.stages.preprocess import read_and_decode
-
-    profile = cProfile.Profile(time.process_time)
-    profile.enable()
-    for path in paths:
-        read_and_decode(path, size, max_pixels)
-    profile.disable()
-    rows = _top_functions(profile, DECODE_CALLS, 14)
-    for row in rows:
-        row["ms_per_image"] = round(1000 * row["seconds"] / max(1, len(paths)), 2)
-    return rows
-
-
 def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict) -> tuple:
     """Start Spark (``spark_factory()``) and run the job on a tiny input twice: ``(spark, costs)``. The first
     job also starts the Python workers; the second is the fixed cost per job, subtracted for ``net`` rates."""
@@ -239,9 +215,11 @@ def ratio(a: float | None, b: float) -> float | None:
 
 def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
     """One plain process, two plain processes, then the Spark job, on one input; with the ratios."""
+    from covid_spark.inputs.sources import discover
+
     cfg = config["preprocess"]
     size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])
-    paths = paths_of(input_location)
+    paths = [r["path"] for r in discover(input_location).records]
     logger.info("preprocess bench: %d images: 1 process, 2 processes, the Spark job", len(paths))
     single = plain_decode(paths, 1, size, max_pixels)
     pair = plain_decode(paths, 2, size, max_pixels)
@@ -264,7 +242,8 @@ def format_sizes(entries: list[dict]) -> str:
     """Images/s per input size: plain processes, the Spark job, the job less its fixed cost; the ratios."""
     return table(["images", "input", "1 plain process", "2 plain processes", "Spark job", "Spark − fixed cost",
                   "Spark / pair", "(Spark − fixed) / pair", "pair / single"],
-                 [[f"{e['images']:,}", e.get("kind") or e.get("size") or "", (e.get("single") or {}).get("images_per_s"),
+                 [[f"{e['images']:,}", e.get("kind") or e.get("size") or "",
+                   (e.get("single") or {}).get("images_per_s"),
                    e["pair"]["images_per_s"], e["spark"]["images_per_s"], e["spark"]["net_images_per_s"],
                    fmt(e["spark_vs_pair"], 2), fmt(e["spark_net_vs_pair"], 2), fmt(e.get("pair_vs_single"), 2)]
                   for e in entries], left=(1,))

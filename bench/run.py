@@ -15,10 +15,11 @@ import sys
 import time
 
 from bench import preprocess_bench, train_bench
-from bench.harness import (DATA, FIXED_COST_IMAGES, GOALS, RESULTS, SCRATCH, cli_logging, fmt, loadavg, machine,
+from bench.harness import (DATA, FIXED_COST_IMAGES, GOALS, RESULTS, SCRATCH, fmt, loadavg, machine,
                            machine_line, save, start_spark, table, verdict, verdict_table)
 from bench.inputs import sized_input, source_rows
 from bench.monitors import PeakRss, maxrss_mb
+from covid_spark.cli import setup_logging
 
 
 def input_for(source: str, size: str, workdir: str) -> str:
@@ -42,7 +43,6 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
     engines = tuple(engines or (("horovod", "tf-distribute") if train_bench.solo_engine() == "horovod"
                                 else ("tf-distribute",)))  # both where Horovod is installed (the pinned stack)
     steps = dict(train_bench.STEPS, **(steps or {}))
-    cfg = config["preprocess"]
     os.makedirs(workdir, exist_ok=True)
     started = time.time()
     results: dict = {"machine": machine(), "goals": {k: vars(GOALS[k]) for k in ("preprocess_spark_vs_pair",
@@ -50,7 +50,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
                      "settings": {"input": os.path.abspath(source), "sizes": list(sizes), "models": list(models),
                                   "steps": {m: steps[m] for m in models}, "warmup_steps": warmup,
                                   "read_batches": read_batches, "horovod_ranks": list(ranks), "engines": list(engines),
-                                  "image_size": int(cfg["image_size"]),
+                                  "image_size": int(config["preprocess"]["image_size"]),
                                   "master": master if spark is None else spark.sparkContext.master}}
     owned = spark is None
     with PeakRss() as whole:
@@ -74,8 +74,6 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
                     dataset = output
                 elif not keep_work:
                     shutil.rmtree(output, ignore_errors=True)
-            results["decode_profile"] = preprocess_bench.profile_decode(
-                preprocess_bench.paths_of(source)[:200], int(cfg["image_size"]), int(cfg["max_pixels"]))
             threads = train_bench.threads_per_rank(config, 2)
             results["read"] = train_bench.run_read(spark, dataset, config, threads, read_warmup, read_batches,
                                                   batch_size)
@@ -98,8 +96,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
 
 
 def training_rate(results: dict) -> float | None:
-    """The per-rank training rate the reader must sustain: the first model's 1-rank Horovod run (else half
-    its independent pair)."""
+    """The rate one rank's reader must sustain: the first model's 1-rank Horovod run (else half its pair)."""
     for entry in results.get("train", []):
         if "horovod_1" in entry:
             return entry["horovod_1"]["images_per_s"]
@@ -161,35 +158,32 @@ def format_tables(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Throughput benchmarks of preprocess, read and train.")
-    parser.add_argument("--input", default=os.path.join(DATA, "cxr3"), help="real images (default ../shared/data/cxr3)")
-    parser.add_argument("--sizes", help="comma-separated input sizes: 'all' (the input as it is) or a number of "
-                                        "images (more than the input: listed repeatedly); default all,5000 (--quick: all)")
+    parser.add_argument("--input", default=os.path.join(DATA, "cxr3"), help="real images (default: cxr3)")
+    parser.add_argument("--sizes", help="comma-separated: 'all' (the input) or a number of images, the input's "
+                                        "repeated as needed (default all,5000; --quick all)")
     parser.add_argument("--models", help="comma-separated models; default compact,original (--quick: compact)")
     parser.add_argument("--steps", type=int, help="timed training steps per run (default per model)")
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--read-batches", type=int, help="timed batches per read run (default 20; --quick 8)")
     parser.add_argument("--quick", action="store_true", help="one size, one model, few steps (a minute or two)")
     parser.add_argument("--master", default="local[2]", help="Spark master for the benchmark session")
-    parser.add_argument("--engines", help="training engines to time, comma-separated (default: horovod,tf-distribute "
-                                          "where Horovod is installed, else tf-distribute)")
+    parser.add_argument("--engines", help="comma-separated (default: both where Horovod is installed)")
     parser.add_argument("--config", help="job config YAML (default: the packaged defaults)")
-    parser.add_argument("--workdir", default=os.path.join(SCRATCH, "work"),
-                        help="scratch folder (removed at the end unless --keep-work)")
+    parser.add_argument("--workdir", default=os.path.join(SCRATCH, "work"), help="removed unless --keep-work")
     parser.add_argument("--keep-work", action="store_true")
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
-    cli_logging()
+    setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
     from covid_spark.config import load_config
 
     if not os.path.exists(args.input):
-        print(f"bench: input {args.input} not found", file=sys.stderr)
-        return 2
+        parser.error(f"input {args.input} not found")
 
     def items(text):
         return [s.strip() for s in text.split(",") if s.strip()]
 
     models = items(args.models or ("compact" if args.quick else "compact,original"))
-    steps = {m: args.steps for m in models} if args.steps else dict(train_bench.QUICK_STEPS if args.quick else train_bench.STEPS)
+    steps = {m: args.steps for m in models} if args.steps else (train_bench.QUICK_STEPS if args.quick else None)
     results = run_benchmarks(args.input, args.workdir, sizes=items(args.sizes or ("all" if args.quick else "all,5000")),
                              models=models, steps=steps, warmup=args.warmup_steps,
                              read_batches=args.read_batches or (8 if args.quick else 20), master=args.master,

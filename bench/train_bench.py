@@ -43,13 +43,13 @@ def rank_env(spark, threads: int) -> dict[str, str]:
 
 
 def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, checkpoint_dir: str,
-             batch_size: int | None = None):
+             batch_size: int | None = None, engine: str = "horovod"):
     """A ``TrainJob`` for ``steps`` steps of one epoch on ``dataset``'s train split, without validation."""
     from covid_spark.data.dataset import read_summary
     from covid_spark.stages.train import make_job as train_job
 
     cfg = dict(config["train"], model=model, epochs=1, batch_size=int(batch_size or config["train"]["batch_size"]))
-    job = train_job(cfg, read_summary(None, dataset), dataset, steps, threads, checkpoint_dir)
+    job = train_job(cfg, read_summary(None, dataset), dataset, steps, threads, checkpoint_dir, engine)
     return dataclasses.replace(job, val_rows=0, val_row_groups=0)
 
 
@@ -90,11 +90,9 @@ def timed_train_fn(job, barrier=None, warmup: int = 0) -> dict:
 
 def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int,
                 batch_cpu: list[list[float]] | None = None) -> dict:
-    """Images/s of processes measured together, from their batch-end times.
-
-    The window opens when the last process ends its ``warmup``-th step and closes when the first one ends its
-    last step (give or take half a median step, for ranks in lockstep); each process's rate is its steps inside
-    it over their duration. With ``batch_cpu`` (CPU seconds at the same batch ends), also the cores kept busy.
+    """Images/s of processes measured together, from their batch-end times: the window opens when the last
+    process ends its ``warmup``-th step and closes when the first ends its last (give or take half a median step,
+    for ranks in lockstep); with ``batch_cpu`` (CPU seconds at the same batch ends), also the cores kept busy.
 
     Raises:
         ValueError: fewer than two steps of some process fall inside the window.
@@ -140,9 +138,10 @@ def _rate_of(reports: list, machine: MachineCpu, job, warmup: int, wall: float) 
     return dict(rate, processes=len(reports), wall_s=round(wall, 1), maxrss_mb=[r["maxrss_mb"] for r in reports])
 
 
-def _launch(spark, job, num_proc: int, warmup: int) -> dict:
-    """``num_proc`` ranks of ``job.engine``, launched as ``run_training`` launches them, and the time outside
-    ``fit()`` (launch, TensorFlow import, model build, save)."""
+def launch(spark, job, num_proc: int, warmup: int) -> dict:
+    """``num_proc`` ranks of ``job.engine`` (Horovod through ``horovod.spark.run``; tf-distribute in Spark barrier
+    tasks), launched as ``run_training`` launches them; with the time outside ``fit()`` (launch, TensorFlow
+    import, model build, save)."""
     started = time.perf_counter()
     with MachineCpu() as machine:
         if job.engine == "horovod":
@@ -158,16 +157,6 @@ def _launch(spark, job, num_proc: int, warmup: int) -> dict:
     wall = time.perf_counter() - started
     in_fit = max(r["batch_ends"][-1] for r in results) - min(r["fit_began"] for r in results)
     return dict(_rate_of(results, machine, job, warmup, wall), outside_fit_s=round(wall - in_fit, 1))
-
-
-def horovod_run(spark, job, num_proc: int, warmup: int) -> dict:
-    """``num_proc`` Horovod ranks through ``horovod.spark.run``."""
-    return _launch(spark, dataclasses.replace(job, engine="horovod"), num_proc, warmup)
-
-
-def tf_distribute_run(spark, job, num_proc: int, warmup: int) -> dict:
-    """``num_proc`` tf-distribute ranks (MultiWorkerMirroredStrategy in Spark barrier tasks)."""
-    return _launch(spark, dataclasses.replace(job, engine="tf-distribute"), num_proc, warmup)
 
 
 def _pair_worker(job, env: dict, warmup: int, barrier, results) -> None:
@@ -199,21 +188,20 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
     pair on :func:`solo_engine`, for one model; with the efficiencies (2 ranks over the pair)."""
     threads = threads_per_rank(config, 2)
 
-    def job(name):
-        return make_job(dataset, config, model, threads, warmup + steps, os.path.join(workdir, name), batch_size)
+    def job(name, engine):
+        return make_job(dataset, config, model, threads, warmup + steps, os.path.join(workdir, name), batch_size,
+                        engine)
 
     out: dict = {"model": model, "threads_per_process": threads, "warmup_steps": warmup, "steps": steps,
-                 "batch_size": job("x").batch_size}
+                 "batch_size": job("x", "horovod").batch_size, "independent_engine": solo_engine()}
     for num_proc in ranks:
-        for engine, key, run in (("horovod", "hvd", horovod_run), ("tf-distribute", "tfd", tf_distribute_run)):
-            if engine in engines:
-                logger.info("train bench: %s, %d %s rank(s)", model, num_proc, engine)
-                out[f"{engine.replace('-', '_')}_{num_proc}"] = run(spark, job(f"{model}-{key}{num_proc}"),
-                                                                    num_proc, warmup)
+        for engine in (e for e in ("horovod", "tf-distribute") if e in engines):
+            logger.info("train bench: %s, %d %s rank(s)", model, num_proc, engine)
+            out[f"{engine.replace('-', '_')}_{num_proc}"] = launch(spark, job(f"{model}-{engine}{num_proc}", engine),
+                                                                   num_proc, warmup)
     logger.info("train bench: %s, 2 independent processes", model)
-    out["independent_engine"] = solo_engine()
-    out["independent_2"] = independent_run([dataclasses.replace(job(f"{model}-solo{i}"), engine=solo_engine())
-                                            for i in range(2)], warmup, rank_env(spark, threads))
+    out["independent_2"] = independent_run([job(f"{model}-solo{i}", solo_engine()) for i in range(2)], warmup,
+                                           rank_env(spark, threads))
     pair = out["independent_2"]["images_per_s"]
     if "tf_distribute_2" in out:
         out["efficiency_tf_distribute"] = round(out["tf_distribute_2"]["images_per_s"] / pair, 3)
@@ -283,4 +271,5 @@ def format_rates(entries: list[dict]) -> str:
                              run.get("core_ms_per_image"), run["window_s"], pct(run.get("others_share")),
                              run.get("outside_fit_s"), " / ".join(fmt(m) for m in run["maxrss_mb"])])
     return table(["training run", "images/s", "/ baseline", "CPU cores busy, per process", "core-ms per image",
-                  "window s", "other users' share", "outside fit() s", "peak RSS MiB, per process"], rows, left=(0, 3, 8))
+                  "window s", "other users' share", "outside fit() s", "peak RSS MiB, per process"], rows,
+                 left=(0, 3, 8))

@@ -24,10 +24,8 @@ def main(argv=None) -> int:
     if not command:
         print(__doc__, file=sys.stderr)
         return 2
-    started = time.perf_counter()
-    child = subprocess.Popen(command)
-    root = psutil.Process(child.pid)
-    peaks: dict[str, float] = {"tree": 0.0}
+    started, child = time.perf_counter(), subprocess.Popen(command)
+    root, peaks = psutil.Process(child.pid), {"tree": 0.0}
     while child.poll() is None:
         kinds: dict[str, float] = {}
         try:
@@ -46,9 +44,8 @@ def main(argv=None) -> int:
         peaks["tree"] = max(peaks["tree"], sum(kinds.values()))
         time.sleep(0.2)
     code = child.wait()
-    report = {"exit": code, "wall_s": round(time.perf_counter() - started, 1),
-              "peak_mib": {k: round(v) for k, v in sorted(peaks.items())}}
-    print("treemem: " + json.dumps(report), file=sys.stderr)
+    print("treemem: " + json.dumps({"exit": code, "wall_s": round(time.perf_counter() - started, 1),
+                                    "peak_mib": {k: round(v) for k, v in sorted(peaks.items())}}), file=sys.stderr)
     return code
 
 

@@ -20,12 +20,13 @@ import tempfile
 import time
 
 from bench import dup_bench, predict_bench, train_bench
-from bench.harness import (DATA, FIXED_COST_IMAGES, REPO, cli_logging, fmt, in_process, loadavg, local_settings,
-                           machine, machine_line, pct, save, start_spark, table, verdict, verdict_table)
+from bench.harness import (DATA, FIXED_COST_IMAGES, REPO, fmt, in_process, loadavg, machine,
+                           machine_line, pct, save, start_spark, table, verdict, verdict_table)
 from bench.inputs import copied_input, sampled_input, source_rows
 from bench.monitors import JvmHeap, PeakRss, maxrss_mb
 from bench.preprocess_bench import (format_cpu, format_fixed, format_jobs, format_sizes, net_rate, plain_stage, ratio,
                                     spark_fixed_costs, spark_preprocess)
+from covid_spark.cli import setup_logging
 
 logger = logging.getLogger("bench.xl")
 
@@ -42,8 +43,7 @@ class Profile:
 
     def __init__(self, quick: bool):
         self.quick = self.skip_epoch = quick
-        self.sizes = "200,1000,3000c" if quick else "671,5000,17445,50000"
-        self.memory_reference = 1000 if quick else 5000
+        self.sizes, self.memory_reference = ("200,1000,3000c", 1000) if quick else ("671,5000,17445,50000", 5000)
         self.hashes_total = 5_000 if quick else 100_000
         self.predict_images = 200 if quick else 17_445  # all of cxr-xl: each worker's start-up amortised as in use
         self.models = ("compact",) if quick else MODELS
@@ -52,12 +52,8 @@ class Profile:
 
 
 def parse_sizes(text: str, distinct: int) -> list[tuple[int, str]]:
-    """``"671,5000,50000"`` → ``[(671, "sample"), (5000, "sample"), (50000, "copies")]``, sorted by size: a size
-    above ``distinct`` (the source's image count), or written with a ``c`` suffix, is made of copies.
-
-    Raises:
-        ValueError: a size is not a positive integer (with an optional ``c``).
-    """
+    """``"671,5000,50000"`` → ``[(671, "sample"), (5000, "sample"), (50000, "copies")]``, sorted: a size above
+    ``distinct`` (the source's count) or with a ``c`` suffix is copies. ValueError: not a positive integer."""
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
         copies = item.lower().endswith("c")
@@ -97,10 +93,8 @@ def stage_pair(location: str, workdir: str, images: int, config: dict, hashes: b
     """``plain_stage`` in two processes; with ``hashes``, their hash files kept in ``workdir`` (``hash_files``)."""
     cfg = config["preprocess"]
     plain_dir = os.path.join(workdir, f"plain-{images}")
-    pair = plain_stage(location, 2, int(cfg["image_size"]), int(cfg["max_pixels"]), plain_dir, hashes=hashes)
-    for index, path in enumerate(pair.get("hash_files") or []):
-        pair["hash_files"][index] = os.path.join(workdir, f"hashes-{images}-{index}.json")
-        os.replace(path, pair["hash_files"][index])
+    pair = plain_stage(location, 2, int(cfg["image_size"]), int(cfg["max_pixels"]), plain_dir,
+                       os.path.join(workdir, f"hashes-{images}") if hashes else None)
     _rm(plain_dir)
     return pair
 
@@ -111,7 +105,8 @@ def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
     peaks = run["peak_rss_mb"]
     return {"driver_mb": peaks["driver"], "driver_before_job_mb": driver_before_mb,
             "python_worker_max_mb": max(roles["worker"], default=None), "python_workers_mb": sorted(roles["worker"]),
-            "python_daemon_mb": max(roles["daemon"], default=None), "python_workers_sum_mb": peaks["spark_python_workers"],
+            "python_daemon_mb": max(roles["daemon"], default=None),
+            "python_workers_sum_mb": peaks["spark_python_workers"],
             "jvm_heap_after_gc_mb": heap["after_gc_peak_mb"], "jvm_heap_before_gc_mb": heap["before_gc_peak_mb"],
             "jvm_heap_committed_mb": heap["committed_peak_mb"], "jvm_max_heap_mb": heap["max_heap_mb"],
             "jvm_rss_mb": peaks["jvm"], "forced_gc_samples": heap["samples"], "forced_gc_s": heap["gc_s"]}
@@ -127,8 +122,8 @@ def preprocess_size(spark, source: str, workdir: str, images: int, kind: str, co
     logger.info("xl preprocess: %d images (%s)", images, kind)
     started = time.perf_counter()
     location = make_input(source, workdir, images, kind)
-    entry = {"images": images, "kind": kind, "input": location, "input_setup_s": round(time.perf_counter() - started, 1),
-             "page_cache": in_process(_warm_worker, location)}
+    entry = {"images": images, "kind": kind, "input": location,
+             "input_setup_s": round(time.perf_counter() - started, 1), "page_cache": in_process(_warm_worker, location)}
     output = os.path.join(workdir, f"ds-{images}")
     try:
         pair = stage_pair(location, workdir, images, config, largest_sample)
@@ -212,14 +207,15 @@ def run_predict(source: str, workdir: str, images: int, model: str, image_size: 
 
 def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str | None, batch_size: int | None,
                 workdir: str) -> dict:
-    """One whole epoch of ``run_training`` over the train split (with validation)."""
+    """One whole epoch of ``run_training`` (with validation)."""
     from covid_spark.config import load_config, override
     from covid_spark.data.rundir import RunDir
     from covid_spark.stages.train import run_training
 
     cfg = override(load_config(config_path, model=model), "train", {"model": model, "epochs": 1,
                                                                     "batch_size": batch_size})
-    model_dir, rows, batch = os.path.join(workdir, "epoch", model), summary["per_split"]["train"], cfg["train"]["batch_size"]
+    model_dir, rows, batch = os.path.join(workdir, "epoch", model), summary["per_split"]["train"], \
+        cfg["train"]["batch_size"]
     logger.info("xl train: %s, one epoch over %d train images", model, rows)
     load_start = loadavg()
     with PeakRss(interval=1.0) as rss:
@@ -255,7 +251,7 @@ def run_train(spark, dataset: str, config: dict, models, steps: dict, warmup: in
                                    os.path.join(workdir, "train", f"{model}-hvd2"), batch_size)
         logger.info("xl train: %s, 2 Horovod ranks, %d + %d steps", model, warmup, steps[model])
         part["rates"].append({"model": model, "batch_size": job.batch_size, "warmup_steps": warmup,
-                              "steps": steps[model], "horovod_2": train_bench.horovod_run(spark, job, 2, warmup)})
+                              "steps": steps[model], "horovod_2": train_bench.launch(spark, job, 2, warmup)})
     for model in () if skip_epoch else models:
         part["epochs"].append(train_epoch(spark, dataset, summary, model, config_path, batch_size, workdir))
     return part
@@ -279,7 +275,8 @@ def verdicts(results: dict) -> list[dict]:
                            f"all-pairs {dup['all_pairs_seconds']} s on {dup['all_pairs_checked_n']}"))
     pred = (results.get("predict") or {}).get("result") or {}
     if pred:
-        out.append(verdict("predict_vs_plain", pred["ratio"], f"{pred['parallelism']} × plain, {pred['images']:,} images"))
+        out.append(verdict("predict_vs_plain", pred["ratio"], f"{pred['parallelism']} × plain, "
+                                                              f"{pred['images']:,} images"))
     return [v for v in out if v]
 
 
@@ -310,13 +307,11 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
         return session["spark"]
 
     def settings():
-        """The memory settings in force: conf/spark-local.conf when this run started the session."""
+        """The session's memory settings, and where they came from."""
         conf = dict(session["spark"].sparkContext.getConf().getAll())
-        chosen = local_settings(master) if owned else conf
-        return {"master": conf.get("spark.master", master), "spark.driver.memory": chosen.get("spark.driver.memory"),
-                "spark.driver.extraJavaOptions": chosen.get("spark.driver.extraJavaOptions"),
-                "spark.python.worker.reuse": conf.get("spark.python.worker.reuse", "true (default)"),
-                "source": "conf/spark-local.conf" if owned else "the caller's session"}
+        return dict({k: conf.get(k) for k in ("spark.master", "spark.driver.memory", "spark.driver.extraJavaOptions",
+                                              "spark.python.worker.reuse")},
+                    source="conf/spark-local.conf" if owned else "the caller's session")
 
     def preprocess_part():
         session["spark"], part = run_preprocess(get_spark, source, workdir, size_list, config, profile.memory_reference,
@@ -326,7 +321,8 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
     def duplicates_part():
         files = (results.get("preprocess") or {}).get("hash_files") or []
         if not files or not all(os.path.exists(f) for f in files):
-            files = stage_pair(make_input(source, workdir, largest, "sample"), workdir, largest, config, True)["hash_files"]
+            location = make_input(source, workdir, largest, "sample")
+            files = stage_pair(location, workdir, largest, config, True)["hash_files"]
         total, distance = profile.hashes_total, int(config["preprocess"]["duplicate_distance"])
         logger.info("xl duplicates: real hashes grown to %d, max distance %d, one CPU", total, distance)
         return dict(in_process(_duplicates_worker, files, total, distance), total=total, max_distance=distance)
@@ -371,15 +367,14 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
 
 def format_preprocess(part: dict) -> str:
     fixed, sizes = part["spark_fixed"], part["sizes"]
-    lines = [format_fixed(fixed), format_sizes(sizes), format_cpu(sizes), format_jobs(max(sizes, key=lambda e: e["images"])),
-             table(["images", "Python driver MiB (before the job)", "Spark Python workers MiB, each",
-                    "pyspark.daemon MiB", "JVM heap after full GC MiB", "JVM heap before GC, peak MiB", "JVM RSS MiB",
-                    "forced GCs (s)"],
+    lines = [format_fixed(fixed), format_sizes(sizes), format_cpu(sizes),
+             format_jobs(max(sizes, key=lambda e: e["images"])),
+             table(["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
+                    "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
                    [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
-                     " / ".join(fmt(x) for x in m["python_workers_mb"]) or "–", m["python_daemon_mb"],
-                     m["jvm_heap_after_gc_mb"], m["jvm_heap_before_gc_mb"], m["jvm_rss_mb"],
-                     f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"] for e, m in ((e, e["memory"]) for e in sizes)],
-                   left=(2,))]
+                     " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
+                     f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
+                    for e, m in ((e, e["memory"]) for e in sizes)], left=(2,))]
     if part.get("memory_growth"):
         lines.append(table(["peak memory", "at reference size", "MiB", "at largest size", "MiB", "ratio"],
                            [[g["process"], f"{g['reference_images']:,}", g["reference_mb"], f"{g['largest_images']:,}",
@@ -394,38 +389,36 @@ def format_tables(results: dict) -> str:
         out.append("### Preprocessing\n\n" + format_preprocess(results["preprocess"]))
     dup = (results.get("duplicates") or {}).get("result")
     if dup:
-        out.append("### Duplicate grouping\n\n" + table(
-            ["hashes", "base", "banded: wall s", "CPU s", "groups", "largest group", "all-pairs on", "all-pairs s",
-             "banded on the same set s", "same groups"],
-            [[f"{dup['n']:,}", f"{results['duplicates']['real_hashes']:,} real hashes + copies, 0–10 bits flipped",
-              fmt(dup["seconds_banded"], 2), fmt(dup["cpu_seconds_banded"], 2), f"{dup['groups']:,}",
-              dup["largest_group"], f"{dup['all_pairs_checked_n']:,}", fmt(dup["all_pairs_seconds"], 2),
-              fmt(dup["banded_seconds_same_set"], 2), "yes" if dup["same_groups_as_all_pairs"] else "**no**"]],
-            left=(1, 9)) + f"\n\nOne process pinned to CPU {dup['cpus']}; max distance {dup['max_distance']} bits "
-                           f"of {dup['bits']}.")
+        out.append(f"### Duplicate grouping\n\n{dup['n']:,} hashes ({results['duplicates']['real_hashes']:,} real "
+                   f"ones and copies with 0–10 bits flipped), one process on CPU {dup['cpus']}: banded "
+                   f"**{dup['seconds_banded']:.2f} s** ({dup['cpu_seconds_banded']:.2f} s CPU), {dup['groups']:,} "
+                   f"groups, the largest {dup['largest_group']}; all-pairs on {dup['all_pairs_checked_n']:,} of them "
+                   f"{dup['all_pairs_seconds']:.2f} s against banded {dup['banded_seconds_same_set']:.2f} s, same "
+                   f"groups: {'yes' if dup['same_groups_as_all_pairs'] else '**no**'}; max distance "
+                   f"{dup['max_distance']} of {dup['bits']} bits.")
     pred = (results.get("predict") or {}).get("result")
     if pred:
-        out.append("### Predict\n\n" + table(
-            ["images", "model", "Spark: s", "images/s", "1 plain process: images/s", "× parallelism",
-             "Spark / (parallelism × plain)", "driver / JVM / Python workers peak MiB", "other users' share"],
-            [[f"{pred['images']:,}", f"{results['predict']['model']['model']} (untrained head)",
-              pred["spark"]["seconds"], pred["spark"]["images_per_s"], pred["plain"]["images_per_s"],
-              pred["parallelism"], fmt(pred["ratio"], 2),
-              " / ".join(fmt(pred["peak_rss_mb"][k]) for k in ("driver", "jvm", "spark_python_workers")),
-              pct(pred["cpu"]["others_share"])]], left=(1, 7)))
+        peaks = " / ".join(fmt(pred["peak_rss_mb"][k]) for k in ("driver", "jvm", "spark_python_workers"))
+        out.append(f"### Predict\n\n{pred['images']:,} images, {results['predict']['model']['model']} (untrained "
+                   f"head): Spark {pred['spark']['seconds']:.1f} s, {pred['spark']['images_per_s']:.1f} images/s; one "
+                   f"plain process {pred['plain']['images_per_s']:.1f} images/s; Spark / ({pred['parallelism']} × "
+                   f"plain) **{pred['ratio']:.2f}**; peak MiB driver / JVM / Python workers {peaks}; other users' "
+                   f"share {pct(pred['cpu']['others_share'])}.")
     train = results.get("train")
     if train:
         split = train["per_split"]
-        out.append("### Training\n\n" + "\n\n".join(
-            [f"Dataset: the {sum(split.values()):,}-image sample ({split['train']:,} train, {split.get('val', 0):,} "
-             f"val); {train['threads_per_rank']} thread(s) per rank.",
-             train_bench.format_rates(train["rates"]) if train["rates"] else "",
-             table(["model", "train images", "steps × batch × ranks", "run_training wall s",
-                    "epoch s (fit, incl. validation)", "train images / wall s", "train images / epoch s",
-                    "val accuracy after 1 epoch"],
-                   [[e["model"], f"{e['train_rows']:,}", f"{e['steps_per_epoch']} × {e['batch_size']} × {e['num_proc']}",
-                     e["run_json_wall_s"], e["epoch_s"], e["images_per_s_wall"], e["images_per_s_epoch"],
-                     fmt(e["val_accuracy"], 3)] for e in train["epochs"]], left=(0, 2)) if train["epochs"] else ""]))
+        out += [f"### Training\n\nDataset: the {sum(split.values()):,}-image sample ({split['train']:,} train, "
+                f"{split.get('val', 0):,} val); {train['threads_per_rank']} thread(s) per rank."]
+        if train["rates"]:
+            out.append(train_bench.format_rates(train["rates"]))
+        if train["epochs"]:
+            out.append(table(["model", "train images", "steps × batch × ranks", "run_training wall s",
+                              "epoch s (fit, incl. validation)", "train images / wall s", "train images / epoch s",
+                              "val accuracy after 1 epoch"],
+                             [[e["model"], f"{e['train_rows']:,}",
+                               f"{e['steps_per_epoch']} × {e['batch_size']} × {e['num_proc']}", e["run_json_wall_s"],
+                               e["epoch_s"], e["images_per_s_wall"], e["images_per_s_epoch"], fmt(e["val_accuracy"], 3)]
+                              for e in train["epochs"]], left=(0, 2)))
     if results.get("verdicts"):
         out.append("### Goals\n\n" + verdict_table(results["verdicts"]))
     out.append("Time per part: " + ", ".join(f"{p} {results[p]['seconds']:.0f} s" for p in PARTS if results.get(p)))
@@ -435,18 +428,15 @@ def format_tables(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmarks on cxr-xl at scale (see docs/performance.md).")
     parser.add_argument("--input", default=os.path.join(DATA, "cxr-xl"), help="real images (default: cxr-xl)")
-    parser.add_argument("--sizes", help="comma-separated preprocess sizes; above the source's count (or with a 'c' "
-                                        "suffix) made of copies (default 671,5000,17445,50000; --quick 200,1000,3000c)")
+    parser.add_argument("--sizes", help="comma-separated preprocess sizes; above the source's, or with a 'c' suffix, "
+                                        "made of copies (default 671,5000,17445,50000; --quick 200,1000,3000c)")
     parser.add_argument("--models", help=f"comma-separated, of {','.join(MODELS)} (default all; --quick compact)")
-    parser.add_argument("--parts", default=",".join(PARTS),
-                        help="comma-separated parts to run; fewer than all merge into the existing --output")
+    parser.add_argument("--parts", default=",".join(PARTS), help="fewer than all merge into the existing --output")
     parser.add_argument("--skip-epoch", action="store_true", help="no whole training epochs")
-    parser.add_argument("--skip-rates", action="store_true", help="no timed training steps (only the epochs)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes, 5,000 hashes, 200 predict images, compact only, few steps, no epoch")
-    parser.add_argument("--memory-reference", type=int, help="size the largest one's memory is compared with "
-                                                             "(default 5000; --quick 1000)")
-    parser.add_argument("--hashes", type=int, help="hashes to group (default 100000)")
+    parser.add_argument("--skip-rates", action="store_true", help="no timed training steps")
+    parser.add_argument("--quick", action="store_true", help="small sizes and counts, compact only, no epoch")
+    parser.add_argument("--memory-reference", type=int, help="the size memory is compared with (default 5000)")
+    parser.add_argument("--hashes", type=int, help="hashes to group (default 100000; --quick 5000)")
     parser.add_argument("--predict-images", type=int, help="default 17445 (all of cxr-xl; --quick 200)")
     parser.add_argument("--predict-model", help="model to score with (default: train.model)")
     parser.add_argument("--master", default="local[2]")
@@ -461,7 +451,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown {', '.join(unknown)}: parts are {', '.join(PARTS)}; models {', '.join(MODELS)}")
     if not os.path.exists(args.input):
         parser.error(f"input {args.input} not found")
-    cli_logging()
+    setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
     profile = Profile(args.quick)
     profile.memory_reference = args.memory_reference or profile.memory_reference
     profile.hashes_total = args.hashes or profile.hashes_total

@@ -74,7 +74,7 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
                              steps={"compact": 2}, warmup=1, read_batches=2, read_warmup=1,
                              config=config, batch_size=2, spark=spark, ranks=(2,))
 
-    assert set(results) >= {"machine", "settings", "spark_fixed", "preprocess", "decode_profile", "read",
+    assert set(results) >= {"machine", "settings", "spark_fixed", "preprocess", "read",
                             "train", "memory", "verdicts", "seconds"}
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
     assert [e["images"] for e in results["preprocess"]] == [6]
@@ -95,7 +95,7 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
         assert results["read"][variant]["batch_shape"] == [2, 48, 48, 3]
     (train,) = results["train"]
     assert train["model"] == "compact"
-    # 1 rank is the same horovod_run as 2 ranks, left out here to keep the test under a minute
+    # 1 rank is the same launch as 2 ranks, left out here to keep the test under a minute
     assert "horovod_1" not in train
     assert results["settings"]["engines"] == ["horovod", "tf-distribute"]
     assert train["independent_engine"] == "horovod" and _positive(train["efficiency_tf_distribute"])
@@ -199,7 +199,7 @@ def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
     predict = results["predict"]
     assert predict["model"]["model"] == "compact" and predict["result"]["spark"]["rows"] == 6
     train = results["train"]
-    assert train["rates"] == []  # the same horovod_run as test_bench_runs_end_to_end_on_tiny_input; saves 20 s
+    assert train["rates"] == []  # the same launch as test_bench_runs_end_to_end_on_tiny_input; saves 20 s
     (epoch,) = train["epochs"]
     assert epoch["train_rows"] == train["per_split"]["train"] and epoch["num_proc"] == 2
     assert _positive(epoch["run_json_wall_s"]) and _positive(epoch["images_per_s_wall"])

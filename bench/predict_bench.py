@@ -71,7 +71,8 @@ def _plain_worker(folder: str, model_dir: str, batch_size: int, queue) -> None:
     from covid_spark.config import load_config
     from covid_spark.data.rundir import RunDir
     from covid_spark.inputs.sources import discover
-    from covid_spark.stages.predict import cached_model, predict_partition, prediction_records, set_tf_threads
+    from covid_spark.stages.predict import prediction_records
+    from covid_spark.stages.predict_tasks import cached_model, predict_partition, set_tf_threads
 
     max_pixels = int(load_config()["preprocess"]["max_pixels"])
     with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:

@@ -52,7 +52,7 @@ def _per_process(reports: list[dict]) -> list[dict]:
 
 
 def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
-    from covid_spark.stages.preprocess import read_and_decode
+    from covid_spark.stages.preprocess_tasks import read_and_decode
 
     barrier.wait()
     started = time.perf_counter()
@@ -74,7 +74,7 @@ def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -
 
 def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path, barrier, queue) -> None:
     from covid_spark.inputs.sources import discover
-    from covid_spark.stages.preprocess import stage_images
+    from covid_spark.stages.preprocess_tasks import stage_images
 
     records = discover(location).records[index::processes]
     barrier.wait()

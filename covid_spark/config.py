@@ -12,8 +12,8 @@ value they take against ``SCHEMA`` and cast it (``5.0`` becomes ``5`` for an int
 YAML 1.1 reads as a string, becomes the number), so the config they return is a plain nested dict
 (stored as JSON in ``run.json``) whose values already have their declared types: code reads
 ``config["train"]["epochs"]`` as an int without casting or checking it again. A number key (float) keeps
-an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower): its JSON, and
-so the pipeline's cache keys of runs made before these checks, stay what they were.
+an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower), so a config's
+JSON, and the pipeline's cache keys made from it, do not change when it is checked again.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
+from covid_spark.errors import ConfigError
 from covid_spark.models.registry import INPUT_NORMS, REGISTRY
 
 PRECEDENCE = "packaged defaults < the model's own train values (train.per_model) < --config file < --set < named flags"
@@ -79,7 +80,7 @@ class Field:
         """
         cast = self._cast(value)
         if cast is None or not self._in_range(cast):
-            raise ValueError(f"config key '{key}' must be {self.expected()}, found {value!r}")
+            raise ConfigError(f"config key '{key}' must be {self.expected()}, found {value!r}")
         return cast
 
     def _cast(self, value: Any) -> Any:
@@ -164,6 +165,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
                                      "(empty: off)"),
         "views": Field(str, "views to keep, e.g. PA,AP (unknown views are kept unless -unknown is listed; "
                             "empty: every view); preprocess and predict"),
+        "border_crop": Field(float, "fraction of each side of the film trimmed before resizing (0: none): the "
+                                    "edge is where collections put markers and text", minimum=0, maximum=0.3),
+        "lung_crop": Field(bool, "crop every image to its lungs (the shipped segmenter, docs/lungs.md) plus "
+                                 "preprocess.lung_crop_margin; evaluate and predict see the same crop"),
+        "lung_crop_margin": Field(float, "margin around the lungs' box, as a fraction of the image", minimum=0,
+                                  maximum=0.5),
     },
     "train": {
         "model": Field(str, "architecture (covid_spark.models.registry.REGISTRY)", choices=_model_names),
@@ -185,6 +192,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "threads_per_rank": Field(int, "TensorFlow threads per rank (0: cores / num_proc)", minimum=0),
         "shuffle_buffer": Field(int, "images in each rank's shuffle buffer (0 or 1: no shuffling)", minimum=0),
         "gradient_compression": Field(str, "fp16: Horovod sends gradients as float16", choices=("none", "fp16")),
+        "source_cap": Field(float, "the most a source may be of a class in each epoch's train stream (images of "
+                                   "larger sources are sampled out); 0 = off", minimum=0, maximum=1),
         "input_norm": Field(str, "equalize: per-image histogram equalisation inside the model",
                             choices=_input_norms),
         "per_model": PerModel("each architecture's own train values (models.REGISTRY), which replace the "
@@ -201,6 +210,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "evaluate": {
         "bootstrap": Field(int, "bootstrap resamples of the 95% intervals", minimum=1),
+        "audit": Field(bool, "the shortcut audit in every evaluation: source probe, lungs-removed and lungs-only "
+                             "scores, Grad-CAM energy inside the lungs (docs/shortcuts.md)"),
+        "audit_images": Field(int, "at most this many evaluated images are audited, drawn per class and source",
+                              minimum=10),
+        "audit_cam_images": Field(int, "images whose Grad-CAM energy is measured (a sample of the audited ones)",
+                                  minimum=1),
     },
     "tracking": {
         "mlflow_uri": Field(str, "MLflow tracking: empty (off, unless MLFLOW_TRACKING_URI is set), 'local' (an "
@@ -226,25 +241,25 @@ def _check(tree: Any, schema: Mapping, where: str, partial: bool) -> dict:
     """A copy of ``tree`` with every value checked and cast against ``schema``; unknown keys refused,
     and missing ones too unless ``partial``."""
     if not isinstance(tree, Mapping):
-        raise ValueError(f"config key '{where[:-1]}' must be a mapping, found {tree!r}")
+        raise ConfigError(f"config key '{where[:-1]}' must be a mapping, found {tree!r}")
     out = {}
     for key, value in tree.items():
         name = f"{where}{key}"
         if key not in schema:
-            raise ValueError(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
+            raise ConfigError(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
         spec = schema[key]
         if isinstance(spec, Mapping):
             out[key] = _check(value, spec, f"{name}.", partial)
         elif isinstance(spec, PerModel):
             if not isinstance(value, Mapping):
-                raise ValueError(f"config key '{name}' must map model names to mappings of train keys, found {value!r}")
+                raise ConfigError(f"config key '{name}' must map model names to mappings of train keys, found {value!r}")
             per_model = {k: v for k, v in SCHEMA["train"].items() if k not in ("model", "per_model")}
             out[key] = _check(value, {model: per_model for model in _model_names()}, f"{name}.", partial=True)
         else:
             out[key] = spec.check(name, value)
     missing = [key for key in schema if key not in tree] if not partial else []
     if missing:
-        raise ValueError(f"config key '{where}{missing[0]}' is missing")
+        raise ConfigError(f"config key '{where}{missing[0]}' is missing")
     return out
 
 
@@ -262,7 +277,7 @@ def _check_together(config: Mapping) -> None:
     """What no single key can check: the val and test shares leave some patients to train."""
     pre = config["preprocess"]
     if not pre["holdout_source"] and pre["val_fraction"] + pre["test_fraction"] >= 1:
-        raise ValueError(f"config keys 'preprocess.val_fraction' + 'preprocess.test_fraction' must be below 1, "
+        raise ConfigError(f"config keys 'preprocess.val_fraction' + 'preprocess.test_fraction' must be below 1, "
                          f"found {pre['val_fraction']} + {pre['test_fraction']}")
 
 
@@ -289,11 +304,11 @@ def parse_set(pair: str) -> dict[str, Any]:
     key, sep, text = pair.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(p.strip() for p in parts):
-        raise ValueError(f"--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got {pair!r}")
+        raise ConfigError(f"--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got {pair!r}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as err:
-        raise ValueError(f"--set {key.strip()}: the value {text!r} is not YAML ({' '.join(str(err).split())})") from err
+        raise ConfigError(f"--set {key.strip()}: the value {text!r} is not YAML ({' '.join(str(err).split())})") from err
     tree: dict[str, Any] = {}
     node = tree
     for part in parts[:-1]:
@@ -324,7 +339,7 @@ def load_config(path: str | None = None, model: str | None = None, sets: Sequenc
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
         if not isinstance(loaded, Mapping):
-            raise ValueError(f"config file {path} must hold a mapping at top level")
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
         user = _check(loaded, SCHEMA, "", partial=True)
     for pair in sets:
         _deep_merge(user, _check(parse_set(pair), SCHEMA, "", partial=True))

@@ -22,4 +22,12 @@ class InputError(UserError):
 
 
 class DatasetError(UserError, FileNotFoundError):
-    """A dataset is missing, incomplete or not one this package wrote (also a ``FileNotFoundError``)."""
+    """A dataset is missing, incomplete or not one this package wrote (also a ``FileNotFoundError``);
+    ``dataset`` names it where known."""
+
+    def __init__(self, message: str, *, dataset: str | None = None):
+        super().__init__(message)
+        self.dataset = dataset
+
+    def __str__(self) -> str:
+        return self.args[0]

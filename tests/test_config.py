@@ -296,11 +296,11 @@ def test_make_job_passes_gradient_compression_and_input_norm_which_the_config_ch
                "per_split": {"val": 3}, "row_groups": {"val": 1}}
     cfg = override(load_config(), "train", {"gradient_compression": "fp16"})["train"]
     job = make_job(cfg, summary, "/tmp/ds", steps=2, threads=1, checkpoint_dir="/tmp/ckpt")
-    assert job["compression"] == "fp16"
-    assert job["class_weight"] == {0: 8 / 12, 1: 8 / 6, 2: 8 / 6}  # CLASSES order: covid, normal, pneumonia
-    assert make_job(load_config()["train"], summary, "/tmp/ds", 2, 1, "/tmp/ckpt")["compression"] == "none"
+    assert job.compression == "fp16"
+    assert job.class_weight == {0: 8 / 12, 1: 8 / 6, 2: 8 / 6}  # CLASSES order: covid, normal, pneumonia
+    assert make_job(load_config()["train"], summary, "/tmp/ds", 2, 1, "/tmp/ckpt").compression == "none"
     assert make_job(override(load_config(), "train", {"input_norm": "equalize"})["train"], summary, "/tmp/ds",
-                    2, 1, "/tmp/ckpt")["input_norm"] == "equalize"
+                    2, 1, "/tmp/ckpt").input_norm == "equalize"
     # Checked once, where the config is made (a flag goes through override), not again by make_job.
     with pytest.raises(ValueError, match="train.gradient_compression.*'int8'"):
         override(load_config(), "train", {"gradient_compression": "int8"})
@@ -347,7 +347,7 @@ def test_make_targets_pass_inputs_config_and_epochs():
 # ----------------------------------------------------------------------------- the input image size, defined once
 
 # The literal 224 may appear in code only here: the library's default, and the ImageNet weights' own size.
-ALLOWED_224 = {("covid_spark/constants.py", "DEFAULT_IMAGE_SIZE"), ("covid_spark/models/registry.py", "IMAGENET_INPUT_SIZE")}
+ALLOWED_224 = {("covid_spark/constants.py", "DEFAULT_IMAGE_SIZE"), ("covid_spark/models/architectures.py", "IMAGENET_INPUT_SIZE")}
 
 
 def test_the_users_default_image_size_is_the_librarys():
@@ -371,21 +371,21 @@ def test_no_other_224_in_the_code():
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found, allowed = [], set()
-    for folder in ("covid_spark", "jobs", "bench"):
-        for name in sorted(os.listdir(os.path.join(repo, folder))):
-            if not name.endswith(".py"):
-                continue
-            with open(os.path.join(repo, folder, name), encoding="utf-8") as handle:
-                text = handle.read()
-            for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-                if tok.type == tokenize.NUMBER and ast.literal_eval(tok.string) == 224:
-                    line = tok.line.strip()
-                    here = [(f"{folder}/{name}", const) for f, const in ALLOWED_224
-                            if f == f"{folder}/{name}" and line.split("=")[0].split(":")[0].strip() == const]
-                    if here:
-                        allowed.update(here)
-                    else:
-                        found.append(f"{folder}/{name}:{tok.start[0]}: {line}")
+    files = sorted(os.path.relpath(os.path.join(root, f), repo).replace(os.sep, "/")
+                   for top in ("covid_spark", "jobs", "bench") for root, _, names in os.walk(os.path.join(repo, top))
+                   for f in names if f.endswith(".py"))
+    for path in files:
+        with open(os.path.join(repo, path), encoding="utf-8") as handle:
+            text = handle.read()
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.NUMBER and ast.literal_eval(tok.string) == 224:
+                line = tok.line.strip()
+                here = [(path, const) for f, const in ALLOWED_224
+                        if f == path and line.split("=")[0].split(":")[0].strip() == const]
+                if here:
+                    allowed.update(here)
+                else:
+                    found.append(f"{path}:{tok.start[0]}: {line}")
     assert found == [], "use covid_spark.constants.DEFAULT_IMAGE_SIZE or the config's preprocess.image_size"
     assert allowed == ALLOWED_224
 

@@ -10,7 +10,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from covid_spark.data.dataset import (SUMMARY_FILE, DatasetError, has_summary, read_summary, split_row_groups,
+from covid_spark.errors import DatasetError
+from covid_spark.data.dataset import (SUMMARY_FILE, has_summary, read_summary, split_row_groups,
                                  split_url, summary_url, write_summary)
 from covid_spark.data.rundir import ARTEFACTS, RunDir, git_commit, versions
 from covid_spark.models.saved import load_model

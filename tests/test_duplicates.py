@@ -92,7 +92,7 @@ def clustered(n: int, bits: int, centres: int, spread: int, seed: int) -> dict[s
 
 
 def test_hash_size_and_duplicate_distance_are_defined_once():
-    from covid_spark.stages import preprocess
+    from covid_spark.stages import preprocess_tasks as preprocess
 
     assert HASH_SIZE == 16                      # 256-bit hashes, as the stored 64 hex digits say
     assert preprocess.HASH_SIZE is HASH_SIZE    # preprocess hashes with the library's size

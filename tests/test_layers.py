@@ -147,3 +147,15 @@ def test_the_layer_checks_see_a_circle_and_an_upward_import(tmp_path):
     edges = imports("covid_spark.inputs.bad", str(package / "bad.py"), {"covid_spark.stages.pipeline"})
     assert edges == [("covid_spark.stages.pipeline", 2, True)]
     assert layer_of("covid_spark.stages.pipeline") > layer_of("covid_spark.inputs.bad")
+
+
+def test_every_stage_function_reads_in_one_screen():
+    """A stage's steps are named functions: none longer than about 80 lines, docstring included."""
+    long = []
+    for name, path in modules().items():
+        if name.startswith("covid_spark.stages."):
+            with open(path, encoding="utf-8") as handle:
+                tree = ast.parse(handle.read())
+            long += [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(tree)
+                     if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
+    assert long == []

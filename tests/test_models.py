@@ -3,7 +3,8 @@ import os
 import numpy as np
 import pytest
 
-from covid_spark.models.registry import ORIGINAL_FILTERS, make_model
+from covid_spark.models.architectures import ORIGINAL_FILTERS
+from covid_spark.models.registry import make_model
 from covid_spark.models.saved import load_model
 
 

@@ -119,7 +119,7 @@ def test_port_recognises_grace_hopper_uniform():
     import matplotlib
     from PIL import Image
 
-    from covid_spark.models.registry import efficientnet_lite0_imagenet
+    from covid_spark.models.architectures import efficientnet_lite0_imagenet
 
     model = efficientnet_lite0_imagenet()
     counted = sum(int(np.prod(w.shape)) for layer in model.layers for w in layer.weights

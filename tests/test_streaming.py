@@ -165,7 +165,7 @@ class CountingModel:
 
 
 def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monkeypatch):
-    from covid_spark.training.tfdata import dataset as data
+    from covid_spark.data import dataset as data
     from covid_spark.stages import evaluate
     from covid_spark.data.rundir import RunDir
     from covid_spark.evaluation.metrics import (bootstrap_ci, expected_calibration_error, fit_temperature, metrics_by_group,
@@ -220,7 +220,7 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
 def test_gradcam_gallery_reads_only_its_examples(tiny, model, monkeypatch, tmp_path):
     from PIL import Image
 
-    from covid_spark.training.tfdata import dataset as data
+    from covid_spark.data import dataset as data
     from covid_spark.stages.evaluate import evaluate
     from covid_spark.evaluation.explain import grad_cam, overlay
     from covid_spark.stages.report import gradcam_gallery, pick_examples

@@ -9,7 +9,7 @@ A dataset is a folder (local path or any URL pyarrow and Hadoop read) holding
   (:func:`load_split`).
 
 Both sides of the contract live in this module, so a reader never spells a file name of its own.
-A dataset that breaks it raises :class:`DatasetError`, a ``FileNotFoundError`` naming the dataset.
+A dataset that breaks it raises ``errors.DatasetError`` (also a ``FileNotFoundError``) naming the dataset.
 """
 from __future__ import annotations
 
@@ -20,18 +20,11 @@ from typing import Any, Collection, Iterator, Sequence
 import numpy as np
 
 from covid_spark.data.storage import HadoopFS, to_url, write_json_stream
+from covid_spark.errors import DatasetError
 
 SUMMARY_FILE = "_summary.json"
 
 _NOT_A_DATASET = "is {dataset} a dataset written by jobs/preprocess.py?"
-
-
-class DatasetError(FileNotFoundError):
-    """A dataset is missing or incomplete (no summary, no Parquet file in a split); ``dataset`` names it."""
-
-    def __init__(self, dataset: str, message: str):
-        super().__init__(message)
-        self.dataset = dataset
 
 
 def summary_url(dataset: str) -> str:
@@ -68,12 +61,12 @@ def read_summary(spark_or_none, dataset: str) -> dict:
     if url.startswith("file://"):
         path = url[len("file://"):]
         if not os.path.exists(path):
-            raise DatasetError(dataset, f"{path} not found: {_NOT_A_DATASET.format(dataset=dataset)}")
+            raise DatasetError(f"{path} not found: {_NOT_A_DATASET.format(dataset=dataset)}", dataset=dataset)
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     fs = HadoopFS(spark_or_none, url)
     if not fs.exists(url):
-        raise DatasetError(dataset, f"{url} not found: {_NOT_A_DATASET.format(dataset=dataset)}")
+        raise DatasetError(f"{url} not found: {_NOT_A_DATASET.format(dataset=dataset)}", dataset=dataset)
     return json.loads(fs.read_text(url))
 
 
@@ -93,7 +86,7 @@ def split_row_groups(dataset: str, split: str):
     files = sorted(info.path for info in infos if info.is_file and info.path.endswith(".parquet")
                    and not any(part.startswith(("_", ".")) for part in info.path[len(root):].split("/")))
     if not files:
-        raise DatasetError(dataset, f"no Parquet files in {url}: {_NOT_A_DATASET.format(dataset=dataset)}")
+        raise DatasetError(f"no Parquet files in {url}: {_NOT_A_DATASET.format(dataset=dataset)}", dataset=dataset)
     groups = []
     for path in files:
         with fs.open_input_file(path) as handle:
@@ -148,7 +141,7 @@ def iter_split_batches(dataset: str, split: str, fields: Sequence[str] = ("image
     fs, groups = split_row_groups(dataset, split)
     if shard_count:
         if len(groups) < shard_count:
-            raise ValueError(f"split {split!r} of {dataset} has {len(groups)} row group(s), fewer than "
+            raise DatasetError(f"split {split!r} of {dataset} has {len(groups)} row group(s), fewer than "
                              f"the {shard_count} shards asked for")
         groups = [g for i, g in enumerate(groups) if i % shard_count == shard]
     wanted = list(dict.fromkeys(list(fields) + ["path"]))

@@ -1,9 +1,9 @@
 """The run (model) directory: where every stage writes and reads a run's artefacts, and their provenance.
 
 One object, :class:`RunDir`, names every file of a run, so that no stage spells a file name of its
-own (the file names are those of earlier versions: their run dirs and checkpoints still load)::
+own (the names are kept stable, so older run dirs and checkpoints still load)::
 
-    <run>/model.keras            jobs/train.py        the trained Keras model (load_model())
+    <run>/model.keras            jobs/train.py        the trained Keras model (models.saved.load_model)
     <run>/saved_model/           jobs/train.py        the same model as a servable TensorFlow SavedModel
                                                       (uint8 images in, probabilities out; covid_spark.tracking.serving)
     <run>/history.json           jobs/train.py        per-epoch losses and metrics

@@ -7,6 +7,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from covid_spark.data.duplicates import components
+from covid_spark.errors import ConfigError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -50,9 +51,9 @@ def assign_splits(paths: Sequence[str], labels: Sequence[str], patient_ids: Sequ
     """
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), found {value}")
+            raise ConfigError(f"{name} must be in [0, 1), found {value}")
     if val_fraction + test_fraction >= 1:
-        raise ValueError(f"val_fraction + test_fraction must be below 1, found {val_fraction + test_fraction}")
+        raise ConfigError(f"val_fraction + test_fraction must be below 1, found {val_fraction + test_fraction}")
     units = group_units(paths, patient_ids, linked)
     by_label: dict[str, list[list[int]]] = defaultdict(list)
     for unit in units:

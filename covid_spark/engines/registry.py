@@ -32,7 +32,7 @@ ENGINES: dict[str, Engine] = {
 }
 AUTO = "auto"
 
-# How each stack is set up (README "Two stacks"): the command a message points a user to.
+# How each stack is set up (docs/stacks.md): the command a message points a user to.
 SETUP_PINNED = "make setup (scripts/setup_env.sh: the pinned stack in .venv, Python 3.11, TensorFlow 2.15, Horovod)"
 SETUP_CURRENT = ("make setup STACK=current (scripts/setup_env.sh with STACK=current: the current stack in "
                  ".venv-current, Python 3.12, TensorFlow 2.20 with tf-keras, no Horovod)")

@@ -5,7 +5,7 @@ picks what of it to show: the whole evaluation (``all``), the images with a pati
 (``patient_wise``), one input of a several-input dataset (``input:<name>``) or one source
 (``source:<name>``). Rows: images, accuracy, macro-F1, the share of images called the first class
 (COVID-19: what a source without COVID-19 images gets wrong), then per class precision and recall; a
-value is followed by its 95 % bootstrap interval where the file holds one. Markdown, for the README.
+value is followed by its 95 % bootstrap interval where the file holds one. Markdown, as in docs/results.md.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Mapping, Sequence
 
+from covid_spark.errors import InputError
 from covid_spark.evaluation.metrics import bootstrap_ci, classification_metrics
 
 ROWS = ("n", "accuracy", "macro_f1")
@@ -34,7 +35,7 @@ def select_part(metrics: Mapping, part: str) -> Mapping | None:
         return (metrics.get("per_input") or {}).get(name)
     if kind == "source" and name:
         return (metrics.get("per_source") or {}).get(name)
-    raise ValueError(f"unknown part {part!r}: use all, patient_wise, input:<name> or source:<name>")
+    raise InputError(f"unknown part {part!r}: use all, patient_wise, input:<name> or source:<name>")
 
 
 def _cell(value, interval=None) -> str:
@@ -94,7 +95,7 @@ def part_mask(predictions: Mapping, part: str):
     if column is None:
         select_part({}, part)  # raises the message for an unknown part
     if column not in predictions:
-        raise ValueError(f"the file does not record each image's {column} (evaluate it again)")
+        raise InputError(f"the file does not record each image's {column} (evaluate it again)")
     values = np.array(predictions[column])
     return values.astype(bool) if kind == "patient_wise" else values == name
 
@@ -114,11 +115,11 @@ def paired_differences(columns: Sequence[tuple[str, Mapping]], classes: Sequence
     def predictions(name, m):
         pred = (m or {}).get("predictions")
         if not pred:
-            raise ValueError(f"column {name!r} holds no per-image predictions")
+            raise InputError(f"column {name!r} holds no per-image predictions")
         try:
             keep = part_mask(pred, part)
         except ValueError as err:
-            raise ValueError(f"column {name!r}: {err}") from None
+            raise InputError(f"column {name!r}: {err}") from None
         paths = np.array(pred["path"], dtype=str)[keep]
         order = np.argsort(paths, kind="stable")
         return paths[order], np.array(pred["label"])[keep][order], np.array(pred["probs"], dtype=float)[keep][order]
@@ -129,7 +130,7 @@ def paired_differences(columns: Sequence[tuple[str, Mapping]], classes: Sequence
     for name, m in columns[1:]:
         other_paths, other_y, other_probs = predictions(name, m)
         if not np.array_equal(paths, other_paths) or not np.array_equal(y, other_y):
-            raise ValueError(f"columns {first_name!r} and {name!r} are not scored on the same images")
+            raise InputError(f"columns {first_name!r} and {name!r} are not scored on the same images")
         a, b = (classification_metrics(y, p, list(classes)) for p in (probs, other_probs))
         ci = bootstrap_ci(y, probs, list(classes), n_boot=n_boot, seed=seed, paired_with=other_probs)
         for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):

@@ -53,7 +53,7 @@ from covid_spark.inputs.views import ViewFilter, normalise_view
 
 SALT_ENV = "COVID_SPARK_ID_SALT"
 
-# Transfer syntaxes the pinned decoders read, by UID (the README lists them from here).
+# Transfer syntaxes the pinned decoders read, by UID (docs/data.md lists them from here).
 TRANSFER_SYNTAXES: dict[str, str] = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian (uncompressed)",
     "1.2.840.10008.1.2.1": "Explicit VR Little Endian (uncompressed)",

@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from covid_spark.errors import InputError
 from covid_spark.inputs.views import normalise_view
 
 logger = logging.getLogger(__name__)
@@ -195,12 +196,12 @@ def _manifest_entries(path: str, skip_unknown: bool, labelled: bool) -> Iterator
         columns = reader.fieldnames or []
         missing = [c for c in (("path", "label") if labelled else ("path",)) if c not in columns]
         if missing:
-            raise ValueError(f"manifest {path} lacks column(s) {', '.join(missing)}; "
+            raise InputError(f"manifest {path} lacks column(s) {', '.join(missing)}; "
                              f"found columns: {', '.join(columns) or 'none'}")
         for line, row in enumerate(reader, start=2):
             listed = _local_path((row.get("path") or "").strip())
             if not listed:
-                raise ValueError(f"manifest {path} line {line}: empty 'path'")
+                raise InputError(f"manifest {path} line {line}: empty 'path'")
             if os.path.isabs(listed):
                 # Absolute paths may point anywhere; outside the manifest's folder only the
                 # file name is judged, since the folders above it are not the data's.
@@ -210,7 +211,7 @@ def _manifest_entries(path: str, skip_unknown: bool, labelled: bool) -> Iterator
                 full = os.path.normpath(os.path.join(base, listed))
                 judged = _below(prefix, full)
                 if judged is None:
-                    raise ValueError(f"manifest {path} line {line}: path {listed!r} lies outside "
+                    raise InputError(f"manifest {path} line {line}: path {listed!r} lies outside "
                                      f"the manifest's folder {base}")
             entry = {"path": full, "label": "", "patient_id": (row.get("patient_id") or "").strip(),
                      "source": (row.get("source") or "").strip(), "view": normalise_view(row.get("view")),
@@ -218,7 +219,7 @@ def _manifest_entries(path: str, skip_unknown: bool, labelled: bool) -> Iterator
             label = class_of(row.get("label") or "")
             if labelled and label is None:
                 if not skip_unknown:
-                    raise ValueError(f"manifest {path} line {line}: unknown label {row.get('label')!r}; "
+                    raise InputError(f"manifest {path} line {line}: unknown label {row.get('label')!r}; "
                                      f"accepted: {accepted_names()}")
                 entry["reason"] = f"unknown label {row.get('label')!r}"
             entry["label"] = label or ""
@@ -231,7 +232,7 @@ def _class_folder_entries(root: str, skip_unknown: bool) -> Iterator[dict]:
     unknown = [name for name in entries if os.path.isdir(os.path.join(root, name))
                and not name.startswith(".") and class_of(name) is None]
     if unknown and not skip_unknown:
-        raise ValueError(f"folder(s) {', '.join(unknown)} in {root} name no class; accepted "
+        raise InputError(f"folder(s) {', '.join(unknown)} in {root} name no class; accepted "
                          f"names (case-insensitive): {accepted_names()}; or pass --skip-unknown-classes")
     for name in entries:
         full = os.path.join(root, name)
@@ -283,7 +284,7 @@ def discover(locations: str | Sequence[str], skip_unknown: bool = False, labelle
     """
     locations = as_locations(locations)
     if not locations:
-        raise ValueError("no input given: pass at least one input location")
+        raise InputError("no input given: pass at least one input location")
     inventory = Inventory()
     first_label: dict[str, str] = {}   # path key -> label of its first listing
     for index, location in enumerate(locations):
@@ -314,13 +315,13 @@ def discover(locations: str | Sequence[str], skip_unknown: bool = False, labelle
             found += 1
         inventory.per_input.append({"input": location, "found": found, "skipped": skipped})
         if not found and not repeats:
-            raise ValueError(f"input {location} holds no images to read "
+            raise InputError(f"input {location} holds no images to read "
                              f"({skipped} file(s) skipped by name)")
         if not found:
             logger.warning("input %s adds no images: its %d file(s) to read were all listed before",
                            location, repeats)
         logger.info("found %d image(s) to read and %d skipped by name in %s", found, skipped, location)
     if not inventory.records:
-        raise ValueError(f"input(s) {', '.join(locations)} hold no images to read "
+        raise InputError(f"input(s) {', '.join(locations)} hold no images to read "
                          f"({len(inventory.skipped)} file(s) skipped)")
     return inventory

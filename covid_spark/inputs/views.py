@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from covid_spark.errors import ConfigError
+
 UNKNOWN = "unknown"
 EXCLUDE_UNKNOWN = "-unknown"
 
@@ -57,7 +59,7 @@ class ViewFilter:
         for token in spec.split(","):
             token = token.strip()
             if not token:
-                raise ValueError(f"--views / preprocess.views {spec!r}: empty name between commas")
+                raise ConfigError(f"--views / preprocess.views {spec!r}: empty name between commas")
             if token.lower() == EXCLUDE_UNKNOWN:
                 keep_unknown = False
             elif token.lower() == UNKNOWN:
@@ -65,7 +67,7 @@ class ViewFilter:
             else:
                 keep.add(normalise_view(token))
         if not keep:
-            raise ValueError(f"--views / preprocess.views {spec!r} names no view to keep (e.g. PA,AP)")
+            raise ConfigError(f"--views / preprocess.views {spec!r} names no view to keep (e.g. PA,AP)")
         return cls(frozenset(keep), keep_unknown, spec)
 
     @property

@@ -3,6 +3,7 @@ importing this module stays cheap for the driver). Pixel rescaling lives inside 
 from __future__ import annotations
 
 from covid_spark.constants import DEFAULT_IMAGE_SIZE
+from covid_spark.errors import ConfigError
 from covid_spark.models.pretrained import load_efficientnet_lite0
 
 # Builders' default input: the library's default image size, RGB.
@@ -26,7 +27,7 @@ def model_input(input_shape, input_norm: str = "none"):
     from tensorflow import keras
 
     if input_norm not in INPUT_NORMS:
-        raise ValueError(f"config key 'train.input_norm' must be one of {', '.join(INPUT_NORMS)}, found {input_norm!r}")
+        raise ConfigError(f"config key 'train.input_norm' must be one of {', '.join(INPUT_NORMS)}, found {input_norm!r}")
     inputs = keras.Input(shape=input_shape, name="image")
     if input_norm == "none":
         return inputs, inputs

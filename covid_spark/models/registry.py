@@ -11,6 +11,7 @@ from importlib.metadata import version
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from covid_spark.errors import ConfigError
 from covid_spark.models.architectures import (
     DEFAULT_INPUT_SHAPE,
     INPUT_NORMS,
@@ -92,7 +93,7 @@ def make_model(name: str, input_shape=DEFAULT_INPUT_SHAPE, num_classes: int = 3,
         ValueError: ``name`` is not one of MODELS, or ``input_norm`` not one of INPUT_NORMS.
     """
     if name not in REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name].build(input_shape=input_shape, num_classes=num_classes, input_norm=input_norm)
 
 

@@ -44,6 +44,7 @@ from covid_spark.constants import CLASSES
 from covid_spark.data.dataset import load_split, read_summary
 from covid_spark.data.rundir import git_commit
 from covid_spark.data.storage import atomic_write_json, refuse_existing
+from covid_spark.errors import DatasetError, InputError
 from covid_spark.evaluation.metrics import bootstrap_ci, classification_metrics, metrics_by_group
 from covid_spark.models.registry import make_model
 from covid_spark.training.tfdata import augment_dataset
@@ -84,7 +85,7 @@ def grouped_folds(labels: np.ndarray, patients: np.ndarray, k: int, seed: int = 
     from sklearn.model_selection import StratifiedGroupKFold
 
     if len(np.unique(patients)) < k:
-        raise ValueError(f"{k} folds need at least {k} patients; the pooled splits hold {len(np.unique(patients))}")
+        raise DatasetError(f"{k} folds need at least {k} patients; the pooled splits hold {len(np.unique(patients))}")
     fold = np.full(len(labels), -1, dtype=int)
     for i, (_, held_out) in enumerate(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(labels, labels, patients)):
         fold[held_out] = i
@@ -127,7 +128,7 @@ def paired_difference(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> di
     """
     pa, pb = a["predictions"], b["predictions"]
     if pa["path"] != pb["path"] or pa["label"] != pb["label"]:
-        raise ValueError("--compare: the two cross-validations do not hold the same images and labels")
+        raise InputError("--compare: the two cross-validations do not hold the same images and labels")
     ci = bootstrap_ci(np.asarray(pa["label"]), np.asarray(pa["probs"]), list(CLASSES), n_boot=n_boot, seed=seed,
                       paired_with=np.asarray(pb["probs"]))
     return {"against": b.get("label_of_run"), "macro_f1_difference": a["macro_f1"] - b["macro_f1"],
@@ -146,9 +147,9 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
     """
     cfg = config["train"]
     if folds < 2:
-        raise ValueError(f"--folds must be at least 2, found {folds}")
+        raise InputError(f"--folds must be at least 2, found {folds}")
     if transform not in TRANSFORMS:
-        raise ValueError(f"unknown transform {transform!r}; choose from {', '.join(TRANSFORMS)}")
+        raise InputError(f"unknown transform {transform!r}; choose from {', '.join(TRANSFORMS)}")
     refuse_existing(output, overwrite)
     against = None
     if compare:  # read now, not after hours of training
@@ -156,18 +157,18 @@ def cross_validate(dataset: str, config: dict, output: str, folds: int = 5, tran
             try:
                 against = json.load(handle)
             except ValueError as err:
-                raise ValueError(f"--compare {compare} is not JSON: {err}") from err
+                raise InputError(f"--compare {compare} is not JSON: {err}") from err
         if not isinstance(against, dict) or not isinstance(against.get("predictions"), dict):
-            raise ValueError(f"--compare {compare} is not a complete output of jobs/crossval.py (no 'predictions')")
+            raise InputError(f"--compare {compare} is not a complete output of jobs/crossval.py (no 'predictions')")
     read_summary(None, dataset)  # names the dataset when it is not one
     parts = [load_split(dataset, split, fields=("image", "label", "source", "patient_id")) for split in ("train", "val")]
     pooled = {key: np.concatenate([p[key] for p in parts]) for key in ("image", "label", "source", "patient_id", "path")}
     if len(pooled["label"]) == 0:
-        raise ValueError(f"{dataset}: the train and val splits are empty; nothing to cross-validate")
+        raise DatasetError(f"{dataset}: the train and val splits are empty; nothing to cross-validate")
     labels = pooled["label"].astype(int)
     if against is not None and ([str(p) for p in pooled["path"]] != against["predictions"].get("path")
                                 or labels.tolist() != against["predictions"].get("label")):
-        raise ValueError(f"--compare {compare} does not hold the same images and labels as {dataset}'s train + val")
+        raise InputError(f"--compare {compare} does not hold the same images and labels as {dataset}'s train + val")
     images = transform_images(pooled["image"], transform)
     fold_of = grouped_folds(labels, pooled["patient_id"], folds)
     probs = np.full((len(labels), len(CLASSES)), np.nan, dtype=np.float32)

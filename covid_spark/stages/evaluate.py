@@ -13,6 +13,7 @@ from covid_spark.data.duplicates import near_copies
 from covid_spark.data.rundir import RunDir
 from covid_spark.data.splits import SPLITS
 from covid_spark.data.storage import atomic_write_json, refuse_existing
+from covid_spark.errors import DatasetError, InputError
 from covid_spark.evaluation.metrics import (
     bootstrap_ci,
     classification_metrics,
@@ -21,6 +22,7 @@ from covid_spark.evaluation.metrics import (
     metrics_by_group,
     softmax,
 )
+from covid_spark.evaluation.shortcuts import audit_dataset, held_out_source
 from covid_spark.inputs.sources import as_locations
 from covid_spark.models.saved import load_model
 from covid_spark.tracking.tracker import log_evaluation
@@ -50,7 +52,7 @@ def score_split(model, dataset: str, split: str, fields: Sequence[str] = ("label
         for f in wanted:
             kept[f].append(batch[f])
     if not kept["probs"]:
-        raise ValueError(f"split {split!r} of {dataset} holds no rows")
+        raise DatasetError(f"split {split!r} of {dataset} holds no rows")
     out = {f: np.concatenate(parts) for f, parts in kept.items()}
     order = np.argsort(out["path"].astype(str), kind="stable")
     return {f: values[order] for f, values in out.items()}
@@ -72,7 +74,7 @@ def stored_hashes(dataset: str, splits: Sequence[str]) -> dict[str, tuple[int, i
         fs, groups = split_row_groups(dataset, split)
         with fs.open_input_file(groups[0][0]) as handle:
             if "dhash" not in pq.ParquetFile(handle).schema_arrow.names:
-                raise ValueError(f"{dataset} holds no stored image hashes (written before they were stored): "
+                raise DatasetError(f"{dataset} holds no stored image hashes (written before they were stored): "
                                  f"preprocess it again to find near-copies")
         for batch in iter_split_batches(dataset, split, fields=("dhash", "label"), batch_size=4096):
             out.update((str(p), (int(str(h), 16), int(y), split))
@@ -160,8 +162,8 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
     before any work).
 
     Raises:
-        ValueError: the split is empty or missing, image size and model disagree, or every image
-            is a near-copy.
+        DatasetError / InputError: the split is empty or missing, image size and model disagree, or
+            every image is a near-copy.
         FileExistsError: the metrics file exists and ``overwrite`` is false.
         FileNotFoundError: no dataset summary or no model.
     """
@@ -171,63 +173,86 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
     summary = read_summary(None, dataset)
     splits = [s for s in SPLITS if summary["per_split"].get(s, 0)] if split == "all" else [split]
     if not splits or summary["per_split"].get(splits[0], 0) == 0:
-        raise ValueError(f"split {split!r} of {dataset} is empty; nothing to evaluate")
+        raise DatasetError(f"split {split!r} of {dataset} is empty; nothing to evaluate")
     model = load_model(RunDir(model_dir))
     expected = tuple(model.input_shape[1:3])
     if expected != (summary["image_size"], summary["image_size"]):
-        raise ValueError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
-    kept, exclusion = None, None
-    if exclude_near_copies_of:
-        found = near_copy_exclusion(dataset, splits, exclude_near_copies_of,
-                                    config["preprocess"]["duplicate_distance"])
-        kept, exclusion = found["kept"], found["report"]
-        logger.info("evaluate: %d near-copies of %s dropped, %d images kept", exclusion["dropped"],
-                    exclude_near_copies_of, exclusion["kept"])
-        if not exclusion["kept"]:
-            raise ValueError(f"every image of {dataset} ({split}) is a near-copy of {exclude_near_copies_of}")
+        raise InputError(f"model input is {expected} but {dataset} holds {summary['image_size']}px images")
+    kept, exclusion = _near_copies_left_out(dataset, split, splits, exclude_near_copies_of, config)
+    data = _scored(model, dataset, splits, kept)
+    metrics = _metrics(data, split, dataset, summary, config)
+    if exclusion:
+        metrics["near_copies"] = exclusion
+    if split not in ("val", "all") and summary["per_split"].get("val", 0):
+        metrics.update(_calibration(model, dataset, data))
+    if config["evaluate"]["audit"]:
+        metrics["audit"] = audit_dataset(model, dataset, splits, data, CLASSES, config)
+        holdout = summary.get("config", {}).get("holdout_source")
+        if holdout:
+            metrics["audit"]["held_out_source"] = held_out_source(metrics, holdout)
+    metrics["predictions"] = metrics.pop("predictions")  # the long part last
+    atomic_write_json(output, metrics)
+    if in_run_dir:  # a file written elsewhere (--output: another collection) is not this run's evaluation
+        log_evaluation(model_dir, config)
+    return metrics
+
+
+def _near_copies_left_out(dataset: str, split: str, splits: list[str], reference: str | None,
+                          config: dict) -> tuple[dict | None, dict | None]:
+    """``(kept paths per split, report)`` without the near-copies of ``reference``; ``(None, None)`` without one."""
+    if not reference:
+        return None, None
+    found = near_copy_exclusion(dataset, splits, reference, config["preprocess"]["duplicate_distance"])
+    kept, exclusion = found["kept"], found["report"]
+    logger.info("evaluate: %d near-copies of %s dropped, %d images kept", exclusion["dropped"], reference,
+                exclusion["kept"])
+    if not exclusion["kept"]:
+        raise InputError(f"every image of {dataset} ({split}) is a near-copy of {reference}")
+    return kept, exclusion
+
+
+def _scored(model, dataset: str, splits: list[str], kept: dict | None) -> dict[str, np.ndarray]:
+    """Probabilities, labels, sources, patient ids and paths of the scored images, in path order."""
     parts = [score_split(model, dataset, s, fields=("label", "source", "patient_id"),
                          paths=None if kept is None else kept[s])
              for s in splits if kept is None or kept[s]]
     data = {f: np.concatenate([p[f] for p in parts]) for f in parts[0]}
     order = np.argsort(data["path"].astype(str), kind="stable")
-    data = {f: values[order] for f, values in data.items()}
-    probs = data["probs"]
-    y = data["label"].astype(int)
+    return {f: values[order] for f, values in data.items()}
+
+
+def _metrics(data: dict[str, np.ndarray], split: str, dataset: str, summary: dict, config: dict) -> dict:
+    """The metrics file's content but for calibration: overall, per source, patient-wise, per input."""
+    probs, y = data["probs"], data["label"].astype(int)
     metrics = classification_metrics(y, probs, list(CLASSES))
     metrics["split"] = split
     metrics["dataset"] = dataset
-    if exclusion:
-        metrics["near_copies"] = exclusion
     metrics["ci95"] = bootstrap_ci(y, probs, list(CLASSES), n_boot=config["evaluate"]["bootstrap"],
                                    seed=config["train"]["seed"])
     metrics["ece"] = expected_calibration_error(y, probs)
     sources = np.array([s or "unknown" for s in data["source"]])
     metrics["per_source"] = metrics_by_group(y, probs, sources, list(CLASSES))
+    predictions = {"path": [str(p) for p in data["path"]], "label": y.tolist(),
+                   "probs": np.round(probs, 6).tolist(), "source": sources.tolist()}
     with_id = np.array([bool(str(p)) for p in data["patient_id"]])
     if with_id.any() and not with_id.all():
         metrics["patient_wise"] = dict(subset_metrics(y, probs, with_id, config),
                                        sources=sorted(set(sources[with_id])))
+        predictions["with_patient_id"] = with_id.tolist()
     owner = collection_names(summary)
     if owner:
         collection = np.array([owner.get(s, "unknown") for s in sources])
         metrics["per_input"] = {str(name): subset_metrics(y, probs, collection == name, config)
                                 for name in np.unique(collection)}
-    if split not in ("val", "all") and summary["per_split"].get("val", 0):
-        val = score_split(model, dataset, "val", fields=("label",))
-        logits = np.log(np.clip(val["probs"], 1e-7, 1.0))
-        temperature = fit_temperature(logits, val["label"].astype(int))
-        metrics["temperature"] = temperature
-        metrics["ece_temperature_scaled"] = expected_calibration_error(
-            y, softmax(np.log(np.clip(probs, 1e-7, 1.0)), temperature))
-    metrics["predictions"] = {
-        "path": [str(p) for p in data["path"]], "label": y.tolist(),
-        "probs": np.round(probs, 6).tolist(), "source": sources.tolist(),
-    }
-    if "patient_wise" in metrics:
-        metrics["predictions"]["with_patient_id"] = with_id.tolist()
-    if "per_input" in metrics:
-        metrics["predictions"]["input"] = collection.tolist()
-    atomic_write_json(output, metrics)
-    if in_run_dir:  # a file written elsewhere (--output: another collection) is not this run's evaluation
-        log_evaluation(model_dir, config)
+        predictions["input"] = collection.tolist()
+    metrics["predictions"] = predictions
     return metrics
+
+
+def _calibration(model, dataset: str, data: dict[str, np.ndarray]) -> dict[str, float]:
+    """A temperature fitted on val, and the evaluated split's ECE after scaling by it."""
+    val = score_split(model, dataset, "val", fields=("label",))
+    temperature = fit_temperature(np.log(np.clip(val["probs"], 1e-7, 1.0)), val["label"].astype(int))
+    scaled = softmax(np.log(np.clip(data["probs"], 1e-7, 1.0)), temperature)
+    return {"temperature": temperature,
+            "ece_temperature_scaled": expected_calibration_error(data["label"].astype(int), scaled)}

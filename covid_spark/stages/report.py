@@ -15,6 +15,7 @@ import numpy as np
 from covid_spark.constants import CLASSES, EVALUATION_SPLIT
 from covid_spark.data.dataset import iter_split_batches, read_summary
 from covid_spark.data.rundir import RunDir
+from covid_spark.errors import InputError
 from covid_spark.inputs.sources import as_locations, manifest_of
 from covid_spark.models.saved import load_model
 from covid_spark.tracking.tracker import log_report
@@ -99,7 +100,7 @@ def gradcam_gallery(model, dataset: str, metrics: dict, out_dir: str) -> tuple[l
         images.update(zip((str(p) for p in batch["path"]), batch["image"]))
     missing = sorted(wanted - set(images))
     if missing:
-        raise ValueError(f"{len(missing)} image(s) of metrics.json's predictions are not in the "
+        raise InputError(f"{len(missing)} image(s) of metrics.json's predictions are not in the "
                          f"{metrics.get('split', 'test')} split of {dataset}, e.g. {missing[0]}: "
                          f"was the dataset rewritten after evaluation? Rerun jobs/evaluate.py")
     maps = grad_cam(model, np.stack([images[paths[i]] for i in index]), layer_name=layer)

@@ -18,12 +18,14 @@ from covid_spark.data.dataset import read_summary
 from covid_spark.data.rundir import CHECKPOINT_STATE, RunDir, git_commit, versions
 from covid_spark.data.storage import atomic_write_json, exists_error, to_url
 from covid_spark.engines.registry import ENGINES, resolve_engine
+from covid_spark.errors import ConfigError, DatasetError, InputError
+from covid_spark.lungs.framing import Framing
 from covid_spark.models.registry import provenance
 from covid_spark.stages.train_rank import train_fn
 from covid_spark.tracking.serving import export_run
 from covid_spark.tracking.tracker import log_training
 from covid_spark.training.job import TrainJob
-from covid_spark.training.weights import class_weights
+from covid_spark.training.weights import class_weights, source_keep_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +67,53 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
         steps_per_epoch=steps, shuffle_buffer=cfg["shuffle_buffer"], augment=dict(cfg["augment"]),
         class_weight=class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
         val_rows=summary["per_split"].get("val", 0), val_row_groups=summary["row_groups"].get("val", 0),
-        checkpoint_dir=checkpoint_dir, compression=cfg["gradient_compression"], input_norm=cfg["input_norm"])
+        checkpoint_dir=checkpoint_dir, compression=cfg["gradient_compression"], input_norm=cfg["input_norm"],
+        source_keep=source_keep_probabilities(summary.get("per_source_class", {}), cfg["source_cap"]))
+
+
+def _check_dataset(summary: dict, dataset: str, num_proc: int, batch: int) -> int:
+    """The number of train images, once the dataset is known to suit ``num_proc`` ranks of ``batch``."""
+    if summary.get("classes") != list(CLASSES):
+        raise DatasetError(f"dataset classes {summary.get('classes')} differ from the model's {list(CLASSES)}")
+    n_train = summary["per_split"].get("train", 0)
+    if n_train == 0:
+        raise DatasetError(f"dataset {dataset} has an empty train split")
+    groups = summary["row_groups"].get("train", 0)
+    if groups < num_proc:
+        raise ConfigError(f"train.num_proc is {num_proc} but the train split of {dataset} has only "
+                          f"{groups} row group(s); Petastorm shards by row group, so rerun preprocess "
+                          f"with a larger preprocess.min_row_groups or use fewer ranks")
+    if n_train < batch * num_proc:
+        raise ConfigError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
+    return n_train
+
+
+def _write_model(run_dir: RunDir, results: list[dict]) -> tuple[dict, bool]:
+    """Write rank 0's model and history into the run dir (the model atomically); return rank 0's result
+    and whether every rank ended with the same trainable weights."""
+    rank0 = next(r for r in results if r["rank"] == 0)
+    in_sync = len({r.get("weights_digest") for r in results}) == 1
+    if not in_sync:
+        logger.warning("train: the ranks ended with different weights (%s); rank 0's are saved",
+                       ", ".join(f"rank {r['rank']}: {r.get('weights_digest')}"
+                                 for r in sorted(results, key=lambda r: r["rank"])))
+    tmp_model = os.path.join(run_dir.path, f".{os.path.basename(run_dir.model)}.tmp")
+    with open(tmp_model, "wb") as handle:
+        handle.write(rank0["model_bytes"])
+    os.replace(tmp_model, run_dir.model)
+    atomic_write_json(run_dir.history, rank0["history"])
+    return rank0, in_sync
 
 
 def run_training(spark, dataset: str, model_dir: str, config: dict,
                  overwrite: bool = False, resume: bool = False) -> dict:
-    """Validate, launch ``num_proc`` ranks on the executors (``train.engine``: ``launch.ENGINES``), and write the model dir.
+    """Validate, launch ``num_proc`` ranks on the executors (``train.engine``: ``engines.registry.ENGINES``),
+    and write the model dir.
 
     ``config`` is as ``config.load_config`` gives it (every value checked and typed there).
 
     Raises:
-        ValueError: config and data disagree (names the key, expected and found values); the engine
+        ConfigError / DatasetError: config and data disagree (names the key, expected and found values); the engine
             cannot run on this stack (checked first, before any Spark work) or the cluster has fewer
             task slots than ranks (tf-distribute).
         FileExistsError / FileNotFoundError: model dir state versus --overwrite / --resume.
@@ -85,20 +123,8 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     cfg = config["train"]
     engine = resolve_engine(cfg["engine"])  # before any Spark work: fails fast on the wrong stack
     summary = read_summary(spark, dataset)
-    num_proc = cfg["num_proc"]
-    if summary.get("classes") != list(CLASSES):
-        raise ValueError(f"dataset classes {summary.get('classes')} differ from the model's {list(CLASSES)}")
-    n_train = summary["per_split"].get("train", 0)
-    if n_train == 0:
-        raise ValueError(f"dataset {dataset} has an empty train split")
-    groups = summary["row_groups"].get("train", 0)
-    if groups < num_proc:
-        raise ValueError(f"train.num_proc is {num_proc} but the train split of {dataset} has only "
-                         f"{groups} row group(s); Petastorm shards by row group, so rerun preprocess "
-                         f"with a larger preprocess.min_row_groups or use fewer ranks")
-    batch = cfg["batch_size"]
-    if n_train < batch * num_proc:
-        raise ValueError(f"train.batch_size {batch} × num_proc {num_proc} exceeds the {n_train} train images")
+    num_proc, batch = cfg["num_proc"], cfg["batch_size"]
+    n_train = _check_dataset(summary, dataset, num_proc, batch)
     model_dir = os.path.abspath(model_dir)
     run_dir = RunDir(model_dir)
     state = _prepare_model_dir(model_dir, overwrite, resume)
@@ -107,7 +133,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
     steps = math.ceil(n_train / (batch * num_proc))
     job = make_job(cfg, summary, dataset, steps, threads, run_dir.checkpoints, engine)
     if state and state.get("model", cfg["model"]) != cfg["model"]:
-        raise ValueError(f"--resume: {model_dir} holds a checkpoint of model {state['model']!r}, but this run "
+        raise InputError(f"--resume: {model_dir} holds a checkpoint of model {state['model']!r}, but this run "
                          f"trains {cfg['model']!r}; pass --model {state['model']} to continue it")
     if state:
         job = dataclasses.replace(job, initial_epoch=int(state["epoch"]), resume_history=state.get("history", {}),
@@ -117,16 +143,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
                 "%d thread(s) per rank", cfg["model"], n_train, num_proc, engine, steps, threads)
     launcher = ENGINES[job.engine].launcher(spark)
     results = launcher.run(train_fn, job, num_proc)
-    rank0 = next(r for r in results if r["rank"] == 0)
-    in_sync = len({r.get("weights_digest") for r in results}) == 1
-    if not in_sync:
-        logger.warning("train: the ranks ended with different weights (%s); rank 0's are saved",
-                       ", ".join(f"rank {r['rank']}: {r.get('weights_digest')}" for r in sorted(results, key=lambda r: r["rank"])))
-    tmp_model = os.path.join(model_dir, f".{os.path.basename(run_dir.model)}.tmp")
-    with open(tmp_model, "wb") as handle:
-        handle.write(rank0["model_bytes"])
-    os.replace(tmp_model, run_dir.model)
-    atomic_write_json(run_dir.history, rank0["history"])
+    rank0, in_sync = _write_model(run_dir, results)
     run = {
         "model": cfg["model"], "engine": engine, "num_proc": num_proc, "classes": list(CLASSES),
         "image_size": int(summary["image_size"]), "epochs": cfg["epochs"],
@@ -139,6 +156,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         | {"rejected": len(summary["rejected"]), "skipped": len(summary["skipped"]),
            "duplicate_groups": len(summary.get("duplicates", []))},
         "pretrained": provenance(cfg["model"]),
+        "framing": Framing.of(summary.get("config", {})).as_dict(),  # predict frames new images the same way
         "config": config, "versions": versions(), "git_commit": commit,
         "resumed_from_epoch": state["epoch"] if state else None,
         "ranks_in_sync": in_sync,  # every rank ended with the same trainable weights (weights_digest)

@@ -110,7 +110,7 @@ def train_fn(job: TrainJob) -> dict:
         history = {k: list(v) for k, v in job.resume_history.items()}
         reader, train_ds = make_train_dataset(job.dataset, job.batch_size, job.augment,
                                               seed=job.seed + rank, shard=rank, shard_count=size,
-                                              shuffle_buffer=job.shuffle_buffer)
+                                              shuffle_buffer=job.shuffle_buffer, source_keep=job.source_keep)
         with reader:
             fitted = fit_model(model, train_ds, epochs=job.epochs, steps_per_epoch=job.steps_per_epoch,
                                learning_rate=job.learning_rate * size, ranks=size,

@@ -33,6 +33,7 @@ import uuid
 from typing import Sequence
 
 from covid_spark.data.rundir import RunDir
+from covid_spark.errors import InputError
 from covid_spark.models.saved import load_model
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ def export_saved_model(model, path: str, classes: Sequence[str], image_size: int
 
     expected_in = (image_size, image_size, 3)
     if tuple(model.input_shape[1:]) != expected_in:
-        raise ValueError(f"model input is {tuple(model.input_shape[1:])}, expected {expected_in} (the run's image_size)")
+        raise InputError(f"model input is {tuple(model.input_shape[1:])}, expected {expected_in} (the run's image_size)")
     if model.output_shape[-1] != len(classes):
-        raise ValueError(f"model has {model.output_shape[-1]} outputs for {len(classes)} classes {list(classes)}")
+        raise InputError(f"model has {model.output_shape[-1]} outputs for {len(classes)} classes {list(classes)}")
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

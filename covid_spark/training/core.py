@@ -81,8 +81,9 @@ class LearningRateSchedule(tf.keras.callbacks.Callback):
     """Set the optimizer's learning rate at the start of every batch, from :meth:`rate`.
 
     The values are those of Horovod's ``LearningRateWarmupCallback`` followed by its
-    ``LearningRateScheduleCallback`` with a cosine multiplier (``staircase=False``), which the train
-    stage used before, to the last bit: the same expressions in the same order.
+    ``LearningRateScheduleCallback`` with a cosine multiplier (``staircase=False``), to the last bit:
+    the same expressions in the same order, without Horovod (so tf-distribute and cross-validation
+    share it).
     """
 
     def __init__(self, peak: float, ranks: int, warmup_epochs: int, schedule: str, epochs: int,

@@ -96,8 +96,12 @@ def augment_dataset(ds, augment: dict, seed: int):
 
 def make_train_dataset(dataset: str, batch_size: int, augment: dict, seed: int,
                        shard: int | None = None, shard_count: int | None = None, *,
-                       shuffle_buffer: int):
+                       shuffle_buffer: int, source_keep: dict[str, float] | None = None):
     """An endless, shuffled, augmented ``(image, label)`` tf.data pipeline over one train shard.
+
+    ``source_keep`` (``"<class index>/<source>"`` → probability, from
+    ``training.weights.source_keep_probabilities``) thins the stream, each image kept with its
+    (class, source)'s probability, seeded; sources it does not name are kept.
 
     Returns ``(reader, dataset)``; the caller closes the reader (use it as a context manager).
     Endless (``num_epochs=None``) so that every Horovod rank can run the same number of
@@ -109,7 +113,8 @@ def make_train_dataset(dataset: str, batch_size: int, augment: dict, seed: int,
 
     from covid_spark.data.schema import XraySchema  # imports Petastorm: only when this runs
 
-    reader = make_reader(split_url(dataset, "train"), schema_fields=[XraySchema.image, XraySchema.label],
+    fields = [XraySchema.image, XraySchema.label] + ([XraySchema.source] if source_keep else [])
+    reader = make_reader(split_url(dataset, "train"), schema_fields=fields,
                          num_epochs=None,
                          shuffle_row_groups=True, seed=seed, cur_shard=shard, shard_count=shard_count,
                          reader_pool_type="thread", workers_count=1)
@@ -118,8 +123,27 @@ def make_train_dataset(dataset: str, batch_size: int, augment: dict, seed: int,
         image = tf.broadcast_to(image, tf.concat([tf.shape(image)[:2], [3]], axis=0))
         return tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32), row.label
 
-    ds = make_petastorm_dataset(reader).map(three_channels)
+    ds = make_petastorm_dataset(reader)
+    if source_keep:
+        ds = ds.filter(source_sampler(source_keep, seed))
+    ds = ds.map(three_channels)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     ds = augment_dataset(ds.batch(batch_size, drop_remainder=True), augment, seed)
     return reader, ds.prefetch(tf.data.AUTOTUNE)
+
+
+def source_sampler(source_keep: dict[str, float], seed: int):
+    """A ``tf.data`` filter predicate keeping a row with its ``"<label>/<source>"`` probability."""
+    import tensorflow as tf
+
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(sorted(source_keep)), tf.constant([source_keep[k] for k in sorted(source_keep)], tf.float32)),
+        default_value=1.0)
+    generator = tf.random.Generator.from_seed(seed)
+
+    def keep(row):
+        key = tf.strings.join([tf.strings.as_string(row.label), "/", row.source])
+        return generator.uniform([]) < table.lookup(key)
+
+    return keep

@@ -86,7 +86,7 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     config = override(load_config(), "preprocess", {"image_size": 48, "min_row_groups": 2,
                                                     "val_fraction": 0.2, "test_fraction": 0.2})
     results = run_benchmarks(source, str(tmp_path / "work"), sizes=("all",), models=("compact",),
-                             steps={"compact": 2}, warmup=1, read_batches=2, read_warmup=1,
+                             steps={"compact": 4}, warmup=1, read_batches=2, read_warmup=1,
                              config=config, batch_size=2, spark=spark, ranks=(2,))
 
     assert set(results) >= {"machine", "settings", "spark_fixed", "preprocess", "read",

@@ -194,6 +194,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "gradient_compression": Field(str, "fp16: Horovod sends gradients as float16", choices=("none", "fp16")),
         "source_cap": Field(float, "the most a source may be of a class in each epoch's train stream (images of "
                                    "larger sources are sampled out); 0 = off", minimum=0, maximum=1),
+        "adversary": Field(float, "strength of an adversarial source head with gradient reversal, which trains "
+                                  "the features to hide the image's source (docs/shortcuts.md); 0 = off", minimum=0),
         "input_norm": Field(str, "equalize: per-image histogram equalisation inside the model",
                             choices=_input_norms),
         "per_model": PerModel("each architecture's own train values (models.REGISTRY), which replace the "

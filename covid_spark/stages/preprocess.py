@@ -142,7 +142,8 @@ def _stage(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) 
     3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and an odd last
     task would run alone. Memory does not grow with a task's size (streamed).
     """
-    size, max_pixels, found, framing = cfg["image_size"], cfg["max_pixels"], len(records), Framing.of(cfg)
+    size, max_pixels, found = cfg["image_size"], cfg["max_pixels"], len(records)
+    framing = Framing(cfg["border_crop"], cfg["lung_crop"], cfg["lung_crop_margin"])
     cores = max(1, sc.defaultParallelism)
     slices = max(1, min(found, cores * math.ceil(found / (STAGE_TASK_IMAGES * cores))))
     sc.setJobDescription(f"decode and stage {found} images")

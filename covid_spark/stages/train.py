@@ -68,7 +68,8 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
         class_weight=class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
         val_rows=summary["per_split"].get("val", 0), val_row_groups=summary["row_groups"].get("val", 0),
         checkpoint_dir=checkpoint_dir, compression=cfg["gradient_compression"], input_norm=cfg["input_norm"],
-        source_keep=source_keep_probabilities(summary.get("per_source_class", {}), cfg["source_cap"]))
+        source_keep=source_keep_probabilities(summary.get("per_source_class", {}), cfg["source_cap"]),
+        adversary=cfg["adversary"], sources=tuple(sorted(summary.get("per_source", {}))) if cfg["adversary"] else ())
 
 
 def _check_dataset(summary: dict, dataset: str, num_proc: int, batch: int) -> int:

@@ -1,5 +1,5 @@
 # Two commands a newcomer types: `make demo` and `make test`. Both set up .venv first (idempotent).
-# STACK=current runs any target on the second stack instead (README "Two stacks"): .venv-current,
+# STACK=current runs any target on the second stack instead (docs/stacks.md): .venv-current,
 # Python 3.12, requirements-current.txt, no Horovod (training with train.engine tf-distribute).
 SHELL := /bin/bash
 STACK ?= pinned
@@ -25,13 +25,13 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo demo-xl preprocess train evaluate predict loso cv test test-fast test-docker bench bench-demo bench-xl cluster-up cluster-down clean
+.PHONY: setup demo demo-xl preprocess train evaluate predict loso generalisation cv test test-fast test-docker bench bench-demo bench-xl cluster-up cluster-down clean
 
 setup:
 	@STACK=$(STACK) VENV=$(VENV) bash scripts/setup_env.sh
 
 # TRACKING=local (or an MLflow tracking URI, e.g. http://127.0.0.1:5000) logs the run to MLflow:
-# tracking.mlflow_uri (README "Experiment tracking, serving and the report").
+# tracking.mlflow_uri (docs/tracking-and-serving.md).
 TRACKING_SET = $(if $(TRACKING),--set tracking.mlflow_uri=$(TRACKING))
 
 demo: setup
@@ -39,7 +39,7 @@ demo: setup
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/$(RUN_ID) --config conf/demo.yaml \
 	  $(if $(MODEL),--model $(MODEL)) $(if $(VIEWS),--views $(VIEWS)) $(if $(ENGINE),--engine $(ENGINE)) $(TRACKING_SET)
 
-# The same pipeline on cxr-xl (17,445 images; about 35 minutes on 2 cores): conf/xl.yaml. DATA given on the
+# The same pipeline on cxr-xl (17,445 images): conf/xl.yaml. DATA given on the
 # command line replaces cxr-xl, e.g. cxr3 and cxr-xl together: make demo-xl DATA="../shared/data/cxr3 ../shared/data/cxr-xl"
 XL_INPUTS = $(if $(filter command line,$(origin DATA)),$(INPUTS),--input ../shared/data/cxr-xl)
 demo-xl: setup
@@ -47,7 +47,7 @@ demo-xl: setup
 	  jobs/pipeline.py $(XL_INPUTS) --run-dir runs/$(subst demo-,xl-,$(RUN_ID)) --config conf/xl.yaml \
 	  $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRACKING_SET)
 
-# One stage at a time, under .venv (the README's cxr-xl commands):
+# One stage at a time, under .venv (docs/jobs.md, "make shortcuts"):
 #   make preprocess DATA="dir [dir ...]" OUT=runs/<name>/dataset
 #   make train DATASET=runs/<name>/dataset MODEL_DIR=runs/<name>/model [MODEL=compact] [EPOCHS=1] [ENGINE=tf-distribute]
 #   make predict DATA="dir [dir ...]" MODEL_DIR=runs/<name>/model OUT=runs/<name>/predictions.parquet
@@ -84,6 +84,12 @@ loso: setup
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config $(or $(CONFIG),conf/demo.yaml) \
 	  --holdout-source $(SOURCE) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRACKING_SET)
 
+# The honest protocol (docs/shortcuts.md): every variant of conf/variants/ left out one cxr-xl source at a
+# time, and trained on cxr-xl to be tested on cxr3; resumable; tables in runs/generalisation/tables.md.
+# Narrower: make generalisation VARIANTS="default lungcrop" SOURCES=nih EPOCHS=1 EXTERNAL=0
+generalisation: setup
+	PY=$(PY) bash scripts/generalisation.sh $(or $(R),runs/generalisation)
+
 # Patient-grouped 5-fold cross-validation over train + val of a preprocessed dataset (the test split is
 # never read), to choose a model: make cv DATASET=runs/<run>/dataset [MODEL=compact] [TRANSFORM=equalize]
 # [COMPARE=runs/cv-….json] [OVERWRITE=1]. Writes runs/cv-<model>[-<transform>].json (jobs/crossval.py: one
@@ -106,7 +112,7 @@ test-fast: setup
 test-docker:
 	DOCKER_STACKS="$(or $(DOCKER_STACKS),$(STACK))" bash scripts/test_docker.sh
 
-# Throughput benchmarks (not part of `make test`; ~5-10 min on 2 cores): bench/results.json + tables.
+# Throughput benchmarks (not part of `make test`): bench/results.json + tables.
 # BENCH_ARGS e.g. --quick, --sizes all,10000, --models compact. See docs/performance.md.
 BENCH_ARGS ?=
 bench: setup
@@ -116,7 +122,7 @@ bench: setup
 bench-demo: setup
 	$(PY) -m bench.demo
 
-# The same on real data at scale (../shared/data/cxr-xl, 17,445 images; ~14 min on 2 cores): preprocess at
+# The same on real data at scale (../shared/data/cxr-xl, 17,445 images): preprocess at
 # 671-50,000 images with peak memory, duplicate grouping, predict, training rates and one epoch per model
 # → bench/results-xl.json + tables. BENCH_XL_ARGS e.g. --quick, --skip-epoch, --models compact.
 BENCH_XL_ARGS ?=

@@ -1,4 +1,10 @@
-"""covid-spark: Spark + Petastorm + (Horovod | tf.distribute) + Keras chest X-ray classifier."""
+"""covid-spark: Spark + Petastorm + (Horovod | tf.distribute) + Keras chest X-ray classifier.
+
+Sub-packages by layer, lowest first (a lower one never imports a higher one; ``tests/test_layers.py``):
+``constants``, ``errors`` → ``inputs`` → ``data`` → ``models``, ``lungs``, ``audit`` → ``config``,
+``evaluation``, ``report`` → ``training``, ``tracking`` → ``engines`` → ``stages`` → ``cli`` → ``jobs/``.
+docs/architecture.md explains each.
+"""
 import importlib.util as _util
 import os as _os
 

@@ -1,8 +1,9 @@
 """What every job shares: its options, its SparkSession, its logging, and how it fails.
 
-A job's ``main(argv)`` is wrapped in :func:`job_main`: an expected user error (bad arguments or
-input, see ``USER_ERRORS``) ends the job with exit status 2 and ONE line on stderr,
-``<job>: <message>``; anything else is a bug and keeps its traceback. Set ``COVID_SPARK_TRACEBACK=1``
+A job's ``main(argv)`` is wrapped in :func:`job_main`: a user error (``covid_spark.errors.UserError``:
+bad config, dataset, input or argument; or an ``OSError`` about a file, see ``USER_ERRORS``) ends the
+job with exit status 2 and ONE line on stderr, ``<job>: <message>``; anything else (a ``ValueError``
+from numpy, pyarrow or TensorFlow included) is a bug and keeps its traceback. Set ``COVID_SPARK_TRACEBACK=1``
 to see the traceback of a user error too.
 """
 from __future__ import annotations
@@ -15,18 +16,18 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from covid_spark.config import PRECEDENCE
+from covid_spark.errors import ConfigError, UserError
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 logger = logging.getLogger(__name__)
 
 
-class JobError(ValueError):
-    """A user error a job detects itself (bad arguments or input); reported as one line, exit 2."""
-
-
-# Errors a job reports as ``<job>: <message>`` with exit status 2: the user's arguments or input are
-# wrong (missing or existing paths, bad values). argparse's own errors already exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+# Errors a job reports as ``<job>: <message>`` with exit status 2: the user's config, dataset, input or
+# arguments are wrong, or a file is missing, exists already, or cannot be read. argparse's own errors
+# already exit 2. Nothing else: an internal error keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError)
 TRACEBACK_ENV = "COVID_SPARK_TRACEBACK"
 
@@ -72,8 +73,6 @@ def job_main(job: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
     """Add --config (a YAML job config) and --set KEY=VALUE (repeatable) to ``parser``: pass both to
     ``config.load_config(args.config, sets=args.set)``."""
-    from covid_spark.config import PRECEDENCE
-
     parser.add_argument("--config", default=None,
                         help="YAML job config overriding the packaged defaults (covid_spark/defaults.yaml; "
                              "see conf/)")
@@ -104,7 +103,7 @@ def parse_conf(pairs: Sequence[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--conf expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--conf expects KEY=VALUE, got {pair!r}")
         result[key.strip()] = value
     return result
 

@@ -12,8 +12,8 @@ value they take against ``SCHEMA`` and cast it (``5.0`` becomes ``5`` for an int
 YAML 1.1 reads as a string, becomes the number), so the config they return is a plain nested dict
 (stored as JSON in ``run.json``) whose values already have their declared types: code reads
 ``config["train"]["epochs"]`` as an int without casting or checking it again. A number key (float) keeps
-an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower): its JSON, and
-so the pipeline's cache keys of runs made before these checks, stay what they were.
+an integer as it is (``rotation_deg: 5`` stays ``5``, a float by Python's numeric tower), so a config's
+JSON, and the pipeline's cache keys made from it, do not change when it is checked again.
 """
 from __future__ import annotations
 
@@ -25,16 +25,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
-CLASSES: tuple[str, ...] = ("covid", "normal", "pneumonia")
-# The one definition of the default input image size (square, pixels) in the library: where a function
-# needs a default size it takes this one. The user's default is ``preprocess.image_size`` in
-# defaults.yaml, which must equal it (tests/test_config.py checks); a dataset's own size is the
-# ``image_size`` of its _summary.json, and a run's the ``image_size`` of its run.json.
-DEFAULT_IMAGE_SIZE: int = 224
-# The split a run is judged on (its metrics.json, report and model card), and the number of images
-# a model scores at once when it evaluates or predicts: one definition each.
-EVALUATION_SPLIT: str = "test"
-INFERENCE_BATCH_SIZE: int = 32
+from covid_spark.errors import ConfigError
+from covid_spark.models.registry import INPUT_NORMS, REGISTRY
 
 PRECEDENCE = "packaged defaults < the model's own train values (train.per_model) < --config file < --set < named flags"
 
@@ -88,7 +80,7 @@ class Field:
         """
         cast = self._cast(value)
         if cast is None or not self._in_range(cast):
-            raise ValueError(f"config key '{key}' must be {self.expected()}, found {value!r}")
+            raise ConfigError(f"config key '{key}' must be {self.expected()}, found {value!r}")
         return cast
 
     def _cast(self, value: Any) -> Any:
@@ -134,21 +126,21 @@ class PerModel:
 
 
 def _model_names() -> list[str]:
-    from covid_spark.models import REGISTRY
-
     return sorted(REGISTRY)
 
 
 def _input_norms() -> tuple[str, ...]:
-    from covid_spark.models import INPUT_NORMS
-
     return INPUT_NORMS
 
 
-def _tracking_uri(value: str) -> bool:
-    from covid_spark.tracking import is_tracking_uri
+# ``tracking.mlflow_uri``: off (empty), ``local`` (the run dir's own store), or a URI MLflow stores runs at.
+TRACKING_LOCAL = "local"
+TRACKING_URI_SCHEMES = ("http://", "https://", "sqlite:///", "file:")
 
-    return is_tracking_uri(value)
+
+def is_tracking_uri(value: str) -> bool:
+    """True for what ``tracking.mlflow_uri`` accepts: empty (off), ``local``, or a URI MLflow stores runs at."""
+    return value in ("", TRACKING_LOCAL) or value.startswith(TRACKING_URI_SCHEMES)
 
 
 def _fraction(help: str) -> Field:
@@ -173,9 +165,15 @@ SCHEMA: dict[str, dict[str, Any]] = {
                                      "(empty: off)"),
         "views": Field(str, "views to keep, e.g. PA,AP (unknown views are kept unless -unknown is listed; "
                             "empty: every view); preprocess and predict"),
+        "border_crop": Field(float, "fraction of each side of the film trimmed before resizing (0: none): the "
+                                    "edge is where collections put markers and text", minimum=0, maximum=0.3),
+        "lung_crop": Field(bool, "crop every image to its lungs (the shipped segmenter, docs/lungs.md) plus "
+                                 "preprocess.lung_crop_margin; evaluate and predict see the same crop"),
+        "lung_crop_margin": Field(float, "margin around the lungs' box, as a fraction of the image", minimum=0,
+                                  maximum=0.5),
     },
     "train": {
-        "model": Field(str, "architecture (covid_spark.models.REGISTRY)", choices=_model_names),
+        "model": Field(str, "architecture (covid_spark.models.registry.REGISTRY)", choices=_model_names),
         "engine": Field(str, "what runs the ranks: horovod (horovod.spark.run over Gloo), tf-distribute "
                              "(MultiWorkerMirroredStrategy in Spark barrier tasks) or auto (horovod where it is "
                              "installed, else tf-distribute)", choices=("auto", "horovod", "tf-distribute")),
@@ -194,6 +192,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "threads_per_rank": Field(int, "TensorFlow threads per rank (0: cores / num_proc)", minimum=0),
         "shuffle_buffer": Field(int, "images in each rank's shuffle buffer (0 or 1: no shuffling)", minimum=0),
         "gradient_compression": Field(str, "fp16: Horovod sends gradients as float16", choices=("none", "fp16")),
+        "source_cap": Field(float, "the most a source may be of a class in each epoch's train stream (images of "
+                                   "larger sources are sampled out); 0 = off", minimum=0, maximum=1),
+        "adversary": Field(float, "strength of an adversarial source head with gradient reversal, which trains "
+                                  "the features to hide the image's source (docs/shortcuts.md); 0 = off", minimum=0),
         "input_norm": Field(str, "equalize: per-image histogram equalisation inside the model",
                             choices=_input_norms),
         "per_model": PerModel("each architecture's own train values (models.REGISTRY), which replace the "
@@ -210,12 +212,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "evaluate": {
         "bootstrap": Field(int, "bootstrap resamples of the 95% intervals", minimum=1),
+        "audit": Field(bool, "the shortcut audit in every evaluation: source probe, lungs-removed and lungs-only "
+                             "scores, Grad-CAM energy inside the lungs (docs/shortcuts.md)"),
+        "audit_images": Field(int, "at most this many evaluated images are audited, drawn per class and source",
+                              minimum=10),
+        "audit_cam_images": Field(int, "images whose Grad-CAM energy is measured (a sample of the audited ones)",
+                                  minimum=1),
     },
     "tracking": {
         "mlflow_uri": Field(str, "MLflow tracking: empty (off, unless MLFLOW_TRACKING_URI is set), 'local' (an "
                                  "SQLite store beside the run dir: <run-dir>/../mlflow.db), or a tracking URI "
                                  "(http(s)://host:port of an mlflow server, sqlite:///file.db, file:///dir)",
-                            rule=_tracking_uri,
+                            rule=is_tracking_uri,
                             rule_text="empty, 'local', or an http://, https://, sqlite:/// or file:// URI"),
         "experiment": Field(str, "MLflow experiment the runs are logged in (created when missing)",
                             rule=bool, rule_text="a non-empty string"),
@@ -235,25 +243,25 @@ def _check(tree: Any, schema: Mapping, where: str, partial: bool) -> dict:
     """A copy of ``tree`` with every value checked and cast against ``schema``; unknown keys refused,
     and missing ones too unless ``partial``."""
     if not isinstance(tree, Mapping):
-        raise ValueError(f"config key '{where[:-1]}' must be a mapping, found {tree!r}")
+        raise ConfigError(f"config key '{where[:-1]}' must be a mapping, found {tree!r}")
     out = {}
     for key, value in tree.items():
         name = f"{where}{key}"
         if key not in schema:
-            raise ValueError(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
+            raise ConfigError(f"unknown config key '{name}' (known: {', '.join(sorted(schema))})")
         spec = schema[key]
         if isinstance(spec, Mapping):
             out[key] = _check(value, spec, f"{name}.", partial)
         elif isinstance(spec, PerModel):
             if not isinstance(value, Mapping):
-                raise ValueError(f"config key '{name}' must map model names to mappings of train keys, found {value!r}")
+                raise ConfigError(f"config key '{name}' must map model names to mappings of train keys, found {value!r}")
             per_model = {k: v for k, v in SCHEMA["train"].items() if k not in ("model", "per_model")}
             out[key] = _check(value, {model: per_model for model in _model_names()}, f"{name}.", partial=True)
         else:
             out[key] = spec.check(name, value)
     missing = [key for key in schema if key not in tree] if not partial else []
     if missing:
-        raise ValueError(f"config key '{where}{missing[0]}' is missing")
+        raise ConfigError(f"config key '{where}{missing[0]}' is missing")
     return out
 
 
@@ -271,19 +279,17 @@ def _check_together(config: Mapping) -> None:
     """What no single key can check: the val and test shares leave some patients to train."""
     pre = config["preprocess"]
     if not pre["holdout_source"] and pre["val_fraction"] + pre["test_fraction"] >= 1:
-        raise ValueError(f"config keys 'preprocess.val_fraction' + 'preprocess.test_fraction' must be below 1, "
+        raise ConfigError(f"config keys 'preprocess.val_fraction' + 'preprocess.test_fraction' must be below 1, "
                          f"found {pre['val_fraction']} + {pre['test_fraction']}")
 
 
 def default_config() -> dict[str, Any]:
     """Return a fresh copy of the packaged defaults: defaults.yaml, with ``train.per_model`` filled from
-    the model registry (``covid_spark.models.REGISTRY``: each architecture's own train values).
+    the model registry (``covid_spark.models.registry.REGISTRY``: each architecture's own train values).
 
     Raises:
         RuntimeError: defaults.yaml and ``SCHEMA`` disagree (a bug of the package, not of the user).
     """
-    from covid_spark.models import REGISTRY
-
     text = resources.files("covid_spark").joinpath("defaults.yaml").read_text()
     config = yaml.safe_load(text)
     config["train"]["per_model"] = {name: copy.deepcopy(dict(spec.train_defaults)) for name, spec in REGISTRY.items()}
@@ -300,11 +306,11 @@ def parse_set(pair: str) -> dict[str, Any]:
     key, sep, text = pair.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(p.strip() for p in parts):
-        raise ValueError(f"--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got {pair!r}")
+        raise ConfigError(f"--set expects KEY=VALUE with a dotted config key (e.g. train.epochs=3), got {pair!r}")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as err:
-        raise ValueError(f"--set {key.strip()}: the value {text!r} is not YAML ({' '.join(str(err).split())})") from err
+        raise ConfigError(f"--set {key.strip()}: the value {text!r} is not YAML ({' '.join(str(err).split())})") from err
     tree: dict[str, Any] = {}
     node = tree
     for part in parts[:-1]:
@@ -335,7 +341,7 @@ def load_config(path: str | None = None, model: str | None = None, sets: Sequenc
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
         if not isinstance(loaded, Mapping):
-            raise ValueError(f"config file {path} must hold a mapping at top level")
+            raise ConfigError(f"config file {path} must hold a mapping at top level")
         user = _check(loaded, SCHEMA, "", partial=True)
     for pair in sets:
         _deep_merge(user, _check(parse_set(pair), SCHEMA, "", partial=True))

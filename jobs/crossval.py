@@ -1,7 +1,7 @@
 """python jobs/crossval.py --dataset URL --output FILE.json [--model NAME] [--transform T] [--compare FILE.json]
 
 Patient-grouped k-fold cross-validation over train + val of a preprocessed dataset (the test split is
-never read), to choose a model: see ``covid_spark/crossval.py``. One process, no Spark or Horovod.
+never read), to choose a model: see ``covid_spark/stages/crossval.py``. One process, no Spark or Horovod.
 """
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import argparse
 import os
 import sys
 
-from covid_spark.cli import JobError, add_config_arg, add_overwrite_arg, job_main, setup_logging
+from covid_spark.cli import add_config_arg, add_overwrite_arg, job_main, setup_logging
 from covid_spark.config import load_config, override
-from covid_spark.crossval import TRANSFORMS, cross_validate
-from covid_spark.models import MODELS
+from covid_spark.errors import InputError
+from covid_spark.models.registry import MODELS
+from covid_spark.stages.crossval import TRANSFORMS, cross_validate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
     if args.folds < 2:
-        raise JobError(f"--folds must be at least 2, found {args.folds}")
+        raise InputError(f"--folds must be at least 2, found {args.folds}")
     config = override(load_config(args.config, model=args.model, sets=args.set), "train",
                       {"model": args.model, "epochs": args.epochs})
     result = cross_validate(args.dataset, config, args.output, args.folds, args.transform, args.compare,

@@ -5,10 +5,11 @@ import argparse
 import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
-from covid_spark.config import EVALUATION_SPLIT, load_config
-from covid_spark.evaluate import evaluate
-from covid_spark.metrics import format_table
-from covid_spark.rundir import RunDir
+from covid_spark.config import load_config
+from covid_spark.constants import EVALUATION_SPLIT
+from covid_spark.data.rundir import RunDir
+from covid_spark.evaluation.metrics import format_table
+from covid_spark.stages.evaluate import evaluate
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,11 +15,11 @@ import sys
 
 from covid_spark.cli import USER_ERRORS, add_spark_args, build_spark, fail, job_main, one_line, setup_logging
 from covid_spark.config import load_config, override
-from covid_spark.launch import resolve_engine
-from covid_spark.metrics import format_table
-from covid_spark.models import MODELS
-from covid_spark.pipeline import STAGES, StageFailed, run_pipeline
-from covid_spark.rundir import RunDir
+from covid_spark.data.rundir import RunDir
+from covid_spark.engines.registry import resolve_engine
+from covid_spark.evaluation.metrics import format_table
+from covid_spark.models.registry import MODELS
+from covid_spark.stages.pipeline import STAGES, StageFailed, run_pipeline
 
 logger = logging.getLogger("covid_spark.jobs.pipeline")
 

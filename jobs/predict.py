@@ -5,8 +5,9 @@ import argparse
 import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
-from covid_spark.config import INFERENCE_BATCH_SIZE, load_config, override
-from covid_spark.predict import predict
+from covid_spark.config import load_config, override
+from covid_spark.constants import INFERENCE_BATCH_SIZE
+from covid_spark.stages.predict import predict
 
 
 def parse_args(argv=None) -> argparse.Namespace:

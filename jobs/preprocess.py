@@ -7,7 +7,7 @@ import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config, override
-from covid_spark.preprocess import preprocess
+from covid_spark.stages.preprocess import preprocess
 
 logger = logging.getLogger("covid_spark.jobs.preprocess")
 

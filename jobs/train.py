@@ -6,9 +6,9 @@ import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config, override
-from covid_spark.launch import resolve_engine
-from covid_spark.models import MODELS
-from covid_spark.train import run_training
+from covid_spark.engines.registry import resolve_engine
+from covid_spark.models.registry import MODELS
+from covid_spark.stages.train import run_training
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every run behind the README's "Model quality on cxr-xl and across collections", in order.
+# Every run behind docs/results.md, "Model quality on cxr-xl and across collections", in order.
 # About 2 h 40 min on a 2-core machine (its make bench: compact about 100 images/s for one rank).
 # Each step is skipped when its output exists, so the script resumes after an interruption
 # (an interrupted training resumes with make train ... RESUME=1, or delete its folder).
@@ -51,8 +51,8 @@ for m in plain1 equalize1; do
   step $R/$m/metrics_cxr3_val.json make evaluate DATASET=$R/cxr3 MODEL_DIR=$R/$m SPLIT=val EXCLUDE=$R/xl \
     OUT=$R/$m/metrics_cxr3_val.json
 done
-# The README's tables.
-c() { .venv/bin/python -m covid_spark.compare "$@"; }
+# The tables of docs/results.md.
+c() { .venv/bin/python -m covid_spark.evaluation.compare "$@"; }
 c "efficientnet_lite0=$R/effnet/metrics.json" "original=$R/original/metrics.json" > $R/table-test.md
 c --part patient_wise "efficientnet_lite0=$R/effnet/metrics.json" "original=$R/original/metrics.json" > $R/table-test-patients.md
 c "cxr-xl → cxr3=$R/effnet/metrics_cxr3.json" "original cxr-xl → cxr3=$R/original/metrics_cxr3.json" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create the venv of one stack (README "Two stacks"), chosen by STACK:
+# Create the venv of one stack (docs/stacks.md), chosen by STACK:
 #   STACK=pinned (default): .venv, Python 3.11, requirements.txt, Horovod built against its TensorFlow,
 #                           and the optional experiment tracking (requirements-mlflow.txt: the `mlflow` extra);
 #   STACK=current:          .venv-current, Python 3.12, requirements-current.txt, no Horovod, no MLflow.

@@ -1,11 +1,11 @@
-"""On-line augmentation (covid_spark.data): the composed transform against hand-derived pixel moves,
+"""On-line augmentation (covid_spark.training.tfdata): the composed transform against hand-derived pixel moves,
 repeatability under a parallel tf.data map, and config errors that name the key."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from covid_spark import data
+from covid_spark.training import tfdata as data
 
 tf = pytest.importorskip("tensorflow")
 

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from covid_spark.config import CLASSES
+from covid_spark.constants import CLASSES
 
 # Every test here runs or prepares Horovod ranks (and the cluster runs the pinned stack's .venv).
 pytestmark = pytest.mark.skipif(
@@ -31,13 +31,13 @@ PY = os.path.join(VENV, "bin", "python")
 SUBMIT_TIMEOUT = 420
 
 # Where the executors and the Horovod ranks import covid_spark from. The ranks are launched by
-# covid_spark.train.run_training itself (on a real dataset); only the function they run is swapped.
+# covid_spark.stages.train.run_training itself (on a real dataset); only the function they run is swapped.
 PROBE = '''
 import json, os, sys
 import horovod.spark
 from pyspark.sql import SparkSession
 from covid_spark.config import load_config, override
-from covid_spark.train import run_training
+from covid_spark.stages.train import run_training
 
 dataset, model_dir = sys.argv[1], sys.argv[2]
 
@@ -84,7 +84,7 @@ class _FakeContext:
 
 
 def test_rank_env_puts_the_executors_copies_of_shipped_files_first(monkeypatch):
-    from covid_spark.train import rank_env
+    from covid_spark.engines.horovod import rank_env
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/driver/dist/covid_spark.zip", "/spark/python"]))
     env = rank_env(_FakeContext("file:/driver/dist/covid_spark.zip,hdfs://nn/deps/extra.zip"), 3)

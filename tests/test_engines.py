@@ -7,12 +7,14 @@ import importlib.util
 import json
 import math
 import os
+import types
 import sys
 
 import numpy as np
 import pytest
 
-from covid_spark import launch
+from covid_spark.engines import registry as launch
+from covid_spark.models.saved import load_model
 
 HAS_HOROVOD = importlib.util.find_spec("horovod") is not None
 
@@ -75,7 +77,7 @@ def test_the_pipeline_refuses_a_missing_engine_before_preprocessing(monkeypatch,
 
 
 def test_fewer_task_slots_than_ranks_is_an_error_on_the_driver(spark):
-    from covid_spark.tfdistribute import check_slots, task_slots
+    from covid_spark.engines.tfdistribute import check_slots, task_slots
 
     sc = spark.sparkContext
     assert task_slots(sc) == 2  # the fixture's local[2]
@@ -85,7 +87,7 @@ def test_fewer_task_slots_than_ranks_is_an_error_on_the_driver(spark):
 
 
 def test_task_slots_fall_back_to_default_parallelism():
-    from covid_spark.tfdistribute import task_slots
+    from covid_spark.engines.tfdistribute import task_slots
 
     class Context:  # no JVM behind it: Spark's own count is unreachable
         defaultParallelism = 5
@@ -96,7 +98,7 @@ def test_task_slots_fall_back_to_default_parallelism():
 
 def test_class_weights_as_sample_weights_train_as_keras_class_weight():
     tf = pytest.importorskip("tensorflow")
-    from covid_spark.core import with_class_weights
+    from covid_spark.training.core import with_class_weights
 
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(12, 4)).astype(np.float32), np.array([0, 1, 2, 0] * 3)
@@ -119,13 +121,13 @@ def test_class_weights_as_sample_weights_train_as_keras_class_weight():
 
 
 def test_every_rank_runs_as_many_val_batches_none_empty(pipeline_run):
-    from covid_spark.dataset import iter_split_batches
-    from covid_spark.train import _val_plan
+    from covid_spark.data.dataset import iter_split_batches
+    from covid_spark.stages.train_rank import _val_plan
 
     dataset = pipeline_run["dataset"]
     with open(os.path.join(dataset, "_summary.json"), encoding="utf-8") as handle:
         summary = json.load(handle)
-    job = {"dataset": dataset, "batch_size": 2, "val_row_groups": summary["row_groups"]["val"]}
+    job = types.SimpleNamespace(dataset=dataset, batch_size=2, val_row_groups=summary["row_groups"]["val"])
     plans = [_val_plan(job, rank, 2, equal_steps=True) for rank in range(2)]
     for rank, (shard, sizes) in enumerate(plans):
         counted = sum(len(b["path"]) for b in iter_split_batches(dataset, "val", batch_size=3,
@@ -140,8 +142,8 @@ def test_every_rank_runs_as_many_val_batches_none_empty(pipeline_run):
 @pytest.mark.slow
 def test_two_tf_distribute_ranks_train_resume_and_write_the_run(pipeline_run, tmp_path):
     """2 ranks, 2 epochs, then --resume to a third: the contract of the Horovod engine."""
-    from covid_spark.core import LearningRateSchedule
-    from covid_spark.rundir import RunDir
+    from covid_spark.training.core import LearningRateSchedule
+    from covid_spark.data.rundir import RunDir
 
     train = pipeline_run["jobs"]["train"]
     dataset, model_dir = pipeline_run["dataset"], str(tmp_path / "tfd")
@@ -165,7 +167,7 @@ def test_two_tf_distribute_ranks_train_resume_and_write_the_run(pipeline_run, tm
     schedule = LearningRateSchedule(0.002 * 2, 2, warmup, first["config"]["train"]["lr_schedule"], 2, steps)
     expected = [float(np.float32(schedule.rate(e, steps - 1))) for e in range(2)]
     assert history["lr"] == pytest.approx(expected, rel=1e-6)  # the schedule reached every rank's optimizer
-    model = run.load_model()
+    model = load_model(run)
     assert model.name == "compact"
     with open(run.checkpoint_state, encoding="utf-8") as handle:
         assert json.load(handle)["epoch"] == 2
@@ -182,7 +184,7 @@ def test_two_tf_distribute_ranks_train_resume_and_write_the_run(pipeline_run, tm
 def test_a_taken_port_reruns_the_barrier_stage_and_other_errors_do_not():
     import pickle
 
-    from covid_spark import tfdistribute
+    from covid_spark.engines import tfdistribute
 
     class Stage:
         def __init__(self, outcomes):
@@ -217,15 +219,15 @@ def test_a_taken_port_reruns_the_barrier_stage_and_other_errors_do_not():
     results = [pickle.dumps({"rank": 0}), pickle.dumps({"rank": 1})]
     taken = RuntimeError(f"rank 1 failed: {tfdistribute.PORT_TAKEN}: Address already in use")
     spark = Spark([taken, list(results)])
-    assert tfdistribute.TFDistributeLauncher(spark).run(len, {"threads": 1}, 2) == [{"rank": 0}, {"rank": 1}]
+    assert tfdistribute.TFDistributeLauncher(spark).run(len, types.SimpleNamespace(threads=1), 2) == [{"rank": 0}, {"rank": 1}]
     assert spark.sparkContext.started == 2  # the second attempt, with new ports, succeeded
     spark = Spark([taken] * tfdistribute.PORT_ATTEMPTS)
     with pytest.raises(RuntimeError, match="Address already in use"):
-        tfdistribute.TFDistributeLauncher(spark).run(len, {"threads": 1}, 2)
+        tfdistribute.TFDistributeLauncher(spark).run(len, types.SimpleNamespace(threads=1), 2)
     assert spark.sparkContext.started == tfdistribute.PORT_ATTEMPTS
     spark = Spark([ValueError("a bug in the rank function"), list(results)])
     with pytest.raises(ValueError, match="a bug"):
-        tfdistribute.TFDistributeLauncher(spark).run(len, {"threads": 1}, 2)
+        tfdistribute.TFDistributeLauncher(spark).run(len, types.SimpleNamespace(threads=1), 2)
     assert spark.sparkContext.started == 1  # not rerun
     assert tfdistribute._port_taken(RuntimeError("UNKNOWN: Could not start gRPC server"))
     assert not tfdistribute._port_taken(RuntimeError("Connection refused"))
@@ -235,7 +237,7 @@ def _fail_in_rank_1(job):
     """A rank function: rank 1 fails once the strategy is up, rank 0 would wait five minutes."""
     import time
 
-    from covid_spark.tfdistribute import TFDistributeRank
+    from covid_spark.engines.tfdistribute import TFDistributeRank
 
     rank = TFDistributeRank(job)
     if rank.rank == 1:
@@ -250,12 +252,12 @@ def test_a_failing_rank_ends_the_stage_with_its_error_and_leaves_no_rank_behind(
 
     import psutil
 
-    from covid_spark.tfdistribute import TFDistributeLauncher
+    from covid_spark.engines.tfdistribute import TFDistributeLauncher
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     launcher = TFDistributeLauncher(spark, env={"PYTHONPATH": repo})
     with pytest.raises(Exception, match="boom in rank 1"):  # not after rank 0's five minutes (timeout 1200 s)
-        launcher.run(_fail_in_rank_1, {"threads": 1}, 2)
+        launcher.run(_fail_in_rank_1, types.SimpleNamespace(threads=1), 2)
 
     def ranks_left():
         left = []

@@ -1,4 +1,4 @@
-"""Tests for covid_spark.explain (Grad-CAM) on a tiny tf.keras model."""
+"""Tests for covid_spark.evaluation.explain (Grad-CAM) on a tiny tf.keras model."""
 
 import os
 
@@ -18,7 +18,8 @@ except RuntimeError:
 from tensorflow import keras  # noqa: E402
 from tensorflow.keras import layers  # noqa: E402
 
-from covid_spark.explain import grad_cam, overlay, pick_gradcam_layer  # noqa: E402
+from covid_spark.evaluation.explain import grad_cam, overlay, pick_gradcam_layer  # noqa: E402
+from covid_spark.models.saved import load_model
 
 
 def _tiny_layers():
@@ -160,7 +161,7 @@ def _named(name: str, conv_names: tuple[str, str]):
 
 
 def test_pick_layer_reads_the_model_registry_by_model_name():
-    from covid_spark.explain import last_conv_layer, registry_layer
+    from covid_spark.evaluation.explain import last_conv_layer, registry_layer
 
     model = _named("compact", ("stage4_conv2", "later"))  # the registry's layer is not the last conv here
     assert registry_layer(model) == "stage4_conv2"
@@ -178,11 +179,11 @@ def test_pick_layer_reads_the_model_registry_by_model_name():
 
 
 def test_a_saved_model_keeps_its_name_and_so_its_registry_layer(tmp_path):
-    from covid_spark.explain import registry_layer
-    from covid_spark.models import make_model
-    from covid_spark.rundir import RunDir
+    from covid_spark.evaluation.explain import registry_layer
+    from covid_spark.models.registry import make_model
+    from covid_spark.data.rundir import RunDir
 
     os.makedirs(tmp_path / "m")
     make_model("compact", (32, 32, 3)).save(RunDir(tmp_path / "m").model)
-    loaded = RunDir(tmp_path / "m").load_model()
+    loaded = load_model(RunDir(tmp_path / "m"))
     assert loaded.name == "compact" and registry_layer(loaded) == "stage4_conv2"

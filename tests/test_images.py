@@ -1,4 +1,4 @@
-"""Tests for covid_spark.images: decoding rules and rejections."""
+"""Tests for covid_spark.inputs.images: decoding rules and rejections."""
 from __future__ import annotations
 
 import io
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_spark.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
-from covid_spark.sources import skip_reason
+from covid_spark.inputs.images import DEFAULT_MAX_PIXELS, decode_image
+from covid_spark.inputs.rejects import ImageRejected
+from covid_spark.inputs.sources import skip_reason
 from tests.imaging import encode, smooth_noise
 
 REAL_COVID_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr3" / "covid"
@@ -316,7 +317,7 @@ def test_real_xrays_decode():
 
 
 def test_read_image_reports_every_bad_file_and_never_raises(tmp_path):
-    from covid_spark.images import read_image
+    from covid_spark.inputs.images import read_image
 
     good = tmp_path / "good.png"
     Image.fromarray(np.full((40, 30), 120, dtype=np.uint8)).save(good)

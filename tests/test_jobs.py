@@ -15,8 +15,11 @@ import subprocess
 
 import pytest
 
-from covid_spark.cli import JobError, job_main, one_line
-from covid_spark.config import CLASSES
+from covid_spark.cli import job_main, one_line
+from covid_spark.constants import CLASSES
+from covid_spark.errors import ConfigError, DatasetError, InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 EXISTS = "already exists: pass --overwrite to replace it"
 
@@ -77,11 +80,13 @@ def fake_model_dir(folder) -> str:
 def test_user_errors_become_one_line_and_status_2(capsys):
     @job_main("demo")
     def main(argv=None):
-        raise {"value": ValueError("bad value\n  on two lines"), "missing": FileNotFoundError("x not found"),
-               "exists": FileExistsError("y exists"), "job": JobError("--folds must be at least 2"),
+        raise {"value": ConfigError("bad value\n  on two lines"), "missing": FileNotFoundError("x not found"),
+               "exists": FileExistsError("y exists"), "job": InputError("--folds must be at least 2"),
+               "dataset": DatasetError("d is not a dataset", dataset="d"),
                "perm": PermissionError(13, "Permission denied", "/root/z")}[argv[0]]
 
     assert main(["value"]) == 2 and one_error_line(capsys, "demo") == "demo: bad value on two lines"
+    assert main(["dataset"]) == 2 and one_error_line(capsys, "demo") == "demo: d is not a dataset"
     assert main(["missing"]) == 2 and one_error_line(capsys, "demo") == "demo: x not found"
     assert main(["exists"]) == 2 and one_error_line(capsys, "demo") == "demo: y exists"
     assert main(["job"]) == 2 and one_error_line(capsys, "demo") == "demo: --folds must be at least 2"
@@ -97,10 +102,29 @@ def test_a_bug_keeps_its_traceback():
         main([])
 
 
+def test_an_internal_value_error_is_a_bug_and_keeps_its_traceback(tmp_path):
+    """numpy, pyarrow and TensorFlow raise ValueError too: only a UserError is bad input."""
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text("import numpy as np\n"
+                      "from covid_spark.cli import job_main\n"
+                      "@job_main('demo')\n"
+                      "def main(argv=None):\n"
+                      "    return int(np.zeros(3).reshape(2, 2).sum())\n"
+                      "raise SystemExit(main([]))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr and "in main" in done.stderr
+    assert "ValueError: cannot reshape array of size 3 into shape (2,2)" in done.stderr
+    assert "demo: " not in done.stderr
+
+
 def test_traceback_of_a_user_error_on_request(capsys, monkeypatch):
     @job_main("demo")
     def main(argv=None):
-        raise ValueError("bad")
+        raise InputError("bad")
 
     monkeypatch.setenv("COVID_SPARK_TRACEBACK", "1")
     assert main([]) == 2
@@ -260,7 +284,7 @@ def test_pipeline_names_the_stage_and_a_missing_input(fake_spark, tmp_path, caps
 
 def test_pipeline_keeps_the_traceback_of_a_failed_stage_that_is_a_bug(fake_spark, tmp_path, capsys, caplog,
                                                                      monkeypatch):
-    from covid_spark.pipeline import StageFailed
+    from covid_spark.stages.pipeline import StageFailed
 
     def broken(*args, **kwargs):
         try:
@@ -307,7 +331,7 @@ def test_crossval_refuses_an_existing_output_and_unknown_models(tmp_path, capsys
 def test_the_old_crossval_command_points_to_the_job():
     import sys
 
-    old = subprocess.run([sys.executable, "-m", "covid_spark.crossval", "--dataset", "d", "--output", "o.json"],
+    old = subprocess.run([sys.executable, "-m", "covid_spark.stages.crossval", "--dataset", "d", "--output", "o.json"],
                          capture_output=True, text=True)
     assert old.returncode == 2 and "jobs/crossval.py" in old.stderr and old.stderr.count("\n") == 1
 
@@ -330,7 +354,7 @@ JOB_ARGS = {"preprocess": ["--input", "i", "--output", "o"], "train": ["--datase
 
 @pytest.mark.parametrize("name", sorted(JOB_ARGS))
 @pytest.mark.parametrize("pair, message", [
-    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: augment, batch_size, class_weights, "),
+    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: adversary, augment, batch_size, class_weights, "),
     ("train.epochs=five", "config key 'train.epochs' must be an integer >= 1, found 'five'"),
     ("train.per_model.compact.learning_rate=-1", "config key 'train.per_model.compact.learning_rate' must be a "
                                                  "number > 0, found -1"),

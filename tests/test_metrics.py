@@ -1,4 +1,4 @@
-"""Tests for covid_spark.metrics against hand-computed values and scikit-learn."""
+"""Tests for covid_spark.evaluation.metrics against hand-computed values and scikit-learn."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
-from covid_spark import metrics as M
+from covid_spark.evaluation import metrics as M
 
 CLASSES = ["covid", "normal", "pneumonia"]
 

@@ -3,7 +3,9 @@ import os
 import numpy as np
 import pytest
 
-from covid_spark.models import ORIGINAL_FILTERS, make_model
+from covid_spark.models.architectures import ORIGINAL_FILTERS
+from covid_spark.models.registry import make_model
+from covid_spark.models.saved import load_model
 
 
 def test_original_has_the_published_parameter_count():
@@ -44,8 +46,8 @@ def _equalize_numpy(grey: np.ndarray) -> np.ndarray:
 
 
 def test_histogram_equalization_layer_matches_the_textbook_and_survives_saving(tmp_path):
-    from covid_spark.rundir import RunDir  # loads our layer without custom_objects
-    from covid_spark.layers import HistogramEqualization
+    from covid_spark.data.rundir import RunDir  # loads our layer without custom_objects
+    from covid_spark.models.layers import HistogramEqualization
 
     rng = np.random.default_rng(1)
     grey = rng.integers(40, 120, (3, 20, 24)).astype(np.uint8)     # a low-contrast image uses 0..255 after
@@ -62,7 +64,7 @@ def test_histogram_equalization_layer_matches_the_textbook_and_survives_saving(t
     os.makedirs(tmp_path / "m")
     model.save(str(tmp_path / "m" / "model.keras"))
     batch = rng.integers(0, 255, (2, 32, 32, 3)).astype("float32")
-    again = RunDir(tmp_path / "m").load_model()
+    again = load_model(RunDir(tmp_path / "m"))
     np.testing.assert_allclose(again(batch, training=False).numpy(), model(batch, training=False).numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="train.input_norm.*'clahe'"):
         make_model("compact", (32, 32, 3), input_norm="clahe")
@@ -78,7 +80,7 @@ def _build(spec, size: int):
 
 
 def test_registry_is_what_models_and_make_model_offer():
-    from covid_spark.models import MODELS, REGISTRY
+    from covid_spark.models.registry import MODELS, REGISTRY
 
     assert sorted(MODELS) == sorted(REGISTRY) == ["compact", "efficientnet_lite0", "original"]
     for name, spec in REGISTRY.items():
@@ -89,8 +91,8 @@ def test_registry_is_what_models_and_make_model_offer():
 
 
 def test_every_entry_builds_small_with_its_grad_cam_layer():
-    from covid_spark.explain import last_conv_layer, pick_gradcam_layer, registry_layer
-    from covid_spark.models import REGISTRY
+    from covid_spark.evaluation.explain import last_conv_layer, pick_gradcam_layer, registry_layer
+    from covid_spark.models.registry import REGISTRY
 
     for name, spec in REGISTRY.items():
         model = _build(spec, 64)
@@ -106,9 +108,9 @@ def test_every_entry_builds_small_with_its_grad_cam_layer():
 
 
 def test_registry_grad_cam_layer_is_the_last_7x7_map_at_the_default_size():
-    from covid_spark.config import DEFAULT_IMAGE_SIZE
-    from covid_spark.explain import last_conv_layer, pick_gradcam_layer
-    from covid_spark.models import REGISTRY
+    from covid_spark.constants import DEFAULT_IMAGE_SIZE
+    from covid_spark.evaluation.explain import last_conv_layer, pick_gradcam_layer
+    from covid_spark.models.registry import REGISTRY
 
     for name, spec in REGISTRY.items():
         model = _build(spec, DEFAULT_IMAGE_SIZE)
@@ -118,7 +120,7 @@ def test_registry_grad_cam_layer_is_the_last_7x7_map_at_the_default_size():
 
 def test_registry_train_defaults_are_what_load_config_gives(tmp_path):
     from covid_spark.config import default_config, load_config
-    from covid_spark.models import REGISTRY
+    from covid_spark.models.registry import REGISTRY
 
     assert default_config()["train"]["per_model"] == {n: dict(s.train_defaults) for n, s in REGISTRY.items()}
     for name, spec in REGISTRY.items():
@@ -134,8 +136,9 @@ def test_registry_train_defaults_are_what_load_config_gives(tmp_path):
 
 
 def test_registry_weights_name_the_package_provenance_reports():
-    from covid_spark.models import REGISTRY
-    from covid_spark.pretrained import WEIGHTS_PACKAGE, provenance
+    from covid_spark.models.registry import REGISTRY
+    from covid_spark.models.pretrained import WEIGHTS_PACKAGE
+    from covid_spark.models.registry import provenance
 
     spec = REGISTRY["efficientnet_lite0"]
     assert spec.weights.package == WEIGHTS_PACKAGE and spec.weights.license == "Apache-2.0"

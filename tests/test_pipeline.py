@@ -19,7 +19,7 @@ def _summary(run):
 
 
 def test_dataset_rows_equal_readable_inputs(pipeline_run):
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     summary = _summary(pipeline_run)
     # 40 real images + 1 corrupt (rejected) + 1 hidden file (skipped by name)
@@ -54,7 +54,7 @@ def test_run_json_and_history(pipeline_run):
 
 def test_metrics_match_recomputation_from_predict_csv(pipeline_run, tmp_path):
     """Predict the test split's files, recompute metrics from the CSV and the true labels."""
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     test = load_split(pipeline_run["dataset"], "test", fields=("label", "path"))
     manifest = tmp_path / "manifest.csv"
@@ -176,7 +176,7 @@ def test_run_report_is_self_contained(pipeline_run):
     from PIL import Image
 
     from covid_spark.config import load_config
-    from covid_spark.run_report import build_report
+    from covid_spark.stages.report import build_report
 
     report = build_report(pipeline_run["model_dir"], pipeline_run["dataset"], load_config())
     with open(report, encoding="utf-8") as handle:
@@ -198,7 +198,7 @@ def test_run_report_is_self_contained(pipeline_run):
 
 
 def test_data_licenses_of_one_input_or_several(tmp_path):
-    from covid_spark.run_report import data_licenses
+    from covid_spark.stages.report import data_licenses
 
     for name, licenses in (("a", ["CC BY 4.0", "", "CC0"]), ("b", ["CC BY 4.0", "Apache-2.0"])):
         (tmp_path / name).mkdir()

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from covid_spark.config import load_config, override
-from covid_spark.duplicates import dhash
-from covid_spark.images import decode_image
+from covid_spark.data.duplicates import dhash
+from covid_spark.inputs.images import decode_image
 
 pytestmark = pytest.mark.slow
 SIZE = 32
@@ -109,7 +109,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def written(spark, corpus, tmp_path_factory):
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     root, expected = corpus
     out = str(tmp_path_factory.mktemp("out") / "ds")
@@ -133,7 +133,7 @@ def test_every_input_is_accounted_for(written):
 
 
 def test_stored_pixels_equal_the_shared_decode(written):
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     out, summary, expected = written
     seen = 0
@@ -154,7 +154,7 @@ def test_stored_pixels_equal_the_shared_decode(written):
 
 
 def test_unusual_formats_keep_their_content(written):
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     out, summary, _ = written
     rows = {}
@@ -173,7 +173,7 @@ def test_unusual_formats_keep_their_content(written):
 
 
 def test_duplicates_are_reported_and_share_a_split(written):
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     out, summary, _ = written
     groups = [sorted(os.path.basename(p) for p in g) for g in summary["duplicates"]]
@@ -187,7 +187,7 @@ def test_duplicates_are_reported_and_share_a_split(written):
 
 
 def test_existing_output_is_refused_and_kept(spark, written):
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     out, summary, _ = written
     before = sorted(os.listdir(out))
@@ -197,7 +197,7 @@ def test_existing_output_is_refused_and_kept(spark, written):
 
 
 def test_failure_mid_write_leaves_no_output(spark, corpus, tmp_path, monkeypatch):
-    import covid_spark.preprocess as pre
+    import covid_spark.stages.preprocess as pre
 
     root, _ = corpus
     calls = []
@@ -233,7 +233,7 @@ def test_failure_mid_write_leaves_no_output(spark, corpus, tmp_path, monkeypatch
     ("manifest_outside", "lies outside"),
 ])
 def test_bad_inputs_fail_before_any_work(spark, tmp_path, layout, message):
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     src = tmp_path / "in"
     if layout != "missing":
@@ -256,7 +256,7 @@ def test_bad_inputs_fail_before_any_work(spark, tmp_path, layout, message):
 
 
 def test_unknown_folder_can_be_skipped_explicitly(spark, tmp_path):
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.preprocess import preprocess
 
     src = tmp_path / "in"
     for name in ("covid", "normal", "Lung_Opacity"):
@@ -282,7 +282,7 @@ def test_task_retry_loses_and_duplicates_nothing(corpus, tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists()  # the fault really happened
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     with open(out / "_summary.json") as handle:
         summary = json.load(handle)
@@ -296,8 +296,8 @@ def test_task_retry_loses_and_duplicates_nothing(corpus, tmp_path):
 def test_several_inputs_in_one_run(spark, tmp_path):
     """Two collections in one run: sources, namespaced patients, per-input counts, cross-input
     duplicates in one split, a file listed twice written once, data below a hidden directory."""
-    from covid_spark.dataset import load_split
-    from covid_spark.preprocess import preprocess
+    from covid_spark.data.dataset import load_split
+    from covid_spark.stages.preprocess import preprocess
 
     rng = np.random.default_rng(3)
     hidden = tmp_path / ".snapshots"
@@ -356,8 +356,8 @@ def test_grey_images_are_stored_with_one_channel_and_read_with_three(written):
 
     import pyarrow.parquet as pq
 
-    from covid_spark.dataset import load_split
-    from covid_spark.schema import XraySchema
+    from covid_spark.data.dataset import load_split
+    from covid_spark.data.schema import XraySchema
 
     out, summary, _ = written
     field = XraySchema.fields["image"]

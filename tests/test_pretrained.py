@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from covid_spark.pretrained import efficientnet_lite0_weights_path, read_torch_legacy
+from covid_spark.models.pretrained import efficientnet_lite0_weights_path, read_torch_legacy
 
 # EfficientNet-Lite0 with its 1000-class ImageNet head, counted as PyTorch counts parameters
 # (batch-norm running statistics are buffers, not parameters): 4.652 M in the Lite reference tables.
@@ -119,7 +119,7 @@ def test_port_recognises_grace_hopper_uniform():
     import matplotlib
     from PIL import Image
 
-    from covid_spark.models import efficientnet_lite0_imagenet
+    from covid_spark.models.architectures import efficientnet_lite0_imagenet
 
     model = efficientnet_lite0_imagenet()
     counted = sum(int(np.prod(w.shape)) for layer in model.layers for w in layer.weights
@@ -135,7 +135,7 @@ def test_port_recognises_grace_hopper_uniform():
 
 
 def test_transfer_model_freezes_batch_norm_and_trains_convolutions():
-    from covid_spark.models import make_model
+    from covid_spark.models.registry import make_model
 
     model = make_model("efficientnet_lite0", (224, 224, 3), 3)
     assert model.output_shape == (None, 3)
@@ -152,7 +152,7 @@ def test_transfer_model_freezes_batch_norm_and_trains_convolutions():
 def test_provenance_names_the_package_and_hashes_the_file():
     import hashlib
 
-    from covid_spark.pretrained import provenance
+    from covid_spark.models.registry import provenance
 
     assert provenance("compact") is None
     info = provenance("efficientnet_lite0")

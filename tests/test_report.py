@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_curve
 
-from covid_spark import metrics as M
+from covid_spark.evaluation import metrics as M
 from covid_spark import report as R
 from covid_spark.report import figures as F
 from covid_spark.report import tables as T
@@ -150,7 +150,7 @@ def report_inputs(tmp_path):
     m.update(aucs)
     cam = tmp_path / "cam0.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(cam)
-    summary = {  # the shape covid_spark.preprocess writes to _summary.json
+    summary = {  # the shape covid_spark.stages.preprocess writes to _summary.json
         "classes": CLASSES,
         "image_size": 224,
         "inputs": 700,
@@ -224,7 +224,9 @@ def test_model_card(tmp_path, report_inputs):
     lo, hi = m["ci95"]["per_class"]["covid"]["recall"]
     assert f"{m['per_class']['covid']['recall']:.3f} [{lo:.3f}, {hi:.3f}]" in text
     assert "kaggle3way" in text  # per-source table
-    assert "| train | 300 | 60 | 90 | 450 |" in text
+    assert "Split train 450 / val 0 / test 110," in text
+    assert "250 file(s) rejected; 1 group(s) of near-duplicate images" in text  # counted, not listed
+    assert "img199" not in text
 
 
 # --------------------------------------------------------------------------- data-derived card text
@@ -298,8 +300,8 @@ def test_model_card_cxr_xl_like_describes_its_own_data(tmp_path):
     for word in ("cxr3", "ieee8023", "kaggle3way"):
         assert word not in text
     # 3168 + 206 = 3374 covid, 9173 + 191 + 454 = 9818 normal, 3818 + 435 = 4253 pneumonia: 17,445 images
-    assert "17,445 images from 2 input location(s)" in text
-    assert "| /data/radiography2021 | 12,341 |" in text and "| /data/xl-rest | 5,104 |" in text
+    assert "17,445 images from 2 input(s): radiography2021 (12,341), xl-rest (5,104)." in text
+    assert "/data/" not in text  # inputs named by their folder
     assert "| source | covid | normal | pneumonia | total | patient ids |" in text
     assert "| radiography2021 | 3,168 | 9,173 | 0 | 12,341 | no |" in text
     assert "| hannover | 206 | 0 | 0 | 206 | yes |" in text
@@ -354,7 +356,7 @@ def test_model_card_licence_note(tmp_path):
 def test_model_card_old_summary_and_none(tmp_path, report_inputs):
     old = dict(report_inputs["summary"], input="/data/old-cxr3")  # no per_source_class / patient ids
     text = _card(tmp_path, report_inputs["metrics"], old, name="old.md")
-    assert "560 images from 1 input location(s)" in text and "- /data/old-cxr3" in text
+    assert "560 images from 1 input(s): old-cxr3." in text and "/data/" not in text
     assert "Class counts per source were not recorded" in text
     assert "patient ids |" not in text
     text = _card(tmp_path, report_inputs["metrics"], None, name="none.md")
@@ -437,7 +439,7 @@ def test_data_card_sources_reads_the_source_table_only():
 
 
 def test_card_describes_sources_from_the_data_card_first(tmp_path):
-    from covid_spark.run_report import data_card_notes
+    from covid_spark.stages.report import data_card_notes
 
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "manifest.csv").write_text("path,label,source\nx.png,normal,nih\n")
@@ -461,7 +463,7 @@ def test_card_describes_sources_from_the_data_card_first(tmp_path):
 
 
 def test_data_card_notes_of_the_real_cxr3():
-    from covid_spark.run_report import data_card_notes
+    from covid_spark.stages.report import data_card_notes
     from tests.conftest import CXR3
 
     if not os.path.isfile(os.path.join(CXR3, "README.md")):
@@ -469,3 +471,120 @@ def test_data_card_notes_of_the_real_cxr3():
     notes = data_card_notes({"input": [CXR3]})
     assert sorted(notes) == ["actualmed", "ieee8023", "kaggle3way"]
     assert "pediatric" in notes["kaggle3way"]
+
+
+# --------------------------------------------------------------------------- documents for their readers
+
+COMBINED_SOURCES = {  # the combined cxr3 + cxr-xl dataset's sources: 7 sources, 18,116 images
+    "radiography2021": {"covid": 3168, "normal": 9173}, "kermany": {"pneumonia": 3818, "normal": 191},
+    "nih": {"pneumonia": 435, "normal": 454}, "hannover": {"covid": 206},
+    "ieee8023": {"covid": 400, "pneumonia": 60, "normal": 10},
+    "kaggle3way": {"normal": 90, "pneumonia": 70, "covid": 70}, "actualmed": {"covid": 20, "normal": 10}}
+
+
+def _combined(root):
+    """A summary, metrics and run record shaped like the combined model's, every local path under ``root``:
+    two inputs (a folder and a manifest), 214 duplicate groups, 30 rejected and 54 skipped files."""
+    inputs = [f"{root}/data/cxr3", f"{root}/data/cxr-xl/manifest.csv"]
+    duplicates = [[f"{root}/data/cxr-xl/images/{i}-a.png", f"{root}/data/cxr3/covid/{i}-b.jpg"] for i in range(214)]
+    dataset = f"file://{root}/runs/combined/dataset"
+    summary = {
+        "dataset": dataset, "input": inputs, "classes": CLASSES, "image_size": 224, "inputs": 18200, "written": 18116,
+        "rejected": [{"path": f"{root}/data/cxr3/bad{i}.jpg", "reason": f"truncated JPEG: {root}/data/cxr3/bad{i}.jpg"}
+                     for i in range(30)],
+        "skipped": [{"path": f"{root}/data/cxr-xl/images/.x{i}", "reason": "hidden file", "input": 1}
+                    for i in range(54)],
+        "per_input": [{"input": "data/cxr3", "found": 671, "skipped": 0, "written": 671, "rejected": 0},
+                      {"input": inputs[1], "found": 17529, "skipped": 54, "written": 17445, "rejected": 30}],
+        "duplicates": duplicates, "duplicate_label_conflicts": duplicates[:3],
+        "per_class": {"covid": 3864, "normal": 9928, "pneumonia": 4324},
+        "per_split": {"train": 12744, "val": 2689, "test": 2683},
+        "per_split_class": {"train": {"covid": 2700, "normal": 7000, "pneumonia": 3044},
+                            "val": {"covid": 592, "normal": 1449, "pneumonia": 648},
+                            "test": {"covid": 572, "normal": 1479, "pneumonia": 632}},
+        "per_source": {s: sum(c.values()) for s, c in COMBINED_SOURCES.items()}, "per_view": {"unknown": 18116},
+        "per_source_class": COMBINED_SOURCES, "per_input_source": [{"ieee8023": 470}, {"nih": 889}],
+        "patient_ids_per_source": {"radiography2021": 0, "kermany": 4009, "nih": 889, "hannover": 206,
+                                   "ieee8023": 470, "kaggle3way": 0, "actualmed": 30},
+        "config": {"seed": 42, "holdout_source": "", "views": ""},
+    }
+    y, probs = _case(300, 3)
+    metrics = M.classification_metrics(y, probs, CLASSES)
+    metrics["ci95"] = M.bootstrap_ci(y, probs, CLASSES, n_boot=50)
+    metrics["per_source"] = M.metrics_by_group(y, probs, np.array(list(COMBINED_SOURCES))[np.arange(300) % 7],
+                                               CLASSES)
+    first = np.arange(300) < 30
+    metrics["per_input"] = {"cxr3": M.classification_metrics(y[first], probs[first], CLASSES),
+                            "cxr-xl": M.classification_metrics(y[~first], probs[~first], CLASSES)}
+    metrics["dataset"] = dataset
+    run = {"run_id": "combined", "model": "efficientnet_lite0", "engine": "horovod", "num_proc": 2, "epochs": 5,
+           "epochs_run": 5, "best_epoch": 4, "seed": 42, "image_size": 224, "dataset": dataset,
+           "versions": {"tensorflow": "2.15.1", "python": "3.11.7"}, "git_commit": "abc1234",
+           "class_weight": {"covid": 1.5, "normal": 0.6, "pneumonia": 1.4}, "wall_seconds": 1786.0}
+    return summary, metrics, run
+
+
+def test_model_card_is_one_page_whatever_the_data(tmp_path):
+    summary, metrics, run = _combined(tmp_path)
+    run_dir = tmp_path / "runs" / "combined"
+    run_dir.mkdir(parents=True)
+    R.write_model_card(str(run_dir / "model_card.md"), run=run, metrics=metrics, dataset_summary=summary,
+                       licenses=["CC BY 4.0", "CC BY-NC-SA 4.0"])
+    text = (run_dir / "model_card.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 150
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## Intended use", "## Model", "## Training data", "## Metrics (test split)", "## Known limitations",
+        "## Data licences"]
+    # the data in one paragraph and one table: inputs named by their folder, lists counted, not listed
+    assert "18,116 images from 2 input(s): cxr3 (671), cxr-xl (17,445)." in text
+    assert "Split train 12,744 / val 2,689 / test 2,683," in text
+    assert "| source | covid | normal | pneumonia | total | patient ids |" in text
+    assert "| ieee8023 | 400 | 10 | 60 | 470 | yes |" in text
+    assert ("30 file(s) rejected; 54 skipped; 214 group(s) of near-duplicate images, each kept in one split "
+            "(3 with conflicting labels)") in text
+    assert "0-a.png" not in text and "bad0.jpg" not in text
+    assert "| dataset | dataset |" in text  # the run's dataset, relative to the run directory
+    # no local path: neither the test's folder nor any other absolute one
+    assert str(tmp_path) not in text
+    assert not re.search(r"(?<![\w.…:/])/\w", text.replace("N/A", ""))
+
+
+def test_html_report_folds_the_lists_and_names_no_local_path(tmp_path):
+    summary, metrics, _ = _combined(tmp_path)
+    run_dir = tmp_path / "runs" / "combined"
+    (run_dir / "gradcam").mkdir(parents=True)
+    cam = run_dir / "gradcam" / "cam0.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(cam)
+    R.write_html_report(str(run_dir / "report.html"), title=f"run {run_dir}", metrics=metrics, figures={},
+                        dataset_summary=summary, versions={"tensorflow": "2.15.1"},
+                        config={"tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/runs/mlflow.db"},
+                                "note": f"data read from {tmp_path}/data/cxr3"},
+                        gradcam=[{"png": str(cam), "caption": f"correct: {tmp_path}/data/cxr3/covid/0-b.jpg"}])
+    page = (run_dir / "report.html").read_text(encoding="utf-8")
+    text = html.unescape(page)
+    assert str(tmp_path) not in text
+    # files inside an input are shown as <input name>/<path inside it>, inside the run relative to it
+    assert "<td>cxr3/bad29.jpg</td>" in page and "truncated JPEG: cxr3/bad29.jpg" in text
+    assert "cxr-xl/images/0-a.png, cxr3/covid/0-b.jpg" in text
+    assert "correct: cxr3/covid/0-b.jpg" in text and "sqlite:///…/mlflow.db" in text
+    # the metrics and the limitations come before the dataset; the long lists are folded, the metrics are not
+    assert page.index("<h2>Metrics</h2>") < page.index("<h2>Known limitations</h2>") < page.index("<h2>Dataset</h2>")
+    for caption in ("rejected (30 input(s))", "skipped (54 input(s))",
+                    "duplicates (214 group(s); first 200 shown, 14 more not listed)"):
+        assert f"<details><summary>{caption}</summary>" in page
+    folded = "".join(re.findall(r"<details>.*?</details>", page, flags=re.S))
+    assert "bad29.jpg" in folded and "Per class" not in folded
+    assert "<details><summary>Configuration</summary>" in page
+
+
+def test_path_names_never_show_a_local_folder():
+    names = R.PathNames({"input": ["/srv/x/cxr3", "/srv/y/xl/manifest.csv"], "per_input": [{"input": "../x/cxr3"}]},
+                        base="/home/u/runs/r1")
+    assert names.path("/srv/x/cxr3/covid/a.jpg") == "cxr3/covid/a.jpg"
+    assert names.path("/srv/y/xl/img/b.png") == "xl/img/b.png"          # a manifest's input: its folder's name
+    assert names.path("file:///home/u/runs/r1/dataset") == "dataset"     # inside the run: relative to it
+    assert names.path("/home/u/private/scan.dcm") == "…/scan.dcm"        # elsewhere: the file's name only
+    assert names.text("../x/cxr3") == "cxr3"                            # an input as given: its name
+    assert names.text("hdfs://nn/data/x") == "hdfs://nn/data/x"          # not a local path
+    assert names.text("cannot read /srv/x/cxr3/c.jpg, or /etc/p/q") == "cannot read cxr3/c.jpg, or …/q"
+    assert names.value({"a": ["/srv/x/cxr3/d.jpg", 3]}) == {"a": ["cxr3/d.jpg", 3]}

@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from covid_spark.config import CLASSES
-from covid_spark.rundir import RunDir
+from covid_spark.constants import CLASSES
+from covid_spark.data.rundir import RunDir
 from tests.browser import Chromium, chromium_path
 
 pytestmark = pytest.mark.slow

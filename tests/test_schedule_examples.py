@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from covid_spark.pipeline import STAGES
+from covid_spark.stages.pipeline import STAGES
 from jobs.pipeline import parse_args
 from tests.structure import parse_spark_submit, shell_commands
 

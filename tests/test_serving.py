@@ -1,4 +1,4 @@
-"""The servable export (covid_spark.serving): saved_model/ scores as predict does, in plain TensorFlow."""
+"""The servable export (covid_spark.tracking.serving): saved_model/ scores as predict does, in plain TensorFlow."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from covid_spark.config import CLASSES
+from covid_spark.constants import CLASSES
 
 # What a user of saved_model/ runs (the README's recipe), in a fresh interpreter that never imports
 # covid_spark: scores the arrays predict decoded (images.npy), and decodes the same files with plain
@@ -43,7 +43,7 @@ print(json.dumps({"classes": [c.decode() for c in outputs["classes"].numpy()[0]]
 
 
 def tiny_model(input_norm: str = "none", size: int = 32):
-    from covid_spark.models import make_model
+    from covid_spark.models.registry import make_model
 
     return make_model("compact", input_shape=(size, size, 3), num_classes=len(CLASSES), input_norm=input_norm)
 
@@ -52,7 +52,7 @@ def tiny_model(input_norm: str = "none", size: int = 32):
 def test_export_scores_uint8_images_as_the_keras_model_scores_floats(tmp_path, input_norm):
     import tensorflow as tf
 
-    from covid_spark.serving import export_saved_model
+    from covid_spark.tracking.serving import export_saved_model
 
     model = tiny_model(input_norm)
     path = export_saved_model(model, str(tmp_path / "saved_model"), list(CLASSES), 32, {"model": "compact"})
@@ -71,7 +71,7 @@ def test_export_scores_uint8_images_as_the_keras_model_scores_floats(tmp_path, i
 
 
 def test_export_replaces_an_old_one_atomically_and_refuses_a_wrong_shape(tmp_path):
-    from covid_spark.serving import export_saved_model
+    from covid_spark.tracking.serving import export_saved_model
 
     target = tmp_path / "saved_model"
     target.mkdir()
@@ -87,7 +87,7 @@ def test_export_replaces_an_old_one_atomically_and_refuses_a_wrong_shape(tmp_pat
 
 
 def test_export_command_names_a_run_without_a_model(tmp_path, capsys):
-    from covid_spark.serving import main
+    from covid_spark.tracking.serving import main
 
     assert main([str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err == (f"serving: {tmp_path / 'nothing' / 'run.json'} not found: train a model into "
@@ -103,8 +103,8 @@ def test_saved_model_in_plain_tensorflow_equals_predict(tracked_run, tmp_path):
     import pyarrow.parquet as pq
 
     from covid_spark.config import load_config
-    from covid_spark.images import read_image
-    from covid_spark.rundir import RunDir
+    from covid_spark.inputs.images import read_image
+    from covid_spark.data.rundir import RunDir
 
     run = RunDir(tracked_run["run_dir"])
     folder = tmp_path / "new"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covid_spark.sources import (
+from covid_spark.inputs.sources import (
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
     LISTED_TWICE,
@@ -224,7 +224,7 @@ def test_count_per_input_adds_counts_by_index():
 
 
 def test_input_digest_records_the_list_of_inputs(tmp_path):
-    from covid_spark.pipeline import input_digest
+    from covid_spark.stages.pipeline import input_digest
 
     a = _png(tmp_path / "a" / "covid" / "x.png", 7)
     b = _png(tmp_path / "b" / "normal" / "y.png", 9)

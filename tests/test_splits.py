@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from covid_spark.splits import assign_splits, group_units
+from covid_spark.data.splits import assign_splits, group_units
 
 
 def _cohort(n_patients=120, seed=1):

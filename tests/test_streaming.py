@@ -46,9 +46,9 @@ def tiny(spark, tmp_path_factory) -> dict:
     import tensorflow as tf
 
     from covid_spark.config import load_config, override
-    from covid_spark.dataset import load_split
-    from covid_spark.models import make_model
-    from covid_spark.preprocess import preprocess
+    from covid_spark.data.dataset import load_split
+    from covid_spark.models.registry import make_model
+    from covid_spark.stages.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("streaming")
     images = str(root / "images")
@@ -75,16 +75,17 @@ def tiny(spark, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def model(tiny):
-    from covid_spark.rundir import RunDir
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.models.saved import load_model
 
-    return RunDir(tiny["model_dir"]).load_model()
+    return load_model(RunDir(tiny["model_dir"]))
 
 
 # ----------------------------------------------------------------------------- dataset.iter_split_batches
 
 
 def test_split_batches_hold_every_row_once_with_its_image(tiny):
-    from covid_spark.dataset import iter_split_batches, load_split
+    from covid_spark.data.dataset import iter_split_batches, load_split
 
     whole = load_split(tiny["dataset"], "train", fields=("image", "label", "source"))
     batches = list(iter_split_batches(tiny["dataset"], "train", fields=("image", "label", "source"), batch_size=7))
@@ -100,7 +101,7 @@ def test_split_batches_hold_every_row_once_with_its_image(tiny):
 
 def test_whole_split_reads_never_drop_rows(tiny):
     """Petastorm's make_reader(num_epochs=1) dropped the last row groups of about one read in four here."""
-    from covid_spark.dataset import load_split
+    from covid_spark.data.dataset import load_split
 
     expected = tiny["summary"]["per_split"]
     for _ in range(8):
@@ -113,7 +114,7 @@ def test_whole_split_reads_never_drop_rows(tiny):
 
 
 def test_split_batches_can_read_only_some_paths(tiny):
-    from covid_spark.dataset import iter_split_batches, load_split
+    from covid_spark.data.dataset import iter_split_batches, load_split
 
     whole = load_split(tiny["dataset"], "test", fields=("image",))
     wanted = {str(whole["path"][i]): whole["image"][i] for i in (0, 5, len(whole["path"]) - 1)}
@@ -132,7 +133,7 @@ def test_split_batches_memory_does_not_grow_with_the_split(tiny):
     import gc
     import tracemalloc
 
-    from covid_spark.dataset import iter_split_batches, load_split
+    from covid_spark.data.dataset import iter_split_batches, load_split
 
     split_bytes = load_split(tiny["dataset"], "train", fields=("image",))["image"].nbytes
     gc.collect()
@@ -164,10 +165,10 @@ class CountingModel:
 
 
 def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monkeypatch):
-    from covid_spark import dataset as data
-    from covid_spark import evaluate
-    from covid_spark.rundir import RunDir
-    from covid_spark.metrics import (bootstrap_ci, expected_calibration_error, fit_temperature, metrics_by_group,
+    from covid_spark.data import dataset as data
+    from covid_spark.stages import evaluate
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.evaluation.metrics import (bootstrap_ci, expected_calibration_error, fit_temperature, metrics_by_group,
                                      softmax)
 
     # Independent: whole splits in memory (the old way), one model call per split.
@@ -219,10 +220,10 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
 def test_gradcam_gallery_reads_only_its_examples(tiny, model, monkeypatch, tmp_path):
     from PIL import Image
 
-    from covid_spark import dataset as data
-    from covid_spark.evaluate import evaluate
-    from covid_spark.explain import grad_cam, overlay
-    from covid_spark.run_report import gradcam_gallery, pick_examples
+    from covid_spark.data import dataset as data
+    from covid_spark.stages.evaluate import evaluate
+    from covid_spark.evaluation.explain import grad_cam, overlay
+    from covid_spark.stages.report import gradcam_gallery, pick_examples
 
     metrics = evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], "test", overwrite=True)
     whole = data.load_split(tiny["dataset"], "test", fields=("image",))
@@ -271,7 +272,7 @@ def new_images(tiny, tmp_path_factory) -> dict:
 
 
 def _expected_probs(model, paths, size=SIZE):
-    from covid_spark.images import read_image
+    from covid_spark.inputs.images import read_image
 
     images = np.stack([read_image(p, size, 50_000_000).image for p in paths])
     return model(images.astype("float32"), training=False).numpy()
@@ -280,7 +281,7 @@ def _expected_probs(model, paths, size=SIZE):
 @pytest.mark.parametrize("extension", ["csv", "parquet"])
 def test_predict_writes_one_row_per_file_in_path_order(spark, tiny, model, new_images, tmp_path, monkeypatch,
                                                         extension):
-    from covid_spark import predict as P
+    from covid_spark.stages import predict as P
 
     # Five partitions on two cores: rows must still come back in path order.
     monkeypatch.setattr(P, "partition_count", lambda files, parallelism: 5)
@@ -318,7 +319,7 @@ def test_predict_writes_one_row_per_file_in_path_order(spark, tiny, model, new_i
 
 
 def test_predict_accepts_a_list_of_inputs(spark, tiny, new_images, tmp_path):
-    from covid_spark.predict import predict
+    from covid_spark.stages.predict import predict
 
     out = str(tmp_path / "pred.csv")
     result = predict(spark, [new_images["folder"]], tiny["model_dir"], out, tiny["config"])
@@ -328,7 +329,7 @@ def test_predict_accepts_a_list_of_inputs(spark, tiny, new_images, tmp_path):
 
 
 def test_predict_refuses_to_overwrite_when_asked(spark, tiny, new_images, tmp_path):
-    from covid_spark.predict import predict
+    from covid_spark.stages.predict import predict
 
     out = tmp_path / "pred.csv"
     out.write_text("old")
@@ -341,7 +342,7 @@ def test_predict_refuses_to_overwrite_when_asked(spark, tiny, new_images, tmp_pa
 
 @pytest.mark.parametrize("extension", ["csv", "parquet"])
 def test_table_appears_only_when_complete(tmp_path, extension):
-    from covid_spark.predict import write_table
+    from covid_spark.stages.predict import write_table
 
     out = tmp_path / f"t.{extension}"
     row = ("/x/a.png", "covid", 0.5, 0.25, 0.25, "")
@@ -375,7 +376,7 @@ def test_table_appears_only_when_complete(tmp_path, extension):
 
 
 def test_partitions_in_order(spark):
-    from covid_spark.predict import partitions_in_order
+    from covid_spark.stages.predict import partitions_in_order
 
     sc = spark.sparkContext
     assert list(partitions_in_order(sc.parallelize(range(100), 7), 3)) == list(range(100))
@@ -391,7 +392,7 @@ def test_partitions_in_order(spark):
 
 
 def test_partition_count():
-    from covid_spark.predict import partition_count
+    from covid_spark.stages.predict import partition_count
 
     assert partition_count(1, 2) == 1
     assert partition_count(1000, 2) == 2
@@ -406,9 +407,9 @@ def test_evaluate_another_dataset_without_near_copies_of_the_training_data(spark
     """--split all on another dataset, dropping near-copies of the model's train/val images by their stored hashes."""
     import shutil
 
-    from covid_spark.dataset import load_split
-    from covid_spark.evaluate import evaluate
-    from covid_spark.preprocess import preprocess
+    from covid_spark.data.dataset import load_split
+    from covid_spark.stages.evaluate import evaluate
+    from covid_spark.stages.preprocess import preprocess
 
     other = tmp_path / "other"
     _random_images(str(other), 30, seed=11)                     # new images: none is a copy
@@ -445,9 +446,9 @@ def test_evaluate_another_dataset_without_near_copies_of_the_training_data(spark
 def test_evaluate_gives_the_patient_wise_part_and_each_input_alone(spark, tiny, tmp_path):
     """Two inputs, one without patient ids: ``per_input`` and ``patient_wise`` hold the metrics of
     exactly the images we put there (checked from the per-image predictions, grouped by file name)."""
-    from covid_spark.evaluate import evaluate
-    from covid_spark.metrics import classification_metrics
-    from covid_spark.preprocess import preprocess
+    from covid_spark.stages.evaluate import evaluate
+    from covid_spark.evaluation.metrics import classification_metrics
+    from covid_spark.stages.preprocess import preprocess
 
     with_ids, without = tmp_path / "clinic", tmp_path / "archive"
     _random_images(str(with_ids), 24, seed=5)                     # sources a and b, one patient each

@@ -1,4 +1,4 @@
-"""MLflow tracking (covid_spark.tracking): off by default, one MLflow run per run dir, each item logged
+"""MLflow tracking (covid_spark.tracking.tracker): off by default, one MLflow run per run dir, each item logged
 once, and a store that cannot be reached costs one warning and a bounded wait, never the run."""
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import threading
 import numpy as np
 import pytest
 
-from covid_spark import tracking
-from covid_spark.config import CLASSES, load_config
-from covid_spark.rundir import RunDir
+from covid_spark.tracking import store, values
+from covid_spark.tracking import tracker as tracking
+from covid_spark.constants import CLASSES
+from covid_spark.config import load_config
+from covid_spark.data.rundir import RunDir
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip install .[mlflow]; make setup installs it)")
 
@@ -25,7 +27,7 @@ def fresh_failures(monkeypatch):
     """Each test starts with no URI marked as failed, and with MLflow's HTTP settings of its own."""
     monkeypatch.setattr(tracking, "_FAILED", set())
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for key in tracking.HTTP_LIMITS:
+    for key in store.HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)
 
 
@@ -46,16 +48,16 @@ def recorded(run_dir: str) -> dict:
 def test_tracking_is_off_by_default_and_on_by_config_or_environment(tmp_path, monkeypatch):
     run_dir = str(tmp_path / "runs" / "r1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_uri(load_config(), run_dir) is None
-    assert tracking.resolve_uri({}, run_dir) is None  # a config written before the section existed
-    local = tracking.resolve_uri(load_config(sets=["tracking.mlflow_uri=local"]), run_dir)
+    assert store.resolve_uri(load_config(), run_dir) is None
+    assert store.resolve_uri({}, run_dir) is None  # a config written before the section existed
+    local = store.resolve_uri(load_config(sets=["tracking.mlflow_uri=local"]), run_dir)
     assert local == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    assert tracking.artifact_root(local) == f"file://{tmp_path / 'runs' / 'mlartifacts'}"
+    assert store.artifact_root(local) == f"file://{tmp_path / 'runs' / 'mlartifacts'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999/")
-    assert tracking.resolve_uri(load_config(), run_dir) == "http://127.0.0.1:5999"
-    assert tracking.artifact_root("http://127.0.0.1:5999") is None  # the server decides
+    assert store.resolve_uri(load_config(), run_dir) == "http://127.0.0.1:5999"
+    assert store.artifact_root("http://127.0.0.1:5999") is None  # the server decides
     # The config wins over the environment.
-    assert tracking.resolve_uri(load_config(sets=["tracking.mlflow_uri=local"]), run_dir) == local
+    assert store.resolve_uri(load_config(sets=["tracking.mlflow_uri=local"]), run_dir) == local
 
 
 @pytest.mark.parametrize("value", ["ftp://host/x", "mlruns", "localhost:5000"])
@@ -73,19 +75,19 @@ def test_evaluation_metrics_name_each_class_and_its_interval():
                "ci95": {"accuracy": [0.4, 0.9], "macro_f1": None,
                         "per_class": {"covid": {"precision": [0.8, 1.0], "recall": None, "f1": None}}},
                "per_source": {"kaggle 3/way": {"n": 3, "accuracy": 2 / 3, "macro_f1": float("nan")}}}
-    assert tracking.evaluation_metrics(metrics, "test") == {
+    assert values.evaluation_metrics(metrics, "test") == {
         "test/n": 10.0, "test/accuracy": 0.7, "test/accuracy_ci95_low": 0.4, "test/accuracy_ci95_high": 0.9,
         "test/macro_f1": 0.5, "test/loss": 0.9, "test/ece": 0.1,
         "test/covid/precision": 1.0, "test/covid/precision_ci95_low": 0.8, "test/covid/precision_ci95_high": 1.0,
         "test/covid/recall": 0.5, "test/covid/support": 4.0,
         "test/source/kaggle 3/way/n": 3.0, "test/source/kaggle 3/way/accuracy": 2 / 3,
     }
-    assert tracking.metric_name("test", "source", "a+b(c)") == "test/source/a_b_c_"
+    assert values.metric_name("test", "source", "a+b(c)") == "test/source/a_b_c_"
 
 
 def test_params_are_the_config_less_tracking_and_the_run_facts():
     config = load_config(sets=["tracking.mlflow_uri=local", "train.epochs=3"])
-    params = tracking.training_params({"config": config, "model": "compact", "num_proc": 2, "best_epoch": None,
+    params = values.training_params({"config": config, "model": "compact", "num_proc": 2, "best_epoch": None,
                                        "dataset_summary": {"written": 40, "per_split": {"train": 20}}})
     assert params["train.epochs"] == "3" and params["train.augment.flip"] == "False"
     assert params["train.per_model.compact.learning_rate"] == str(config["train"]["per_model"]["compact"]["learning_rate"])
@@ -104,7 +106,7 @@ def closed_port() -> int:
 
 
 def tracking_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "covid_spark.tracking" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records if r.name == "covid_spark.tracking.tracker" and r.levelno >= logging.WARNING]
 
 
 def test_an_unreachable_server_costs_one_warning_naming_it(tmp_path, caplog):
@@ -112,7 +114,7 @@ def test_an_unreachable_server_costs_one_warning_naming_it(tmp_path, caplog):
     config = load_config(sets=[f"tracking.mlflow_uri={uri}"])
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
-    with caplog.at_level(logging.INFO, logger="covid_spark.tracking"):
+    with caplog.at_level(logging.INFO, logger="covid_spark.tracking.tracker"):
         assert tracking.log_training(run_dir, config) is None
         assert tracking.log_evaluation(run_dir, config) is None  # a later stage of the same job: silent
     (warning,) = tracking_warnings(caplog)
@@ -121,12 +123,12 @@ def test_an_unreachable_server_costs_one_warning_naming_it(tmp_path, caplog):
 
 
 def test_a_server_that_never_answers_is_given_up_on(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(tracking, "PROBE_TIMEOUT_S", 1)
+    monkeypatch.setattr(store, "PROBE_TIMEOUT_S", 1)
     with socket.socket() as silent:  # accepts connections (the kernel's backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        with caplog.at_level(logging.WARNING, logger="covid_spark.tracking"):
+        with caplog.at_level(logging.WARNING, logger="covid_spark.tracking.tracker"):
             assert tracking.log_stage(str(tmp_path), load_config(sets=[f"tracking.mlflow_uri={uri}"]), "train") is None
     (warning,) = tracking_warnings(caplog)
     assert uri in warning and "no answer within 1 s" in warning
@@ -163,7 +165,7 @@ def test_a_server_failing_mid_logging_is_retried_a_bounded_number_of_times(tmp_p
     thread.start()
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with caplog.at_level(logging.WARNING, logger="covid_spark.tracking"):
+        with caplog.at_level(logging.WARNING, logger="covid_spark.tracking.tracker"):
             assert tracking.log_stage(str(tmp_path), load_config(sets=[f"tracking.mlflow_uri={uri}"]), "train") is None
             assert tracking.log_stage(str(tmp_path), load_config(sets=[f"tracking.mlflow_uri={uri}"]), "report") is None
     finally:
@@ -171,7 +173,7 @@ def test_a_server_failing_mid_logging_is_retried_a_bounded_number_of_times(tmp_p
         server.server_close()
     (warning,) = tracking_warnings(caplog)
     assert uri in warning and "the run's own files are complete" in warning
-    retries = int(tracking.HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
+    retries = int(store.HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
     probes = [p for p in FailingServer.requests if p.startswith("/api/2.0/mlflow/experiments/search")]
     calls = [p for p in FailingServer.requests if p not in probes]
     # One probe, then the first MLflow call tried 1 + retries times; nothing after it, nor in the next stage.
@@ -180,7 +182,7 @@ def test_a_server_failing_mid_logging_is_retried_a_bounded_number_of_times(tmp_p
 
 def test_tracking_without_mlflow_installed_warns_how_to_install_it(tmp_path, caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)
-    with caplog.at_level(logging.WARNING, logger="covid_spark.tracking"):
+    with caplog.at_level(logging.WARNING, logger="covid_spark.tracking.tracker"):
         assert tracking.log_stage(str(tmp_path / "r"), load_config(sets=["tracking.mlflow_uri=local"]), "train") is None
     (warning,) = tracking_warnings(caplog)
     assert "pip install .[mlflow]" in warning and "mlflow.db" in warning
@@ -192,10 +194,10 @@ def test_tracking_without_mlflow_installed_warns_how_to_install_it(tmp_path, cap
 def write_run_dir(run_dir: str, history: dict, config: dict, size: int = 32) -> None:
     """A small run dir as train and evaluate leave it: model.keras, saved_model/, run.json, history.json,
     metrics.json (no dataset: that part is covered by the pipeline test)."""
-    from covid_spark.metrics import bootstrap_ci, classification_metrics
-    from covid_spark.models import make_model
-    from covid_spark.serving import export_saved_model
-    from covid_spark.storage import atomic_write_json
+    from covid_spark.evaluation.metrics import bootstrap_ci, classification_metrics
+    from covid_spark.models.registry import make_model
+    from covid_spark.tracking.serving import export_saved_model
+    from covid_spark.data.storage import atomic_write_json
 
     run = RunDir(run_dir)
     os.makedirs(run.path, exist_ok=True)
@@ -387,7 +389,7 @@ def test_a_tracking_server_gets_the_same_run(tmp_path, mlflow_server):
 
 def test_a_run_id_the_store_does_not_hold_is_replaced_by_a_new_run(tmp_path):
     """mlflow.json copied with a run dir (or a store wiped): the recorded id is not in the store, so a new run."""
-    from covid_spark.storage import atomic_write_json
+    from covid_spark.data.storage import atomic_write_json
 
     config = load_config(sets=["tracking.mlflow_uri=local"])
     run = RunDir(tmp_path / "runs" / "copied")
@@ -409,7 +411,7 @@ def test_the_pipeline_with_an_unreachable_server_does_its_work_and_warns_once(tr
     uri = f"http://127.0.0.1:{closed_port()}"
     paths = RunDir(tracked_run["run_dir"])
     os.remove(paths.report)
-    with caplog.at_level(logging.WARNING, logger="covid_spark.tracking"):
+    with caplog.at_level(logging.WARNING, logger="covid_spark.tracking.tracker"):
         assert tracked_run["pipeline"].main(tracked_run["args"] + ["--stages", "evaluate,report",
                                                                    "--set", f"tracking.mlflow_uri={uri}"]) == 0
     assert os.path.exists(paths.report) and os.path.exists(paths.metrics)  # the stages did their work

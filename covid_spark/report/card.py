@@ -7,16 +7,24 @@ was trained on.
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
-from covid_spark.report.summary import inputs_of, patient_id_counts, sources_of, summary_classes
-from covid_spark.report.tables import (Table, classes_of, count, group_table, inputs_table, is_scalar,
-                                       overall_table, per_class_table, parts, source_class_table,
-                                       summary_tables)
-from covid_spark.storage import atomic_write_text
+from covid_spark.data.storage import atomic_write_text
+from covid_spark.report.audit import audit_summary_table
+from covid_spark.report.summary import PathNames, inputs_of, patient_id_counts, sources_of, summary_classes
+from covid_spark.report.tables import (
+    Table,
+    classes_of,
+    count,
+    group_table,
+    overall_table,
+    parts,
+    per_class_table,
+    source_class_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +47,6 @@ CONFOUND_PURITY = 0.9   # ... of which at least this share is that class (it hol
 SMALL_TEST_CLASS = 100  # fewer test images than this in some class: the test set is called small
 
 _NC = re.compile(r"(?<![A-Za-z])NC(?![A-Za-z])|(?i:non-?commercial)")
-
-# summary keys the "Training data" table of the model card shows in full
-_IN_TRAINING_DATA = ("per_source_class", "patient_ids_per_source")
-
 
 def _pct(part: float, whole: float) -> str:
     return f"{100.0 * part / whole:.1f}%"
@@ -244,27 +248,48 @@ def _md_of(table: Table) -> list[str]:
     return md_table(table.header or [], table.rows)
 
 
-def training_data_lines(summary: Mapping, classes: Sequence[str] = ()) -> list[str]:
-    """Markdown for the "Training data" paragraph: inputs with images written, source × class counts.
+def training_data_lines(summary: Mapping, classes: Sequence[str] = (), names: PathNames | None = None) -> list[str]:
+    """Markdown for the card's "Training data": one paragraph (images, inputs, splits), the source ×
+    class table (with a "patient ids" column: yes / no / partly), the views, and what was left out.
 
-    The source × class table (with a "patient ids" column: yes / no / partly) needs
-    ``per_source_class`` (and ``patient_ids_per_source``); older summaries get the inputs only.
+    Inputs are named by their folder (:func:`~covid_spark.report.summary.input_name`); the lists
+    of files (rejected, skipped, duplicate groups) are counted here and listed in the HTML report
+    and the dataset's ``_summary.json``. Older summaries without ``per_source_class`` get the
+    paragraph only.
     """
+    names = names or PathNames(summary)
     total = sum(int(v) for v in (summary.get("per_class") or {}).values()) or summary.get("written")
-    inputs = inputs_of(summary)
-    out = ["**Training data**", ""]
     head = f"{count(total)} images" if total is not None else "Images"
-    out += [f"{head} from {len(inputs)} input location(s)." if inputs else f"{head}; input locations not recorded.",
-            ""]
-    per_input = inputs_table(summary)
-    if per_input is not None:
-        out += _md_of(per_input)
-    elif inputs:
-        out += [f"- {_md(loc)}" for loc in inputs] + [""]
+    per_input = [r for r in summary.get("per_input") or [] if isinstance(r, Mapping)]
+    if per_input:
+        listed = [f"{names.text(str(r.get('input', '?')))} ({count(r['written'])})"
+                  if isinstance(r.get("written"), int) else names.text(str(r.get("input", "?"))) for r in per_input]
+    else:
+        listed = [names.text(loc) for loc in inputs_of(summary)]
+    text = (f"{head} from {len(listed)} input(s): {', '.join(listed)}." if listed
+            else f"{head}; input locations not recorded.")
+    splits = summary.get("per_split") or {}
+    if splits:
+        text += (" Split " + " / ".join(f"{name} {count(n)}" for name, n in splits.items())
+                 + ", by patient where images carry a patient id, else by image; near-duplicate images "
+                   "kept in one split.")
+    out = ["## Training data", "", text, ""]
     by_source = source_class_table(summary, classes)
     if by_source is not None:
-        out += _md_of(by_source)
+        out += _md_of(_capped(by_source, "source(s)"))
     out += view_lines(summary)
+    left_out = []
+    for key, noun in (("rejected", "file(s) rejected"), ("skipped", "skipped")):
+        if isinstance(summary.get(key), list) and summary[key]:
+            left_out.append(f"{count(len(summary[key]))} {noun}")
+    duplicates = summary.get("duplicates")
+    if isinstance(duplicates, list) and duplicates:
+        conflicts = len(summary.get("duplicate_label_conflicts") or [])
+        left_out.append(f"{count(len(duplicates))} group(s) of near-duplicate images, each kept in one split"
+                        + (f" ({count(conflicts)} with conflicting labels)" if conflicts else ""))
+    if left_out:
+        out += [_cap("; ".join(left_out)) + ": listed in the HTML report (`report.html`) and the dataset's "
+                "`_summary.json`.", ""]
     return out
 
 
@@ -282,51 +307,95 @@ def view_lines(summary: Mapping) -> list[str]:
     return [line, ""]
 
 
+MAX_CARD_ROWS = 20  # rows of a per-source table in the card; the report and the JSON files hold all
+
+
+def _capped(table: Table, noun: str, limit: int = MAX_CARD_ROWS) -> Table:
+    if len(table.rows) <= limit:
+        return table
+    note = [f"… {len(table.rows) - limit} more {noun}: see the report"] + [""] * (len(table.header or [1]) - 1)
+    return Table(table.caption, table.header, table.rows[:limit] + [note])
+
+
+def _model_rows(run: Mapping, classes: Sequence[str], names: PathNames) -> list[list[str]]:
+    """The card's "Model" table: what a reader needs from run.json, one row per question."""
+    rows = []
+    model = run.get("model")
+    if model:
+        weights = run.get("pretrained")
+        start = (f"from {weights.get('weights', 'pretrained weights')} ({weights.get('package', '?')}, "
+                 f"{weights.get('license', 'licence not recorded')})" if isinstance(weights, Mapping)
+                 else "trained from scratch" if "pretrained" in run else None)
+        rows.append(["architecture", str(model) + (f", {start}" if start else "")])
+    training = []
+    if run.get("epochs_run") is not None or run.get("epochs") is not None:
+        training.append(f"{run.get('epochs_run', run.get('epochs'))} epoch(s)"
+                        + (f" (best {run['best_epoch']})" if run.get("best_epoch") is not None else ""))
+    if run.get("num_proc"):
+        training.append(f"{run['num_proc']} rank(s)" + (f" ({run['engine']})" if run.get("engine") else ""))
+    if run.get("effective_learning_rate") is not None:
+        training.append(f"learning rate {run['effective_learning_rate']:g}")
+    if run.get("seed") is not None:
+        training.append(f"seed {run['seed']}")
+    if run.get("wall_seconds") is not None:
+        training.append(f"{float(run['wall_seconds']):,.0f} s")
+    if training:
+        rows.append(["training", ", ".join(training)])
+    if run.get("image_size"):
+        rows.append(["input", f"an RGB image, {run['image_size']}×{run['image_size']} (decoded and resized as "
+                              f"`predict` does; grey X-rays as three equal channels)"])
+    rows.append(["output", "a probability per class, in this order: " + ", ".join(classes)])
+    versions = run.get("versions") if isinstance(run.get("versions"), Mapping) else {}
+    made = [f"git commit {run['git_commit']}"] if run.get("git_commit") else []
+    made += [f"{lib} {versions[lib]}" for lib in ("tensorflow", "keras", "tf_keras") if versions.get(lib)]
+    if made:
+        rows.append(["made with", ", ".join(made)])
+    if run.get("dataset"):
+        rows.append(["dataset", names.text(str(run["dataset"]))])
+    return rows
+
+
 def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: dict | None,
                      licenses: list[str] | None, source_notes: Mapping[str, str] | None = None) -> None:
-    """Write a markdown model card (model, data, metrics, intended use, limitations, licences).
+    """Write the markdown model card: intended use, model, training data, test metrics, limitations, licences.
 
-    The training-data description, the known limitations (:func:`data_limitations`) and the
-    licence note (:func:`licence_note`) are derived from ``dataset_summary`` and ``licenses``,
-    so the card describes whichever collection the model was trained on.
+    A page a reader finishes (about a hundred lines whatever the data's size): the training data is
+    one paragraph and one source × class table, the metrics the per-class, overall, per-source and
+    per-input tables. Lists of files (rejected, skipped, duplicate groups) stay in the HTML report
+    and the run's JSON files. No absolute local path is written: inputs are named by their folder,
+    files inside the run directory relative to it (:class:`~covid_spark.report.summary.PathNames`).
+    The known limitations (:func:`data_limitations`) and the licence note (:func:`licence_note`)
+    are derived from ``dataset_summary`` and ``licenses``.
 
     Args:
-        path: output ``.md`` file, written atomically.
-        run: run id, model and training configuration; scalars become a list, nested values JSON.
+        path: output ``.md`` file in the run directory, written atomically.
+        run: ``run.json``'s record with ``run_id``; the model, epochs, ranks, seed, starting weights,
+            versions and dataset are shown, the rest stays in ``run.json``.
         metrics: as for :func:`covid_spark.report.html.write_html_report` (``ci95``,
             ``per_source``, ``per_input`` and ``patient_wise`` used when present).
         dataset_summary: a preprocess ``_summary.json`` dict, or ``None``.
         licenses: licence statements of the training data, or ``None``.
         source_notes: per source, its description in the data card (see :func:`data_limitations`).
     """
+    names = PathNames(dataset_summary, base=os.path.dirname(os.path.abspath(path)))
+    metrics = {k: names.text(v) if isinstance(v, str) else v for k, v in metrics.items()}
     classes = classes_of(metrics)
     title = run.get("run_id") or run.get("name") or "unnamed run"
-    out = [f"# Model card: covid-spark chest X-ray classifier ({_md(title)})", ""]
+    out = [f"# Model card: covid-spark chest X-ray classifier ({_md(names.text(str(title)))})", ""]
 
-    out += ["## Model and training", ""]
-    nested = {}
-    for key, value in run.items():
-        if is_scalar(value) or (isinstance(value, (list, tuple)) and all(is_scalar(v) for v in value)):
-            out.append(f"- **{_md(key)}**: {_md(value if is_scalar(value) else ', '.join(map(str, value)))}")
-        else:
-            nested[key] = value
-    out.append(f"- **classes** (output order): {', '.join(classes)}")
-    out.append("")
-    for key, value in nested.items():
-        out += [f"**{_md(key)}**", "", "```json", json.dumps(value, indent=2, sort_keys=True, default=str), "```", ""]
+    out += ["## Intended use", "",
+            "**Research only — not a diagnostic device.** This model is for studying distributed training "
+            "and evaluation of chest X-ray classifiers. It must not be used to diagnose, triage or "
+            "treat patients, or in any clinical decision.", ""]
 
-    out += ["## Data and splits", ""]
+    out += ["## Model", ""]
+    out += md_table(["", ""], [[k, _md(v)] for k, v in _model_rows(run, classes, names)])
+    out += ["The whole configuration, library versions and class weights are in the run's `run.json`.", ""]
+
     if dataset_summary:
-        out += training_data_lines(dataset_summary, classes)
-        shown = {k: v for k, v in dataset_summary.items() if k not in _IN_TRAINING_DATA}  # not twice
-        for table in summary_tables(shown, classes):
-            out += [f"**{_md(table.caption)}**", ""]
-            if table.header is None:
-                out += ["```json", table.text or "", "```", ""]
-            else:
-                out += md_table([h or " " for h in table.header], table.rows)
+        out += training_data_lines(dataset_summary, classes, names)
     else:
-        out += ["No dataset summary was recorded for this run.", ""]
+        out += ["## Training data", "", "No dataset summary was recorded for this run.", ""]
 
     out += ["## Metrics (test split)", ""]
     out += _md_of(per_class_table(metrics))
@@ -337,22 +406,27 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
                 f"intervals over test images ({ci.get('n_boot', '?')} resamples).", ""]
     if metrics.get("per_source"):
         out += ["### Per source", ""]
-        out += _md_of(group_table(metrics["per_source"], classes))
+        out += _md_of(_capped(group_table(metrics["per_source"], classes), "source(s)"))
     if parts(metrics):
         out += ["### Per input, and the part split per patient", ""]
         out += _md_of(group_table(parts(metrics), classes, first="part"))
 
-    out += ["## Intended use", "",
-            "**Research only — not a diagnostic device.** This model is for studying distributed training "
-            "and evaluation of chest X-ray classifiers. It must not be used to diagnose, triage or "
-            "treat patients, or in any clinical decision.", ""]
+    if metrics.get("audit"):
+        audit = metrics["audit"]
+        out += ["## Shortcut audit", "", f"**{audit['verdict']['status'].capitalize()}.**", ""]
+        out += _md_of(audit_summary_table(audit))
+        out += ["Per class and per source: the HTML report and `metrics.json` (`audit`).", ""]
 
     out += ["## Known limitations", ""]
-    out += [f"- {item}" for item in data_limitations(dataset_summary, metrics, source_notes)] + [""]
+    out += [f"- {names.text(item)}" for item in data_limitations(dataset_summary, metrics, source_notes)] + [""]
 
     out += ["## Data licences", ""]
     if licenses:
-        out += [f"- {_md(item)}" for item in licenses] + [""]
+        shown = list(licenses)[:MAX_CARD_ROWS]
+        out += [f"- {_md(item)}" for item in shown]
+        if len(licenses) > len(shown):
+            out.append(f"- … {len(licenses) - len(shown)} more: see the input manifests' `license` column")
+        out.append("")
     out += ["Note: " + licence_note(licenses), ""]
     atomic_write_text(path, "\n".join(out))
     log.info("wrote model card %s", path)

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from covid_spark.metrics import roc_pr_curves
+from covid_spark.evaluation.metrics import roc_pr_curves
 
 DPI = 100
 
@@ -130,7 +130,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: st
 def roc_pr_figure(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> tuple[Figure, dict]:
     """One-vs-rest ROC and precision-recall curves for every class in one figure.
 
-    The curves and areas are :func:`covid_spark.metrics.roc_pr_curves` (scikit-learn); the PR
+    The curves and areas are :func:`covid_spark.evaluation.metrics.roc_pr_curves` (scikit-learn); the PR
     panel marks each class's prevalence with a dotted line.
 
     Returns:

@@ -3,7 +3,10 @@
 The report is one file: figures are embedded as base64 ``data:`` URIs, styles are inline, there
 is no script and no external link, so it can be mailed or archived as is. The template
 (``templates/report.html.j2``) is rendered with autoescaping on, so all text taken from inputs
-is escaped; only the limitation bullets' markdown ``**bold**`` becomes ``<strong>``.
+is escaped; only the limitation bullets' markdown ``**bold**`` becomes ``<strong>``. The metrics
+and the known limitations come first, then the figures and the Grad-CAM gallery; the dataset's lists (rejected and skipped files, duplicate groups),
+the configuration and the versions sit in collapsed ``<details>`` sections. No absolute local path
+is shown (:class:`~covid_spark.report.summary.PathNames`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,26 @@ from functools import lru_cache
 import jinja2
 from markupsafe import Markup, escape
 
+from covid_spark.data.storage import atomic_write_text
+from covid_spark.report.audit import audit_detail_tables, audit_summary_table
 from covid_spark.report.card import data_limitations, source_confounding
-from covid_spark.report.tables import (classes_of, confusion_table, group_table, overall_table,
-                                       per_class_table, parts, summary_tables, versions_table)
-from covid_spark.storage import atomic_write_text
+from covid_spark.report.summary import PathNames
+from covid_spark.report.tables import (
+    classes_of,
+    confusion_table,
+    group_table,
+    overall_table,
+    parts,
+    per_class_table,
+    summary_tables,
+    versions_table,
+)
 
 log = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TEMPLATE = "report.html.j2"
+FOLDED_AFTER = 12  # a dataset table with more rows than this is shown folded, in <details>
 
 
 def md_bold(text: str) -> Markup:
@@ -71,16 +85,22 @@ def render_html_report(
     gradcam_layer: str | None = None,
     extra_sections: dict[str, str] | None = None,
     source_notes: dict[str, str] | None = None,
+    base: str | None = None,
 ) -> str:
-    """The page :func:`write_html_report` writes, as a string (its arguments are described there)."""
+    """The page :func:`write_html_report` writes, as a string (its arguments are described there;
+    ``base`` is the folder paths inside the run are shown relative to)."""
+    names = PathNames(dataset_summary, base)
+    metrics = {k: names.text(v) if isinstance(v, str) else v for k, v in metrics.items()}
+    dataset_summary = names.value(dataset_summary) if dataset_summary else dataset_summary
     classes = classes_of(metrics)
     ci = metrics.get("ci95")
     figure_items = [{"uri": png_data_uri(png, f"figure {caption!r}"), "caption": caption}
                     for caption, png in figures.items()]
-    gallery = [{"uri": png_data_uri(item["png"], f"Grad-CAM item {i}"), "caption": item.get("caption", "")}
+    gallery = [{"uri": png_data_uri(item["png"], f"Grad-CAM item {i}"),
+                "caption": names.text(item.get("caption", ""))}
                for i, item in enumerate(gradcam or [])]
     context = {
-        "title": title,
+        "title": names.text(title),
         "per_class": per_class_table(metrics),
         "overall": overall_table(metrics),
         "ci_level": f"{100 * (1 - float(ci.get('alpha', 0.05))):.0f}" if ci else None,
@@ -91,11 +111,15 @@ def render_html_report(
         "parts": group_table(parts(metrics), classes, first="part") if parts(metrics) else None,
         "figures": figure_items,
         "dataset": summary_tables(dataset_summary, classes) if dataset_summary else [],
-        "limitations": data_limitations(dataset_summary, metrics, source_notes),
+        "audit": metrics.get("audit"),
+        "audit_summary": audit_summary_table(metrics["audit"]) if metrics.get("audit") else None,
+        "audit_details": audit_detail_tables(metrics["audit"]) if metrics.get("audit") else [],
+        "limitations": [names.text(item) for item in data_limitations(dataset_summary, metrics, source_notes)],
         "gradcam": gallery,
         "gradcam_layer": gradcam_layer or "unknown",
-        "extra_sections": list((extra_sections or {}).items()),
-        "config_json": json.dumps(config, indent=2, sort_keys=True, default=str),
+        "extra_sections": [(t, names.text(text)) for t, text in (extra_sections or {}).items()],
+        "folded_after": FOLDED_AFTER,
+        "config_json": json.dumps(names.value(config), indent=2, sort_keys=True, default=str, ensure_ascii=False),
         "versions": versions_table(versions),
     }
     return environment().get_template(TEMPLATE).render(context)
@@ -108,7 +132,7 @@ def write_html_report(path: str, **report) -> None:
         path: output file; written to ``path + ".tmp"`` first and renamed into place.
         report: the keyword arguments of :func:`render_html_report`:
         title: page title.
-        metrics: a :func:`covid_spark.metrics.classification_metrics` result, optionally with
+        metrics: a :func:`covid_spark.evaluation.metrics.classification_metrics` result, optionally with
             ``"ci95"`` (a bootstrap_ci result), ``"per_source"`` (metrics_by_group result),
             ``"per_input"`` and ``"patient_wise"`` (parts of the test set), ``"roc_auc"`` /
             ``"pr_auc"`` (per-class dicts) and extra scalars such as ``"ece"``.
@@ -122,11 +146,12 @@ def write_html_report(path: str, **report) -> None:
         extra_sections: title -> plain text, each shown in its own section.
         source_notes: per source, its description in the data card, for the known limitations
             (:func:`covid_spark.report.card.data_limitations`).
+        base: the folder that paths inside the run are shown relative to (default: ``path``'s folder).
 
     Raises:
         FileNotFoundError: if a figure or Grad-CAM PNG is missing.
         ValueError: if one of them is not a PNG.
     """
-    page = render_html_report(**report)
+    page = render_html_report(**{"base": os.path.dirname(os.path.abspath(path)), **report})
     atomic_write_text(path, page)
     log.info("wrote HTML report %s (%d bytes)", path, len(page))

@@ -156,16 +156,6 @@ def versions_table(versions: Mapping[str, str]) -> Table:
 # --------------------------------------------------------------------------- dataset summary
 
 
-def inputs_table(summary: Mapping) -> Table | None:
-    """Images written per input location, from ``per_input``; None without it."""
-    per_input = [r for r in summary.get("per_input") or [] if isinstance(r, Mapping)]
-    if not per_input:
-        return None
-    return Table(None, ["input", "images written"],
-                 [[r.get("input", "?"), count(r["written"]) if isinstance(r.get("written"), int)
-                   else fmt(r.get("written"))] for r in per_input])
-
-
 def source_class_table(summary: Mapping, classes: Sequence[str] = ()) -> Table | None:
     """Images per source and class with a total, and whether they carry patient ids where recorded;
     None without ``per_source_class``."""

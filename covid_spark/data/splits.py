@@ -110,8 +110,10 @@ def extend_splits(paths: Sequence[str], patient_ids: Sequence[str], known: Seque
     members gives its new members their split; a unit whose known members disagree (a new
     near-copy bridging two splits) keeps every existing row where it is, gives the new rows the
     first split of :data:`CONFLICT_ORDER` present, and is listed in the returned conflicts.
-    A unit with no known member gets :func:`hashed_split` of its smallest key (patient id, or
-    path for an image without one), so the same unit lands in the same split in any increment.
+    A unit with no known member gets :func:`hashed_split` of its smallest patient id (of its
+    smallest path when no member has one), so a unit that arrives whole lands in the same split
+    whatever increment brings it. A unit whose members arrive in different increments (a late
+    near-copy, a patient's later image) follows the members already stored: stability comes first.
 
     Returns:
         (split per image, conflicts as ``[{"paths": [...], "splits": [...]}]``).
@@ -130,7 +132,7 @@ def extend_splits(paths: Sequence[str], patient_ids: Sequence[str], known: Seque
         if len(present) > 1:
             conflicts.append({"paths": sorted(paths[i] for i in unit), "splits": present})
         split = present[0] if present else hashed_split(
-            min(patient_ids[i] or paths[i] for i in unit), val_fraction, test_fraction, seed)
+            min((not patient_ids[i], patient_ids[i] or paths[i]) for i in unit)[1], val_fraction, test_fraction, seed)
         for i in new:
             result[i] = split
     return result, conflicts

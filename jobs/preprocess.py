@@ -21,8 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(with --append: default the dataset's own inputs)")
     parser.add_argument("--output", required=True, help="dataset path or URL (file://, hdfs://, ...)")
     parser.add_argument("--append", action="store_true",
-                        help="update the existing --output dataset with what changed in the inputs (new, changed "
-                             "and removed files), keeping every patient's split; atomic")
+                        help="update the --output dataset with what changed in the inputs (new, changed and removed "
+                             "files), keeping every patient's split; atomic. A dataset that does not exist yet is "
+                             "created by a full preprocess (so a scheduler can run the same command every time)")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--test-fraction", type=float)
@@ -67,10 +68,10 @@ def main(argv=None) -> int:
             spark.stop()
     if args.append:
         last = summary["increments"][-1]
-        print(f"preprocess --append: {last['added']} added, {last['replaced']} replaced, {last['removed']} removed, "
-              f"{last['rejected']} rejected, {last['unchanged']} unchanged; {summary['written']} rows, splits "
-              f"{summary['per_split']} → {summary['dataset']}")
-        for path in last["removed_files"][:20]:
+        print(f"preprocess --append ({last['kind']}): {last['added']} added, {last.get('replaced', 0)} replaced, "
+              f"{last.get('removed', 0)} removed, {last['rejected']} rejected, {last.get('unchanged', 0)} unchanged; "
+              f"{summary['written']} rows, splits {summary['per_split']} → {summary['dataset']}")
+        for path in last.get("removed_files", [])[:20]:
             print(f"  removed {path}")
         return 0
     print(f"preprocess: {summary['inputs']} inputs = {summary['written']} written + "

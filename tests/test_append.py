@@ -273,15 +273,18 @@ def _siblings(folder) -> set[str]:
 
 def test_append_refuses_what_it_cannot_do(spark, tmp_path):
     from covid_spark.errors import ConfigError, DatasetError
-    from covid_spark.stages.append import append
-    from covid_spark.stages.preprocess import preprocess
     import jobs.preprocess as job
+    from covid_spark.stages.append import append
 
     folder, dataset = str(tmp_path / "in"), str(tmp_path / "ds")
     _write_manifest(folder, _corpus(folder, 9, seed=4))
-    with pytest.raises(DatasetError, match="not found"):
+    with pytest.raises(DatasetError, match="no dataset at .* yet: give its inputs"):
         append(spark, dataset, _config())
-    preprocess(spark, folder, dataset, _config())
+    created = append(spark, dataset, _config(), folder)                    # a scheduler's first run creates it
+    assert created["written"] == 9 and [i["kind"] for i in created["increments"]] == ["full"]
+    os.makedirs(str(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match="not found: is .* a dataset written by jobs/preprocess.py"):
+        append(spark, str(tmp_path / "empty"), _config())
     with pytest.raises(ConfigError, match="image_size: the dataset was written with 8, --append was given 16"):
         append(spark, dataset, _config(), given={"image_size": 16})
     assert job.main(["--append", "--overwrite", "--output", dataset]) == 2

@@ -34,14 +34,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from covid_spark.data.dataset import read_summary, split_url, write_summary
+from covid_spark.data.dataset import has_summary, read_summary, split_url, write_summary
 from covid_spark.data.duplicates import group_duplicates
 from covid_spark.data.fileindex import REJECTED, WRITTEN, fingerprint, read_index, stat_key, write_index
 from covid_spark.data.splits import SPLITS, extend_splits
 from covid_spark.data.storage import HadoopFS, link_or_copy, swap_directory, to_url
 from covid_spark.errors import ConfigError, DatasetError
 from covid_spark.stages.preprocess import (
-    STAGING, Staged, _count, _distribute, _read_inventory, _stage, _summary, increment, index_row)
+    STAGING, Staged, _count, _distribute, _read_inventory, _stage, _summary, increment, index_row, preprocess)
 
 logger = logging.getLogger(__name__)
 
@@ -253,12 +253,21 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
         input_locations: the inputs now (default: the dataset's own, from its summary).
         given: preprocess values passed as flags; one that contradicts the dataset's config is refused.
 
+    A ``dataset`` that does not exist yet is created by a full :func:`preprocess` of ``input_locations``
+    (so a scheduler runs one command every time).
+
     Raises:
-        DatasetError: ``dataset`` is not a dataset of this package, or has no file index.
+        DatasetError: ``dataset`` is not a dataset of this package, has no file index, or does not exist
+            and no inputs were given.
         ConfigError: a flag contradicts the dataset's config.
     """
     started = time.time()
     url = to_url(dataset).rstrip("/")
+    if not has_summary(spark, url) and not HadoopFS(spark, url).exists(url):
+        if not input_locations:
+            raise DatasetError(f"there is no dataset at {dataset} yet: give its inputs to create it", dataset=dataset)
+        logger.info("no dataset at %s yet: a full preprocess creates it", dataset)
+        return preprocess(spark, input_locations, dataset, config)
     old = read_summary(spark, url)
     cfg = dict(config["preprocess"], **old["config"])
     check_fixed_keys(old["config"], given or {})

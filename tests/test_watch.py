@@ -58,7 +58,7 @@ def _arrivals(folder: str) -> dict[str, str]:
     expected[dicom] = ""
     with open(os.path.join(folder, "broken.png"), "wb") as handle:
         handle.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    expected[os.path.join(folder, "broken.png")] = "corrupt"
+    expected[os.path.join(folder, "broken.png")] = "not an image"
     with open(os.path.join(folder, "notes.txt"), "w") as handle:
         handle.write("not an image")
     expected[os.path.join(folder, "notes.txt")] = "unsupported extension"

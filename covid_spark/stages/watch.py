@@ -156,7 +156,7 @@ def watch(spark, directory: str, model_dir: str, output: str, config: dict, opti
         totals["errors"] += counts["errors"]
         totals["predicted"] += counts["rows"] - counts["errors"]
         entry = {"batch_id": batch_id, "files": counts["rows"], "seconds": round(time.time() - started, 2),
-                 "rss_mb": round(_rss_mb(), 1)}
+                 "ended": round(time.time(), 2), "rss_mb": round(_rss_mb(), 1)}
         totals["per_batch"] = (totals["per_batch"] + [entry])[-1000:]
         logger.info("watch: batch %d: %d files, %d with an error, %.1f s → %s", batch_id, counts["rows"],
                     counts["errors"], entry["seconds"], target)

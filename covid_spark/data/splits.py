@@ -81,8 +81,9 @@ def hashed_split(key: str, val_fraction: float, test_fraction: float, seed: int)
 
     The same key gives the same split whatever else arrives, in whatever order or batch: the
     hash, read as a number in [0, 1), falls in test below ``test_fraction``, in val below
-    ``test_fraction + val_fraction``, else in train. Fractions therefore hold on average
-    (binomially: within about ``sqrt(f (1 - f) / n)`` over ``n`` units), not exactly.
+    ``test_fraction + val_fraction``, else in train. Fractions therefore hold on average, not
+    exactly: over ``n`` units a split of fraction ``f`` gets a binomial share, of standard deviation
+    ``sqrt(f (1 - f) / n)``.
     """
     digest = hmac.new(f"covid-spark-split:{seed}".encode(), key.encode("utf-8"), hashlib.sha256).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0 ** 64

@@ -7,7 +7,7 @@
    modification time changed *and* whose SHA-256 differs, is changed; a file whose stat changed
    but whose bytes did not is unchanged; an indexed file no longer listed is removed.
 2. **Stage** only the new and changed files, with the preprocess stage's own first pass
-   (``preprocess._stage``: decode, dHash, staged Parquet on the executors).
+   (``preprocess.stage_files``: decode, dHash, staged Parquet on the executors).
 3. **Split**: every row already in the dataset keeps its split; duplicates are grouped again over
    all stored hashes (the same groups a full run finds); a new image joins the split of its
    patient or duplicate group, else of the patient or path it replaces, else a keyed hash of its
@@ -41,7 +41,8 @@ from covid_spark.data.splits import SPLITS, extend_splits
 from covid_spark.data.storage import HadoopFS, link_or_copy, swap_directory, to_url
 from covid_spark.errors import ConfigError, DatasetError
 from covid_spark.stages.preprocess import (
-    STAGING, Staged, _count, _distribute, _read_inventory, _stage, _summary, increment, index_row, preprocess)
+    STAGING, Staged, build_summary, count_values, distribute_rows, increment, index_row, preprocess, read_inventory,
+    stage_files)
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +211,9 @@ def _locked(url: str):
 def _read_changes(spark, url: str, tmp_url: str, locations: list[str], cfg: dict):
     """Steps 1 and 2: the inventory, its changes against the index, and the staged new and changed files."""
     index = read_index(url)
-    records, skipped, per_input, views, pseudonyms = _read_inventory(locations, cfg)
+    records, skipped, per_input, views, pseudonyms = read_inventory(locations, cfg)
     changes = compare(records, index)
-    staged = _stage(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms) \
+    staged = stage_files(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms) \
         if changes.to_read else []
     listed = {r["path"]: (r["patient_id"], r.get("view", "")) for r in changes.to_read}
     return index, changes, staged, listed, skipped, per_input
@@ -241,7 +242,8 @@ def _record(changes: Changes, new: list[Staged], new_splits: list[str], staged: 
         [{"path": m.path, "source": m.source} for m in staged if m.error is not None and not m.excluded],
         replaced=sum(m.path in changes.changed for m in new), removed=len(changes.removed),
         unchanged=len(changes.kept), restated=changes.restated, rows_before=rows_before, rows_after=rows_after,
-        removed_per_class=_count(r["label"] for r in gone), removed_per_source=_count(r["source"] for r in gone),
+        removed_per_class=count_values(r["label"] for r in gone),
+        removed_per_source=count_values(r["source"] for r in gone),
         removed_files=sorted(r["path"] for r in changes.removed), split_conflicts=conflicts)
 
 
@@ -280,21 +282,22 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
             kept = [staged_from_row(r) for r in changes.kept if r["status"] == WRITTEN]
             new = [m for m in staged if m.error is None]
             gone = [index[p] for p in changes.changed] + changes.removed
-            remembered = {k: r["split"] for r in gone if r["status"] == WRITTEN for k in (r["patient_id"], r["path"]) if k}
+            remembered = {k: r["split"] for r in gone if r["status"] == WRITTEN
+                          for k in (r["patient_id"], r["path"]) if k}
             known = [r["split"] for r in changes.kept if r["status"] == WRITTEN]
             duplicates, new_splits, conflicts = plan_splits(kept, known, new, cfg, remembered)
             drop = {r["path"] for r in gone if r["status"] == WRITTEN}
             carried = carry_files(url, tmp_url, drop)
             number = len(old.get("increments", []))
-            row_groups = _distribute(spark, new, new_splits, dict(cfg, min_row_groups=1), tmp_url, f"{tmp_url}/{STAGING}",
-                                     prefix=f"part-a{number:04d}", existing=carried,
-                                     local=len(new) <= LOCAL_DISTRIBUTE_ROWS)
+            row_groups = distribute_rows(spark, new, new_splits, dict(cfg, min_row_groups=1), tmp_url,
+                                         f"{tmp_url}/{STAGING}", prefix=f"part-a{number:04d}", existing=carried,
+                                         local=len(new) <= LOCAL_DISTRIBUTE_ROWS)
             HadoopFS(spark, tmp_url).delete(f"{tmp_url}/{STAGING}")
             write_index(tmp_url, changes.kept + [index_row(m, listed[m.path], s) for m, s in
                            zip(staged, _splits_of(staged, new, new_splits))])
             rejected, skipped = _summary_lists(changes, staged, skipped)
             good = kept + new
-            summary = _summary(url, locations, cfg, good, known + new_splits, rejected, skipped, per_input,
+            summary = build_summary(url, locations, cfg, good, known + new_splits, rejected, skipped, per_input,
                                duplicates, row_groups)
             summary["seconds"] = round(time.time() - started, 1)
             summary["increments"] = old.get("increments", []) + [dict(

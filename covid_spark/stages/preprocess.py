@@ -99,7 +99,7 @@ def split_images(good: Sequence[Staged], cfg: dict, duplicates: list[list[str]])
     return splits
 
 
-def _count(values: Iterable[str]) -> dict[str, int]:
+def count_values(values: Iterable[str]) -> dict[str, int]:
     return dict(sorted(Counter(values).items()))
 
 
@@ -123,7 +123,7 @@ def _absolute(location: str) -> str:
     return location if "://" in location else os.path.abspath(location)
 
 
-def _read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, list, ViewFilter, Pseudonyms]:
+def read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, list, ViewFilter, Pseudonyms]:
     """The input files to read, in a seeded shuffle (so every staged file, and every row group, mixes
     classes and sources), with what was skipped by name and the per-input counts."""
     inventory = discover(locations, skip_unknown=cfg["skip_unknown_classes"])
@@ -135,7 +135,7 @@ def _read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, 
     return [inventory.records[i] for i in order], inventory.skipped, inventory.per_input, views, pseudonyms
 
 
-def _stage(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) -> list[Staged]:
+def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) -> list[Staged]:
     """First pass on the executors; the per-file results sorted by path.
 
     Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on Python
@@ -167,7 +167,7 @@ def _row_group_sizes(per_split: Counter, cfg: dict, quiet: bool = False) -> dict
     return group_rows
 
 
-def _distribute(spark, good: Sequence[Staged], splits: list[str], cfg: dict, tmp_url: str,
+def distribute_rows(spark, good: Sequence[Staged], splits: list[str], cfg: dict, tmp_url: str,
                 staging: str, prefix: str = "part", existing: dict[str, dict[str, int]] | None = None,
                 local: bool = False) -> dict[str, int]:
     """Second pass on the executors, then Petastorm's metadata per split; returns row groups per split.
@@ -222,11 +222,12 @@ def increment(kind: str, added: Sequence[Staged], splits: Sequence[str], rejecte
     and split) and rejected, and the other ``counts`` given (replaced, removed, unchanged, ...)."""
     return {"kind": kind, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "added": len(added), **counts, "rejected": len(rejected),
-            "added_per_class": _count(m.label for m in added), "added_per_source": _count(m.source for m in added),
-            "added_per_split": _count(splits), "rejected_per_source": _count(r.get("source", "") for r in rejected)}
+            "added_per_class": count_values(m.label for m in added),
+            "added_per_source": count_values(m.source for m in added), "added_per_split": count_values(splits),
+            "rejected_per_source": count_values(r.get("source", "") for r in rejected)}
 
 
-def _summary(url: str, locations: list[str], cfg: dict, good: Sequence[Staged], splits: list[str],
+def build_summary(url: str, locations: list[str], cfg: dict, good: Sequence[Staged], splits: list[str],
              rejected: list[dict], skipped: list, per_input, duplicates: list[list[str]],
              row_groups: dict[str, int]) -> dict:
     """The dataset's ``_summary.json``: what was read, written, rejected and skipped, and the counts."""
@@ -246,11 +247,11 @@ def _summary(url: str, locations: list[str], cfg: dict, good: Sequence[Staged], 
                                      excluded_by_view=excluded),
         "duplicates": duplicates,
         "duplicate_label_conflicts": [g for g in duplicates if len({label_of[p] for p in g}) > 1],
-        "per_class": _count(m.label for m in good),
+        "per_class": count_values(m.label for m in good),
         "per_split": {s: per_split[s] for s in SPLITS},
-        "per_split_class": {s: _count(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
-        "per_source": _count(m.source for m in good),
-        "per_view": _count(m.view or "unknown" for m in good),
+        "per_split_class": {s: count_values(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
+        "per_source": count_values(m.source for m in good),
+        "per_view": count_values(m.view or "unknown" for m in good),
         "per_source_class": _count_within((m.source, m.label) for m in good),
         "per_input_source": [_count_within((m.input, m.source) for m in good).get(i, {})
                              for i in range(len(locations))],
@@ -286,11 +287,11 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         phases[name] = time.time() - started - sum(phases.values())
 
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
-        records, skipped, per_input, views, pseudonyms = _read_inventory(locations, cfg)
+        records, skipped, per_input, views, pseudonyms = read_inventory(locations, cfg)
         phase("discover")
         staging = f"{tmp_url}/{STAGING}"
         listed = {r["path"]: (r["patient_id"], r.get("view", "")) for r in records}
-        staged = _stage(spark.sparkContext, records, cfg, staging, views, pseudonyms)
+        staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms)
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")
         index = [index_row(m, listed[m.path]) for m in staged]
@@ -303,12 +304,12 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
         splits = split_images(good, cfg, duplicates)
         phase("group_and_split")
-        row_groups = _distribute(spark, good, splits, cfg, tmp_url, staging)
+        row_groups = distribute_rows(spark, good, splits, cfg, tmp_url, staging)
         HadoopFS(spark, tmp_url).delete(staging)
         split_of = dict(zip((m.path for m in good), splits))
         write_index(tmp_url, [dict(row, split=split_of.get(row["path"], "")) for row in index])
         phase("distribute")
-        summary = _summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
+        summary = build_summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
         summary["increments"] = [increment("full", good, splits, rejected)]
         summary["seconds"] = round(time.time() - started, 1)
         summary["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}

@@ -1,7 +1,8 @@
 """Predict stage over a watched folder: score new X-rays as they arrive, with Spark Structured Streaming.
 
 ``jobs/predict.py --watch DIR``. The query's source is Spark's file source over ``DIR`` (format
-``binaryFile``, recursive; only the ``path`` column is selected, so Spark never reads the bytes);
+``binaryFile``, recursive; only the ``path`` column is collected, by one task, so Spark never reads the
+bytes);
 each micro-batch's files are scored on the executors by the batch predict's own
 ``predict_tasks.predict_partition`` (the same decoding, views filter, model and batches), and its
 rows are written to ``<output>/batch-<batch id>.<parquet|csv>``.
@@ -134,7 +135,9 @@ def watch(spark, directory: str, model_dir: str, output: str, config: dict, opti
         if os.path.exists(target):  # written before a restart: this batch runs again, its rows do not
             totals["skipped_batches"] += 1
             return
-        records = watch_records([local_path(r.path) for r in frame.select("path").collect()], root)
+        # One task lists the micro-batch's paths: the file source packs files counting 4 MB each
+        # (spark.sql.files.openCostInBytes), which would give a task per X-ray.
+        records = watch_records([local_path(r.path) for r in frame.select("path").coalesce(1).collect()], root)
         if not records:
             return
         sc.setJobDescription(f"watch batch {batch_id}: predict {len(records)} files")

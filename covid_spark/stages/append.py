@@ -275,10 +275,12 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
     check_fixed_keys(old["config"], given or {})
     locations = list(input_locations or old["input"])
     tmp_url = f"{url}.tmp-{uuid.uuid4().hex[:8]}"
+    marks = [("start", time.time())]
     with _locked(url):
         try:
             index, changes, staged, listed, skipped, per_input = _read_changes(spark, url, tmp_url, locations, cfg)
             _die_at("stage")
+            marks.append(("compare_and_stage", time.time()))
             kept = [staged_from_row(r) for r in changes.kept if r["status"] == WRITTEN]
             new = [m for m in staged if m.error is None]
             gone = [index[p] for p in changes.changed] + changes.removed
@@ -286,6 +288,7 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
                           for k in (r["patient_id"], r["path"]) if k}
             known = [r["split"] for r in changes.kept if r["status"] == WRITTEN]
             duplicates, new_splits, conflicts = plan_splits(kept, known, new, cfg, remembered)
+            marks.append(("group_and_split", time.time()))
             drop = {r["path"] for r in gone if r["status"] == WRITTEN}
             carried = carry_files(url, tmp_url, drop)
             number = len(old.get("increments", []))
@@ -293,6 +296,7 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
                                          f"{tmp_url}/{STAGING}", prefix=f"part-a{number:04d}", existing=carried,
                                          local=len(new) <= LOCAL_DISTRIBUTE_ROWS)
             HadoopFS(spark, tmp_url).delete(f"{tmp_url}/{STAGING}")
+            marks.append(("write_files", time.time()))
             write_index(tmp_url, changes.kept + [index_row(m, listed[m.path], s) for m, s in
                            zip(staged, _splits_of(staged, new, new_splits))])
             rejected, skipped = _summary_lists(changes, staged, skipped)
@@ -302,7 +306,8 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
             summary["seconds"] = round(time.time() - started, 1)
             summary["increments"] = old.get("increments", []) + [dict(
                 _record(changes, new, new_splits, staged, conflicts, old["written"], len(good)),
-                seconds=summary["seconds"])]
+                seconds=summary["seconds"], phase_seconds={name: round(t - marks[i][1], 2)
+                                                           for i, (name, t) in enumerate(marks[1:])})]
             write_summary(tmp_url, summary)
             _die_at("write")
             swap_directory(spark, url, tmp_url)

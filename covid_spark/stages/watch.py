@@ -164,6 +164,10 @@ def watch(spark, directory: str, model_dir: str, output: str, config: dict, opti
         logger.info("watch: batch %d: %d files, %d with an error, %.1f s → %s", batch_id, counts["rows"],
                     counts["errors"], entry["seconds"], target)
 
+    # Spark lists a micro-batch's files again before reading them, as a Spark job of one task per file
+    # once they are more than this threshold (32): listing them on the driver costs far less.
+    listing = "spark.sql.sources.parallelPartitionDiscovery.threshold"
+    spark.conf.set(listing, str(max(32, options.max_files + 1)))
     schema = StructType([StructField("path", StringType()), StructField("modificationTime", TimestampType()),
                          StructField("length", LongType()), StructField("content", BinaryType())])
     stream = (spark.readStream.format("binaryFile").schema(schema).option("recursiveFileLookup", "true")
@@ -178,4 +182,5 @@ def watch(spark, directory: str, model_dir: str, output: str, config: dict, opti
         if query.isActive:
             query.stop()
         model_bc.unpersist()
+        spark.conf.unset(listing)
     return totals

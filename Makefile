@@ -25,7 +25,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo demo-xl preprocess train evaluate predict loso cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
+.PHONY: setup demo demo-xl preprocess train evaluate predict loso generalisation cv test test-fast bench bench-demo bench-xl cluster-up cluster-down clean
 
 setup:
 	@STACK=$(STACK) VENV=$(VENV) bash scripts/setup_env.sh
@@ -83,6 +83,12 @@ loso: setup
 	spark-submit --master '$(MASTER)' --properties-file conf/spark-local.conf \
 	  jobs/pipeline.py $(INPUTS) --run-dir runs/loso-$(SOURCE)-$(RUN_ID) --config $(or $(CONFIG),conf/demo.yaml) \
 	  --holdout-source $(SOURCE) $(if $(MODEL),--model $(MODEL)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRACKING_SET)
+
+# The honest protocol (docs/shortcuts.md): every variant of conf/variants/ left out one cxr-xl source at a
+# time, and trained on cxr-xl to be tested on cxr3; resumable; tables in runs/generalisation/tables.md.
+# Narrower: make generalisation VARIANTS="default lungcrop" SOURCES=nih EPOCHS=1 EXTERNAL=0
+generalisation: setup
+	PY=$(PY) bash scripts/generalisation.sh $(or $(R),runs/generalisation)
 
 # Patient-grouped 5-fold cross-validation over train + val of a preprocessed dataset (the test split is
 # never read), to choose a model: make cv DATASET=runs/<run>/dataset [MODEL=compact] [TRANSFORM=equalize]

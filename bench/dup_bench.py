@@ -1,15 +1,12 @@
 """python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]
 
 Near-duplicate grouping at scale: the banded ``group_duplicates`` against the all-pairs
-``group_duplicates_all_pairs`` it replaced (covid_spark/data/duplicates.py), on one thread.
-``--max-distance`` defaults to the configured ``preprocess.duplicate_distance``.
+``group_duplicates_all_pairs``, on one thread. ``--max-distance`` defaults to ``preprocess.duplicate_distance``.
 
-The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``,
-a JSON object of key -> int) or, by default, clustered synthetic 256-bit hashes (chest X-ray
-dHashes are far from uniform: many images sit within a few bits of each other), plus seeded
-copies of base hashes with 0-10 flipped bits. All-pairs is quadratic, so above
-``ALL_PAIRS_MAX`` hashes both methods are also run on a seeded subset of that size, to show
-that they agree and how far apart their times are. Prints one JSON object.
+The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``, a JSON object
+of key -> int) or clustered synthetic 256-bit hashes (chest X-ray dHashes are far from uniform), plus seeded
+copies of base hashes with 0-10 flipped bits. All-pairs is quadratic, so above ``ALL_PAIRS_MAX`` hashes both
+methods also run on a seeded subset of that size, to show that they agree. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -55,10 +52,8 @@ def synthetic_hashes(count: int = SYNTHETIC_BASE, seed: int = 0, bits: int = 256
 
 
 def grow(base: dict[str, int], total: int, seed: int = 0) -> dict[str, int]:
-    """``base`` plus seeded copies of its hashes with 0..``COPY_FLIPS`` flipped bits, ``total`` in all.
-
-    When ``base`` alone has more than ``total`` hashes, a seeded sample of ``total`` of them.
-    """
+    """``base`` plus seeded copies of its hashes with 0..``COPY_FLIPS`` flipped bits, ``total`` in all (a seeded
+    sample of ``total`` when ``base`` alone has more)."""
     rng = random.Random(seed)
     keys = sorted(base)
     if len(keys) >= total:
@@ -80,51 +75,28 @@ def _timed(function, hashes: dict[str, int], max_distance: int) -> tuple[list[li
 
 def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000, *,
                      max_distance: int, seed: int = 0) -> dict:
-    """Time banded grouping of ``total`` hashes, and check it against all-pairs.
-
-    Args:
-        real_hashes: base hashes (e.g. the dHashes of cxr-xl), or None for
-            :func:`synthetic_hashes`.
-        total: hashes to group, base plus copies (see :func:`grow`).
-        max_distance: as in ``group_duplicates``.
-        seed: for the synthetic base, the copies and the all-pairs subset.
-
-    Returns:
-        ``n``, ``seconds_banded``, ``cpu_seconds_banded`` and ``groups`` for the whole set;
-        ``all_pairs_checked_n`` (the whole set, or a subset of ``ALL_PAIRS_MAX``),
-        ``all_pairs_seconds`` and ``banded_seconds_same_set`` on it, and
-        ``same_groups_as_all_pairs``; plus ``base``, ``bits``, ``max_distance``,
-        ``largest_group`` and ``loadavg`` (1, 5, 15 minutes, at the start).
-    """
+    """Time banded grouping of ``total`` hashes (``real_hashes`` or :func:`synthetic_hashes`, grown with
+    copies by :func:`grow`), and check it against all-pairs on the whole set or a seeded subset of
+    ``ALL_PAIRS_MAX``: ``n``, ``seconds_banded``, ``cpu_seconds_banded``, ``groups``, ``largest_group``,
+    ``all_pairs_checked_n``, ``all_pairs_seconds``, ``banded_seconds_same_set``, ``same_groups_as_all_pairs``,
+    ``base``, ``bits``, ``max_distance`` and ``loadavg`` at the start."""
     loadavg = list(os.getloadavg())
-    base = synthetic_hashes(seed=seed) if real_hashes is None else real_hashes
-    hashes = grow(base, total, seed)
+    hashes = grow(synthetic_hashes(seed=seed) if real_hashes is None else real_hashes, total, seed)
     groups, seconds, cpu_seconds = _timed(group_duplicates, hashes, max_distance)
     logger.info("banded: %d hashes in %.2f s, %d groups", len(hashes), seconds, len(groups))
-    if len(hashes) <= ALL_PAIRS_MAX:
-        checked, banded_same_set = hashes, groups
-        banded_seconds_same_set = seconds
-    else:
-        subset = random.Random(seed).sample(sorted(hashes), ALL_PAIRS_MAX)
-        checked = {k: hashes[k] for k in subset}
+    checked, banded_same_set, banded_seconds_same_set = hashes, groups, seconds
+    if len(hashes) > ALL_PAIRS_MAX:
+        checked = {k: hashes[k] for k in random.Random(seed).sample(sorted(hashes), ALL_PAIRS_MAX)}
         banded_same_set, banded_seconds_same_set, _cpu = _timed(group_duplicates, checked, max_distance)
     reference, all_pairs_seconds, _cpu = _timed(group_duplicates_all_pairs, checked, max_distance)
     logger.info("all-pairs: %d hashes in %.2f s", len(checked), all_pairs_seconds)
-    return {
-        "n": len(hashes),
-        "seconds_banded": round(seconds, 3),
-        "cpu_seconds_banded": round(cpu_seconds, 3),
-        "groups": len(groups),
-        "largest_group": max((len(g) for g in groups), default=0),
-        "all_pairs_checked_n": len(checked),
-        "all_pairs_seconds": round(all_pairs_seconds, 3),
-        "banded_seconds_same_set": round(banded_seconds_same_set, 3),
-        "same_groups_as_all_pairs": banded_same_set == reference,
-        "base": "synthetic" if real_hashes is None else f"{len(real_hashes)} given hashes",
-        "bits": max(v.bit_length() for v in hashes.values()),
-        "max_distance": max_distance,
-        "loadavg": loadavg,
-    }
+    return {"n": len(hashes), "seconds_banded": round(seconds, 3), "cpu_seconds_banded": round(cpu_seconds, 3),
+            "groups": len(groups), "largest_group": max((len(g) for g in groups), default=0),
+            "all_pairs_checked_n": len(checked), "all_pairs_seconds": round(all_pairs_seconds, 3),
+            "banded_seconds_same_set": round(banded_seconds_same_set, 3),
+            "same_groups_as_all_pairs": banded_same_set == reference,
+            "base": "synthetic" if real_hashes is None else f"{len(real_hashes)} given hashes",
+            "bits": max(v.bit_length() for v in hashes.values()), "max_distance": max_distance, "loadavg": loadavg}
 
 
 def main(argv=None) -> int:

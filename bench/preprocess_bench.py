@@ -1,11 +1,7 @@
-"""Preprocessing throughput: the real Spark preprocess job against plain Python processes.
-
-The plain baselines call the job's own per-file function (``read_and_decode``: read, decode,
-resize, perceptual hash) over the same inventory, in fresh processes started before the clock
-starts, and write nothing; or (``plain_stage``, for ``bench.xl``) the job's whole first pass,
-``stage_images``, which also writes the rows to Parquet as a Spark task does. The Spark figure is
-the whole job: decode, duplicate grouping, split assignment and the Petastorm write of three splits.
-"""
+"""Preprocessing throughput: the real Spark preprocess job (decode, duplicate grouping, splits, the Petastorm
+write) against the job's own per-file code in plain processes that import everything before the clock starts:
+``plain_decode`` (``read_and_decode``, nothing written) or ``plain_stage`` (``stage_images``, the job's first
+pass, which also writes the rows to Parquet as a Spark task does)."""
 from __future__ import annotations
 
 import cProfile
@@ -20,54 +16,23 @@ import urllib.error
 import urllib.request
 from datetime import datetime
 
-from bench.memory import CpuUse, PeakRss, maxrss_mb
-from bench.procs import collect
+from bench.harness import MB, collect, fmt, pct, reap, table
+from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 logger = logging.getLogger(__name__)
 
-MB = 1024 * 1024
+# The driver's calls that make up the Spark job's wall time: the decode job, each split's write, the steps between.
+SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_splits)", "(discover)",
+                      "(materialize_dataset)", "(createDataFrame)", "(__exit__)", "(unpersist)")
 
 
-def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
-    """Body of one plain process: wait for the start signal, decode ``paths``, report."""
-    from covid_spark.stages.preprocess import read_and_decode
-
-    barrier.wait()
-    started = time.perf_counter()
-    ok = 0
-    for path in paths:
-        ok += read_and_decode(path, size, max_pixels)[0].image is not None
-    queue.put({"pid": os.getpid(), "images": len(paths), "decoded": ok,
-               "seconds": time.perf_counter() - started, "maxrss_mb": maxrss_mb()})
-
-
-def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -> dict:
-    """Decode ``paths`` split round-robin over ``processes`` independent processes at once.
-
-    Processes are spawned and import everything before a barrier; the wall time runs from
-    the barrier to the last process's report.
-    """
+def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
+    """Spawn ``target(*args, barrier, queue)`` per argument tuple, release them together at the barrier and
+    time them until each has reported: ``(reports, wall seconds, CPU use)``, the workers reaped inside the
+    CPU window so that their CPU time counts."""
     ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
-    chunks = [paths[i::processes] for i in range(processes)]
-    workers = [ctx.Process(target=_decode_worker, args=(chunk, size, max_pixels, barrier, queue), daemon=True)
-               for chunk in chunks]
-    reports, wall, cpu = run_at_barrier(workers, barrier, queue, start_timeout=120, join_timeout=30)
-    decoded = sum(r["decoded"] for r in reports)
-    if decoded != len(paths):
-        logger.warning("plain decode: %d of %d images decoded", decoded, len(paths))
-    return {"processes": processes, "images": len(paths), "decoded": decoded, "seconds": round(wall, 3),
-            "images_per_s": round(len(paths) / wall, 1),
-            "per_process": [{"images": r["images"], "seconds": round(r["seconds"], 3),
-                             "maxrss_mb": r["maxrss_mb"]} for r in reports], "cpu": cpu.result}
-
-
-def run_at_barrier(workers, barrier, queue, start_timeout: float, join_timeout: float):
-    """Start ``workers``, release them together at ``barrier`` and time them until each has reported.
-
-    Returns ``(reports, wall seconds, CpuUse)``; the workers are reaped inside the CPU window so
-    their CPU time is counted, and any still alive at the end are terminated.
-    """
+    barrier, queue = ctx.Barrier(len(args_per_worker) + 1), ctx.Queue()
+    workers = [ctx.Process(target=target, args=(*args, barrier, queue), daemon=True) for args in args_per_worker]
     for worker in workers:
         worker.start()
     try:
@@ -76,20 +41,40 @@ def run_at_barrier(workers, barrier, queue, start_timeout: float, join_timeout: 
         with CpuUse() as cpu:
             reports = collect(queue, workers)
             wall = time.perf_counter() - started
-            for worker in workers:
-                worker.join(timeout=join_timeout)
+            reap(workers, join_timeout)
     finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-    return reports, wall, cpu
+        reap(workers, 0)
+    return reports, wall, cpu.result
 
 
-def _stage_worker(location, index, processes, size, max_pixels, url, barrier, queue, hashes_path) -> None:
-    """Body of one plain staging process: list the input, take its share, wait for the start signal,
-    stage the share to ``url``, report."""
-    from covid_spark.stages.preprocess import stage_images
+def _per_process(reports: list[dict]) -> list[dict]:
+    return [{"images": r["images"], "seconds": round(r["seconds"], 3), "maxrss_mb": r["maxrss_mb"]} for r in reports]
+
+
+def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
+    from covid_spark.stages.preprocess_tasks import read_and_decode
+
+    barrier.wait()
+    started = time.perf_counter()
+    ok = sum(read_and_decode(path, size, max_pixels)[0].image is not None for path in paths)
+    queue.put({"images": len(paths), "decoded": ok, "seconds": time.perf_counter() - started,
+               "maxrss_mb": maxrss_mb()})
+
+
+def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -> dict:
+    """Decode ``paths``, split round-robin over ``processes`` independent processes at once."""
+    reports, wall, cpu = run_at_barrier(_decode_worker, [(paths[i::processes], size, max_pixels)
+                                                         for i in range(processes)], 120, 30)
+    decoded = sum(r["decoded"] for r in reports)
+    if decoded != len(paths):
+        logger.warning("plain decode: %d of %d images decoded", decoded, len(paths))
+    return {"processes": processes, "images": len(paths), "decoded": decoded, "seconds": round(wall, 3),
+            "images_per_s": round(len(paths) / wall, 1), "per_process": _per_process(reports), "cpu": cpu}
+
+
+def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path, barrier, queue) -> None:
     from covid_spark.inputs.sources import discover
+    from covid_spark.stages.preprocess_tasks import stage_images
 
     records = discover(location).records[index::processes]
     barrier.wait()
@@ -99,58 +84,40 @@ def _stage_worker(location, index, processes, size, max_pixels, url, barrier, qu
     if hashes_path:  # after the clock stops: wanted by the caller, not part of the work timed
         with open(hashes_path, "w", encoding="utf-8") as handle:
             json.dump({m.path: m.dhash for m in metas if m.dhash is not None}, handle)
-    queue.put({"pid": os.getpid(), "images": len(records), "staged": sum(m.row >= 0 for m in metas),
-               "seconds": seconds, "maxrss_mb": maxrss_mb()})
+    queue.put({"images": len(records), "staged": sum(m.row >= 0 for m in metas), "seconds": seconds,
+               "maxrss_mb": maxrss_mb()})
 
 
 def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_dir: str,
-                hashes: bool = False) -> dict:
-    """The preprocess job's first pass, ``stage_images``, in ``processes`` independent plain processes at once.
-
-    Each process lists ``location`` as the job does (``discover``), takes every ``processes``-th
-    record (alternate halves for two), and reads, decodes, resizes and hashes those files and
-    writes the good rows with pyarrow to one Parquet file in ``out_dir``, exactly as a Spark task
-    of the job does. Processes are spawned and import everything and list the input before a
-    barrier; the wall time runs from the barrier to the last process's report. This process never
-    holds the records, so its memory stays what it was. With ``hashes``, each process also writes
-    ``{path: dhash}`` to a JSON file after its clock stops; the result's ``hash_files`` names them.
-    The staged files stay in ``out_dir`` (the caller deletes it).
-    """
-    ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
+                hashes_to: str | None = None) -> dict:
+    """The job's first pass, ``stage_images``, in ``processes`` plain processes at once, each over every
+    ``processes``-th record and writing one Parquet file in ``out_dir`` (the caller deletes it). With ``hashes_to``,
+    each also writes ``{path: dhash}`` to ``<hashes_to>-<i>.json`` after its clock stops (``hash_files``)."""
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    hash_files = [os.path.join(out_dir, f"hashes-{i}.json") if hashes else None for i in range(processes)]
-    workers = [ctx.Process(target=_stage_worker, daemon=True,
-                           args=(location, i, processes, size, max_pixels,
-                                 f"file://{os.path.join(out_dir, f'plain-{i}.parquet')}", barrier, queue,
-                                 hash_files[i]))
-               for i in range(processes)]
-    reports, wall, cpu = run_at_barrier(workers, barrier, queue, start_timeout=600, join_timeout=60)
+    hash_files = [f"{hashes_to}-{i}.json" if hashes_to else None for i in range(processes)]
+    reports, wall, cpu = run_at_barrier(
+        _stage_worker, [(location, i, processes, size, max_pixels, f"file://{out_dir}/plain-{i}.parquet",
+                         hash_files[i]) for i in range(processes)], 600, 60)
     images = sum(r["images"] for r in reports)
-    written = sum(os.path.getsize(os.path.join(out_dir, name)) for name in os.listdir(out_dir)
-                  if name.endswith(".parquet"))
+    written = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir) if n.endswith(".parquet"))
     out = {"processes": processes, "images": images, "staged": sum(r["staged"] for r in reports),
            "seconds": round(wall, 3), "images_per_s": round(images / wall, 1), "written_bytes": written,
-           "written_mb": round(written / MB, 1),
-           "per_process": [{"images": r["images"], "seconds": round(r["seconds"], 3), "maxrss_mb": r["maxrss_mb"]}
-                           for r in reports], "cpu": cpu.result}
-    if hashes:
+           "written_mb": round(written / MB, 1), "per_process": _per_process(reports), "cpu": cpu}
+    if hashes_to:
         out["hash_files"] = hash_files
     return out
 
 
-def _top_functions(profile: cProfile.Profile, wanted: tuple[str, ...], limit: int = 12) -> list[dict]:
-    """Cumulative wall time of the profiled functions whose location contains one of ``wanted``."""
-    stats = pstats.Stats(profile, stream=io.StringIO())
+def _top_functions(profile: cProfile.Profile, wanted: tuple[str, ...], limit: int) -> list[dict]:
+    """Cumulative time of the profiled functions whose location contains one of ``wanted``."""
     rows = []
-    for (filename, line, name), (_cc, calls, _tt, cumulative, _callers) in stats.stats.items():
-        where = f"{filename}:{line}({name})"
-        if any(w in where for w in wanted):
+    for (filename, line, name), (_cc, calls, _tt, cumulative, _callers) in pstats.Stats(
+            profile, stream=io.StringIO()).stats.items():
+        if any(w in f"{filename}:{line}({name})" for w in wanted):
             rows.append({"function": f"{os.path.basename(filename)}:{name}", "calls": calls,
                          "seconds": round(cumulative, 3)})
-    rows.sort(key=lambda r: -r["seconds"])
-    return rows[:limit]
+    return sorted(rows, key=lambda r: -r["seconds"])[:limit]
 
 
 def _rest(spark, path: str):
@@ -167,33 +134,22 @@ def _rest(spark, path: str):
         return None
 
 
-def _when(stamp: str) -> datetime:
-    return datetime.strptime(stamp.replace("GMT", ""), "%Y-%m-%dT%H:%M:%S.%f")
-
-
-def last_job_id(spark) -> int:
-    """The id of the latest Spark job (-1 when none, or no UI to ask)."""
-    jobs = _rest(spark, "jobs") or []
-    return max((j["jobId"] for j in jobs), default=-1)
-
-
 def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
-    """Each Spark job after ``after_job_id``: its description, wall seconds and per-stage task metrics.
-
-    Per stage: ``task_s`` (sum of task wall times, which include waiting for the Python worker),
-    ``jvm_cpu_s`` (CPU of the JVM's task threads only), ``gc_s``, and MiB shuffled, written and spilled. None when
-    the session has no UI (the REST API lives there).
-    """
-    jobs = _rest(spark, "jobs")
-    stages = _rest(spark, "stages")
+    """Each Spark job after ``after_job_id``: description, wall seconds and per-stage task metrics (``task_s``
+    includes waiting for the Python worker; ``jvm_cpu_s`` is the JVM's task threads only). None without a UI."""
+    jobs, stages = _rest(spark, "jobs"), _rest(spark, "stages")
     if jobs is None or stages is None:
         return None
+
+    def when(stamp: str) -> datetime:
+        return datetime.strptime(stamp.replace("GMT", ""), "%Y-%m-%dT%H:%M:%S.%f")
+
     by_id = {st["stageId"]: st for st in stages if st.get("status") == "COMPLETE"}
     out = []
     for job in sorted((j for j in jobs if j["jobId"] > after_job_id), key=lambda j: j["jobId"]):
         seconds = None
         if job.get("completionTime") and job.get("submissionTime"):
-            seconds = round((_when(job["completionTime"]) - _when(job["submissionTime"])).total_seconds(), 3)
+            seconds = round((when(job["completionTime"]) - when(job["submissionTime"])).total_seconds(), 3)
         out.append({"job": job.get("description") or job["name"], "seconds": seconds, "tasks": job["numTasks"],
                     "stages": [{"stage": st["name"].split(" at ")[0], "tasks": st["numTasks"],
                                 "task_s": round(st["executorRunTime"] / 1000, 2),
@@ -206,18 +162,12 @@ def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
     return out
 
 
-# Driver-side calls that account for the Spark job's wall time: the decode job (collect),
-# each split's write, and the pure steps in between.
-SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_splits)", "(discover)",
-                      "(materialize_dataset)", "(createDataFrame)", "(__exit__)", "(unpersist)")
-
-
 def spark_preprocess(spark, input_location: str, output: str, config: dict) -> dict:
-    """Run the real preprocess job once; wall time, throughput, counts and a driver profile."""
+    """Run the real preprocess job once; wall time, throughput, counts, a driver profile, memory and CPU."""
     from covid_spark.stages.preprocess import preprocess
 
-    profile = cProfile.Profile()  # default timer is wall-clock: blocking JVM calls show their duration
-    first_job = last_job_id(spark)
+    profile = cProfile.Profile()  # wall-clock timer: blocking JVM calls show their duration
+    first_job = max((j["jobId"] for j in _rest(spark, "jobs") or []), default=-1)
     with PeakRss() as rss, CpuUse() as cpu:
         started = time.perf_counter()
         profile.enable()
@@ -231,34 +181,14 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
             "images_in_duplicate_groups": sum(len(g) for g in summary["duplicates"]),
             "row_groups": summary["row_groups"], "seconds": round(wall, 3),
             "images_per_s": round(summary["inputs"] / wall, 1),
-            "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS), "jobs": job_breakdown(spark, first_job),
-            "peak_rss_mb": rss.peaks,
-            "python_worker_peaks_mb": [dict(w, pid=pid) for pid, w in sorted(rss.workers.items())], "cpu": cpu.result}
-
-
-def profile_decode(paths: list[str], size: int, max_pixels: int) -> list[dict]:
-    """Where one process spends its time per image: cProfile of ``read_and_decode`` on ``paths``."""
-    from covid_spark.stages.preprocess import read_and_decode
-
-    profile = cProfile.Profile(time.process_time)
-    profile.enable()
-    for path in paths:
-        read_and_decode(path, size, max_pixels)
-    profile.disable()
-    wanted = ("(read_and_decode)", "(decode_file)", "(dhash)", "(draft)", "(load)", "(resize)",
-              "(_to_rgb)", "(_upright)", "(_open)", "(_sniff)", "(array)", "method 'read'")
-    rows = _top_functions(profile, wanted, limit=14)
-    for row in rows:
-        row["ms_per_image"] = round(1000 * row["seconds"] / max(1, len(paths)), 2)
-    return rows
+            "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS, 12), "jobs": job_breakdown(spark, first_job),
+            "peak_rss_mb": rss.peaks, "cpu": cpu.result,
+            "python_worker_peaks_mb": [dict(w, pid=pid) for pid, w in sorted(rss.workers.items())]}
 
 
 def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict) -> tuple:
-    """Start Spark and run the job on a tiny input twice; return ``(spark, costs)``.
-
-    ``spark_factory()`` builds the session. The first tiny job also starts Spark's Python
-    workers; the second is the steady per-job fixed cost subtracted for ``net`` throughput.
-    """
+    """Start Spark (``spark_factory()``) and run the job on a tiny input twice: ``(spark, costs)``. The first
+    job also starts the Python workers; the second is the fixed cost per job, subtracted for ``net`` rates."""
     from covid_spark.stages.preprocess import preprocess
 
     started = time.perf_counter()
@@ -273,24 +203,80 @@ def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict)
                    "tiny_job_first_s": round(times[0], 3), "tiny_job_s": round(times[1], 3)}
 
 
+def net_rate(run: dict, images: int, fixed_job_s: float) -> float | None:
+    """Images/s of a Spark run less the fixed cost per job; None when the run took no longer than that."""
+    net = run["seconds"] - fixed_job_s
+    return round(images / net, 1) if net > 0 else None
+
+
+def ratio(a: float | None, b: float) -> float | None:
+    return None if a is None else round(a / b, 3)
+
+
 def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
-    """Single process, two processes, then Spark, on one input; with the ratios."""
+    """One plain process, two plain processes, then the Spark job, on one input; with the ratios."""
     from covid_spark.inputs.sources import discover
 
     cfg = config["preprocess"]
     size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])
     paths = [r["path"] for r in discover(input_location).records]
-    logger.info("preprocess bench: %d images, 1 process", len(paths))
+    logger.info("preprocess bench: %d images: 1 process, 2 processes, the Spark job", len(paths))
     single = plain_decode(paths, 1, size, max_pixels)
-    logger.info("preprocess bench: %d images, 2 processes", len(paths))
     pair = plain_decode(paths, 2, size, max_pixels)
-    logger.info("preprocess bench: %d images, Spark job", len(paths))
-    spark_run = spark_preprocess(spark, input_location, output, config)
-    net_seconds = spark_run["seconds"] - fixed_job_s
-    spark_run["net_images_per_s"] = round(len(paths) / net_seconds, 1) if net_seconds > 0 else None
-    return {"images": len(paths), "input": input_location, "single": single, "pair": pair, "spark": spark_run,
-            "spark_vs_pair": round(spark_run["images_per_s"] / pair["images_per_s"], 3),
-            "spark_net_vs_pair": (round(spark_run["net_images_per_s"] / pair["images_per_s"], 3)
-                                  if spark_run["net_images_per_s"] else None),
-            "pair_vs_single": round(pair["images_per_s"] / single["images_per_s"], 3),
-            "spark_vs_single": round(spark_run["images_per_s"] / single["images_per_s"], 3)}
+    run = spark_preprocess(spark, input_location, output, config)
+    run["net_images_per_s"] = net_rate(run, len(paths), fixed_job_s)
+    return {"images": len(paths), "input": input_location, "single": single, "pair": pair, "spark": run,
+            "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
+            "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"]),
+            "pair_vs_single": ratio(pair["images_per_s"], single["images_per_s"]),
+            "spark_vs_single": ratio(run["images_per_s"], single["images_per_s"])}
+
+
+def format_fixed(fixed: dict) -> str:
+    return (f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on {fixed['tiny_job_images']}"
+            f" images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the Python workers), "
+            f"{fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates).")
+
+
+def format_sizes(entries: list[dict]) -> str:
+    """Images/s per input size: plain processes, the Spark job, the job less its fixed cost; the ratios."""
+    return table(["images", "input", "1 plain process", "2 plain processes", "Spark job", "Spark − fixed cost",
+                  "Spark / pair", "(Spark − fixed) / pair", "pair / single"],
+                 [[f"{e['images']:,}", e.get("kind") or e.get("size") or "",
+                   (e.get("single") or {}).get("images_per_s"),
+                   e["pair"]["images_per_s"], e["spark"]["images_per_s"], e["spark"]["net_images_per_s"],
+                   fmt(e["spark_vs_pair"], 2), fmt(e["spark_net_vs_pair"], 2), fmt(e.get("pair_vs_single"), 2)]
+                  for e in entries], left=(1,))
+
+
+def format_cpu(entries: list[dict]) -> str:
+    """Each run's core-seconds (ours, by process kind, per image), other users' share meanwhile, and peak RSS
+    (each plain process; the Spark job's JVM and Python workers, sampled)."""
+    rows = []
+    for e in entries:
+        for key, label in (("single", "1 plain process"), ("pair", "2 plain processes"), ("spark", "Spark job")):
+            run = e.get(key)
+            if run:
+                ours = run["cpu"]["ours_core_s"]
+                rss = ([p["maxrss_mb"] for p in run["per_process"]] if key != "spark" else
+                       [run["peak_rss_mb"]["jvm"], run["peak_rss_mb"]["spark_python_workers"]])
+                rows.append([f"{e['images']:,}: {label}", run["cpu"]["wall_s"], ours["total"],
+                             1000 * ours["total"] / e["images"], " / ".join(fmt(ours[k]) for k in (
+                                 "jvm", "spark_python_workers", "driver", "other_children")),
+                             pct(run["cpu"]["others_share"]), " / ".join(fmt(m) for m in rss)])
+    return table(["preprocess run", "wall s", "our core-s", "our core-ms per image",
+                  "JVM / Spark Python / driver / other core-s", "other users' share", "peak RSS MiB: each process "
+                  "(Spark: JVM / Python workers)"], rows, left=(0, 4, 6))
+
+
+def format_jobs(entry: dict) -> str | None:
+    """Where the Spark job's time went, job by job: wall, task and JVM CPU seconds, GC, MiB shuffled, written."""
+    jobs = entry["spark"].get("jobs")
+    if not jobs:
+        return None
+    rows = [[job["job"][:60], job["seconds"]] + [sum(s[k] for s in job["stages"]) for k in
+                                                 ("task_s", "jvm_cpu_s", "gc_s", "shuffle_write_mb", "output_mb")]
+            for job in jobs]
+    rows.append(["whole job (driver wall, incl. driver-side steps)", entry["spark"]["seconds"], "", "", "", "", ""])
+    return table([f"Spark job ({entry['images']:,} images)", "wall s", "task s", "JVM CPU s", "GC s", "shuffle MiB",
+                  "written MiB"], rows)

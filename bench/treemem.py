@@ -1,9 +1,8 @@
 """python -m bench.treemem COMMAND [ARGS...]: run a command, report its wall time and peak memory.
 
-The memory of the whole process tree (spark-submit's JVM, the Python driver, Spark's Python
-workers, Horovod ranks) is sampled every 0.2 s with psutil: the peak of the sum at one instant,
-and the peak of each kind of process (bench.memory.PeakRss's classes, seen from the outside).
-This is how the README's wall times and peak memory of the jobs on cxr-xl were measured.
+The memory of the whole process tree (spark-submit's JVM, the Python driver, Spark's Python workers,
+Horovod ranks) is sampled every 0.2 s with psutil: the peak of the sum at one instant, and the peaks of
+each kind of process, seen from the outside. `make <stage> MEASURE=1` runs a job under it.
 """
 from __future__ import annotations
 
@@ -13,6 +12,11 @@ import sys
 import time
 
 
+def _kind(line: str) -> str:
+    return ("jvm" if "java" in line.split(" ", 1)[0] else "python_driver" if "jobs/" in line else
+            "spark_python_worker" if "pyspark" in line else "horovod_rank" if "horovod" in line else "other")
+
+
 def main(argv=None) -> int:
     import psutil
 
@@ -20,10 +24,8 @@ def main(argv=None) -> int:
     if not command:
         print(__doc__, file=sys.stderr)
         return 2
-    started = time.perf_counter()
-    child = subprocess.Popen(command)
-    root = psutil.Process(child.pid)
-    peaks: dict[str, float] = {"tree": 0.0}
+    started, child = time.perf_counter(), subprocess.Popen(command)
+    root, peaks = psutil.Process(child.pid), {"tree": 0.0}
     while child.poll() is None:
         kinds: dict[str, float] = {}
         try:
@@ -32,14 +34,9 @@ def main(argv=None) -> int:
             break
         for proc in procs:
             try:
-                rss = proc.memory_info().rss / 2 ** 20
-                line = " ".join(proc.cmdline())
+                rss, kind = proc.memory_info().rss / 2 ** 20, _kind(" ".join(proc.cmdline()))
             except psutil.Error:
                 continue
-            kind = ("jvm" if "java" in line.split(" ", 1)[0] else
-                    "python_driver" if "jobs/" in line else
-                    "spark_python_worker" if "pyspark" in line else
-                    "horovod_rank" if "horovod" in line else "other")
             kinds[kind] = kinds.get(kind, 0.0) + rss
             peaks[f"largest {kind}"] = max(peaks.get(f"largest {kind}", 0.0), rss)
         for kind, total in kinds.items():
@@ -47,9 +44,8 @@ def main(argv=None) -> int:
         peaks["tree"] = max(peaks["tree"], sum(kinds.values()))
         time.sleep(0.2)
     code = child.wait()
-    report = {"exit": code, "wall_s": round(time.perf_counter() - started, 1),
-              "peak_mib": {k: round(v) for k, v in sorted(peaks.items())}}
-    print("treemem: " + json.dumps(report), file=sys.stderr)
+    print("treemem: " + json.dumps({"exit": code, "wall_s": round(time.perf_counter() - started, 1),
+                                    "peak_mib": {k: round(v) for k, v in sorted(peaks.items())}}), file=sys.stderr)
     return code
 
 

@@ -165,6 +165,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
                                      "(empty: off)"),
         "views": Field(str, "views to keep, e.g. PA,AP (unknown views are kept unless -unknown is listed; "
                             "empty: every view); preprocess and predict"),
+        "border_crop": Field(float, "fraction of each side of the film trimmed before resizing (0: none): the "
+                                    "edge is where collections put markers and text", minimum=0, maximum=0.3),
+        "lung_crop": Field(bool, "crop every image to its lungs (the shipped segmenter, docs/lungs.md) plus "
+                                 "preprocess.lung_crop_margin; evaluate and predict see the same crop"),
+        "lung_crop_margin": Field(float, "margin around the lungs' box, as a fraction of the image", minimum=0,
+                                  maximum=0.5),
     },
     "train": {
         "model": Field(str, "architecture (covid_spark.models.registry.REGISTRY)", choices=_model_names),
@@ -186,6 +192,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "threads_per_rank": Field(int, "TensorFlow threads per rank (0: cores / num_proc)", minimum=0),
         "shuffle_buffer": Field(int, "images in each rank's shuffle buffer (0 or 1: no shuffling)", minimum=0),
         "gradient_compression": Field(str, "fp16: Horovod sends gradients as float16", choices=("none", "fp16")),
+        "source_cap": Field(float, "the most a source may be of a class in each epoch's train stream (images of "
+                                   "larger sources are sampled out); 0 = off", minimum=0, maximum=1),
+        "adversary": Field(float, "strength of an adversarial source head with gradient reversal, which trains "
+                                  "the features to hide the image's source (docs/shortcuts.md); 0 = off", minimum=0),
         "input_norm": Field(str, "equalize: per-image histogram equalisation inside the model",
                             choices=_input_norms),
         "per_model": PerModel("each architecture's own train values (models.REGISTRY), which replace the "
@@ -202,6 +212,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "evaluate": {
         "bootstrap": Field(int, "bootstrap resamples of the 95% intervals", minimum=1),
+        "audit": Field(bool, "the shortcut audit in every evaluation: source probe, lungs-removed and lungs-only "
+                             "scores, Grad-CAM energy inside the lungs (docs/shortcuts.md)"),
+        "audit_images": Field(int, "at most this many evaluated images are audited, drawn per class and source",
+                              minimum=10),
+        "audit_cam_images": Field(int, "images whose Grad-CAM energy is measured (a sample of the audited ones)",
+                                  minimum=1),
     },
     "tracking": {
         "mlflow_uri": Field(str, "MLflow tracking: empty (off, unless MLFLOW_TRACKING_URI is set), 'local' (an "

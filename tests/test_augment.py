@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covid_spark.training.weights import tfdata as data
+from covid_spark.training import tfdata as data
 
 tf = pytest.importorskip("tensorflow")
 

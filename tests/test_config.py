@@ -6,7 +6,8 @@ from covid_spark.config import load_config, override
 
 def test_defaults_and_override(tmp_path):
     config = load_config()
-    assert config["preprocess"]["image_size"] == 224 and config["evaluate"] == {"bootstrap": 1000}
+    assert config["preprocess"]["image_size"] == 224 and config["evaluate"]["bootstrap"] == 1000
+    assert config["evaluate"]["audit"] is True and config["preprocess"]["lung_crop"] is False
     changed = override(config, "train", {"epochs": 3, "model": None})
     assert changed["train"]["epochs"] == 3 and changed["train"]["model"] == config["train"]["model"]
     assert config == load_config()  # override returns a copy; the original is untouched
@@ -107,8 +108,8 @@ def test_set_reaches_nested_keys_and_per_model_groups():
 
 
 @pytest.mark.parametrize("pair, message", [
-    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: augment, batch_size,"),
-    ("evaluate.split=val", "unknown config key 'evaluate.split' (known: bootstrap)"),  # removed: read by nothing
+    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: adversary, augment, batch_size,"),
+    ("evaluate.split=val", "unknown config key 'evaluate.split' (known: audit, audit_cam_images, audit_images, bootstrap)"),
     ("classes=[a, b]", "unknown config key 'classes' (known: evaluate, preprocess, tracking, train)"),  # removed too
     ("train.augment.rotate=5", "unknown config key 'train.augment.rotate'"),
     ("train.per_model.resnet.epochs=3", "unknown config key 'train.per_model.resnet' (known: compact, "),

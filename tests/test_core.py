@@ -13,7 +13,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from covid_spark.training.weights import core  # noqa: E402
+from covid_spark.training import core  # noqa: E402
 from covid_spark.data.rundir import RunDir  # noqa: E402
 
 

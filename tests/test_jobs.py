@@ -354,7 +354,7 @@ JOB_ARGS = {"preprocess": ["--input", "i", "--output", "o"], "train": ["--datase
 
 @pytest.mark.parametrize("name", sorted(JOB_ARGS))
 @pytest.mark.parametrize("pair, message", [
-    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: augment, batch_size, class_weights, "),
+    ("train.epohcs=3", "unknown config key 'train.epohcs' (known: adversary, augment, batch_size, class_weights, "),
     ("train.epochs=five", "config key 'train.epochs' must be an integer >= 1, found 'five'"),
     ("train.per_model.compact.learning_rate=-1", "config key 'train.per_model.compact.learning_rate' must be a "
                                                  "number > 0, found -1"),

@@ -165,7 +165,7 @@ class CountingModel:
 
 
 def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monkeypatch):
-    from covid_spark.training.tfdata import dataset as data
+    from covid_spark.data import dataset as data
     from covid_spark.stages import evaluate
     from covid_spark.data.rundir import RunDir
     from covid_spark.evaluation.metrics import (bootstrap_ci, expected_calibration_error, fit_temperature, metrics_by_group,
@@ -179,13 +179,16 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
     y = test["label"].astype(int)
 
     counting = CountingModel(model)
-    monkeypatch.setattr(RunDir, "load_model", lambda self: counting)
+    monkeypatch.setattr(evaluate, "load_model", lambda run: counting)
 
     def refuse(*args, **kwargs):
         raise AssertionError("evaluate must not load a whole split")
 
     monkeypatch.setattr(data, "load_split", refuse)
-    metrics = evaluate.evaluate(tiny["dataset"], tiny["model_dir"], tiny["config"], "test", overwrite=True)
+    from covid_spark.config import override
+
+    config = override(tiny["config"], "evaluate", {"audit": False})  # the audit scores the images again
+    metrics = evaluate.evaluate(tiny["dataset"], tiny["model_dir"], config, "test", overwrite=True)
     assert counting.calls and max(counting.calls) <= 32
     assert sum(counting.calls) == len(y) + len(val["label"])
 
@@ -220,7 +223,7 @@ def test_evaluate_streams_and_matches_whole_split_computation(tiny, model, monke
 def test_gradcam_gallery_reads_only_its_examples(tiny, model, monkeypatch, tmp_path):
     from PIL import Image
 
-    from covid_spark.training.tfdata import dataset as data
+    from covid_spark.data import dataset as data
     from covid_spark.stages.evaluate import evaluate
     from covid_spark.evaluation.explain import grad_cam, overlay
     from covid_spark.stages.report import gradcam_gallery, pick_examples
@@ -234,8 +237,10 @@ def test_gradcam_gallery_reads_only_its_examples(tiny, model, monkeypatch, tmp_p
         requested.append(kwargs.get("paths"))
         return streaming(*args, **kwargs)
 
+    from covid_spark.stages import report
+
     monkeypatch.setattr(data, "load_split", lambda *a, **k: pytest.fail("the gallery must not load a whole split"))
-    monkeypatch.setattr(data, "iter_split_batches", spy)
+    monkeypatch.setattr(report, "iter_split_batches", spy)  # the name the gallery reads through
     items, layer = gradcam_gallery(model, tiny["dataset"], metrics, str(tmp_path / "gradcam"))
 
     probs = np.array(metrics["predictions"]["probs"])

@@ -24,5 +24,7 @@ XraySchema = Unischema("XraySchema", [
     UnischemaField("dhash", np.str_, (), ScalarCodec(StringType()), False),
     # PA, AP, LATERAL, ... or "" when unknown (covid_spark.inputs.views): the manifest's view, else DICOM ViewPosition.
     UnischemaField("view", np.str_, (), ScalarCodec(StringType()), False),
+    # With preprocess.lung_crop: the lung box and mask summary as JSON (covid_spark.lungs.framing); "" otherwise.
+    UnischemaField("lungs", np.str_, (), ScalarCodec(StringType()), False),
     UnischemaField("split", np.str_, (), ScalarCodec(StringType()), False),
 ])

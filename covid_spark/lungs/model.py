@@ -81,8 +81,9 @@ def save_weights_npz(model, path: str, config: dict) -> None:
         np.savez_compressed(handle, **arrays)
 
 
-def load_weights_npz(path: str):
-    """The model saved by :func:`save_weights_npz` at ``path``, rebuilt and with its weights set.
+def load_weights_npz(path):
+    """The model saved by :func:`save_weights_npz` at ``path`` (a file name or an open binary file),
+    rebuilt and with its weights set.
 
     Raises:
         ValueError: if the file's arrays do not match the rebuilt model (a layer missing, a shape differs).

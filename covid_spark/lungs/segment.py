@@ -6,8 +6,10 @@ a closure, so nothing of TensorFlow is pickled; TensorFlow itself is imported on
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
+from importlib import resources
 import threading
 
 import numpy as np
@@ -74,19 +76,24 @@ def prepare(images: np.ndarray, size: int) -> np.ndarray:
 def load_model(weights: str | None = None):
     """The segmenter for ``weights`` (the shipped file by default), loaded once per process.
 
+    The shipped weights are read through the package's resources, so they load from an installed
+    package, a wheel or the zip shipped to Spark executors with ``--py-files`` alike.
+
     Raises:
         InputError: if the weights file does not exist (the message names it).
     """
-    path = os.path.abspath(weights or DEFAULT_WEIGHTS)
+    key = os.path.abspath(weights) if weights else DEFAULT_WEIGHTS
     with _lock:
-        if path not in _models:
-            if not os.path.isfile(path):
-                raise InputError(f"lung segmenter weights not found: {path} "
-                                        f"(train them with python -m covid_spark.lungs.train)")
+        if key not in _models:
+            source = resources.files("covid_spark.lungs").joinpath("weights", os.path.basename(DEFAULT_WEIGHTS)) \
+                if weights is None else None
+            if not (source.is_file() if source is not None else os.path.isfile(key)):
+                raise InputError(f"lung segmenter weights not found: {key} "
+                                 f"(train them with python -m covid_spark.lungs.train)")
             from covid_spark.lungs.model import load_weights_npz  # pulls in TensorFlow (heavy)
-            _models[path] = load_weights_npz(path)
-            log.info("lung segmenter loaded from %s", path)
-        return _models[path]
+            _models[key] = load_weights_npz(io.BytesIO(source.read_bytes()) if source is not None else key)
+            log.info("lung segmenter loaded from %s", key)
+        return _models[key]
 
 
 def segment(images: np.ndarray, batch_size: int = 32, weights: str | None = None) -> np.ndarray:

@@ -13,6 +13,7 @@ import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from covid_spark.data.storage import atomic_write_text
+from covid_spark.report.audit import audit_summary_table
 from covid_spark.report.summary import PathNames, inputs_of, patient_id_counts, sources_of, summary_classes
 from covid_spark.report.tables import (
     Table,
@@ -409,6 +410,12 @@ def write_model_card(path: str, *, run: dict, metrics: dict, dataset_summary: di
     if parts(metrics):
         out += ["### Per input, and the part split per patient", ""]
         out += _md_of(group_table(parts(metrics), classes, first="part"))
+
+    if metrics.get("audit"):
+        audit = metrics["audit"]
+        out += ["## Shortcut audit", "", f"**{audit['verdict']['status'].capitalize()}.**", ""]
+        out += _md_of(audit_summary_table(audit))
+        out += ["Per class and per source: the HTML report and `metrics.json` (`audit`).", ""]
 
     out += ["## Known limitations", ""]
     out += [f"- {names.text(item)}" for item in data_limitations(dataset_summary, metrics, source_notes)] + [""]

@@ -22,6 +22,7 @@ import jinja2
 from markupsafe import Markup, escape
 
 from covid_spark.data.storage import atomic_write_text
+from covid_spark.report.audit import audit_detail_tables, audit_summary_table
 from covid_spark.report.card import data_limitations, source_confounding
 from covid_spark.report.summary import PathNames
 from covid_spark.report.tables import (
@@ -110,6 +111,9 @@ def render_html_report(
         "parts": group_table(parts(metrics), classes, first="part") if parts(metrics) else None,
         "figures": figure_items,
         "dataset": summary_tables(dataset_summary, classes) if dataset_summary else [],
+        "audit": metrics.get("audit"),
+        "audit_summary": audit_summary_table(metrics["audit"]) if metrics.get("audit") else None,
+        "audit_details": audit_detail_tables(metrics["audit"]) if metrics.get("audit") else [],
         "limitations": [names.text(item) for item in data_limitations(dataset_summary, metrics, source_notes)],
         "gradcam": gallery,
         "gradcam_layer": gradcam_layer or "unknown",

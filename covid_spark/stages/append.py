@@ -53,7 +53,8 @@ FAIL_ENV = "COVID_SPARK_FAIL_APPEND"
 LOCAL_DISTRIBUTE_ROWS = 5000
 # Keys that decide what a row holds or where it goes: an increment must use the dataset's own.
 FIXED_KEYS = ("image_size", "max_pixels", "views", "duplicate_distance", "val_fraction", "test_fraction",
-              "seed", "holdout_source", "skip_unknown_classes", "rows_per_row_group")
+              "seed", "holdout_source", "skip_unknown_classes", "rows_per_row_group", "border_crop", "lung_crop",
+              "lung_crop_margin")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from covid_spark.evaluation.metrics import (
     metrics_by_group,
     softmax,
 )
+from covid_spark.evaluation.shortcuts import audit_dataset, held_out_source
 from covid_spark.inputs.sources import as_locations
 from covid_spark.models.saved import load_model
 from covid_spark.tracking.tracker import log_evaluation
@@ -184,6 +185,11 @@ def evaluate(dataset: str, model_dir: str, config: dict, split: str,
         metrics["near_copies"] = exclusion
     if split not in ("val", "all") and summary["per_split"].get("val", 0):
         metrics.update(_calibration(model, dataset, data))
+    if config["evaluate"]["audit"]:
+        metrics["audit"] = audit_dataset(model, dataset, splits, data, CLASSES, config)
+        holdout = summary.get("config", {}).get("holdout_source")
+        if holdout:
+            metrics["audit"]["held_out_source"] = held_out_source(metrics, holdout)
     metrics["predictions"] = metrics.pop("predictions")  # the long part last
     atomic_write_json(output, metrics)
     if in_run_dir:  # a file written elsewhere (--output: another collection) is not this run's evaluation

@@ -14,6 +14,7 @@ from covid_spark.data.storage import refuse_existing
 from covid_spark.errors import InputError
 from covid_spark.inputs.sources import discover
 from covid_spark.inputs.views import ViewFilter
+from covid_spark.lungs.framing import Framing
 from covid_spark.stages.predict_tasks import predict_partition
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
     if not os.path.exists(run_dir.model):
         raise FileNotFoundError(f"{run_dir.model} not found: train a model into {model_dir} first")
     with open(run_dir.run_json, encoding="utf-8") as handle:
-        size = int(json.load(handle)["image_size"])
+        run = json.load(handle)
+    size, framing = int(run["image_size"]), Framing(**run.get("framing", {}))
     with open(run_dir.model, "rb") as handle:
         model_bytes = handle.read()
     inventory = discover(input_locations, labelled=False,
@@ -167,7 +169,8 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
     slices = partition_count(len(records), sc.defaultParallelism)
     sc.setJobDescription(f"predict {len(records)} files")
     scored = sc.parallelize(records, slices).mapPartitions(
-        lambda part: predict_partition(part, model_bc.value, size, max_pixels, batch_size, 1, explain_dir, views))
+        lambda part: predict_partition(part, model_bc.value, size, max_pixels, batch_size, 1, explain_dir, views,
+                                       framing))
     counts = {"rows": 0, "errors": 0}
 
     def in_path_order(rows):

@@ -15,6 +15,7 @@ import numpy as np
 from covid_spark.constants import CLASSES
 from covid_spark.data.rundir import RunDir
 from covid_spark.inputs.images import read_image
+from covid_spark.lungs.framing import Framing, frame_images, read_size
 from covid_spark.models.saved import load_model
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,14 @@ def cached_model(model_bytes: bytes):
 
 def predict_partition(records: Iterable[tuple], model_bytes: bytes, size: int, max_pixels: int,
                       batch_size: int, threads: int = 1, explain_dir: str | None = None,
-                      views=None) -> Iterator[tuple]:
+                      views=None, framing: Framing = Framing()) -> Iterator[tuple]:
     """mapPartitions body: decode with the preprocess code, score in batches, one row per record, in order.
 
     ``records`` are ``(path, skip_reason, listed_view)``; a skipped, unreadable or view-filtered
     (``views``, a ``views.ViewFilter``) file gets its error row in its place, so rows leave in the
     order records came. With ``explain_dir``, also writes one Grad-CAM overlay PNG per readable image
-    there.
+    there. ``framing`` (``lungs.framing.Framing``, the model's dataset's) trims or crops each image
+    as preprocess did.
     """
     set_tf_threads(threads)
     model = cached_model(model_bytes)
@@ -97,8 +99,9 @@ def predict_partition(records: Iterable[tuple], model_bytes: bytes, size: int, m
         if skip:
             pending.append((path, None, skip))
         else:
-            read = read_image(path, size, max_pixels, views=views, listed_view=view)
-            pending.append((path, read.image, read.error or read.excluded))
+            read = read_image(path, read_size(size, framing), max_pixels, views=views, listed_view=view)
+            image = read.image if read.image is None else frame_images([read.image], size, framing)[0][0]
+            pending.append((path, image, read.error or read.excluded))
             images += read.image is not None
         # Rows leave in input order, so an error row waits for the batch it sits in to be scored;
         # flushing at 4 batches' worth of entries bounds that wait when many files in a row fail.

@@ -41,6 +41,7 @@ from covid_spark.errors import ConfigError
 from covid_spark.inputs.dicom import Pseudonyms, require_no_patient_ids
 from covid_spark.inputs.sources import count_per_input, discover
 from covid_spark.inputs.views import ViewFilter
+from covid_spark.lungs.framing import Framing
 from covid_spark.stages.preprocess_tasks import Staged, distribute_files, stage_partition
 
 logger = logging.getLogger(__name__)
@@ -143,11 +144,12 @@ def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudon
     task would run alone. Memory does not grow with a task's size (streamed).
     """
     size, max_pixels, found = cfg["image_size"], cfg["max_pixels"], len(records)
+    framing = Framing(cfg["border_crop"], cfg["lung_crop"], cfg["lung_crop_margin"])
     cores = max(1, sc.defaultParallelism)
     slices = max(1, min(found, cores * math.ceil(found / (STAGE_TASK_IMAGES * cores))))
     sc.setJobDescription(f"decode and stage {found} images")
     staged = (sc.parallelize(records, slices).mapPartitionsWithIndex(
-        lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms)).collect())
+        lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms, framing)).collect())
     if len(staged) != found:
         raise RuntimeError(f"internal error: {len(staged)} results for {found} input files")
     staged.sort()  # by path (the first field)

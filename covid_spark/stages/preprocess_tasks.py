@@ -22,6 +22,7 @@ from covid_spark.data.duplicates import HASH_SIZE, dhash
 from covid_spark.data.fileindex import fingerprint
 from covid_spark.inputs.images import read_image
 from covid_spark.inputs.sources import patient_key
+from covid_spark.lungs.framing import Framing, frame_images, read_size
 
 # Test hook: when set to a file path that does not exist yet, the first Python worker to
 # decode creates it and dies, so a test can show that Spark's task retry loses nothing.
@@ -70,7 +71,7 @@ def arrow_schema(with_split: bool = True):
 
     fields = [pa.field("image", pa.binary(), nullable=False), pa.field("label", pa.int32(), nullable=False)]
     fields += [pa.field(name, pa.string(), nullable=False)
-               for name in ("label_name", "patient_id", "source", "path", "dhash", "view")]
+               for name in ("label_name", "patient_id", "source", "path", "dhash", "view", "lungs")]
     if with_split:
         fields.append(pa.field("split", pa.string(), nullable=False))
     return pa.schema(fields)
@@ -90,13 +91,15 @@ def _open_writer(url: str, schema):
 
 
 def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
-                 rows_per_group: int = STAGE_ROWS_PER_GROUP, views=None, pseudonyms=None) -> Iterator[Staged]:
+                 rows_per_group: int = STAGE_ROWS_PER_GROUP, views=None, pseudonyms=None,
+                 framing: Framing = Framing()) -> Iterator[Staged]:
     """Decode each record's file; write good images as rows of one Parquet file at ``url``.
 
     Yields one :class:`Staged` per record, in order (``file`` None: the caller knows ``url``).
     The file is closed before the last one is yielded, and only created when some image is good.
     ``views`` (a ``views.ViewFilter``) leaves files out; ``pseudonyms`` (``dicom.Pseudonyms``) turns
-    DICOM PatientIDs into the patient id of a record that has none from its manifest.
+    DICOM PatientIDs into the patient id of a record that has none from its manifest. ``framing``
+    (``lungs.framing.Framing``) trims the border or crops to the lungs; the hash is of the whole image.
     """
     import pyarrow as pa
 
@@ -120,14 +123,16 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
     try:
         for record in records:
             stat = fingerprint(record["path"])  # before decoding: a later change shows as a new stat
-            read, digest = read_and_decode(record["path"], size, max_pixels, views, record.get("view", ""),
-                                           pseudonyms)
+            read, digest = read_and_decode(record["path"], read_size(size, framing), max_pixels, views,
+                                           record.get("view", ""), pseudonyms)
             source = record["source"] or ""
             patient = record["patient_id"] or (patient_key(source, read.patient_id) if read.patient_id else "")
             row = -1
             if read.image is not None:
                 row, rows = rows, rows + 1
-                columns["image"].append(bytes(image_field.codec.encode(image_field, stored_image(read.image))))
+                (image,), (lungs,) = frame_images([read.image], size, framing)
+                columns["image"].append(bytes(image_field.codec.encode(image_field, stored_image(image))))
+                columns["lungs"].append(lungs)
                 columns["label"].append(CLASSES.index(record["label"]))
                 columns["label_name"].append(record["label"])
                 columns["patient_id"].append(patient)
@@ -150,7 +155,7 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
 
 
 def stage_partition(index: int, records: Iterable[dict], size: int, max_pixels: int,
-                    staging_url: str, views=None, pseudonyms=None) -> Iterator[Staged]:
+                    staging_url: str, views=None, pseudonyms=None, framing: Framing = Framing()) -> Iterator[Staged]:
     """mapPartitionsWithIndex body: one staged file per task attempt, named so attempts never collide."""
     marker = os.environ.get(FAIL_ONCE_ENV)
     if marker and not os.path.exists(marker):
@@ -158,7 +163,7 @@ def stage_partition(index: int, records: Iterable[dict], size: int, max_pixels: 
         os._exit(3)
     name = f"stage-{index:05d}-{uuid.uuid4().hex[:12]}.parquet"
     for staged in stage_images(records, size, max_pixels, f"{staging_url}/{name}", views=views,
-                               pseudonyms=pseudonyms):
+                               pseudonyms=pseudonyms, framing=framing):
         yield staged._replace(file=name) if staged.row >= 0 else staged
 
 

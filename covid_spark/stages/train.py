@@ -19,12 +19,13 @@ from covid_spark.data.rundir import CHECKPOINT_STATE, RunDir, git_commit, versio
 from covid_spark.data.storage import atomic_write_json, exists_error, to_url
 from covid_spark.engines.registry import ENGINES, resolve_engine
 from covid_spark.errors import ConfigError, DatasetError, InputError
+from covid_spark.lungs.framing import Framing
 from covid_spark.models.registry import provenance
 from covid_spark.stages.train_rank import train_fn
 from covid_spark.tracking.serving import export_run
 from covid_spark.tracking.tracker import log_training
 from covid_spark.training.job import TrainJob
-from covid_spark.training.weights import class_weights
+from covid_spark.training.weights import class_weights, source_keep_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def make_job(cfg: dict, summary: dict, dataset: str, steps: int, threads: int, c
         steps_per_epoch=steps, shuffle_buffer=cfg["shuffle_buffer"], augment=dict(cfg["augment"]),
         class_weight=class_weights(summary["per_split_class"]["train"], cfg["class_weights"]),
         val_rows=summary["per_split"].get("val", 0), val_row_groups=summary["row_groups"].get("val", 0),
-        checkpoint_dir=checkpoint_dir, compression=cfg["gradient_compression"], input_norm=cfg["input_norm"])
+        checkpoint_dir=checkpoint_dir, compression=cfg["gradient_compression"], input_norm=cfg["input_norm"],
+        source_keep=source_keep_probabilities(summary.get("per_source_class", {}), cfg["source_cap"]),
+        adversary=cfg["adversary"], sources=tuple(sorted(summary.get("per_source", {}))) if cfg["adversary"] else ())
 
 
 def _check_dataset(summary: dict, dataset: str, num_proc: int, batch: int) -> int:
@@ -154,6 +157,7 @@ def run_training(spark, dataset: str, model_dir: str, config: dict,
         | {"rejected": len(summary["rejected"]), "skipped": len(summary["skipped"]),
            "duplicate_groups": len(summary.get("duplicates", []))},
         "pretrained": provenance(cfg["model"]),
+        "framing": Framing.of(summary.get("config", {})).as_dict(),  # predict frames new images the same way
         "config": config, "versions": versions(), "git_commit": commit,
         "resumed_from_epoch": state["epoch"] if state else None,
         "ranks_in_sync": in_sync,  # every rank ended with the same trainable weights (weights_digest)

@@ -104,15 +104,21 @@ def train_fn(job: TrainJob) -> dict:
         size_px = job.image_size
         model = make_model(job.model, input_shape=(size_px, size_px, 3), num_classes=len(CLASSES),
                            input_norm=job.input_norm)
+        trained = model  # what is fitted: the classifier, or the classifier with the adversarial source head
+        if job.adversary:
+            from covid_spark.training.adversary import AdversarialTrainer  # imports TensorFlow: only when this runs
+
+            trained = AdversarialTrainer(model, len(job.sources), job.adversary)
         if job.resume_weights:
-            model.load_weights(job.resume_weights)
+            trained.load_weights(job.resume_weights)
         val, val_steps = _val_dataset(job, rank, size, equal_steps=dist.distributes_datasets)
         history = {k: list(v) for k, v in job.resume_history.items()}
         reader, train_ds = make_train_dataset(job.dataset, job.batch_size, job.augment,
                                               seed=job.seed + rank, shard=rank, shard_count=size,
-                                              shuffle_buffer=job.shuffle_buffer)
+                                              shuffle_buffer=job.shuffle_buffer, source_keep=job.source_keep,
+                                              source_names=job.sources)
         with reader:
-            fitted = fit_model(model, train_ds, epochs=job.epochs, steps_per_epoch=job.steps_per_epoch,
+            fitted = fit_model(trained, train_ds, epochs=job.epochs, steps_per_epoch=job.steps_per_epoch,
                                learning_rate=job.learning_rate * size, ranks=size,
                                warmup_epochs=job.warmup_epochs, lr_schedule=job.lr_schedule, val_ds=val,
                                class_weight=job.class_weight, patience=job.patience,

@@ -38,6 +38,9 @@ class TrainJob:
     checkpoint_dir: str
     compression: str                     # Horovod's gradient compression: none or fp16
     input_norm: str
+    source_keep: Mapping[str, float] = field(default_factory=dict)  # "<class>/<source>" → keep probability
+    adversary: float = 0.0               # strength of the adversarial source head (0: none)
+    sources: tuple[str, ...] = ()        # the train split's sources, the head's classes
     initial_epoch: int = 0               # > 0 when resuming from a checkpoint
     resume_history: Mapping[str, list] = field(default_factory=dict)
     resume_weights: str | None = None

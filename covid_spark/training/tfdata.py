@@ -88,16 +88,26 @@ def augment_dataset(ds, augment: dict, seed: int):
 
     if not any(augment.values()):
         return ds
+    def augmented(xy, i):  # x is the image, or (image, source id) for the adversarial head
+        x, y = xy
+        image = x[0] if isinstance(x, tuple) else x
+        image = augment_batch(image, tf.stack([tf.constant(seed, tf.int64), i]), augment)
+        return ((image, x[1]) if isinstance(x, tuple) else image), y
+
     numbered = tf.data.Dataset.zip((ds, tf.data.Dataset.counter()))
-    return numbered.map(
-        lambda xy, i: (augment_batch(xy[0], tf.stack([tf.constant(seed, tf.int64), i]), augment), xy[1]),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return numbered.map(augmented, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def make_train_dataset(dataset: str, batch_size: int, augment: dict, seed: int,
                        shard: int | None = None, shard_count: int | None = None, *,
-                       shuffle_buffer: int):
+                       shuffle_buffer: int, source_keep: dict[str, float] | None = None,
+                       source_names: tuple[str, ...] = ()):
     """An endless, shuffled, augmented ``(image, label)`` tf.data pipeline over one train shard.
+
+    ``source_keep`` (``"<class index>/<source>"`` → probability, from
+    ``training.weights.source_keep_probabilities``) thins the stream, each image kept with its
+    (class, source)'s probability, seeded; sources it does not name are kept. With ``source_names``
+    the elements are ``((image, source id), label)``, for ``training.adversary.AdversarialTrainer``.
 
     Returns ``(reader, dataset)``; the caller closes the reader (use it as a context manager).
     Endless (``num_epochs=None``) so that every Horovod rank can run the same number of
@@ -109,17 +119,43 @@ def make_train_dataset(dataset: str, batch_size: int, augment: dict, seed: int,
 
     from covid_spark.data.schema import XraySchema  # imports Petastorm: only when this runs
 
-    reader = make_reader(split_url(dataset, "train"), schema_fields=[XraySchema.image, XraySchema.label],
+    with_source = bool(source_keep or source_names)
+    fields = [XraySchema.image, XraySchema.label] + ([XraySchema.source] if with_source else [])
+    reader = make_reader(split_url(dataset, "train"), schema_fields=fields,
                          num_epochs=None,
                          shuffle_row_groups=True, seed=seed, cur_shard=shard, shard_count=shard_count,
                          reader_pool_type="thread", workers_count=1)
     def three_channels(row):  # a grey image is stored with one channel (schema.py)
         image = row.image
         image = tf.broadcast_to(image, tf.concat([tf.shape(image)[:2], [3]], axis=0))
-        return tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32), row.label
+        image = tf.cast(tf.ensure_shape(image, [None, None, 3]), tf.float32)
+        return (image, row.label, row.source) if source_names else (image, row.label)
 
-    ds = make_petastorm_dataset(reader).map(three_channels)
+    ds = make_petastorm_dataset(reader)
+    if source_keep:
+        ds = ds.filter(source_sampler(source_keep, seed))
+    ds = ds.map(three_channels)
+    if source_names:
+        from covid_spark.training.adversary import with_source_ids  # imports TensorFlow: only when this runs
+
+        ds = with_source_ids(ds, source_names)
     if shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed)
     ds = augment_dataset(ds.batch(batch_size, drop_remainder=True), augment, seed)
     return reader, ds.prefetch(tf.data.AUTOTUNE)
+
+
+def source_sampler(source_keep: dict[str, float], seed: int):
+    """A ``tf.data`` filter predicate keeping a row with its ``"<label>/<source>"`` probability."""
+    import tensorflow as tf
+
+    table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(sorted(source_keep)), tf.constant([source_keep[k] for k in sorted(source_keep)], tf.float32)),
+        default_value=1.0)
+    generator = tf.random.Generator.from_seed(seed)
+
+    def keep(row):
+        key = tf.strings.join([tf.strings.as_string(row.label), "/", row.source])
+        return generator.uniform([]) < table.lookup(key)
+
+    return keep

@@ -1,0 +1,213 @@
+"""What every benchmark shares: paths, the Spark session, facts about the machine, spawned processes,
+saving results, Markdown tables, and the one table of goals with the verdicts judged against it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue as queue_module
+import time
+import timeit
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "..", "shared", "data")
+RESULTS = os.path.join(REPO, "bench", "results.json")
+SCRATCH = os.path.join(REPO, "bench", "tmp")
+FIXED_COST_IMAGES = 6  # the tiny input whose job time is Spark's fixed cost per preprocess job
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A figure a benchmark measures, the target it must reach and the direction that counts as met."""
+
+    what: str
+    direction: str  # ">=": the figure must be at least the target; "<=": at most
+    target: float
+
+    @property
+    def rule(self) -> str:
+        return f"{'≥' if self.direction == '>=' else '≤'} {self.target:g}"
+
+    def met(self, measured: float) -> bool:
+        return measured >= self.target if self.direction == ">=" else measured <= self.target
+
+
+GOALS = {
+    "preprocess_spark_vs_pair": Goal("preprocess: Spark job / two plain processes, largest size", ">=", 0.8),
+    "read_vs_train": Goal("read: Petastorm → tf.data images/s / one rank's training rate", ">=", 5.0),
+    "train_efficiency": Goal("training: 2 ranks / two independent processes", ">=", 0.9),
+    "preprocess_net_vs_pair": Goal("preprocess: (Spark job − its fixed cost) / two plain processes", ">=", 0.8),
+    "memory_growth": Goal("memory: peak at the largest size / at the reference size", "<=", 1.3),
+    "duplicates_s": Goal("duplicate grouping on one core, seconds", "<=", 10.0),
+    "predict_vs_plain": Goal("predict: Spark / (parallelism × one plain process)", ">=", 0.8),
+}
+
+
+def verdict(key: str, measured: float | None, subject: str = "", detail: str = "") -> dict | None:
+    """``measured`` judged against ``GOALS[key]`` (``subject``: what was measured); None when nothing was."""
+    if measured is None:
+        return None
+    goal = GOALS[key]
+    met = goal.met(measured)
+    return {"key": key, "goal": f"{goal.what} {goal.rule}" + (f" ({subject})" if subject else ""),
+            "measured": measured, "direction": goal.direction, "target": goal.target, "met": met,
+            "miss_pct": None if met else round(100 * abs(measured - goal.target) / goal.target, 1), "detail": detail}
+
+
+def verdict_table(verdicts: list[dict]) -> str:
+    return table(["goal", "measured", "target", "met"],
+                 [[v["goal"], fmt(float(v["measured"]), 2), f"{v['direction']} {v['target']:g}",
+                   "yes" if v["met"] else f"**no**, {v['miss_pct']:g} % off"] for v in verdicts], left=(0, 3))
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def speed_reference(repeats: int = 3) -> dict:
+    """Single-core rates of fixed workloads (best of ``repeats``), to compare absolute times across machines:
+    a pure-Python loop (millions of iterations per second) and SHA-256 (MiB per second)."""
+    block = bytes(32 * MB)
+    loop, sha = (min(timeit.repeat(work, number=1, repeat=repeats)) for work in (
+        lambda: sum(i for i in range(1_000_000)), lambda: hashlib.sha256(block).digest()))
+    return {"python_mloops_per_s": round(1 / loop, 1), "sha256_mb_per_s": round(32 / sha, 1)}
+
+
+def machine() -> dict:
+    """Cores usable here, CPU model, RAM, platform, load, library versions and the speed reference."""
+    from covid_spark.data.rundir import versions
+
+    facts = {}
+    for path, key in (("/proc/cpuinfo", "model name"), ("/proc/meminfo", "MemTotal")):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                facts[key] = next((line.split(":", 1)[1].strip() for line in handle if line.startswith(key)), None)
+        except OSError:
+            facts[key] = None
+    ram = facts["MemTotal"]
+    return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_count": os.cpu_count(), "cpu_model": facts["model name"] or "unknown",
+            "ram_gib": round(int(ram.split()[0]) / 1024 ** 2, 1) if ram else None, "platform": platform.platform(),
+            "load_avg_at_start": loadavg(), "speed_reference": speed_reference(), "versions": versions()}
+
+
+def machine_line(m: dict) -> str:
+    ref = m["speed_reference"]
+    return (f"{m['nproc']} CPUs ({m['cpu_model']}, {ref['python_mloops_per_s']} M Python loops/s, "
+            f"SHA-256 {ref['sha256_mb_per_s']} MiB/s on one core), {m['ram_gib']} GiB RAM")
+
+
+def local_settings(master: str) -> dict[str, str]:
+    """conf/spark-local.conf (what `make demo` uses) on ``master``, with the UI on (its REST API gives
+    per-job and per-stage times) and no console progress bar."""
+    settings = {"spark.master": master}
+    with open(os.path.join(REPO, "conf", "spark-local.conf"), encoding="utf-8") as handle:
+        for line in (raw.strip() for raw in handle):
+            if line and not line.startswith("#"):
+                key, _, value = line.partition(" ")
+                settings[key] = value.strip()
+    options = settings.get("spark.driver.extraJavaOptions", "")
+    settings["spark.driver.extraJavaOptions"] = options.replace("=conf/", "=" + os.path.join(REPO, "conf") + "/")
+    settings.update({"spark.ui.showConsoleProgress": "false", "spark.ui.enabled": "true"})
+    return settings
+
+
+def start_spark(master: str = "local[2]", settings: dict[str, str] | None = None, app: str = "covid-spark bench"):
+    """A SparkSession with ``settings`` (default: :func:`local_settings`) on ``master``; logs errors only."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app)
+    for key, value in dict(settings or local_settings(master), **{"spark.master": master}).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def collect(results, workers, timeout: float = 3600.0) -> list:
+    """One item per worker from the ``results`` queue, in arrival order; ``RuntimeError`` when more workers
+    exited than reported, ``TimeoutError`` when they take longer than ``timeout`` seconds."""
+    items = []
+    deadline = time.monotonic() + timeout
+    while len(items) < len(workers):
+        try:
+            items.append(results.get(timeout=1.0))
+            continue
+        except queue_module.Empty:
+            pass
+        dead = [w for w in workers if w.exitcode is not None]
+        if len(dead) > len(items):
+            try:  # a report already in the pipe gets one last chance
+                items.append(results.get(timeout=2.0))
+                continue
+            except queue_module.Empty:
+                codes = ", ".join(f"pid {w.pid}: exit {w.exitcode}" for w in dead)
+                raise RuntimeError(f"benchmark process(es) died without a result ({codes})") from None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark processes gave {len(items)} of {len(workers)} results in {timeout:.0f} s")
+    return items
+
+
+def reap(workers, timeout: float = 60.0) -> None:
+    """Join each worker, terminating any still alive after ``timeout`` seconds."""
+    for worker in workers:
+        worker.join(timeout=timeout)
+        if worker.is_alive():
+            worker.terminate()
+
+
+def in_process(target, *args, timeout: float = 3600.0):
+    """What ``target(*args, queue)`` put on the queue, run in a fresh spawned process (not a daemon: it may
+    start processes of its own)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    worker = ctx.Process(target=target, args=(*args, results))
+    worker.start()
+    try:
+        (report,) = collect(results, [worker], timeout)
+    finally:
+        reap([worker], 120)
+    return report
+
+
+def save(results: dict, path: str, section: str | None = None) -> None:
+    """Write ``results`` to the JSON file at ``path`` atomically; with ``section``, under that key,
+    keeping the file's other sections."""
+    from covid_spark.data.storage import atomic_write_json
+
+    data = results
+    if section is not None:
+        data = {}
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except (OSError, ValueError):
+                data = {}
+        data[section] = results
+    atomic_write_json(path, data)
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def pct(share) -> str:
+    return "–" if share is None else f"{100 * share:.0f} %"
+
+
+def table(headings: list[str], rows, left: tuple[int, ...] = (0,)) -> str:
+    """A Markdown table; columns are right-aligned but those in ``left``; cells that are not text go through
+    :func:`fmt`."""
+    lines = ["| " + " | ".join(headings) + " |",
+             "|" + "|".join("---" if i in left else "---:" for i in range(len(headings))) + "|"]
+    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ from covid_spark.data.rundir import RunDir
 from covid_spark.errors import InputError
 from covid_spark.inputs.sources import skip_reason
 from covid_spark.inputs.views import ViewFilter
+from covid_spark.lungs.framing import Framing
 from covid_spark.stages.predict import partition_count, partitions_in_order, write_table
 from covid_spark.stages.predict_tasks import predict_partition
 
@@ -84,8 +85,9 @@ def _rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _prepare(directory: str, model_dir: str, output: str, options: WatchOptions) -> tuple[str, bytes, int]:
-    """Check the arguments before Spark starts anything; return the watched root, the model's bytes, its image size."""
+def _prepare(directory: str, model_dir: str, output: str, options: WatchOptions) -> tuple[str, bytes, int, Framing]:
+    """Check the arguments before Spark starts anything; return the watched root, the model's bytes, its image
+    size and its framing (as batch predict reads them from ``run.json``)."""
     import json
 
     root = os.path.abspath(directory)
@@ -101,13 +103,14 @@ def _prepare(directory: str, model_dir: str, output: str, options: WatchOptions)
     if not os.path.exists(run_dir.model):
         raise FileNotFoundError(f"{run_dir.model} not found: train a model into {model_dir} first")
     with open(run_dir.run_json, encoding="utf-8") as handle:
-        size = int(json.load(handle)["image_size"])
+        run = json.load(handle)
+    size, framing = int(run["image_size"]), Framing(**run.get("framing", {}))
     with open(run_dir.model, "rb") as handle:
         model_bytes = handle.read()
     os.makedirs(output, exist_ok=True)
     for stale in glob.glob(os.path.join(output, ".batch-*.tmp-*")):  # a killed run's unfinished file
         os.remove(stale)
-    return root, model_bytes, size
+    return root, model_bytes, size, framing
 
 
 def watch(spark, directory: str, model_dir: str, output: str, config: dict, options: WatchOptions) -> dict:
@@ -122,7 +125,7 @@ def watch(spark, directory: str, model_dir: str, output: str, config: dict, opti
     """
     from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType, TimestampType
 
-    root, model_bytes, size = _prepare(directory, model_dir, output, options)
+    root, model_bytes, size, framing = _prepare(directory, model_dir, output, options)
     sc = spark.sparkContext
     model_bc = sc.broadcast(model_bytes)  # once per query, not per batch
     max_pixels, views = config["preprocess"]["max_pixels"], ViewFilter.parse(config["preprocess"]["views"])
@@ -142,7 +145,8 @@ def watch(spark, directory: str, model_dir: str, output: str, config: dict, opti
             return
         sc.setJobDescription(f"watch batch {batch_id}: predict {len(records)} files")
         rdd = sc.parallelize(records, partition_count(len(records), sc.defaultParallelism)).mapPartitions(
-            lambda part: predict_partition(part, model_bc.value, size, max_pixels, batch_size, 1, None, views))
+            lambda part: predict_partition(part, model_bc.value, size, max_pixels, batch_size, 1, None, views,
+                                           framing))
         _die_at(batch_id, "before")
         counts = {"rows": 0, "errors": 0}
 

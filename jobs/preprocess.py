@@ -7,6 +7,8 @@ import sys
 
 from covid_spark.cli import add_overwrite_arg, add_spark_args, build_spark, job_main, setup_logging
 from covid_spark.config import load_config, override
+from covid_spark.errors import InputError
+from covid_spark.stages.append import append
 from covid_spark.stages.preprocess import preprocess
 
 logger = logging.getLogger("covid_spark.jobs.preprocess")
@@ -14,9 +16,14 @@ logger = logging.getLogger("covid_spark.jobs.preprocess")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Decode X-ray images into a Petastorm dataset with patient-wise splits.")
-    parser.add_argument("--input", action="append", required=True,
-                        help="manifest CSV, folder with manifest.csv, or folder per class; repeat to read several")
+    parser.add_argument("--input", action="append",
+                        help="manifest CSV, folder with manifest.csv, or folder per class; repeat to read several "
+                             "(with --append: default the dataset's own inputs)")
     parser.add_argument("--output", required=True, help="dataset path or URL (file://, hdfs://, ...)")
+    parser.add_argument("--append", action="store_true",
+                        help="update the --output dataset with what changed in the inputs (new, changed and removed "
+                             "files), keeping every patient's split; atomic. A dataset that does not exist yet is "
+                             "created by a full preprocess (so a scheduler can run the same command every time)")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--test-fraction", type=float)
@@ -42,12 +49,31 @@ def main(argv=None) -> int:
         "seed": args.seed, "max_pixels": args.max_pixels, "min_row_groups": args.min_row_groups,
         "skip_unknown_classes": args.skip_unknown_classes,
         "holdout_source": args.holdout_source, "views": args.views})
+    if args.append and args.overwrite:
+        raise InputError("--append and --overwrite exclude each other: --append updates the dataset, "
+                         "--overwrite replaces it")
+    if not args.append and not args.input:
+        raise InputError("--input is required (only --append may leave it out: the dataset's own inputs)")
+    given = {"image_size": args.image_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
+             "seed": args.seed, "max_pixels": args.max_pixels, "skip_unknown_classes": args.skip_unknown_classes,
+             "holdout_source": args.holdout_source, "views": args.views}
     spark, owned = build_spark(args, "covid-spark preprocess")
     try:
-        summary = preprocess(spark, args.input, args.output, config, overwrite=args.overwrite)
+        if args.append:
+            summary = append(spark, args.output, config, args.input, given=given)
+        else:
+            summary = preprocess(spark, args.input, args.output, config, overwrite=args.overwrite)
     finally:
         if owned:
             spark.stop()
+    if args.append:
+        last = summary["increments"][-1]
+        print(f"preprocess --append ({last['kind']}): {last['added']} added, {last.get('replaced', 0)} replaced, "
+              f"{last.get('removed', 0)} removed, {last['rejected']} rejected, {last.get('unchanged', 0)} unchanged; "
+              f"{summary['written']} rows, splits {summary['per_split']} → {summary['dataset']}")
+        for path in last.get("removed_files", [])[:20]:
+            print(f"  removed {path}")
+        return 0
     print(f"preprocess: {summary['inputs']} inputs = {summary['written']} written + "
           f"{len(summary['rejected'])} rejected + {len(summary['skipped'])} skipped; "
           f"splits {summary['per_split']}; {len(summary['duplicates'])} duplicate group(s) → {summary['dataset']}")

@@ -27,7 +27,10 @@ MAX_MODULE_LINES = 450
 # A stage's own executor or rank module is part of it; the pipeline runs the stages.
 STAGE_PARTS = {"covid_spark.stages.train": {"covid_spark.stages.train_rank"},
                "covid_spark.stages.preprocess": {"covid_spark.stages.preprocess_tasks"},
-               "covid_spark.stages.predict": {"covid_spark.stages.predict_tasks"}}
+               "covid_spark.stages.predict": {"covid_spark.stages.predict_tasks"},
+               # An increment of the preprocess stage, and predict over a watched folder, reuse their stage's steps.
+               "covid_spark.stages.append": {"covid_spark.stages.preprocess", "covid_spark.stages.preprocess_tasks"},
+               "covid_spark.stages.watch": {"covid_spark.stages.predict", "covid_spark.stages.predict_tasks"}}
 
 
 def modules() -> dict[str, str]:

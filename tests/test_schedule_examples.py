@@ -1,13 +1,14 @@
-"""examples/: the cron line and the Airflow DAG call jobs/pipeline.py with arguments it accepts.
+"""examples/: the cron lines and the Airflow DAGs call the jobs with arguments they accept, in order.
 
-Airflow is not installed: the DAG file is parsed with ``ast``, then run against two stub modules
-that record what the DAG builds (operators, their arguments, their order). The cron file is read
-as cron reads it (assignments, five time fields expanded to the values they select, a command), and
-the command split into simple commands and spark-submit's options by tests/structure.py.
+Airflow is not installed: the DAG file is parsed with ``ast``, then run against stub modules that record
+what the DAGs build (operators, their DAG, their arguments, their order). The cron file is read as cron
+reads it (assignments, five time fields expanded to the values they select, a command), and each
+command split into simple commands and spark-submit's options by tests/structure.py.
 """
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import runpy
 import sys
@@ -17,14 +18,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from covid_spark.stages.pipeline import STAGES
-from jobs.pipeline import parse_args
 from tests.structure import parse_spark_submit, shell_commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAG_FILE = os.path.join(REPO, "examples", "airflow", "covid_spark_dag.py")
 CRON_FILE = os.path.join(REPO, "examples", "cron", "covid-spark.cron")
 OPERATOR_MODULE = "airflow.providers.apache.spark.operators.spark_submit"
+BASH_MODULE = "airflow.operators.bash"
 
 
 def test_dag_parses_and_imports_spark_submit_operator():
@@ -40,11 +40,12 @@ def test_dag_parses_and_imports_spark_submit_operator():
 
 
 class _Operator:
-    """Stands in for SparkSubmitOperator: keeps its arguments and its downstream tasks."""
+    """Stands in for an Airflow operator: keeps its arguments, its DAG and its downstream tasks."""
 
-    def __init__(self, registry: list, **kwargs):
-        self.kwargs, self.downstream = kwargs, []
-        registry.append(self)
+    def __init__(self, registry: dict, kind: str, **kwargs):
+        self.kind, self.kwargs, self.downstream = kind, kwargs, []
+        self.dag = registry["current"]
+        registry["operators"].append(self)
 
     def __rshift__(self, other):
         self.downstream.append(other)
@@ -52,77 +53,92 @@ class _Operator:
 
 
 class _Dag:
-    def __init__(self, registry: list, **kwargs):
-        self.kwargs = kwargs
-        registry.append(self)
+    def __init__(self, registry: dict, **kwargs):
+        self.kwargs, self.registry = kwargs, registry
+        registry["dags"][kwargs["dag_id"]] = self
 
     def __enter__(self):
+        self.registry["current"] = self
         return self
 
     def __exit__(self, *exc):
+        self.registry["current"] = None
         return False
 
 
 @pytest.fixture
 def dag_objects(monkeypatch) -> dict:
     """Run the DAG file with stub airflow modules; COVID_SPARK_HOME points at this checkout."""
-    operators, dags = [], []
+    registry = {"operators": [], "dags": {}, "current": None}
     airflow = types.ModuleType("airflow")
-    airflow.DAG = lambda **kwargs: _Dag(dags, **kwargs)
+    airflow.DAG = lambda **kwargs: _Dag(registry, **kwargs)
     operator_module = types.ModuleType(OPERATOR_MODULE)
-    operator_module.SparkSubmitOperator = lambda **kwargs: _Operator(operators, **kwargs)
-    modules = {"airflow": airflow, OPERATOR_MODULE: operator_module}
+    operator_module.SparkSubmitOperator = lambda **kwargs: _Operator(registry, "spark", **kwargs)
+    bash_module = types.ModuleType(BASH_MODULE)
+    bash_module.BashOperator = lambda **kwargs: _Operator(registry, "bash", **kwargs)
+    modules = {"airflow": airflow, OPERATOR_MODULE: operator_module, BASH_MODULE: bash_module}
     for name in ("airflow.providers", "airflow.providers.apache", "airflow.providers.apache.spark",
-                 "airflow.providers.apache.spark.operators"):
+                 "airflow.providers.apache.spark.operators", "airflow.operators"):
         modules[name] = types.ModuleType(name)
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setenv("COVID_SPARK_HOME", REPO)
     runpy.run_path(DAG_FILE)
-    assert len(dags) == 1, "the file should define one DAG"
-    return {"operators": operators, "dag": dags[0]}
+    assert set(registry["dags"]) == {"covid_spark_weekly", "covid_spark_score_arrivals"}
+    return registry
 
 
-def _in_repo(path: str) -> str:
-    relative = os.path.relpath(path, REPO)
-    assert not relative.startswith(".."), f"{path} is outside the checkout"
-    return relative
+def _job_args(application: str, args: list[str]):
+    """The job's own parser applied to ``args`` (SystemExit if it refuses them)."""
+    relative = os.path.relpath(application, REPO)
+    assert relative.startswith("jobs" + os.sep) and os.path.isfile(os.path.join(REPO, relative)), relative
+    module = importlib.import_module("jobs." + os.path.basename(relative)[:-3])
+    return os.path.basename(relative)[:-3], module.parse_args([str(a) for a in args])
 
 
-def test_dag_applications_and_properties_exist_in_the_repo(dag_objects):
+def _spark_tasks(dag_objects: dict, dag_id: str) -> dict:
+    return {op.kwargs["task_id"]: op for op in dag_objects["operators"]
+            if op.kind == "spark" and op.dag is dag_objects["dags"][dag_id]}
+
+
+def test_dag_applications_exist_and_accept_their_arguments(dag_objects):
     for op in dag_objects["operators"]:
-        assert os.path.isfile(op.kwargs["application"]), _in_repo(op.kwargs["application"])
-        assert _in_repo(op.kwargs["application"]) == os.path.join("jobs", "pipeline.py")
-        if op.kwargs.get("properties_file"):
-            assert os.path.isfile(op.kwargs["properties_file"]), _in_repo(op.kwargs["properties_file"])
+        if op.kind == "spark":
+            _job_args(op.kwargs["application"], op.kwargs["application_args"])
+            if op.kwargs.get("properties_file"):
+                assert os.path.isfile(op.kwargs["properties_file"]), op.kwargs["properties_file"]
 
 
-def test_dag_stages_are_valid_cover_the_pipeline_and_run_in_order(dag_objects):
-    operators = dag_objects["operators"]
-    stages_of = {}
-    for op in operators:
-        args = parse_args([str(a) for a in op.kwargs["application_args"]])   # the job accepts them
-        stages = args.stages.split(",")
-        assert set(stages) <= set(STAGES), f"{op.kwargs['task_id']}: unknown stage in {args.stages!r}"
-        assert "{{ ds }}" in args.run_dir, "one run directory per logical date"
-        stages_of[op] = stages
-    covered = [s for op in operators for s in stages_of[op]]
-    assert sorted(covered) == sorted(STAGES), covered
-    if len(operators) > 1:
-        first = next(op for op in operators if stages_of[op][0] == STAGES[0])
-        order, op = [], first
-        while op is not None:
-            order += stages_of[op]
-            op = op.downstream[0] if op.downstream else None
-        assert order == list(STAGES)
+def test_weekly_dag_appends_trains_evaluates_one_dataset_in_order(dag_objects):
+    tasks = _spark_tasks(dag_objects, "covid_spark_weekly")
+    jobs = {task: _job_args(op.kwargs["application"], op.kwargs["application_args"]) for task, op in tasks.items()}
+    assert [jobs[t][0] for t in ("append", "train", "evaluate")] == ["preprocess", "train", "evaluate"]
+    append, train, evaluate = (jobs[t][1] for t in ("append", "train", "evaluate"))
+    assert append.append and append.input and append.output == train.dataset == evaluate.dataset
+    assert train.model_dir == evaluate.model_dir and "{{ ds }}" in train.model_dir, "one run dir per logical date"
+    assert train.resume, "a retried training resumes from its checkpoint"
+    order, op = [], tasks["append"]
+    while op is not None:
+        order.append(op.kwargs["task_id"])
+        op = op.downstream[0] if op.downstream else None
+    assert order == ["append", "train", "evaluate", "publish"]
 
 
-def test_dag_retries_and_does_not_overlap(dag_objects):
-    dag = dag_objects["dag"].kwargs
-    assert dag.get("max_active_runs") == 1
-    default_retries = dag.get("default_args", {}).get("retries", 0)
-    for op in dag_objects["operators"]:
-        assert op.kwargs.get("retries", default_retries) >= 1, op.kwargs["task_id"]
+def test_scoring_dag_scores_each_arrival_once_with_the_published_model(dag_objects):
+    (score,) = _spark_tasks(dag_objects, "covid_spark_score_arrivals").values()
+    name, args = _job_args(score.kwargs["application"], score.kwargs["application_args"])
+    assert name == "predict" and args.watch and args.once and not args.input
+    publish = next(op for op in dag_objects["operators"] if op.kwargs["task_id"] == "publish")
+    assert publish.kwargs["bash_command"].split()[-1] == args.model_dir
+
+
+def test_dags_retry_and_do_not_overlap(dag_objects):
+    for dag in dag_objects["dags"].values():
+        assert dag.kwargs.get("max_active_runs") == 1
+        default_retries = dag.kwargs.get("default_args", {}).get("retries", 0)
+        for op in dag_objects["operators"]:
+            if op.dag is dag:
+                assert op.kwargs.get("retries", default_retries) >= 1, op.kwargs["task_id"]
 
 
 def parse_cron_field(field: str, low: int, high: int, names: tuple[str, ...] = ()) -> set[int]:
@@ -197,61 +213,84 @@ def test_cron_parser_rejects_what_cron_rejects():
     assert unescaped_percent("date +%F") and not unescaped_percent("date +\\%F")
 
 
-def test_cron_runs_the_pipeline_once_a_night():
-    _, jobs = read_crontab()
-    assert len(jobs) == 1, jobs
-    minutes, hours, days, months, weekdays = parse_schedule(jobs[0][0])
-    assert len(minutes) == 1 and len(hours) == 1, "once a day"
-    assert days == set(range(1, 32)) and months == set(range(1, 13)) and weekdays >= set(range(7)), "every day"
-    assert not unescaped_percent(jobs[0][1]), "cron turns an unescaped % into a newline"
+def test_cron_parser_rejects_what_cron_rejects():
+    assert parse_schedule("30 1 * * *".split()) == [{30}, {1}, set(range(1, 32)), set(range(1, 13)), set(range(8))]
+    assert parse_schedule("*/15 0-6/2 1,15 jan-mar mon-fri".split())[:2] == [{0, 15, 30, 45}, {0, 2, 4, 6}]
+    for bad in ("60 1 * * *", "30 24 * * *", "0 1 0 * *", "0 1 * 13 *", "0 1 * * 8", "5-1 * * * *", "*/0 * * * *", "x * * * *"):
+        with pytest.raises(ValueError):
+            parse_schedule(bad.split())
+    assert unescaped_percent("date +%F") and not unescaped_percent("date +\\%F")
 
 
-def test_dag_schedule_is_a_valid_cron_expression(dag_objects):
-    schedule = dag_objects["dag"].kwargs["schedule"]
-    minutes, hours, *_ = parse_schedule(schedule.split())
-    assert len(minutes) == 1 and len(hours) == 1, "nightly"
-
-
-def cron_commands() -> tuple[dict[str, str], list]:
-    env, jobs = read_crontab()
-    command = jobs[0][1].replace("\\%", "%")   # what cron hands to the shell
-    return env, shell_commands(command)
+def test_dag_schedules_are_weekly_and_frequent(dag_objects):
+    minutes, hours, _, _, weekdays = parse_schedule(dag_objects["dags"]["covid_spark_weekly"].kwargs["schedule"].split())
+    assert len(minutes) == len(hours) == 1 and len(weekdays) == 1, "once a week"
+    assert dag_objects["dags"]["covid_spark_score_arrivals"].kwargs["schedule"].total_seconds() <= 3600
 
 
 def submit_position(argv: list[str]) -> int:
     return next(i for i, word in enumerate(argv) if os.path.basename(word) == "spark-submit")
 
 
-def test_cron_command_locks_logs_and_submits_from_the_checkout():
-    env, commands = cron_commands()
-    assert [c.after for c in commands[1:]] == ["&&"] * (len(commands) - 1), "each step only after the previous one worked"
-    cd, *_, last = commands
-    assert cd.argv[0] == "cd" and Template(cd.argv[1]).substitute(env) == env["COVID_SPARK_HOME"]
-    # flock -n: a night whose predecessor still runs is skipped, not queued behind it.
-    at = submit_position(last.argv)
-    assert last.argv[0] == "flock" and "-n" in last.argv[1:at]
-    # stdout and stderr appended to a dated log in a folder an earlier step creates.
-    (append, log), (stderr, target) = last.redirects
-    assert (append, stderr, target) == (">>", "2>&", "1")
-    assert "$(date +%F)" in log
-    made = [word for c in commands if c.argv[:2] == ["mkdir", "-p"] for word in c.argv[2:]]
-    assert os.path.dirname(log) in made
-    # cron does not expand variables in its assignments: the venv's bin, first on PATH, is literal.
+def cron_jobs() -> tuple[dict[str, str], dict[str, tuple[list[set[int]], list]]]:
+    """The environment and, per job script (preprocess, train, predict), its schedule and commands."""
+    env, lines = read_crontab()
+    jobs = {}
+    for fields, command in lines:
+        assert not unescaped_percent(command), "cron turns an unescaped % into a newline"
+        commands = shell_commands(command.replace("\\%", "%"))   # what cron hands to the shell
+        first = next(c for c in commands if any(os.path.basename(w) == "spark-submit" for w in c.argv))
+        submit = parse_spark_submit(first.argv[submit_position(first.argv):])
+        jobs[os.path.basename(submit.application)[:-3]] = (parse_schedule(fields), commands)
+    return env, jobs
+
+
+def test_cron_appends_nightly_trains_weekly_and_scores_arrivals_often():
+    _, jobs = cron_jobs()
+    assert set(jobs) == {"preprocess", "train", "predict"}
+    minutes, hours, days, months, weekdays = jobs["preprocess"][0]
+    assert len(minutes) == len(hours) == 1 and weekdays >= set(range(7)) and days == set(range(1, 32))
+    minutes, hours, _, _, weekdays = jobs["train"][0]
+    assert len(minutes) == len(hours) == 1 and len(weekdays) == 1, "once a week"
+    assert len(jobs["predict"][0][0]) >= 4 and jobs["predict"][0][1] == set(range(24)), "several times an hour"
+
+
+def test_cron_commands_lock_log_and_submit_from_the_checkout():
+    env, jobs = cron_jobs()
     venv_bin = os.path.join(env["COVID_SPARK_HOME"], ".venv", "bin")
     assert env["PATH"].split(":")[0] == venv_bin
     assert env["PYSPARK_PYTHON"] == env["PYSPARK_DRIVER_PYTHON"] == os.path.join(venv_bin, "python")
+    for name, (_, commands) in jobs.items():
+        assert [c.after for c in commands[1:]] == ["&&"] * (len(commands) - 1), name
+        cd = commands[0]
+        assert cd.argv[0] == "cd" and Template(cd.argv[1]).substitute(env) == env["COVID_SPARK_HOME"]
+        made = [word for c in commands if c.argv[:2] == ["mkdir", "-p"] for word in c.argv[2:]]
+        submits = [c for c in commands if any(os.path.basename(w) == "spark-submit" for w in c.argv)]
+        assert submits[0].argv[0] == "flock" and "-n" in submits[0].argv[1:submit_position(submits[0].argv)], name
+        for command in submits:
+            (append, log), (stderr, target) = command.redirects
+            assert (append, stderr, target) == (">>", "2>&", "1") and "$(date +%F)" in log
+            assert os.path.dirname(log) in made
 
 
-def test_cron_command_gives_the_pipeline_valid_arguments():
-    env, commands = cron_commands()
-    submit = parse_spark_submit(commands[-1].argv[submit_position(commands[-1].argv):])
-    master = urlsplit(Template(submit.options["--master"]).substitute(env))
-    assert master.scheme == "spark" and master.port == 7077
-    properties = submit.options["--properties-file"]
-    assert os.path.isfile(os.path.join(REPO, properties)), properties
-    with open(os.path.join(REPO, properties), encoding="utf-8") as handle:
-        assert not any(line.split()[:1] == ["spark.master"] for line in handle), "--master decides"
-    assert submit.application == "jobs/pipeline.py" and os.path.isfile(os.path.join(REPO, submit.application))
-    args = parse_args([Template(word).safe_substitute(env) for word in submit.app_args])
-    assert args.input == [env["XRAYS"]]
-    assert "$(date +%F)" in args.run_dir, "one dated run directory per night"
+def test_cron_commands_give_the_jobs_valid_arguments():
+    env, jobs = cron_jobs()
+    parsed = {}
+    for name, (_, commands) in jobs.items():
+        for command in commands:
+            if any(os.path.basename(w) == "spark-submit" for w in command.argv):
+                submit = parse_spark_submit(command.argv[submit_position(command.argv):])
+                master = urlsplit(Template(submit.options["--master"]).substitute(env))
+                assert master.scheme == "spark" and master.port == 7077
+                properties = submit.options["--properties-file"]
+                with open(os.path.join(REPO, properties), encoding="utf-8") as handle:
+                    assert not any(line.split()[:1] == ["spark.master"] for line in handle), "--master decides"
+                job, args = _job_args(os.path.join(REPO, submit.application),
+                                      [Template(word).safe_substitute(env) for word in submit.app_args])
+                parsed[job] = args
+    assert parsed["preprocess"].append and parsed["preprocess"].input == [env["XRAYS"]]
+    assert parsed["preprocess"].output == parsed["train"].dataset == parsed["evaluate"].dataset == env["DATASET"]
+    assert "$(date +%F)" in parsed["train"].model_dir and parsed["train"].model_dir == parsed["evaluate"].model_dir
+    assert parsed["predict"].watch == env["INCOMING"] and parsed["predict"].once
+    _, commands = jobs["train"]
+    assert commands[-1].argv[:2] == ["ln", "-sfn"] and commands[-1].argv[-1] == parsed["predict"].model_dir

@@ -1,6 +1,8 @@
 """Patient-wise, label-stratified train/val/test assignment (pure, deterministic for a seed)."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
@@ -72,3 +74,66 @@ def assign_splits(paths: Sequence[str], labels: Sequence[str], patient_ids: Sequ
             for i in group[k]:
                 result[i] = split
     return result
+
+
+def hashed_split(key: str, val_fraction: float, test_fraction: float, seed: int) -> str:
+    """The split of a new unit, from a keyed hash of its key alone (HMAC-SHA256 keyed by ``seed``).
+
+    The same key gives the same split whatever else arrives, in whatever order or batch: the
+    hash, read as a number in [0, 1), falls in test below ``test_fraction``, in val below
+    ``test_fraction + val_fraction``, else in train. Fractions therefore hold on average, not
+    exactly: over ``n`` units a split of fraction ``f`` gets a binomial share, of standard deviation
+    ``sqrt(f (1 - f) / n)``.
+    """
+    digest = hmac.new(f"covid-spark-split:{seed}".encode(), key.encode("utf-8"), hashlib.sha256).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+# When a new image links units that already sit in different splits (a near-copy of images in
+# two splits), existing rows keep theirs and the new ones go to the first of these present.
+CONFLICT_ORDER: tuple[str, ...] = ("test", "val", "train")
+
+
+def extend_splits(paths: Sequence[str], patient_ids: Sequence[str], known: Sequence[str],
+                  val_fraction: float, test_fraction: float, seed: int,
+                  linked: Iterable[Sequence[str]] = (),
+                  remembered: dict[str, str] | None = None) -> tuple[list[str], list[dict]]:
+    """Splits for a grown collection: existing images keep theirs, new units are hashed.
+
+    Args:
+        known: per image, its existing split, or "" for a new (or re-read) image.
+        remembered: split by patient id or path for images that left the dataset in this
+            increment (a re-read file, a patient whose every image was replaced): a unit
+            without a known member takes its split from there before it is hashed.
+
+    Units are :func:`group_units` (patients joined by duplicate groups). A unit with known
+    members gives its new members their split; a unit whose known members disagree (a new
+    near-copy bridging two splits) keeps every existing row where it is, gives the new rows the
+    first split of :data:`CONFLICT_ORDER` present, and is listed in the returned conflicts.
+    A unit with no known member gets :func:`hashed_split` of its smallest patient id (of its
+    smallest path when no member has one), so a unit that arrives whole lands in the same split
+    whatever increment brings it. A unit whose members arrive in different increments (a late
+    near-copy, a patient's later image) follows the members already stored: stability comes first.
+
+    Returns:
+        (split per image, conflicts as ``[{"paths": [...], "splits": [...]}]``).
+    """
+    remembered = remembered or {}
+    result = list(known)
+    conflicts = []
+    for unit in group_units(paths, patient_ids, linked):
+        new = [i for i in unit if not known[i]]
+        if not new:
+            continue
+        present = sorted({known[i] for i in unit if known[i]}, key=CONFLICT_ORDER.index)
+        if not present:
+            present = sorted({remembered[k] for i in unit for k in (patient_ids[i], paths[i])
+                              if k and k in remembered}, key=CONFLICT_ORDER.index)
+        if len(present) > 1:
+            conflicts.append({"paths": sorted(paths[i] for i in unit), "splits": present})
+        split = present[0] if present else hashed_split(
+            min((not patient_ids[i], patient_ids[i] or paths[i]) for i in unit)[1], val_fraction, test_fraction, seed)
+        for i in new:
+            result[i] = split
+    return result, conflicts

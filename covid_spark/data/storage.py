@@ -113,3 +113,68 @@ def atomic_directory(spark, url: str, overwrite: bool) -> Iterator[str]:
     finally:
         if fs.exists(tmp):
             fs.delete(tmp)
+
+
+def _local(url: str) -> str | None:
+    """The local path of a ``file://`` URL (or a plain path); None for any other scheme."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if "://" in url else url
+
+
+def link_or_copy(src_url: str, dst_url: str) -> None:
+    """Make ``dst_url`` hold the bytes of ``src_url``: a hard link on a local disk (no bytes move, and
+    the source stays untouched), a copy through pyarrow's filesystem elsewhere."""
+    src, dst = _local(src_url), _local(dst_url)
+    if src is not None and dst is not None:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another device, or a filesystem without hard links
+            pass
+    import pyarrow.fs as pafs
+
+    fs, src_path = pafs.FileSystem.from_uri(src_url)
+    _, dst_path = pafs.FileSystem.from_uri(dst_url)
+    fs.create_dir(os.path.dirname(dst_path), recursive=True)
+    fs.copy_file(src_path, dst_path)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two local paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+    return done
+
+
+def swap_directory(spark, url: str, new_url: str) -> None:
+    """Put the complete directory ``new_url`` in the place of ``url`` and delete the old one.
+
+    On a local disk the two are exchanged in one atomic rename (``renameat2``), so a reader or a
+    killed process sees either the old directory or the new one, never neither. Elsewhere (or
+    without ``renameat2``) two renames, as :func:`atomic_directory` does: a kill between them leaves
+    ``url`` missing and both ``<url>.old-*`` (the old version) and ``new_url`` (the new) beside it.
+    """
+    url, new_url = url.rstrip("/"), new_url.rstrip("/")
+    a, b = _local(url), _local(new_url)
+    if a is not None and b is not None and _exchange(a, b):
+        import shutil
+
+        shutil.rmtree(b)  # now the old version
+        return
+    fs = HadoopFS(spark, url)
+    old = f"{url}.old-{uuid.uuid4().hex[:8]}"
+    fs.rename(url, old)
+    fs.rename(new_url, url)
+    fs.delete(old)

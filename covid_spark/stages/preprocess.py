@@ -33,7 +33,8 @@ import numpy as np
 
 from covid_spark.constants import CLASSES
 from covid_spark.data.dataset import split_url, write_summary
-from covid_spark.data.duplicates import group_duplicates
+from covid_spark.data.duplicates import HASH_SIZE, group_duplicates
+from covid_spark.data.fileindex import EXCLUDED, REJECTED, WRITTEN, write_index
 from covid_spark.data.splits import SPLITS, assign_splits
 from covid_spark.data.storage import HadoopFS, atomic_directory, to_url
 from covid_spark.errors import ConfigError
@@ -99,7 +100,7 @@ def split_images(good: Sequence[Staged], cfg: dict, duplicates: list[list[str]])
     return splits
 
 
-def _count(values: Iterable[str]) -> dict[str, int]:
+def count_values(values: Iterable[str]) -> dict[str, int]:
     return dict(sorted(Counter(values).items()))
 
 
@@ -123,7 +124,7 @@ def _absolute(location: str) -> str:
     return location if "://" in location else os.path.abspath(location)
 
 
-def _read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, list, ViewFilter, Pseudonyms]:
+def read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, list, ViewFilter, Pseudonyms]:
     """The input files to read, in a seeded shuffle (so every staged file, and every row group, mixes
     classes and sources), with what was skipped by name and the per-input counts."""
     inventory = discover(locations, skip_unknown=cfg["skip_unknown_classes"])
@@ -135,7 +136,7 @@ def _read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, 
     return [inventory.records[i] for i in order], inventory.skipped, inventory.per_input, views, pseudonyms
 
 
-def _stage(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) -> list[Staged]:
+def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) -> list[Staged]:
     """First pass on the executors; the per-file results sorted by path.
 
     Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on Python
@@ -155,31 +156,36 @@ def _stage(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) 
     return staged
 
 
-def _row_group_sizes(per_split: Counter, cfg: dict) -> dict[str, int]:
+def _row_group_sizes(per_split: Counter, cfg: dict, quiet: bool = False) -> dict[str, int]:
     """Rows per row group of each non-empty split, so that each has at least ``min_row_groups``."""
     group_rows = {}
     for split in SPLITS:
         if per_split[split] == 0:
-            logger.warning("split %s is empty: nothing written for it", split)
+            if not quiet:
+                logger.warning("split %s is empty: nothing written for it", split)
             continue
         groups = _num_row_groups(per_split[split], cfg["rows_per_row_group"], cfg["min_row_groups"])
         group_rows[split] = max(1, per_split[split] // groups)
     return group_rows
 
 
-def _distribute(spark, good: Sequence[Staged], splits: list[str], cfg: dict, tmp_url: str,
-                staging: str) -> dict[str, int]:
+def distribute_rows(spark, good: Sequence[Staged], splits: list[str], cfg: dict, tmp_url: str,
+                staging: str, prefix: str = "part", existing: dict[str, dict[str, int]] | None = None,
+                local: bool = False) -> dict[str, int]:
     """Second pass on the executors, then Petastorm's metadata per split; returns row groups per split.
 
     One distribute task per core (each a few staged files): the pass moves bytes, and every task costs
-    a fixed start; one output file per split per task.
+    a fixed start; one output file per split per task, named ``<prefix>-<n>.parquet``. ``existing``
+    (an increment's files already in place: ``{split: {file: row groups}}``) joins the metadata;
+    ``local`` runs the tasks in this process instead (a small increment: no Spark job to start).
     """
     sc = spark.sparkContext
-    group_rows = _row_group_sizes(Counter(splits), cfg)
+    group_rows = _row_group_sizes(Counter(splits), cfg, quiet=existing is not None)
     rows_of: dict[str, list[tuple[int, str]]] = {}
     for m, split in zip(good, splits):
         rows_of.setdefault(m.file, []).append((m.row, split))
-    tasks = [([], f"part-{number:05d}.parquet") for number in range(min(max(1, sc.defaultParallelism), len(rows_of)))]
+    tasks = [([], f"{prefix}-{number:05d}.parquet")
+             for number in range(min(1 if local else max(1, sc.defaultParallelism), len(rows_of)))]
     for number, name in enumerate(sorted(rows_of)):
         rows = sorted(rows_of.pop(name))
         if [r for r, _ in rows] != list(range(len(rows))):
@@ -187,19 +193,43 @@ def _distribute(spark, good: Sequence[Staged], splits: list[str], cfg: dict, tmp
         tasks[number % len(tasks)][0].append((f"{staging}/{name}", [s for _, s in rows]))
     split_urls = {s: split_url(tmp_url, s) for s in SPLITS}
     sc.setJobDescription(f"distribute {len(good)} rows into {len(group_rows)} splits")
-    written = (sc.parallelize(tasks, max(1, len(tasks)))
-               .flatMap(lambda t: distribute_files(t[0], split_urls, group_rows, t[1], staging))
-               .collect()) if tasks else []
+    if local:
+        written = [w for t in tasks for w in distribute_files(t[0], split_urls, group_rows, t[1], staging)]
+    else:
+        written = (sc.parallelize(tasks, max(1, len(tasks)))
+                   .flatMap(lambda t: distribute_files(t[0], split_urls, group_rows, t[1], staging))
+                   .collect()) if tasks else []
     row_groups = {}
     for split in SPLITS:
-        files = {name: n for s, name, n in written if s == split}
+        files = dict((existing or {}).get(split, {}))
+        files.update({name: n for s, name, n in written if s == split})
         if files:
             write_petastorm_metadata(spark, split_urls[split], files)
             row_groups[split] = sum(files.values())
     return row_groups
 
 
-def _summary(url: str, locations: list[str], cfg: dict, good: Sequence[Staged], splits: list[str],
+def index_row(m: Staged, listed: tuple[str, str], split: str = "") -> dict:
+    """The file-index row (``data.fileindex``) of one staged file; ``listed`` is (patient id, view) as listed."""
+    status = WRITTEN if m.error is None else EXCLUDED if m.excluded else REJECTED
+    return {"path": m.path, "status": status, "reason": m.error or "", "label": m.label, "source": m.source,
+            "listed_patient_id": listed[0], "listed_view": listed[1], "patient_id": m.patient_id,
+            "view": m.view, "dhash": "" if m.dhash is None else format(m.dhash, f"0{HASH_SIZE * HASH_SIZE // 4}x"),
+            "split": split, "size": m.size, "mtime_ns": m.mtime_ns, "digest": m.digest}
+
+
+def increment(kind: str, added: Sequence[Staged], splits: Sequence[str], rejected: Sequence[dict],
+              **counts) -> dict:
+    """One entry of the summary's ``increments``: when, what kind, what was added (per class, source
+    and split) and rejected, and the other ``counts`` given (replaced, removed, unchanged, ...)."""
+    return {"kind": kind, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "added": len(added), **counts, "rejected": len(rejected),
+            "added_per_class": count_values(m.label for m in added),
+            "added_per_source": count_values(m.source for m in added), "added_per_split": count_values(splits),
+            "rejected_per_source": count_values(r.get("source", "") for r in rejected)}
+
+
+def build_summary(url: str, locations: list[str], cfg: dict, good: Sequence[Staged], splits: list[str],
              rejected: list[dict], skipped: list, per_input, duplicates: list[list[str]],
              row_groups: dict[str, int]) -> dict:
     """The dataset's ``_summary.json``: what was read, written, rejected and skipped, and the counts."""
@@ -219,11 +249,11 @@ def _summary(url: str, locations: list[str], cfg: dict, good: Sequence[Staged], 
                                      excluded_by_view=excluded),
         "duplicates": duplicates,
         "duplicate_label_conflicts": [g for g in duplicates if len({label_of[p] for p in g}) > 1],
-        "per_class": _count(m.label for m in good),
+        "per_class": count_values(m.label for m in good),
         "per_split": {s: per_split[s] for s in SPLITS},
-        "per_split_class": {s: _count(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
-        "per_source": _count(m.source for m in good),
-        "per_view": _count(m.view or "unknown" for m in good),
+        "per_split_class": {s: count_values(m.label for m, t in zip(good, splits) if t == s) for s in SPLITS},
+        "per_source": count_values(m.source for m in good),
+        "per_view": count_values(m.view or "unknown" for m in good),
         "per_source_class": _count_within((m.source, m.label) for m in good),
         "per_input_source": [_count_within((m.input, m.source) for m in good).get(i, {})
                              for i in range(len(locations))],
@@ -259,14 +289,16 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         phases[name] = time.time() - started - sum(phases.values())
 
     with atomic_directory(spark, url, overwrite) as tmp_url:  # refuses an existing output first
-        records, skipped, per_input, views, pseudonyms = _read_inventory(locations, cfg)
+        records, skipped, per_input, views, pseudonyms = read_inventory(locations, cfg)
         phase("discover")
         staging = f"{tmp_url}/{STAGING}"
-        staged = _stage(spark.sparkContext, records, cfg, staging, views, pseudonyms)
+        listed = {r["path"]: (r["patient_id"], r.get("view", "")) for r in records}
+        staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms)
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")
+        index = [index_row(m, listed[m.path]) for m in staged]
         good = [m for m in staged if m.error is None]
-        rejected = [{"path": m.path, "reason": m.error, "input": m.input} for m in staged
+        rejected = [{"path": m.path, "reason": m.error, "input": m.input, "source": m.source} for m in staged
                     if m.error is not None and not m.excluded]
         skipped = skipped + [{"path": m.path, "reason": m.error, "input": m.input, "excluded_by_view": True}
                              for m in staged if m.excluded]
@@ -274,10 +306,13 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
         splits = split_images(good, cfg, duplicates)
         phase("group_and_split")
-        row_groups = _distribute(spark, good, splits, cfg, tmp_url, staging)
+        row_groups = distribute_rows(spark, good, splits, cfg, tmp_url, staging)
         HadoopFS(spark, tmp_url).delete(staging)
+        split_of = dict(zip((m.path for m in good), splits))
+        write_index(tmp_url, [dict(row, split=split_of.get(row["path"], "")) for row in index])
         phase("distribute")
-        summary = _summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
+        summary = build_summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
+        summary["increments"] = [increment("full", good, splits, rejected)]
         summary["seconds"] = round(time.time() - started, 1)
         summary["phase_seconds"] = {k: round(v, 2) for k, v in phases.items()}
         write_summary(tmp_url, summary)

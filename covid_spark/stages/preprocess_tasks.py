@@ -19,6 +19,7 @@ import numpy as np
 
 from covid_spark.constants import CLASSES
 from covid_spark.data.duplicates import HASH_SIZE, dhash
+from covid_spark.data.fileindex import fingerprint
 from covid_spark.inputs.images import read_image
 from covid_spark.inputs.sources import patient_key
 from covid_spark.lungs.framing import Framing, frame_images, read_size
@@ -44,6 +45,9 @@ class Staged(NamedTuple):
     row: int              # the row's index in that file; -1 when rejected
     view: str = ""        # PA, AP, LATERAL, ... ("" unknown): the manifest's, else the DICOM header's
     excluded: bool = False  # left out by the views filter (error says why): skipped, not rejected
+    size: int = -1        # the file's fingerprint (data.fileindex), taken before it is decoded
+    mtime_ns: int = 0
+    digest: str = ""      # SHA-256 of its bytes; "" when unreadable
 
 
 def read_and_decode(path: str, size: int, max_pixels: int, views=None, listed_view: str = "",
@@ -118,6 +122,7 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
 
     try:
         for record in records:
+            stat = fingerprint(record["path"])  # before decoding: a later change shows as a new stat
             read, digest = read_and_decode(record["path"], read_size(size, framing), max_pixels, views,
                                            record.get("view", ""), pseudonyms)
             source = record["source"] or ""
@@ -136,7 +141,8 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
                 columns["dhash"].append(format(digest, f"0{HASH_SIZE * HASH_SIZE // 4}x"))
                 columns["view"].append(read.view)
             pending.append(Staged(record["path"], record["label"], patient, source, record.get("input", 0),
-                                  digest, read.error or read.excluded, None, row, read.view, bool(read.excluded)))
+                                  digest, read.error or read.excluded, None, row, read.view, bool(read.excluded),
+                                  *stat))
             if len(columns["image"]) >= rows_per_group:
                 flush()
                 yield from pending

@@ -13,15 +13,21 @@ import sys
 import time
 
 
-def main(argv=None) -> int:
+def kind_of(line: str) -> str:
+    """What a process of a job's tree is, from its command line."""
+    return ("jvm" if "java" in line.split(" ", 1)[0] else
+            "python_driver" if "jobs/" in line else
+            "spark_python_worker" if "pyspark" in line else
+            "horovod_rank" if "horovod" in line else
+            "tf_distribute_rank" if "rank_main" in line else "other")
+
+
+def measure(command: list[str], interval: float = 0.2, **popen) -> dict:
+    """Run ``command`` (``popen``: subprocess.Popen's options); its exit code, wall seconds and peak MiB."""
     import psutil
 
-    command = list(sys.argv[1:] if argv is None else argv)
-    if not command:
-        print(__doc__, file=sys.stderr)
-        return 2
     started = time.perf_counter()
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, **popen)
     root = psutil.Process(child.pid)
     peaks: dict[str, float] = {"tree": 0.0}
     while child.poll() is None:
@@ -36,21 +42,26 @@ def main(argv=None) -> int:
                 line = " ".join(proc.cmdline())
             except psutil.Error:
                 continue
-            kind = ("jvm" if "java" in line.split(" ", 1)[0] else
-                    "python_driver" if "jobs/" in line else
-                    "spark_python_worker" if "pyspark" in line else
-                    "horovod_rank" if "horovod" in line else "other")
+            kind = kind_of(line)
             kinds[kind] = kinds.get(kind, 0.0) + rss
             peaks[f"largest {kind}"] = max(peaks.get(f"largest {kind}", 0.0), rss)
         for kind, total in kinds.items():
             peaks[f"all {kind}"] = max(peaks.get(f"all {kind}", 0.0), total)
         peaks["tree"] = max(peaks["tree"], sum(kinds.values()))
-        time.sleep(0.2)
+        time.sleep(interval)
     code = child.wait()
-    report = {"exit": code, "wall_s": round(time.perf_counter() - started, 1),
-              "peak_mib": {k: round(v) for k, v in sorted(peaks.items())}}
+    return {"exit": code, "wall_s": round(time.perf_counter() - started, 1),
+            "peak_mib": {k: round(v) for k, v in sorted(peaks.items())}}
+
+
+def main(argv=None) -> int:
+    command = list(sys.argv[1:] if argv is None else argv)
+    if not command:
+        print(__doc__, file=sys.stderr)
+        return 2
+    report = measure(command)
     print("treemem: " + json.dumps(report), file=sys.stderr)
-    return code
+    return report["exit"]
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ logger = logging.getLogger(__name__)
 PORT_ATTEMPTS = 3
 PORT_TAKEN = "covid-spark: tf-distribute port taken"  # in the error of a rank whose port was taken
 RANK_LOST = "covid-spark: tf-distribute rank lost"  # in the error of a task whose rank process died
-SLOT_WAIT_S = 20  # how long the driver waits for executors to offer enough task slots
+# How long the driver waits for executors to offer enough task slots: a local master has its slots at once;
+# a cluster's executors join after the application starts (their JVMs start on the workers, slowly on a busy one).
+SLOT_WAIT_S = {"local": 20, "cluster": 180}
 _JOB_FILE, _RESULT_FILE = "job.pkl", "result.pkl"
 
 _reserved: socket.socket | None = None  # inside a rank: the port held until the strategy binds it
@@ -82,8 +84,9 @@ def task_slots(sc) -> int:
         return int(sc.defaultParallelism)
 
 
-def check_slots(sc, num_proc: int, wait_s: float = SLOT_WAIT_S) -> int:
-    """Wait up to ``wait_s`` for ``num_proc`` task slots (executors may still be joining), else raise.
+def check_slots(sc, num_proc: int, wait_s: float | None = None) -> int:
+    """Wait up to ``wait_s`` (default :data:`SLOT_WAIT_S` for the master's kind) for ``num_proc`` task slots
+    (executors may still be joining), else raise.
 
     Without this, Spark retries a barrier stage that needs more slots than the cluster has for
     minutes (``spark.scheduler.barrier.maxConcurrentTasksCheck.*``: 40 × 15 s) before it fails.
@@ -91,6 +94,8 @@ def check_slots(sc, num_proc: int, wait_s: float = SLOT_WAIT_S) -> int:
     Raises:
         ConfigError: fewer slots than ranks (names both numbers and what to change).
     """
+    if wait_s is None:
+        wait_s = SLOT_WAIT_S["local" if sc.master.startswith("local") else "cluster"]
     deadline = time.monotonic() + wait_s
     while True:
         slots = task_slots(sc)

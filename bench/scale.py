@@ -120,13 +120,17 @@ class Submitter:
         return result
 
 
-def run_size(submit: Submitter, data: str, size: int, work: str, model: str, record) -> dict:
-    """The three jobs on the first ``size`` images; ``record`` is called after each."""
+def run_size(submit: Submitter, data: str, size: int, work: str, model: str, record, jobs=JOBS,
+             model_dir: str | None = None) -> dict:
+    """``jobs`` on the first ``size`` images; ``record`` is called after each. Predict scores with this size's
+    model where ``train`` ran, else with ``model_dir`` (the per-image cost does not depend on the weights)."""
     folder = os.path.join(work, str(size))
     os.makedirs(folder, exist_ok=True)
     manifest = sized_manifest(data, size, folder)
-    dataset, model_dir = os.path.join(folder, "dataset"), os.path.join(folder, "model")
+    dataset = os.path.join(folder, "dataset")
     out: dict = {"images": size}
+    if "train" in jobs:
+        model_dir = os.path.join(folder, "model")
     out["preprocess"] = submit.run("preprocess", ["--input", manifest, "--output", dataset],
                                    os.path.join(folder, "preprocess.log"))
     with open(os.path.join(dataset, "_summary.json"), encoding="utf-8") as handle:
@@ -136,20 +140,29 @@ def run_size(submit: Submitter, data: str, size: int, work: str, model: str, rec
                       "duplicate_groups": len(groups), "images_in_duplicate_groups": sum(len(g) for g in groups),
                       "summary_bytes": os.path.getsize(os.path.join(dataset, "_summary.json"))}
     record(out)
-    out["train"] = submit.run("train", ["--dataset", dataset, "--model-dir", model_dir, "--epochs", "1",
-                                        "--model", model, "--num-proc", "2"], os.path.join(folder, "train.log"))
-    with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
-        run = json.load(handle)
-    out["train"]["train_images"] = run["dataset_summary"]["per_split"]["train"]
-    record(out)
+    train_and_predict(submit, out, folder, manifest, dataset, model_dir, model, record, jobs)
+    return out
+
+
+def train_and_predict(submit, out, folder, manifest, dataset, model_dir, model, record, jobs) -> None:
+    """The train job (when in ``jobs``), then predict with ``model_dir``."""
+    if "train" in jobs:
+        out["train"] = submit.run("train", ["--dataset", dataset, "--model-dir", model_dir, "--epochs", "1",
+                                            "--model", model, "--num-proc", "2"], os.path.join(folder, "train.log"))
+        with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
+            run = json.load(handle)
+        out["train"]["train_images"] = run["dataset_summary"]["per_split"]["train"]
+        record(out)
+    if "predict" not in jobs or model_dir is None:
+        return
     predictions = os.path.join(folder, "predictions.parquet")
     out["predict"] = submit.run("predict", ["--input", manifest, "--model-dir", model_dir, "--output", predictions],
                                 os.path.join(folder, "predict.log"))
     out["predict"]["output_bytes"] = sum(os.path.getsize(p) for p in glob.glob(os.path.join(predictions, "**"),
                                                                              recursive=True) if os.path.isfile(p)) \
         if os.path.isdir(predictions) else os.path.getsize(predictions)
+    out["predict"]["model_dir"] = model_dir
     record(out)
-    return out
 
 
 def tables(results: dict) -> str:
@@ -166,11 +179,11 @@ def tables(results: dict) -> str:
             peak = got["peak_mib"]
             lines.append(f"| {job} | {images:,} | {got['wall_s']} | {1000 * got['wall_s'] / images:.2f} | "
                          f"{peak.get('largest python_driver', '')} | {peak.get('largest jvm', '')} | {peak['tree']} |")
-    if len(sizes) > 1 and all(job in sizes[-1] for job in JOBS):
+    if len(sizes) > 1:
         first, last = sizes[0], sizes[-1]
         lines += ["", f"| job | time per image, {last['images']:,} / {first['images']:,} | "
                       "Python driver peak, ratio | JVM peak, ratio |", "|---|---:|---:|---:|"]
-        for job in JOBS:
+        for job in (j for j in JOBS if j in first and j in last):
             n0 = first["train"]["train_images"] if job == "train" else first["images"]
             n1 = last["train"]["train_images"] if job == "train" else last["images"]
             a, b = first[job], last[job]
@@ -186,6 +199,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True, help="a folder written by python -m bench.expand")
     parser.add_argument("--sizes", default="17445,100000", help="comma-separated; each the first N manifest rows")
     parser.add_argument("--model", default="compact")
+    parser.add_argument("--jobs", default=",".join(JOBS),
+                        help="which of preprocess,train,predict to run (preprocess always runs); without train, "
+                             "predict scores with the model of the last size that trained, or --predict-model")
+    parser.add_argument("--predict-model", help="a model dir for predict where no size trains one")
     parser.add_argument("--master", help="a Spark master (default local[2])")
     parser.add_argument("--cluster", action="store_true", help="start a 2-worker standalone cluster and use it")
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
@@ -210,9 +227,11 @@ def main(argv=None) -> int:
         if args.cluster:
             submit.start_cluster()
         results["master"] = submit.master
+        jobs, model_dir = tuple(args.jobs.split(",")), args.predict_model
         for size in sizes:
             print(f"bench.scale: {size:,} images on {submit.master} …", flush=True)
-            run_size(submit, args.data, size, work, args.model, record)
+            entry = run_size(submit, args.data, size, work, args.model, record, jobs, model_dir)
+            model_dir = entry.get("predict", {}).get("model_dir", model_dir)
         results["machine_after"] = machine_rate()
         record(results["sizes"][-1])
     finally:

@@ -262,3 +262,28 @@ def test_expand_writes_distinct_deterministic_variants_that_keep_their_patient(t
         assert row["patient_id"] == expected[row["derived_from"]]
         assert row["label"] == row["derived_from"].split("/")[0]
     assert len(set(digests)) == 11  # every file its own content, the identical source pair included
+
+
+def test_scale_takes_manifest_prefixes_and_tables_compare_the_largest_size_with_the_first(tmp_path):
+    from bench.expand import main as expand
+    from bench.scale import sized_manifest, tables
+
+    source = _tiny_source(str(tmp_path / "src"), [("covid/a.jpg", "covid", "p1"), ("normal/b.jpg", "normal", "")])
+    data = str(tmp_path / "big")
+    assert expand(["--source", source, "--output", data, "--count", "5", "--workers", "1"]) == 0
+    manifest = sized_manifest(data, 3, str(tmp_path))
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["variant"] for r in rows] == ["0", "0", "1"] and all(os.path.isfile(r["path"]) for r in rows)
+    with pytest.raises(SystemExit, match="lists 5 images, fewer than the size 6"):
+        sized_manifest(data, 6, str(tmp_path))
+
+    def job(wall, driver, jvm):
+        return {"wall_s": wall, "peak_mib": {"largest python_driver": driver, "largest jvm": jvm, "tree": driver + jvm}}
+
+    results = {"sizes": [{"images": 1000, "preprocess": job(10.0, 100, 400), "predict": job(20.0, 110, 500)},
+                         {"images": 4000, "preprocess": job(46.0, 120, 400), "predict": job(80.0, 110, 550)}]}
+    text = tables(results)
+    assert "| preprocess | 4,000 | 46.0 | 11.50 | 120 | 400 | 520 |" in text
+    assert "| preprocess | 1.15 | 1.20 | 1.00 |" in text and "| predict | 1.00 | 1.00 | 1.10 |" in text
+    assert "| train |" not in text  # a job not run at both sizes has no ratio

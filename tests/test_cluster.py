@@ -237,9 +237,8 @@ def _assert_shipped_origins(origins: list[dict], cluster: dict, shipped: dict, k
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.skipif(not HAS_HOROVOD, reason=NO_HOROVOD)
 def test_executors_and_horovod_ranks_import_the_shipped_wheel(cluster_dataset, cluster, shipped, tmp_path):
-    if not HAS_HOROVOD:
-        pytest.skip(NO_HOROVOD)
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     out = spark_submit(cluster, shipped, str(probe), cluster_dataset, str(tmp_path / "model"))

@@ -144,10 +144,18 @@ def shipped(tmp_path_factory) -> dict:
     shutil.copy(wheel, shipped_zip)
     site_packages = subprocess.run([PY, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    capture_output=True, text=True, check=True).stdout.strip()
+    paths = [site_packages]
+    shim = os.path.join(site_packages, "setuptools", "_distutils")
+    if sys.version_info >= (3, 12) and os.path.isdir(shim):
+        # Python 3.12 has no distutils, which Petastorm imports; setuptools provides it through a .pth file
+        # (distutils-precedence.pth) that -S skips, so the same package is put on the path by its name.
+        (root / "distutils-shim").mkdir()
+        os.symlink(shim, root / "distutils-shim" / "distutils")
+        paths.insert(0, str(root / "distutils-shim"))
     wrapper = root / "executor-python"
     wrapper.write_text("#!/bin/sh\n"
                        "# The venv's Python without site: no .pth files, so no editable install.\n"
-                       f'PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{site_packages}"\n'
+                       f'PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{os.pathsep.join(paths)}"\n'
                        "export PYTHONPATH\n"
                        f'exec {PY} -S "$@"\n')
     wrapper.chmod(0o755)

@@ -7,8 +7,9 @@ size N, in one run and one after the other, the first N rows of that manifest go
 1-core workers started by ``scripts/cluster.sh`` with ``--cluster``, the code shipped as a wheel):
 
 1. ``jobs/preprocess.py`` on the N images;
-2. ``jobs/train.py``: one epoch of the compact model (``--model``) with 2 ranks;
-3. ``jobs/predict.py`` on the same N images, to Parquet, with that model.
+2. ``jobs/train.py``: one epoch of the compact model (``--model``) with 2 ranks on that dataset;
+3. ``jobs/predict.py`` on the same N images, to Parquet, with the model trained at the first size (every size
+   scored by the same model; at the larger sizes predict runs before their training).
 
 Each job runs under ``bench.treemem.measure``: wall seconds and the peak RSS of every kind of process in its
 tree (the Python driver, the JVM, Spark's Python workers, the ranks), sampled every 0.2 s. The table gives
@@ -122,15 +123,16 @@ class Submitter:
 
 def run_size(submit: Submitter, data: str, size: int, work: str, model: str, record, jobs=JOBS,
              model_dir: str | None = None) -> dict:
-    """``jobs`` on the first ``size`` images; ``record`` is called after each. Predict scores with this size's
-    model where ``train`` ran, else with ``model_dir`` (the per-image cost does not depend on the weights)."""
+    """``jobs`` on the first ``size`` images; ``record`` is called after each.
+
+    Predict scores with ``model_dir`` where one is given (the first size's model, so every size is scored by the
+    same model) and then this size's training runs, last; at the first size, training comes first.
+    """
     folder = os.path.join(work, str(size))
     os.makedirs(folder, exist_ok=True)
     manifest = sized_manifest(data, size, folder)
     dataset = os.path.join(folder, "dataset")
     out: dict = {"images": size}
-    if "train" in jobs:
-        model_dir = os.path.join(folder, "model")
     out["preprocess"] = submit.run("preprocess", ["--input", manifest, "--output", dataset],
                                    os.path.join(folder, "preprocess.log"))
     with open(os.path.join(dataset, "_summary.json"), encoding="utf-8") as handle:
@@ -140,29 +142,31 @@ def run_size(submit: Submitter, data: str, size: int, work: str, model: str, rec
                       "duplicate_groups": len(groups), "images_in_duplicate_groups": sum(len(g) for g in groups),
                       "summary_bytes": os.path.getsize(os.path.join(dataset, "_summary.json"))}
     record(out)
-    train_and_predict(submit, out, folder, manifest, dataset, model_dir, model, record, jobs)
+    if "train" in jobs and model_dir is None:
+        model_dir = train(submit, out, folder, dataset, model, record)
+    if "predict" in jobs and model_dir is not None:
+        predictions = os.path.join(folder, "predictions.parquet")
+        out["predict"] = submit.run("predict", ["--input", manifest, "--model-dir", model_dir,
+                                                "--output", predictions], os.path.join(folder, "predict.log"))
+        out["predict"]["output_bytes"] = sum(os.path.getsize(p) for p in glob.glob(
+            os.path.join(predictions, "**"), recursive=True) if os.path.isfile(p)) \
+            if os.path.isdir(predictions) else os.path.getsize(predictions)
+        out["predict"]["model_dir"] = model_dir
+        record(out)
+    if "train" in jobs and "train" not in out:
+        train(submit, out, folder, dataset, model, record)
     return out
 
 
-def train_and_predict(submit, out, folder, manifest, dataset, model_dir, model, record, jobs) -> None:
-    """The train job (when in ``jobs``), then predict with ``model_dir``."""
-    if "train" in jobs:
-        out["train"] = submit.run("train", ["--dataset", dataset, "--model-dir", model_dir, "--epochs", "1",
-                                            "--model", model, "--num-proc", "2"], os.path.join(folder, "train.log"))
-        with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
-            run = json.load(handle)
-        out["train"]["train_images"] = run["dataset_summary"]["per_split"]["train"]
-        record(out)
-    if "predict" not in jobs or model_dir is None:
-        return
-    predictions = os.path.join(folder, "predictions.parquet")
-    out["predict"] = submit.run("predict", ["--input", manifest, "--model-dir", model_dir, "--output", predictions],
-                                os.path.join(folder, "predict.log"))
-    out["predict"]["output_bytes"] = sum(os.path.getsize(p) for p in glob.glob(os.path.join(predictions, "**"),
-                                                                             recursive=True) if os.path.isfile(p)) \
-        if os.path.isdir(predictions) else os.path.getsize(predictions)
-    out["predict"]["model_dir"] = model_dir
+def train(submit: Submitter, out: dict, folder: str, dataset: str, model: str, record) -> str:
+    """One epoch of ``model`` with 2 ranks on ``dataset``; returns the model dir."""
+    model_dir = os.path.join(folder, "model")
+    out["train"] = submit.run("train", ["--dataset", dataset, "--model-dir", model_dir, "--epochs", "1",
+                                        "--model", model, "--num-proc", "2"], os.path.join(folder, "train.log"))
+    with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
+        out["train"]["train_images"] = json.load(handle)["dataset_summary"]["per_split"]["train"]
     record(out)
+    return model_dir
 
 
 def tables(results: dict) -> str:
@@ -200,9 +204,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="17445,100000", help="comma-separated; each the first N manifest rows")
     parser.add_argument("--model", default="compact")
     parser.add_argument("--jobs", default=",".join(JOBS),
-                        help="which of preprocess,train,predict to run (preprocess always runs); without train, "
-                             "predict scores with the model of the last size that trained, or --predict-model")
-    parser.add_argument("--predict-model", help="a model dir for predict where no size trains one")
+                        help="which of preprocess,train,predict to run (preprocess always runs)")
+    parser.add_argument("--predict-model", help="the model dir predict scores with at every size (default: the one "
+                                                "trained at the first size)")
     parser.add_argument("--master", help="a Spark master (default local[2])")
     parser.add_argument("--cluster", action="store_true", help="start a 2-worker standalone cluster and use it")
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
@@ -231,7 +235,7 @@ def main(argv=None) -> int:
         for size in sizes:
             print(f"bench.scale: {size:,} images on {submit.master} …", flush=True)
             entry = run_size(submit, args.data, size, work, args.model, record, jobs, model_dir)
-            model_dir = entry.get("predict", {}).get("model_dir", model_dir)
+            model_dir = model_dir or entry.get("predict", {}).get("model_dir")
         results["machine_after"] = machine_rate()
         record(results["sizes"][-1])
     finally:

@@ -11,8 +11,10 @@ size N, in one run and one after the other, the first N rows of that manifest go
 3. ``jobs/predict.py`` on the same N images, to Parquet, with the model trained at the first size (every size
    scored by the same model; at the larger sizes predict runs before their training).
 
-Each job runs under ``bench.treemem.measure``: wall seconds and the peak RSS of every kind of process in its
-tree (the Python driver, the JVM, Spark's Python workers, the ranks), sampled every 0.2 s. The table gives
+Each job runs under ``bench.treemem.measure``: wall seconds, the CPU seconds of its whole process tree (which
+other users' load barely moves, unlike wall time) and the peak RSS of every kind of process in its tree (the
+Python driver, the JVM, Spark's Python workers, the ranks), sampled every 0.2 s; and the load average before
+and after it. The table gives
 seconds per 1,000 images and each job's figure at the largest size against the first (the goals: preprocess
 and predict time per image ≤ 1.15 ×, the Python driver's peak ≤ 1.3 ×). The preprocess summary's duplicate
 groups are counted too. A machine rate (one plain process decoding and resizing cxr-xl images) and the load
@@ -59,6 +61,12 @@ def machine_rate(images: int = 400) -> dict:
         load = handle.read().split()[:3]
     return {"decode_images_per_s": round(len(blobs) / seconds, 1), "loadavg": load,
             "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def loadavg() -> float:
+    """The machine's load over the last minute (other users' work shows here)."""
+    with open("/proc/loadavg", encoding="utf-8") as handle:
+        return float(handle.read().split()[0])
 
 
 def sized_manifest(data: str, size: int, folder: str) -> str:
@@ -112,8 +120,10 @@ class Submitter:
         env = dict(os.environ, PATH=os.path.join(sys.prefix, "bin") + os.pathsep + os.environ.get("PATH", ""),
                    PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
                    SPARK_LOCAL_IP="127.0.0.1", TF_CPP_MIN_LOG_LEVEL="2")
+        load_before = loadavg()
         with open(log, "w", encoding="utf-8") as out:
             result = measure(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        result["loadavg"] = [load_before, loadavg()]
         if result["exit"] != 0:
             with open(log, encoding="utf-8") as handle:
                 tail = handle.read()[-4000:]
@@ -172,8 +182,9 @@ def train(submit: Submitter, out: dict, folder: str, dataset: str, model: str, r
 def tables(results: dict) -> str:
     """Markdown: seconds per 1,000 images and peak MiB per job and size; the largest size against the first."""
     sizes = results["sizes"]
-    lines = ["| job | images | wall s | s per 1,000 images | Python driver peak MiB | JVM peak MiB | whole tree peak MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| job | images | wall s | s per 1,000 images | CPU s per 1,000 images | Python driver peak MiB | "
+             "JVM peak MiB | whole tree peak MiB | load before → after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for job in JOBS:
         for entry in sizes:
             if job not in entry:
@@ -181,12 +192,15 @@ def tables(results: dict) -> str:
             got = entry[job]
             images = entry["train"]["train_images"] if job == "train" and "train_images" in got else entry["images"]
             peak = got["peak_mib"]
-            lines.append(f"| {job} | {images:,} | {got['wall_s']} | {1000 * got['wall_s'] / images:.2f} | "
-                         f"{peak.get('largest python_driver', '')} | {peak.get('largest jvm', '')} | {peak['tree']} |")
+            cpu = f"{1000 * got['cpu_s'] / images:.2f}" if "cpu_s" in got else ""
+            load = " → ".join(f"{v:.1f}" for v in got["loadavg"]) if "loadavg" in got else ""
+            lines.append(f"| {job} | {images:,} | {got['wall_s']} | {1000 * got['wall_s'] / images:.2f} | {cpu} | "
+                         f"{peak.get('largest python_driver', '')} | {peak.get('largest jvm', '')} | {peak['tree']} | "
+                         f"{load} |")
     if len(sizes) > 1:
         first, last = sizes[0], sizes[-1]
-        lines += ["", f"| job | time per image, {last['images']:,} / {first['images']:,} | "
-                      "Python driver peak, ratio | JVM peak, ratio |", "|---|---:|---:|---:|"]
+        lines += ["", f"| job | time per image, {last['images']:,} / {first['images']:,} | CPU per image, ratio | "
+                      "Python driver peak, ratio | JVM peak, ratio |", "|---|---:|---:|---:|---:|"]
         for job in (j for j in JOBS if j in first and j in last):
             n0 = first["train"]["train_images"] if job == "train" else first["images"]
             n1 = last["train"]["train_images"] if job == "train" else last["images"]
@@ -194,7 +208,8 @@ def tables(results: dict) -> str:
             ratio = (b["wall_s"] / n1) / (a["wall_s"] / n0)
             drv = b["peak_mib"].get("largest python_driver", 0) / max(1, a["peak_mib"].get("largest python_driver", 1))
             jvm = b["peak_mib"].get("largest jvm", 0) / max(1, a["peak_mib"].get("largest jvm", 1))
-            lines.append(f"| {job} | {ratio:.2f} | {drv:.2f} | {jvm:.2f} |")
+            cpu = (f"{(b['cpu_s'] / n1) / (a['cpu_s'] / n0):.2f}" if a.get("cpu_s") and b.get("cpu_s") else "")
+            lines.append(f"| {job} | {ratio:.2f} | {cpu} | {drv:.2f} | {jvm:.2f} |")
     return "\n".join(lines)
 
 

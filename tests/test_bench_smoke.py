@@ -278,12 +278,13 @@ def test_scale_takes_manifest_prefixes_and_tables_compare_the_largest_size_with_
     with pytest.raises(SystemExit, match="lists 5 images, fewer than the size 6"):
         sized_manifest(data, 6, str(tmp_path))
 
-    def job(wall, driver, jvm):
-        return {"wall_s": wall, "peak_mib": {"largest python_driver": driver, "largest jvm": jvm, "tree": driver + jvm}}
+    def job(wall, cpu, driver, jvm):
+        return {"wall_s": wall, "cpu_s": cpu, "loadavg": [1.0, 2.5],
+                "peak_mib": {"largest python_driver": driver, "largest jvm": jvm, "tree": driver + jvm}}
 
-    results = {"sizes": [{"images": 1000, "preprocess": job(10.0, 100, 400), "predict": job(20.0, 110, 500)},
-                         {"images": 4000, "preprocess": job(46.0, 120, 400), "predict": job(80.0, 110, 550)}]}
+    results = {"sizes": [{"images": 1000, "preprocess": job(10.0, 15.0, 100, 400), "predict": job(20.0, 30, 110, 500)},
+                         {"images": 4000, "preprocess": job(46.0, 66.0, 120, 400), "predict": job(80.0, 120, 110, 550)}]}
     text = tables(results)
-    assert "| preprocess | 4,000 | 46.0 | 11.50 | 120 | 400 | 520 |" in text
-    assert "| preprocess | 1.15 | 1.20 | 1.00 |" in text and "| predict | 1.00 | 1.00 | 1.10 |" in text
+    assert "| preprocess | 4,000 | 46.0 | 11.50 | 16.50 | 120 | 400 | 520 | 1.0 → 2.5 |" in text
+    assert "| preprocess | 1.15 | 1.10 | 1.20 | 1.00 |" in text and "| predict | 1.00 | 1.00 | 1.00 | 1.10 |" in text
     assert "| train |" not in text  # a job not run at both sizes has no ratio

@@ -135,20 +135,30 @@ def _read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, 
 
 
 def _stage(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) -> list[Staged]:
-    """First pass on the executors; the per-file results sorted by path.
+    """First pass on the executors; the per-file results sorted by path. Empties ``records``.
 
     Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on Python
     3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and an odd last
-    task would run alone. Memory does not grow with a task's size (streamed).
+    task would run alone. Memory does not grow with a task's size (streamed). On the driver, the input
+    records (a dict each) are dropped once ``parallelize`` has copied them to the JVM, before the results
+    arrive, and the results' repeated strings (label, source, view, staged file) are shared: the driver's
+    peak is then about one small tuple per file.
     """
     size, max_pixels, found = cfg["image_size"], cfg["max_pixels"], len(records)
     cores = max(1, sc.defaultParallelism)
     slices = max(1, min(found, cores * math.ceil(found / (STAGE_TASK_IMAGES * cores))))
     sc.setJobDescription(f"decode and stage {found} images")
-    staged = (sc.parallelize(records, slices).mapPartitionsWithIndex(
-        lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms)).collect())
+    rdd = sc.parallelize(records, slices)  # serialises the records to the JVM now
+    records.clear()
+    staged = rdd.mapPartitionsWithIndex(
+        lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms)).collect()
     if len(staged) != found:
         raise RuntimeError(f"internal error: {len(staged)} results for {found} input files")
+    shared: dict = {}
+    for i, m in enumerate(staged):  # one copy of each repeated string, replacing the tuples one by one
+        staged[i] = m._replace(label=shared.setdefault(m.label, m.label),
+                               source=shared.setdefault(m.source, m.source),
+                               view=shared.setdefault(m.view, m.view), file=shared.setdefault(m.file, m.file))
     staged.sort()  # by path (the first field)
     return staged
 
@@ -260,7 +270,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         records, skipped, per_input, views, pseudonyms = _read_inventory(locations, cfg)
         phase("discover")
         staging = f"{tmp_url}/{STAGING}"
-        staged = _stage(spark.sparkContext, records, cfg, staging, views, pseudonyms)
+        staged = _stage(spark.sparkContext, records, cfg, staging, views, pseudonyms)  # empties records
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")
         good = [m for m in staged if m.error is None]

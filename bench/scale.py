@@ -143,15 +143,16 @@ def run_size(submit: Submitter, data: str, size: int, work: str, model: str, rec
     manifest = sized_manifest(data, size, folder)
     dataset = os.path.join(folder, "dataset")
     out: dict = {"images": size}
-    out["preprocess"] = submit.run("preprocess", ["--input", manifest, "--output", dataset],
-                                   os.path.join(folder, "preprocess.log"))
-    with open(os.path.join(dataset, "_summary.json"), encoding="utf-8") as handle:
-        summary = json.load(handle)
-    groups = summary.get("duplicates", [])
-    out["dataset"] = {"written": summary["written"], "per_split": summary["per_split"],
-                      "duplicate_groups": len(groups), "images_in_duplicate_groups": sum(len(g) for g in groups),
-                      "summary_bytes": os.path.getsize(os.path.join(dataset, "_summary.json"))}
-    record(out)
+    if "preprocess" in jobs or "train" in jobs:
+        out["preprocess"] = submit.run("preprocess", ["--input", manifest, "--output", dataset],
+                                       os.path.join(folder, "preprocess.log"))
+        with open(os.path.join(dataset, "_summary.json"), encoding="utf-8") as handle:
+            summary = json.load(handle)
+        groups = summary.get("duplicates", [])
+        out["dataset"] = {"written": summary["written"], "per_split": summary["per_split"],
+                          "duplicate_groups": len(groups), "images_in_duplicate_groups": sum(len(g) for g in groups),
+                          "summary_bytes": os.path.getsize(os.path.join(dataset, "_summary.json"))}
+        record(out)
     if "train" in jobs and model_dir is None:
         model_dir = train(submit, out, folder, dataset, model, record)
     if "predict" in jobs and model_dir is not None:
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="17445,100000", help="comma-separated; each the first N manifest rows")
     parser.add_argument("--model", default="compact")
     parser.add_argument("--jobs", default=",".join(JOBS),
-                        help="which of preprocess,train,predict to run (preprocess always runs)")
+                        help="which of preprocess,train,predict to run (train needs preprocess, which then runs)")
     parser.add_argument("--predict-model", help="the model dir predict scores with at every size (default: the one "
                                                 "trained at the first size)")
     parser.add_argument("--master", help="a Spark master (default local[2])")

@@ -316,7 +316,7 @@ def origin(_=None):
 
 
 def rank_fn(job):
-    import socket, subprocess
+    import subprocess
     import tensorflow as tf
     from covid_spark.engines import tfdistribute
 

@@ -25,7 +25,7 @@ export PYSPARK_DRIVER_PYTHON := $(PY)
 export PYTHONWARNINGS := ignore::FutureWarning,ignore::DeprecationWarning
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: setup demo demo-xl preprocess train evaluate predict loso generalisation cv test test-fast test-docker bench bench-demo bench-xl cluster-up cluster-down clean
+.PHONY: setup demo demo-xl preprocess train evaluate predict loso generalisation cv test test-fast test-docker bench bench-demo bench-xl bench-100k cluster-up cluster-down clean
 
 setup:
 	@STACK=$(STACK) VENV=$(VENV) bash scripts/setup_env.sh
@@ -128,6 +128,16 @@ bench-demo: setup
 BENCH_XL_ARGS ?=
 bench-xl: setup
 	$(PY) -m bench.xl $(BENCH_XL_ARGS)
+
+# 100,000 images made from cxr-xl (python -m bench.expand: crops, rotations and intensity changes of each image,
+# written once to SCALE_DATA, outside the repository), then preprocess, a one-epoch training and predict at
+# 17,445 and 100,000 images in one run → bench/results-scale.json + tables (docs/performance.md, "100,000 images").
+# BENCH_SCALE_ARGS e.g. --sizes 17445,35000, --cluster (a 2-worker standalone cluster), --model efficientnet_lite0.
+SCALE_DATA ?= /tmp/covid-spark-cxr-100k
+BENCH_SCALE_ARGS ?=
+bench-100k: setup
+	test -f $(SCALE_DATA)/manifest.csv || $(PY) -m bench.expand --output $(SCALE_DATA) --count 100000
+	$(PY) -m bench.scale --data $(SCALE_DATA) $(BENCH_SCALE_ARGS)
 
 cluster-up: setup
 	@bash scripts/cluster.sh up

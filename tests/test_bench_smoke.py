@@ -231,3 +231,83 @@ def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
     assert not os.path.exists(tmp_path / "work")
     tables = format_tables(results)
     assert "| 18 | copies |" in tables and "### Goals" in tables
+
+
+def _tiny_source(folder, rows) -> str:
+    """A cxr-xl-like folder: class folders of small grey JPEGs and a manifest."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "manifest.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "source", "patient_id", "view", "license", "url"])
+        writer.writeheader()
+        for path, label, patient in rows:
+            os.makedirs(os.path.join(folder, label), exist_ok=True)
+            pixels = rng.integers(0, 256, (48, 40), dtype=np.uint8)
+            Image.fromarray(pixels, "L").save(os.path.join(folder, path), quality=90)
+            writer.writerow({"path": path, "label": label, "source": "s", "patient_id": patient, "view": "PA",
+                             "license": "", "url": ""})
+    return folder
+
+
+def test_expand_writes_distinct_deterministic_variants_that_keep_their_patient(tmp_path):
+    import hashlib
+    import shutil
+
+    from bench.expand import main as expand
+
+    source = _tiny_source(str(tmp_path / "src"), [("covid/a.jpg", "covid", "p1"), ("covid/b.jpg", "covid", ""),
+                                                  ("normal/c.jpg", "normal", "p2"), ("normal/d.jpg", "normal", "p2")])
+    shutil.copy(os.path.join(source, "covid", "a.jpg"), os.path.join(source, "normal", "d.jpg"))  # a byte-identical pair
+    for out in ("one", "two"):
+        assert expand(["--source", source, "--output", str(tmp_path / out), "--count", "11", "--workers", "1"]) == 0
+    assert expand(["--source", source, "--output", str(tmp_path / "one"), "--count", "11"]) == 2  # refuses to overwrite
+
+    def listed(out):
+        with open(tmp_path / out / "manifest.csv", newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+
+    rows = listed("one")
+    assert rows == listed("two")  # the same bytes from the same command
+    assert len(rows) == 11 and [int(r["variant"]) for r in rows] == [0] * 4 + [1] * 4 + [2] * 3
+    digests = []
+    for row in rows:
+        with open(tmp_path / "one" / row["path"], "rb") as handle:
+            digests.append(hashlib.sha256(handle.read()).hexdigest())
+        assert digests[-1] == row["sha256"]
+        with open(os.path.join(source, row["derived_from"]), "rb") as handle:
+            original = handle.read()
+        changed = row["variant"] != "0" or row["derived_from"] == "normal/d.jpg"
+        assert (hashlib.sha256(original).hexdigest() != row["sha256"]) == changed
+        expected = {"covid/a.jpg": "p1", "covid/b.jpg": "xl-b", "normal/c.jpg": "p2", "normal/d.jpg": "p2"}
+        assert row["patient_id"] == expected[row["derived_from"]]
+        assert row["label"] == row["derived_from"].split("/")[0]
+    assert len(set(digests)) == 11  # every file its own content, the identical source pair included
+
+
+def test_scale_takes_manifest_prefixes_and_tables_compare_the_largest_size_with_the_first(tmp_path):
+    from bench.expand import main as expand
+    from bench.scale import sized_manifest, tables
+
+    source = _tiny_source(str(tmp_path / "src"), [("covid/a.jpg", "covid", "p1"), ("normal/b.jpg", "normal", "")])
+    data = str(tmp_path / "big")
+    assert expand(["--source", source, "--output", data, "--count", "5", "--workers", "1"]) == 0
+    manifest = sized_manifest(data, 3, str(tmp_path))
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["variant"] for r in rows] == ["0", "0", "1"] and all(os.path.isfile(r["path"]) for r in rows)
+    with pytest.raises(SystemExit, match="lists 5 images, fewer than the size 6"):
+        sized_manifest(data, 6, str(tmp_path))
+
+    def job(wall, cpu, driver, jvm):
+        return {"wall_s": wall, "cpu_s": cpu, "loadavg": [1.0, 2.5],
+                "peak_mib": {"largest python_driver": driver, "largest jvm": jvm, "tree": driver + jvm}}
+
+    results = {"sizes": [{"images": 1000, "preprocess": job(10.0, 15.0, 100, 400), "predict": job(20.0, 30, 110, 500)},
+                         {"images": 4000, "preprocess": job(46.0, 66.0, 120, 400), "predict": job(80.0, 120, 110, 550)}]}
+    text = tables(results)
+    assert "| preprocess | 4,000 | 46.0 | 11.50 | 16.50 | 120 | 400 | 520 | 1.0 → 2.5 |" in text
+    assert "| preprocess | 1.15 | 1.10 | 1.20 | 1.00 |" in text and "| predict | 1.00 | 1.00 | 1.00 | 1.10 |" in text
+    assert "| train |" not in text  # a job not run at both sizes has no ratio

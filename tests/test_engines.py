@@ -275,3 +275,58 @@ def test_a_failing_rank_ends_the_stage_with_its_error_and_leaves_no_rank_behind(
         time.sleep(1)
     assert ranks_left() == []
     assert spark.sparkContext.parallelize(range(4), 2).sum() == 6  # the session still runs jobs
+
+
+def test_a_lost_rank_is_named_from_the_failed_stage_and_other_failures_are_not():
+    from covid_spark.engines import tfdistribute
+
+    ours = (f"Could not recover from a failed barrier ResultStage. Most recent failure reason: Stage failed because "
+            f"barrier task ResultTask(4, 1) finished unsuccessfully.\nTraceback ...\nRuntimeError: "
+            f"{tfdistribute.RANK_LOST}: rank 1 on 10.0.0.7 was killed by SIGKILL while training (its output is in "
+            f"the executor's log)")
+    assert tfdistribute.lost_rank(ours) == (1, "its process on 10.0.0.7 was killed by SIGKILL while training")
+    executor = ("Stage failed because barrier task ResultTask(7, 0) finished unsuccessfully.\n"
+                "ExecutorLostFailure (executor 2 exited caused by one of the running tasks) Reason: worker lost")
+    assert tfdistribute.lost_rank(executor) == (
+        0, "ExecutorLostFailure (executor 2 exited caused by one of the running tasks) Reason: worker lost")
+    assert tfdistribute.lost_rank("barrier task ResultTask(7, 0) finished unsuccessfully.\n"
+                                  "ValueError: boom in rank 0") is None  # the rank function's own error
+    message = str(tfdistribute.RankLostError((1, "its process on h was killed by SIGKILL while training"), 2))
+    assert message.startswith("tf-distribute: rank 1 of 2 was lost during training (its process on h was killed")
+    assert message.endswith("rerun the train job with --resume to continue from it")
+
+    class Stage:  # a barrier stage whose task reports its rank's process gone
+        def barrier(self):
+            return self
+
+        def mapPartitions(self, fn):
+            return self
+
+        def collect(self):
+            raise RuntimeError(ours)
+
+    class Spark:
+        class sparkContext:
+            master, defaultParallelism, _jsc = "spark://nowhere:7077", 2, None
+
+            @staticmethod
+            def parallelize(data, slices):
+                return Stage()
+
+    with pytest.raises(tfdistribute.RankLostError, match="rank 1 of 2 was lost") as caught:
+        tfdistribute.TFDistributeLauncher(Spark()).run(len, types.SimpleNamespace(threads=1), 2)
+    assert caught.value.rank == 1 and isinstance(caught.value.__cause__, RuntimeError)  # Spark's error kept
+
+
+def test_a_rank_process_that_dies_is_reported_with_its_signal():
+    import subprocess
+
+    from covid_spark.engines.tfdistribute import RANK_LOST, _expect
+
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                             stdout=subprocess.PIPE, text=True)
+    with pytest.raises(RuntimeError, match=f"{RANK_LOST}: rank 3 on host7 was killed by SIGKILL while training"):
+        _expect(child.stdout, child, 3, "host7", "training")
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(5)"], stdout=subprocess.PIPE, text=True)
+    with pytest.raises(RuntimeError, match="rank 0 on h exited with code 5 while starting"):
+        _expect(child.stdout, child, 0, "h", "starting")

@@ -40,6 +40,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -57,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 PORT_ATTEMPTS = 3
 PORT_TAKEN = "covid-spark: tf-distribute port taken"  # in the error of a rank whose port was taken
-SLOT_WAIT_S = 20  # how long the driver waits for executors to offer enough task slots
+RANK_LOST = "covid-spark: tf-distribute rank lost"  # in the error of a task whose rank process died
+# How long the driver waits for executors to offer enough task slots: a local master has its slots at once;
+# a cluster's executors join after the application starts (their JVMs start on the workers, slowly on a busy one).
+SLOT_WAIT_S = {"local": 20, "cluster": 180}
 _JOB_FILE, _RESULT_FILE = "job.pkl", "result.pkl"
 
 _reserved: socket.socket | None = None  # inside a rank: the port held until the strategy binds it
@@ -79,8 +84,9 @@ def task_slots(sc) -> int:
         return int(sc.defaultParallelism)
 
 
-def check_slots(sc, num_proc: int, wait_s: float = SLOT_WAIT_S) -> int:
-    """Wait up to ``wait_s`` for ``num_proc`` task slots (executors may still be joining), else raise.
+def check_slots(sc, num_proc: int, wait_s: float | None = None) -> int:
+    """Wait up to ``wait_s`` (default :data:`SLOT_WAIT_S` for the master's kind) for ``num_proc`` task slots
+    (executors may still be joining), else raise.
 
     Without this, Spark retries a barrier stage that needs more slots than the cluster has for
     minutes (``spark.scheduler.barrier.maxConcurrentTasksCheck.*``: 40 × 15 s) before it fails.
@@ -88,6 +94,8 @@ def check_slots(sc, num_proc: int, wait_s: float = SLOT_WAIT_S) -> int:
     Raises:
         ConfigError: fewer slots than ranks (names both numbers and what to change).
     """
+    if wait_s is None:
+        wait_s = SLOT_WAIT_S["local" if sc.master.startswith("local") else "cluster"]
     deadline = time.monotonic() + wait_s
     while True:
         slots = task_slots(sc)
@@ -126,11 +134,45 @@ class TFDistributeLauncher:
                 rdd = sc.parallelize(range(num_proc), num_proc).barrier().mapPartitions(task)
                 return [pickle.loads(blob) for blob in rdd.collect()]
             except Exception as error:  # noqa: BLE001  (py4j wraps the task's error; only a taken port is retried)
+                lost = lost_rank(str(error))
+                if lost is not None:
+                    raise RankLostError(lost, num_proc) from error
                 if PORT_TAKEN not in str(error) or attempt == PORT_ATTEMPTS:
                     raise
                 logger.warning("tf-distribute: a rank's port was taken before TensorFlow bound it; starting "
                                "the ranks again with new ports (attempt %d of %d)", attempt + 1, PORT_ATTEMPTS)
         raise AssertionError("unreachable")
+
+
+class RankLostError(RuntimeError):
+    """A rank's process or its executor died while the ranks ran (not bad input: the traceback stays)."""
+
+    def __init__(self, lost: tuple[int, str], num_proc: int):
+        rank, how = lost
+        self.rank = rank
+        super().__init__(
+            f"tf-distribute: rank {rank} of {num_proc} was lost during training ({how}); Spark stopped the "
+            f"other rank(s) with it. The last checkpoint written is kept: rerun the train job with --resume "
+            f"to continue from it")
+
+
+# A task of ours that saw its rank's process die (written by _expect), and Spark's own words for a barrier
+# task that ended otherwise (its executor lost, say), which name the task's partition: the rank.
+_OUR_LOST = re.compile(re.escape(RANK_LOST) + r": rank (\d+) on (\S+) (.+?)\.? \(")
+_SPARK_LOST = re.compile(r"barrier task ResultTask\(\d+, (\d+)\) finished unsuccessfully\.\s*\n?\s*"
+                         r"(ExecutorLostFailure[^\n]*)")
+
+
+def lost_rank(message: str) -> tuple[int, str] | None:
+    """(rank, what happened) when ``message`` (a failed barrier stage's) says a rank's process or executor
+    died; None for any other failure (an error raised by the rank function keeps its own message)."""
+    ours = _OUR_LOST.search(message)
+    if ours:
+        return int(ours.group(1)), f"its process on {ours.group(2)} {ours.group(3)}"
+    spark = _SPARK_LOST.search(message)
+    if spark:
+        return int(spark.group(1)), spark.group(2).strip()
+    return None
 
 
 _timer_hook: list = []
@@ -188,12 +230,12 @@ def _barrier_task(payload: bytes, env: dict[str, str]):
         os.close(write_fd)
         try:
             with os.fdopen(read_fd, "r") as messages:
-                port = _expect(messages, child, rank, "port")
+                port = _expect(messages, child, rank, host, "starting (before it reported its port)")
                 addresses = context.allGather(f"{host}:{port}")
                 child.stdin.write(json.dumps({"cluster": {"worker": list(addresses)},
                                               "task": {"type": "worker", "index": rank}}) + "\n")
                 child.stdin.flush()
-                _expect(messages, child, rank, "done")
+                _expect(messages, child, rank, host, "training")
             with open(os.path.join(folder, _RESULT_FILE), "rb") as handle:
                 status, value = pickle.load(handle)
             if status != "ok":
@@ -210,13 +252,15 @@ def _barrier_task(payload: bytes, env: dict[str, str]):
                 child.wait()
 
 
-def _expect(messages, child, rank: int, what: str) -> str:
-    """The next line the rank's process sends (``what`` names it for the error), or raise if it died."""
+def _expect(messages, child, rank: int, host: str, doing: str) -> str:
+    """The next line the rank's process sends, or raise if it died (``doing`` says when, for the error)."""
     line = messages.readline()
     if not line:
         code = child.wait()
-        raise RuntimeError(f"tf-distribute rank {rank} exited with code {code} before sending its {what} "
-                           f"(see its output above in the executor's log)")
+        how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+               else f"exited with code {code}")
+        raise RuntimeError(f"{RANK_LOST}: rank {rank} on {host} {how} while {doing} "
+                           f"(its output is in the executor's log)")
     return line.strip()
 
 

@@ -136,22 +136,35 @@ def read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, l
     return [inventory.records[i] for i in order], inventory.skipped, inventory.per_input, views, pseudonyms
 
 
-def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms) -> list[Staged]:
-    """First pass on the executors; the per-file results sorted by path.
+def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms,
+                release: bool = False) -> list[Staged]:
+    """First pass on the executors; the per-file results sorted by path. With ``release``, empties
+    ``records`` once Spark holds them.
 
     Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on Python
     3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and an odd last
-    task would run alone. Memory does not grow with a task's size (streamed).
+    task would run alone. Memory does not grow with a task's size (streamed). On the driver (``release``), the input
+    records (a dict each) are dropped once ``parallelize`` has copied them to the JVM, before the results
+    arrive, and the results' repeated strings (label, source, view, staged file) are shared: the driver's
+    peak is then about one small tuple per file.
     """
     size, max_pixels, found = cfg["image_size"], cfg["max_pixels"], len(records)
     framing = Framing(cfg["border_crop"], cfg["lung_crop"], cfg["lung_crop_margin"])
     cores = max(1, sc.defaultParallelism)
     slices = max(1, min(found, cores * math.ceil(found / (STAGE_TASK_IMAGES * cores))))
     sc.setJobDescription(f"decode and stage {found} images")
-    staged = (sc.parallelize(records, slices).mapPartitionsWithIndex(
-        lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms, framing)).collect())
+    rdd = sc.parallelize(records, slices)  # serialises the records to the JVM now
+    if release:
+        records.clear()
+    staged = rdd.mapPartitionsWithIndex(
+        lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms, framing)).collect()
     if len(staged) != found:
         raise RuntimeError(f"internal error: {len(staged)} results for {found} input files")
+    shared: dict = {}
+    for i, m in enumerate(staged):  # one copy of each repeated string, replacing the tuples one by one
+        staged[i] = m._replace(label=shared.setdefault(m.label, m.label),
+                               source=shared.setdefault(m.source, m.source),
+                               view=shared.setdefault(m.view, m.view), file=shared.setdefault(m.file, m.file))
     staged.sort()  # by path (the first field)
     return staged
 
@@ -293,7 +306,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         phase("discover")
         staging = f"{tmp_url}/{STAGING}"
         listed = {r["path"]: (r["patient_id"], r.get("view", "")) for r in records}
-        staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms)
+        staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms, release=True)
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")
         index = [index_row(m, listed[m.path]) for m in staged]

@@ -1,0 +1,149 @@
+"""python -m bench.expand --output DIR [--count 100000]: a large collection made from cxr-xl, reproducibly.
+
+Writes ``--count`` JPEG files (one folder per class, as cxr-xl) and a ``manifest.csv`` to ``--output``,
+outside the repository: cxr-xl's 17,445 images as they are (variant 0, byte copies), then variants
+1, 2, … of each image in turn (in an order shuffled with ``--seed``, so every prefix keeps cxr-xl's class
+mix) until the count is reached, each a small deterministic change of its source:
+
+- a crop of 0–6 % from each side (scaled back to the source's size),
+- a rotation of −5° to +5° (edges filled with the image's mean grey),
+- brightness × 0.9–1.1, contrast × 0.9–1.1 and gamma 0.9–1.1,
+- saved as JPEG with quality 88–95.
+
+The parameters of a variant come from ``random.Random("<seed>:<source path>:<variant>")`` alone, so the
+same command writes the same bytes on any machine with the same Pillow, in any order and with any number
+of processes. Every file's SHA-256 is in the manifest, and the run fails if two files are equal. (cxr-xl holds a
+few byte-identical images under two names: the later one's variant 0, in path order, is changed as the other
+variants are, with its own key, so that no two files of the output are equal.)
+
+The manifest keeps each source row's label, source, view, licence and url, adds ``derived_from`` (the source
+image's path in cxr-xl) and ``variant``, and gives every variant of one image the same ``patient_id``: the
+source's id where it has one, else ``xl-<source file stem>``, so a patient-wise split keeps an image and all
+its variants in one split (the preprocess stage's near-duplicate grouping would too). The variant-0 rows are
+cxr-xl itself under those patient ids: ``--count 17445`` writes just them.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CXR_XL = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "cxr-xl"))
+COLUMNS = ("path", "label", "source", "patient_id", "view", "license", "url", "derived_from", "variant", "sha256")
+
+
+def variant_bytes(data: bytes, key: str) -> bytes:
+    """The JPEG bytes of one variant of an image (``data``), its changes drawn from ``key`` alone."""
+    from PIL import Image, ImageOps, ImageStat
+
+    rng = random.Random(key)
+    image = Image.open(io.BytesIO(data))
+    image = ImageOps.exif_transpose(image).convert("L")
+    width, height = image.size
+    box = (round(width * rng.uniform(0, 0.06)), round(height * rng.uniform(0, 0.06)),
+           width - round(width * rng.uniform(0, 0.06)), height - round(height * rng.uniform(0, 0.06)))
+    image = image.crop(box).resize((width, height), Image.BILINEAR)
+    fill = int(ImageStat.Stat(image).mean[0])
+    image = image.rotate(rng.uniform(-5, 5), resample=Image.BILINEAR, fillcolor=fill)
+    brightness, contrast, gamma = rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1), rng.uniform(0.9, 1.1)
+    mean = ImageStat.Stat(image).mean[0]
+
+    def level(value: int) -> int:
+        shifted = min(255.0, max(0.0, ((value - mean) * contrast + mean) * brightness))
+        return round(255 * (shifted / 255) ** gamma)
+
+    table = [level(v) for v in range(256)]
+    image = image.point(table)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=rng.randint(88, 95))
+    return out.getvalue()
+
+
+def plan(rows: list[dict], count: int) -> list[tuple[dict, int]]:
+    """(source row, variant) for every output: variant 0 of every row first, then variant 1 of every row, …"""
+    return [(rows[i % len(rows)], i // len(rows)) for i in range(count)]
+
+
+def patient_of(row: dict) -> str:
+    """The patient id all variants of ``row`` share (its own, or one made from its file name)."""
+    return row["patient_id"].strip() or "xl-" + os.path.splitext(os.path.basename(row["path"]))[0]
+
+
+def _write_one(args: tuple[str, str, dict, int, int, bool]) -> dict:
+    source_dir, output, row, variant, seed, repeated = args
+    with open(os.path.join(source_dir, row["path"]), "rb") as handle:
+        data = handle.read()
+    if variant or repeated:
+        data = variant_bytes(data, f"{seed}:{row['path']}:{variant}")
+    stem, _ = os.path.splitext(row["path"])
+    relative = f"{stem}-v{variant:02d}.jpg"
+    target = os.path.join(output, relative)
+    tmp = target + ".tmp"
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, target)
+    return {**{k: row.get(k, "") for k in COLUMNS}, "path": relative, "patient_id": patient_of(row),
+            "derived_from": row["path"], "variant": variant, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def expand(source_dir: str, output: str, count: int, seed: int = 0, workers: int = 2) -> dict:
+    """Write the collection (see the module's docstring); return counts for the log."""
+    with open(os.path.join(source_dir, "manifest.csv"), newline="", encoding="utf-8") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda r: r["path"])
+    seen, repeats = set(), set()
+    for row in rows:  # byte-identical sources: every one after the first, in path order
+        with open(os.path.join(source_dir, row["path"]), "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        (repeats if digest in seen else seen).add(row["path"] if digest in seen else digest)
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    jobs = [(source_dir, output, row, variant, seed, variant == 0 and row["path"] in repeats)
+            for row, variant in plan(order, count)]
+    for folder in sorted({os.path.dirname(r["path"]) for r in rows}):
+        os.makedirs(os.path.join(output, folder), exist_ok=True)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        written = list(pool.map(_write_one, jobs, chunksize=256))
+    hashes = {}
+    for entry in written:
+        if entry["sha256"] in hashes:
+            raise RuntimeError(f"{entry['path']} has the same bytes as {hashes[entry['sha256']]}; change --seed")
+        hashes[entry["sha256"]] = entry["path"]
+    tmp = os.path.join(output, ".manifest.csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(written)
+    os.replace(tmp, os.path.join(output, "manifest.csv"))
+    return {"files": len(written), "sources": len(rows), "identical_sources": len(repeats), "variants": max(v for _, v in plan(rows, count)) + 1,
+            "patients": len({e["patient_id"] for e in written}), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.expand", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", default=CXR_XL, help="a folder with manifest.csv (default ../shared/data/cxr-xl)")
+    parser.add_argument("--output", required=True, help="the folder to write (outside the repository)")
+    parser.add_argument("--count", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if os.path.exists(os.path.join(args.output, "manifest.csv")):
+        print(f"expand: {args.output} already holds a manifest.csv; remove the folder or choose another",
+              file=sys.stderr)
+        return 2
+    done = expand(args.source, args.output, args.count, args.seed, args.workers)
+    print(f"expand: {done['files']} files from {done['sources']} images ({done['variants']} variants at most; "
+          f"{done['identical_sources']} source(s) byte-identical to another, their variant 0 changed too), "
+          f"{done['patients']} patients, {done['seconds']} s → {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -46,6 +46,7 @@ JOBS = ("preprocess", "train", "predict")
 
 def machine_rate(images: int = 400) -> dict:
     """How fast this machine decodes and resizes cxr-xl images in one plain process (images/s), and its load."""
+    from covid_spark.constants import DEFAULT_IMAGE_SIZE
     from covid_spark.inputs.images import decode_image  # noqa: F401  (imported before the clock)
 
     paths = sorted(glob.glob(os.path.join(CXR_XL, "*", "*.jpg")))[:images]
@@ -55,7 +56,7 @@ def machine_rate(images: int = 400) -> dict:
             blobs.append(handle.read())
     started = time.perf_counter()
     for blob in blobs:
-        decode_image(blob, 224)
+        decode_image(blob, DEFAULT_IMAGE_SIZE)
     seconds = time.perf_counter() - started
     with open("/proc/loadavg", encoding="utf-8") as handle:
         load = handle.read().split()[:3]

@@ -106,12 +106,13 @@ def bench_append(spark, args, config) -> dict:
 def model_dir_for(args, size: int) -> str:
     if args.model_dir:
         return args.model_dir
+    from covid_spark.data.rundir import RunDir
     from covid_spark.models.registry import make_model
 
     folder = os.path.join(args.out, "model")
     os.makedirs(folder, exist_ok=True)
-    make_model(args.model, (size, size, 3)).save(os.path.join(folder, "model.keras"))
-    with open(os.path.join(folder, "run.json"), "w") as handle:
+    make_model(args.model, (size, size, 3)).save(RunDir(folder).model)
+    with open(RunDir(folder).run_json, "w") as handle:
         json.dump({"model": args.model, "image_size": size, "classes": ["covid", "normal", "pneumonia"]}, handle)
     return folder
 

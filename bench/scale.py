@@ -147,12 +147,14 @@ def run_size(submit: Submitter, data: str, size: int, work: str, model: str, rec
     if "preprocess" in jobs or "train" in jobs:
         out["preprocess"] = submit.run("preprocess", ["--input", manifest, "--output", dataset],
                                        os.path.join(folder, "preprocess.log"))
-        with open(os.path.join(dataset, "_summary.json"), encoding="utf-8") as handle:
+        from covid_spark.data.dataset import SUMMARY_FILE
+
+        with open(os.path.join(dataset, SUMMARY_FILE), encoding="utf-8") as handle:
             summary = json.load(handle)
         groups = summary.get("duplicates", [])
         out["dataset"] = {"written": summary["written"], "per_split": summary["per_split"],
                           "duplicate_groups": len(groups), "images_in_duplicate_groups": sum(len(g) for g in groups),
-                          "summary_bytes": os.path.getsize(os.path.join(dataset, "_summary.json"))}
+                          "summary_bytes": os.path.getsize(os.path.join(dataset, SUMMARY_FILE))}
         record(out)
     if "train" in jobs and model_dir is None:
         model_dir = train(submit, out, folder, dataset, model, record)
@@ -175,7 +177,9 @@ def train(submit: Submitter, out: dict, folder: str, dataset: str, model: str, r
     model_dir = os.path.join(folder, "model")
     out["train"] = submit.run("train", ["--dataset", dataset, "--model-dir", model_dir, "--epochs", "1",
                                         "--model", model, "--num-proc", "2"], os.path.join(folder, "train.log"))
-    with open(os.path.join(model_dir, "run.json"), encoding="utf-8") as handle:
+    from covid_spark.data.rundir import RunDir
+
+    with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
         out["train"]["train_images"] = json.load(handle)["dataset_summary"]["per_split"]["train"]
     record(out)
     return model_dir

@@ -45,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Refusing is the default now (as in every job); the old flag is accepted and does nothing.
     parser.add_argument("--no-overwrite", action="store_true", help=argparse.SUPPRESS)
     add_spark_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if bool(args.watch) == bool(args.input):
+        parser.error("give either --input (score these files once) or --watch DIR (score what arrives)")
+    return args
 
 
 @job_main("predict")
@@ -53,8 +56,6 @@ def main(argv=None) -> int:
     setup_logging()
     args = parse_args(argv)
     config = override(load_config(args.config, sets=args.set), "preprocess", {"views": args.views})
-    if bool(args.watch) == bool(args.input):
-        raise InputError("give either --input (score these files once) or --watch DIR (score what arrives)")
     if args.watch:
         return _watch(args, config)
     spark, owned = build_spark(args, "covid-spark predict")

@@ -37,7 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          "unknown view are kept unless -unknown is listed")
     add_overwrite_arg(parser)
     add_spark_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.append and not args.input:
+        parser.error("--input is required (only --append may leave it out: the dataset's own inputs)")
+    return args
 
 
 @job_main("preprocess")
@@ -52,8 +55,6 @@ def main(argv=None) -> int:
     if args.append and args.overwrite:
         raise InputError("--append and --overwrite exclude each other: --append updates the dataset, "
                          "--overwrite replaces it")
-    if not args.append and not args.input:
-        raise InputError("--input is required (only --append may leave it out: the dataset's own inputs)")
     given = {"image_size": args.image_size, "val_fraction": args.val_fraction, "test_fraction": args.test_fraction,
              "seed": args.seed, "max_pixels": args.max_pixels, "skip_unknown_classes": args.skip_unknown_classes,
              "holdout_source": args.holdout_source, "views": args.views}

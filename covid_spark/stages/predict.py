@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import time
@@ -129,6 +130,21 @@ def partition_count(files: int, parallelism: int, files_per_partition: int = 200
     return max(1, min(files, max(parallelism, files // files_per_partition)))
 
 
+def scoring_model(model_dir: str) -> tuple[bytes, int, Framing]:
+    """What the executors score with: the run's ``model.keras`` bytes, its image size and its framing.
+
+    Raises:
+        FileNotFoundError: no model in ``model_dir``.
+    """
+    run_dir = RunDir(model_dir)
+    if not os.path.exists(run_dir.model):
+        raise FileNotFoundError(f"{run_dir.model} not found: train a model into {model_dir} first")
+    with open(run_dir.run_json, encoding="utf-8") as handle:
+        run = json.load(handle)
+    with open(run_dir.model, "rb") as handle:
+        return handle.read(), int(run["image_size"]), Framing(**run.get("framing", {}))
+
+
 def predict(spark, input_locations: str | Sequence[str], model_dir: str, output: str, config: dict,
             batch_size: int = INFERENCE_BATCH_SIZE, overwrite: bool = False, explain_dir: str | None = None) -> dict:
     """Score every file at ``input_locations`` (one location or a list); one output row per input file.
@@ -142,20 +158,12 @@ def predict(spark, input_locations: str | Sequence[str], model_dir: str, output:
         FileNotFoundError: the input or the model is missing.
         FileExistsError: ``output`` exists and ``overwrite`` is false.
     """
-    import json
 
     started = time.time()
     if not output.lower().endswith((".csv", ".parquet")):
         raise InputError(f"--output {output} must end in .csv or .parquet")
     refuse_existing(output, overwrite)
-    run_dir = RunDir(model_dir)
-    if not os.path.exists(run_dir.model):
-        raise FileNotFoundError(f"{run_dir.model} not found: train a model into {model_dir} first")
-    with open(run_dir.run_json, encoding="utf-8") as handle:
-        run = json.load(handle)
-    size, framing = int(run["image_size"]), Framing(**run.get("framing", {}))
-    with open(run_dir.model, "rb") as handle:
-        model_bytes = handle.read()
+    model_bytes, size, framing = scoring_model(model_dir)
     inventory = discover(input_locations, labelled=False,
                          skip_unknown=config["preprocess"]["skip_unknown_classes"])
     max_pixels = config["preprocess"]["max_pixels"]

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 from covid_spark.constants import INFERENCE_BATCH_SIZE
-from covid_spark.data.rundir import RunDir
 from covid_spark.errors import InputError
 from covid_spark.inputs.sources import skip_reason
 from covid_spark.inputs.views import ViewFilter
 from covid_spark.lungs.framing import Framing
-from covid_spark.stages.predict import partition_count, partitions_in_order, write_table
+from covid_spark.stages.predict import partition_count, partitions_in_order, scoring_model, write_table
 from covid_spark.stages.predict_tasks import predict_partition
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,6 @@ def _rss_mb() -> float:
 def _prepare(directory: str, model_dir: str, output: str, options: WatchOptions) -> tuple[str, bytes, int, Framing]:
     """Check the arguments before Spark starts anything; return the watched root, the model's bytes, its image
     size and its framing (as batch predict reads them from ``run.json``)."""
-    import json
 
     root = os.path.abspath(directory)
     if not os.path.isdir(root):
@@ -99,14 +97,7 @@ def _prepare(directory: str, model_dir: str, output: str, options: WatchOptions)
         raise InputError("--max-files-per-batch and --trigger-seconds must be positive")
     if os.path.isfile(output):
         raise InputError(f"--output {output} is a file: with --watch it is a folder of one file per micro-batch")
-    run_dir = RunDir(model_dir)
-    if not os.path.exists(run_dir.model):
-        raise FileNotFoundError(f"{run_dir.model} not found: train a model into {model_dir} first")
-    with open(run_dir.run_json, encoding="utf-8") as handle:
-        run = json.load(handle)
-    size, framing = int(run["image_size"]), Framing(**run.get("framing", {}))
-    with open(run_dir.model, "rb") as handle:
-        model_bytes = handle.read()
+    model_bytes, size, framing = scoring_model(model_dir)
     os.makedirs(output, exist_ok=True)
     for stale in glob.glob(os.path.join(output, ".batch-*.tmp-*")):  # a killed run's unfinished file
         os.remove(stale)

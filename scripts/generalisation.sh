@@ -12,6 +12,8 @@
 #   VARIANTS  which variants (default: all of conf/variants/*.yaml, default first)
 #   SOURCES   which cxr-xl sources to leave out (default: all four); EXTERNAL=0 skips cxr-xl -> cxr3
 #   EPOCHS    training epochs per model (default: conf/xl.yaml's)
+#   VAL_AUDIT=0  no shortcut audit on the val evaluations (they only choose the variant; the test and
+#             held-out evaluations keep theirs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=${1:-runs/generalisation}
@@ -21,6 +23,7 @@ PY=${PY:-.venv/bin/python}
 VARIANTS=${VARIANTS:-$(ls conf/variants/*.yaml | xargs -n1 basename | sed 's/\.yaml$//' | sort | awk '$0=="default"{print; next} {rest=rest" "$0} END{print rest}')}
 SOURCES=${SOURCES:-radiography2021 kermany nih hannover}
 EXTERNAL=${EXTERNAL:-1}
+VAL_SET=(); [ "${VAL_AUDIT:-1}" = 0 ] && VAL_SET=(--set evaluate.audit=false)
 SUBMIT=(spark-submit --master "${MASTER:-local[*]}" --properties-file conf/spark-local.conf)
 mkdir -p "$R"
 
@@ -51,7 +54,7 @@ model() {  # model DATASET MODEL_DIR CONFIG
   fi
   step "$dir/metrics.json" "${SUBMIT[@]}" jobs/evaluate.py --dataset "$data" --model-dir "$dir" --config "$config"
   step "$dir/metrics_val.json" "${SUBMIT[@]}" jobs/evaluate.py --dataset "$data" --model-dir "$dir" --split val \
-    --config "$config"
+    --config "$config" "${VAL_SET[@]}"
 }
 
 for v in $VARIANTS; do

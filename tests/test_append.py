@@ -136,9 +136,14 @@ def test_new_changed_and_removed_files(spark, tmp_path):
     assert _rows(dataset).keys() == after.keys()
 
 
-def test_append_equals_a_full_preprocess_of_the_union(spark, tmp_path):
+@pytest.mark.parametrize("stage_on", ["driver", "executors"])
+def test_append_equals_a_full_preprocess_of_the_union(spark, tmp_path, monkeypatch, stage_on):
+    from covid_spark.stages import append as append_stage
     from covid_spark.stages.append import append
     from covid_spark.stages.preprocess import preprocess
+
+    if stage_on == "executors":  # more new files than the driver decodes itself
+        monkeypatch.setattr(append_stage, "LOCAL_STAGE_FILES", 0)
 
     folder = str(tmp_path / "in")
     rows = _corpus(folder, 60, seed=1)

@@ -24,6 +24,7 @@ from covid_spark.data.duplicates import (
     _union_run,
     components,
     dhash,
+    extend_groups,
     group_duplicates,
     group_duplicates_all_pairs,
     hamming,
@@ -440,6 +441,38 @@ def test_union_run_only_stops_when_every_member_left_is_joined():
 
 
 # ---------------------------------------------------------------- errors and bench
+
+
+def _split_off(hashes: dict[str, int], fraction: float, seed: int) -> tuple[dict[str, int], dict[str, int]]:
+    """``hashes`` cut in two at random: (stored, new)."""
+    rng = random.Random(seed)
+    new = set(rng.sample(sorted(hashes), round(len(hashes) * fraction)))
+    return {k: v for k, v in hashes.items() if k not in new}, {k: v for k, v in hashes.items() if k in new}
+
+
+@pytest.mark.parametrize("bits, max_distance, fraction", [(256, 10, 0.01), (256, 10, 0.3), (256, 0, 0.1),
+                                                          (256, 6, 0.5), (64, 10, 0.1), (64, 3, 0.2), (8, 0, 0.2)])
+def test_extend_groups_equals_grouping_everything_again(bits, max_distance, fraction):
+    hashes = clustered(2000, bits, centres=30, spread=14, seed=bits + max_distance)
+    keys = sorted(hashes)
+    rng = random.Random(max_distance)
+    for i in range(300):  # identical copies, stored and new, and near-copies bridging stored groups
+        hashes[f"copy{i:04d}"] = flip(hashes[rng.choice(keys)], rng.sample(range(bits), rng.randint(0, 2)))
+    stored, new = _split_off(hashes, fraction, seed=bits)
+    expected = group_duplicates(hashes, max_distance)
+    assert len(expected) > 10
+    assert extend_groups(group_duplicates(stored, max_distance), stored, new, max_distance) == expected
+
+
+def test_extend_groups_edge_cases():
+    assert extend_groups([["a", "b"]], {"a": 1, "b": 1, "c": 9}, {}, 3) == [["a", "b"]]
+    assert extend_groups([], {}, {"a": 1}, 3) == []
+    assert extend_groups([], {}, {"a": 1, "b": 1}, 0) == [["a", "b"]]                      # identical new hashes
+    assert extend_groups([["a", "c"]], {"a": 0, "c": 1}, {"b": 3, "d": 255}, 1) == [["a", "b", "c"]]
+    assert extend_groups([], {"a": 0}, {"b": 7}, 5) == [["a", "b"]]                       # every pair close
+    assert extend_groups([], {"a": 0, "x": 2**200}, {"b": 2**200 + 1}, 1) == [["b", "x"]]
+    with pytest.raises(ValueError, match="max_distance must be >= 0"):
+        extend_groups([], {"a": 1}, {}, -1)
 
 
 @pytest.mark.parametrize("function", [group_duplicates, group_duplicates_all_pairs])

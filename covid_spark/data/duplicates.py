@@ -364,15 +364,66 @@ def group_duplicates(hashes: dict[str, int], max_distance: int) -> list[list[str
     return _groups(keys, parent[row_of_key.reshape(-1)])
 
 
+def _banded_matches(table: np.ndarray, width: int, max_distance: int, queries: np.ndarray,
+                    reference: np.ndarray, chunk: int, pending=None):
+    """Yield ``(u, v)``: query rows ``u`` and reference rows ``v`` within ``max_distance < width`` bits.
+
+    Band by band (:func:`_bands`), ``chunk`` queries at a time are looked up among the reference rows
+    sorted by the band's value; candidates are checked with the full distance, so every close pair
+    comes at least once. ``pending`` (optional) keeps the rows of a chunk still to look up."""
+    bands = _bands(width, max_distance)
+    table = _interleave(table, width, len(bands))
+    for lo, hi in bands:
+        values = _band_values(table, lo, hi)
+        order = reference[np.argsort(values[reference], kind="stable")]
+        sorted_values = values[order]
+        for start in range(0, len(queries), chunk):
+            rows = queries[start:start + chunk]
+            rows = pending(rows) if pending is not None else rows
+            if not rows.size:
+                continue
+            left = np.searchsorted(sorted_values, values[rows], side="left")
+            counts = np.searchsorted(sorted_values, values[rows], side="right") - left
+            u = np.repeat(rows, counts)
+            v = order[np.repeat(left, counts) + _ranges(counts)]
+            close = _popcount64(table[u] ^ table[v]).sum(axis=1) <= np.uint64(max_distance)
+            yield u[close], v[close]
+
+
+def extend_groups(groups: Sequence[Sequence[str]], stored: dict[str, int], new: dict[str, int],
+                  max_distance: int, chunk: int = 4096) -> list[list[str]]:
+    """:func:`group_duplicates` of ``stored`` and ``new`` (distinct keys), given ``groups``, those of ``stored``.
+
+    Only pairs with a new member are searched: each distinct new hash is looked up (banded) among the
+    distinct stored and new hashes; the close pairs, identical new hashes and ``groups`` are joined.
+    Time grows with the new hashes. Raises ValueError as :func:`group_duplicates` does.
+    """
+    if not new and max_distance >= 0:
+        return [sorted(group) for group in groups]
+    keys, table, width = _hash_table({**stored, **new}, max_distance)
+    max_distance = int(max_distance)
+    if len(keys) < 2 or max_distance >= width:  # one key; every pair close
+        return [keys] if len(keys) >= 2 else []
+    row = {key: i for i, key in enumerate(keys)}
+    is_new = np.isin(np.arange(len(keys)), [row[k] for k in new])
+    stored_rows, new_rows = np.flatnonzero(~is_new), np.flatnonzero(is_new)
+    stored_reps = stored_rows[np.unique(table[stored_rows], axis=0, return_index=True)[1]]
+    _, first, copy_of = np.unique(table[new_rows], axis=0, return_index=True, return_inverse=True)
+    new_reps = new_rows[first]
+    pairs = [(np.array([row[g[0]] for g in groups for _ in g[1:]], dtype=np.int64),  # the stored groups
+              np.array([row[k] for g in groups for k in g[1:]], dtype=np.int64)),
+             (new_rows, new_reps[copy_of.reshape(-1)])]  # each new key joins the first new key with its hash
+    pairs += _banded_matches(table, width, max_distance, new_reps, np.concatenate((stored_reps, new_reps)), chunk)
+    u, v = (np.concatenate([pair[side] for pair in pairs]) for side in (0, 1))
+    return _groups(keys, components(len(keys), u, v))
+
+
 def near_copies(reference: dict[str, int], queries: dict[str, int], max_distance: int,
                 chunk: int = 4096) -> dict[str, str]:
     """For each query key within ``max_distance`` bits of some reference hash, one such reference key.
 
-    Not transitive (unlike :func:`group_duplicates`): a query counts only when it is itself
-    close to a reference image. Banded like :func:`group_duplicates`: for every band, the
-    queries are looked up among the reference hashes sorted by that band's value, and each
-    candidate is checked with the full Hamming distance. Returns ``{query_key: reference_key}``
-    (the first found, deterministically), for the queries that have one.
+    Not transitive (unlike :func:`group_duplicates`): a query counts only when it is itself close to a
+    reference image. Banded. Returns ``{query_key: reference_key}`` (the first found, deterministically).
     """
     if max_distance < 0:
         raise ValueError(f"max_distance must be >= 0, got {max_distance}")
@@ -390,27 +441,10 @@ def near_copies(reference: dict[str, int], queries: dict[str, int], max_distance
     if max_distance >= width:  # every pair is close
         best[q_rows] = ref_rows[0]
     else:
-        bands = _bands(width, int(max_distance))
-        table = _interleave(table, width, len(bands))
-        for lo, hi in bands:
-            values = _band_values(table, lo, hi)
-            order = ref_rows[np.argsort(values[ref_rows], kind="stable")]
-            sorted_values = values[order]
-            for start in range(0, len(q_rows), chunk):
-                rows = q_rows[start:start + chunk]
-                rows = rows[best[rows] < 0]
-                if not rows.size:
-                    continue
-                left = np.searchsorted(sorted_values, values[rows], side="left")
-                counts = np.searchsorted(sorted_values, values[rows], side="right") - left
-                u = np.repeat(rows, counts)
-                v = order[np.repeat(left, counts) + _ranges(counts)]
-                distance = np.zeros(u.size, dtype=np.uint64)
-                for w in range(table.shape[1]):
-                    distance += _popcount64(table[u, w] ^ table[v, w])
-                close = distance <= np.uint64(max_distance)
-                first = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
-                np.minimum.at(first, u[close], v[close])  # the smallest close reference row
-                hit = np.unique(u[close])
-                best[hit] = first[hit]
+        for u, v in _banded_matches(table, width, int(max_distance), q_rows, ref_rows, chunk,
+                                    pending=lambda rows: rows[best[rows] < 0]):
+            first = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(first, u, v)  # the smallest close reference row
+            hit = np.unique(u)
+            best[hit] = first[hit]
     return {keys[q][1]: keys[int(best[q])][1] for q in q_rows if best[q] >= 0}

@@ -86,4 +86,6 @@ def read_index(dataset: str) -> dict[str, dict]:
         raise DatasetError(f"{dataset} has no {INDEX_FILE}: it was written before datasets recorded their "
                            "files; run jobs/preprocess.py without --append once to rebuild it", dataset=dataset)
     table = pq.read_table(path, filesystem=fs)
-    return {row["path"]: row for row in table.to_pylist()}
+    names = table.column_names  # column by column through numpy: several times faster than Table.to_pylist
+    columns = [table.column(name).to_numpy(zero_copy_only=False).tolist() for name in names]
+    return {row["path"]: row for row in (dict(zip(names, values)) for values in zip(*columns))}

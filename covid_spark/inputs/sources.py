@@ -19,6 +19,7 @@ One run may read several inputs (``discover([a, b, ...])``). Rules that hold acr
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import re
@@ -55,7 +56,7 @@ CLASS_ALIASES: dict[str, str] = {
 
 def file_extension(path: str) -> str:
     """The lower-cased extension of a path's file name, or "" when it has none (".bashrc" has none)."""
-    name = re.split(r"[\\/]+", path.rstrip("/\\"))[-1]
+    name = path.rstrip("/\\").replace("\\", "/").rpartition("/")[2]
     dot = name.rfind(".")
     return name[dot:].lower() if dot > 0 else ""
 
@@ -68,7 +69,7 @@ def named_as_dicom(path: str) -> bool:
 
 def skip_reason(path: str) -> str | None:
     """Return why a file should be skipped, judging by its path alone, or None to read it."""
-    parts = [p for p in re.split(r"[\\/]+", path) if p not in ("", ".", "..")]
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     if not parts or path.endswith(("/", "\\")):
         return f"not a file name: {path!r}"
     *folders, name = parts
@@ -90,6 +91,7 @@ def skip_reason(path: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)  # a manifest repeats a few label names on every line
 def class_of(name: str) -> str | None:
     """Map a folder or label name to one of CLASSES, or None when it names no class."""
     key = re.sub(r"[\s_\-]+", " ", name.strip().lower()).strip()

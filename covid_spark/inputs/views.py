@@ -12,6 +12,7 @@ The filter (:class:`ViewFilter`) keeps the views it names. An image whose view i
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -25,7 +26,12 @@ _LATERAL = frozenset({"LL", "RL", "LAT", "LATERAL", "LEFT LATERAL", "RIGHT LATER
 
 def normalise_view(value) -> str:
     """The canonical name of a view: ``PA``, ``AP``, ``LATERAL``, another name upper-cased, or ``""``."""
-    text = re.sub(r"[\s_\-]+", " ", str(value or "")).strip().upper()
+    return _normalise_text(str(value or ""))
+
+
+@functools.lru_cache(maxsize=1024)  # a manifest repeats a few view names on every line
+def _normalise_text(value: str) -> str:
+    text = re.sub(r"[\s_\-]+", " ", value).strip().upper()
     if not text:
         return ""
     if text == "AP" or text.startswith("AP "):

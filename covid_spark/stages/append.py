@@ -7,9 +7,11 @@
    modification time changed *and* whose SHA-256 differs, is changed; a file whose stat changed
    but whose bytes did not is unchanged; an indexed file no longer listed is removed.
 2. **Stage** only the new and changed files, with the preprocess stage's own first pass
-   (``preprocess.stage_files``: decode, dHash, staged Parquet on the executors).
-3. **Split**: every row already in the dataset keeps its split; duplicates are grouped again over
-   all stored hashes (the same groups a full run finds); a new image joins the split of its
+   (``preprocess.stage_files``: decode, dHash, staged Parquet; on the executors, or in this process
+   for a few hundred files).
+3. **Split**: every row already in the dataset keeps its split; the duplicate groups are those a full
+   run finds (the stored groups extended by the new hashes when no stored row goes, else every hash
+   grouped again); a new image joins the split of its
    patient or duplicate group, else of the patient or path it replaces, else a keyed hash of its
    unit decides (``data.splits.extend_splits``): independent of arrival order and batch.
 4. **Write a new version** beside the dataset (``<dataset>.tmp-<tag>``): unchanged Parquet files are
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from covid_spark.data.dataset import has_summary, read_summary, split_url, write_summary
-from covid_spark.data.duplicates import group_duplicates
+from covid_spark.data.duplicates import extend_groups, group_duplicates
 from covid_spark.data.fileindex import REJECTED, WRITTEN, fingerprint, read_index, stat_key, write_index
 from covid_spark.data.splits import SPLITS, extend_splits
 from covid_spark.data.storage import HadoopFS, link_or_copy, swap_directory, to_url
@@ -49,6 +51,9 @@ logger = logging.getLogger(__name__)
 # Test hook: set to a step name ("stage", "write") and the process dies there (os._exit),
 # as a killed job would, so a test can show that the dataset is left as it was.
 FAIL_ENV = "COVID_SPARK_FAIL_APPEND"
+# New and changed files up to this many are decoded in the driver process (no Spark job to schedule;
+# not with a lung crop, whose segmentation model the executors' workers hold).
+LOCAL_STAGE_FILES = 500
 # New rows up to this many are distributed in the driver process (no second Spark job to start).
 LOCAL_DISTRIBUTE_ROWS = 5000
 # Keys that decide what a row holds or where it goes: an increment must use the dataset's own.
@@ -106,7 +111,8 @@ def compare(records: list[dict], index: dict[str, dict]) -> Changes:
             changes.to_read.append(record)
             changes.changed.add(record["path"])
         elif stat_key(record["path"]) == (row["size"], row["mtime_ns"]):
-            changes.kept.append(dict(row, input=record["input"]))
+            row["input"] = record["input"]  # the index row read for this comparison: filled in, not copied
+            changes.kept.append(row)
         else:
             suspects.append((record, row))
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -129,11 +135,19 @@ def staged_from_row(row: dict) -> Staged:
                   None, None, -1, row["view"], False, row["size"], row["mtime_ns"], row["digest"])
 
 
-def plan_splits(kept: list[Staged], known: list[str], new: list[Staged], cfg: dict,
-                remembered: dict[str, str]) -> tuple[list[list[str]], list[str], list[dict]]:
-    """Duplicate groups over every row, and the split of each new row (``kept`` keep ``known``)."""
+def plan_splits(kept: list[Staged], known: list[str], new: list[Staged], cfg: dict, remembered: dict[str, str],
+                stored_groups: list[list[str]] | None = None) -> tuple[list[list[str]], list[str], list[dict]]:
+    """Duplicate groups over every row, and the split of each new row (``kept`` keep ``known``).
+
+    ``stored_groups``, when given, are the duplicate groups of ``kept`` alone: only the new rows' hashes are
+    then searched (``duplicates.extend_groups``), with the same result as grouping every row again.
+    """
     good = kept + new
-    duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
+    if stored_groups is None:
+        duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
+    else:
+        duplicates = extend_groups(stored_groups, {m.path: m.dhash for m in kept}, {m.path: m.dhash for m in new},
+                                   max_distance=cfg["duplicate_distance"])
     holdout = cfg["holdout_source"]
     splits, conflicts = extend_splits(
         [m.path for m in good], [m.patient_id for m in good], known + [""] * len(new), cfg["val_fraction"],
@@ -214,10 +228,25 @@ def _read_changes(spark, url: str, tmp_url: str, locations: list[str], cfg: dict
     index = read_index(url)
     records, skipped, per_input, views, pseudonyms = read_inventory(locations, cfg)
     changes = compare(records, index)
-    staged = stage_files(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms) \
-        if changes.to_read else []
+    local = len(changes.to_read) <= LOCAL_STAGE_FILES and not cfg["lung_crop"]
+    staged = stage_files(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms,
+                         local=local) if changes.to_read else []
     listed = {r["path"]: (r["patient_id"], r.get("view", "")) for r in changes.to_read}
     return index, changes, staged, listed, skipped, per_input
+
+
+def _split_step(old: dict, index: dict[str, dict], changes: Changes, staged: list[Staged], cfg: dict):
+    """Step 3: the kept rows and their splits, the new rows, the paths whose rows go, the duplicate groups
+    and the new rows' splits and conflicts. The stored groups are extended when no stored row goes."""
+    kept = [staged_from_row(r) for r in changes.kept if r["status"] == WRITTEN]
+    new = [m for m in staged if m.error is None]
+    gone = [index[p] for p in changes.changed] + changes.removed
+    remembered = {k: r["split"] for r in gone if r["status"] == WRITTEN for k in (r["patient_id"], r["path"]) if k}
+    known = [r["split"] for r in changes.kept if r["status"] == WRITTEN]
+    drop = {r["path"] for r in gone if r["status"] == WRITTEN}
+    stored_groups = old.get("duplicates") if not drop and len(kept) == old["written"] else None
+    duplicates, new_splits, conflicts = plan_splits(kept, known, new, cfg, remembered, stored_groups)
+    return kept, known, new, drop, duplicates, new_splits, conflicts
 
 
 def _summary_lists(changes: Changes, staged: list[Staged], skipped: list) -> tuple[list[dict], list[dict]]:
@@ -282,15 +311,8 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
             index, changes, staged, listed, skipped, per_input = _read_changes(spark, url, tmp_url, locations, cfg)
             _die_at("stage")
             marks.append(("compare_and_stage", time.time()))
-            kept = [staged_from_row(r) for r in changes.kept if r["status"] == WRITTEN]
-            new = [m for m in staged if m.error is None]
-            gone = [index[p] for p in changes.changed] + changes.removed
-            remembered = {k: r["split"] for r in gone if r["status"] == WRITTEN
-                          for k in (r["patient_id"], r["path"]) if k}
-            known = [r["split"] for r in changes.kept if r["status"] == WRITTEN]
-            duplicates, new_splits, conflicts = plan_splits(kept, known, new, cfg, remembered)
+            kept, known, new, drop, duplicates, new_splits, conflicts = _split_step(old, index, changes, staged, cfg)
             marks.append(("group_and_split", time.time()))
-            drop = {r["path"] for r in gone if r["status"] == WRITTEN}
             carried = carry_files(url, tmp_url, drop)
             number = len(old.get("increments", []))
             row_groups = distribute_rows(spark, new, new_splits, dict(cfg, min_row_groups=1), tmp_url,

@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import time
+import uuid
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -42,7 +43,7 @@ from covid_spark.inputs.dicom import Pseudonyms, require_no_patient_ids
 from covid_spark.inputs.sources import count_per_input, discover
 from covid_spark.inputs.views import ViewFilter
 from covid_spark.lungs.framing import Framing
-from covid_spark.stages.preprocess_tasks import Staged, distribute_files, stage_partition
+from covid_spark.stages.preprocess_tasks import Staged, distribute_files, stage_images, stage_partition
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,8 @@ def count_values(values: Iterable[str]) -> dict[str, int]:
 def _count_within(pairs: Iterable[tuple]) -> dict:
     """``{group: {value: count}}`` of (group, value) pairs, both levels sorted; one pass."""
     nested: dict = {}
-    for group, value in pairs:
-        nested.setdefault(group, Counter())[value] += 1
+    for (group, value), count in Counter(pairs).items():
+        nested.setdefault(group, {})[value] = count
     return {group: dict(sorted(counts.items())) for group, counts in sorted(nested.items())}
 
 
@@ -137,9 +138,10 @@ def read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, l
 
 
 def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms,
-                release: bool = False) -> list[Staged]:
+                release: bool = False, local: bool = False) -> list[Staged]:
     """First pass on the executors; the per-file results sorted by path. With ``release``, empties
-    ``records`` once Spark holds them.
+    ``records`` once Spark holds them; ``local`` runs the pass in this process instead, into one staged
+    file (a small increment: no Spark job to schedule, no records to serialise).
 
     Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on Python
     3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and an odd last
@@ -150,6 +152,10 @@ def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudon
     """
     size, max_pixels, found = cfg["image_size"], cfg["max_pixels"], len(records)
     framing = Framing(cfg["border_crop"], cfg["lung_crop"], cfg["lung_crop_margin"])
+    if local:
+        name = f"stage-local-{uuid.uuid4().hex[:12]}.parquet"
+        return sorted(m._replace(file=name) if m.row >= 0 else m for m in stage_images(
+            records, size, max_pixels, f"{staging}/{name}", views=views, pseudonyms=pseudonyms, framing=framing))
     cores = max(1, sc.defaultParallelism)
     slices = max(1, min(found, cores * math.ceil(found / (STAGE_TASK_IMAGES * cores))))
     sc.setJobDescription(f"decode and stage {found} images")

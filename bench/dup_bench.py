@@ -1,13 +1,6 @@
-"""python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]
-
-Near-duplicate grouping at scale: the banded ``group_duplicates`` against the all-pairs
-``group_duplicates_all_pairs``, on one thread. ``--max-distance`` defaults to ``preprocess.duplicate_distance``.
-
-The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``, a JSON object
-of key -> int) or clustered synthetic 256-bit hashes (chest X-ray dHashes are far from uniform), plus seeded
-copies of base hashes with 0-10 flipped bits. All-pairs is quadratic, so above ``ALL_PAIRS_MAX`` hashes both
-methods also run on a seeded subset of that size, to show that they agree. Prints one JSON object.
-"""
+"""python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]: banded
+near-duplicate grouping against all-pairs on one thread; prints one JSON object (docs/performance.md, "Real data
+at scale", 3)."""
 from __future__ import annotations
 
 import argparse

@@ -2,18 +2,21 @@
 saving results, Markdown tables, and the one table of goals with the verdicts judged against it."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import platform
 import queue as queue_module
+import sys
 import time
 import timeit
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data")
+CXR_XL = os.path.abspath(os.path.join(DATA, "cxr-xl"))
 RESULTS = os.path.join(REPO, "bench", "results.json")
 SCRATCH = os.path.join(REPO, "bench", "tmp")
 FIXED_COST_IMAGES = 6  # the tiny input whose job time is Spark's fixed cost per preprocess job
@@ -68,6 +71,18 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def timed(function, *args, **kwargs) -> tuple[float, object]:
+    """``(wall seconds, result)`` of one call."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def items(text: str | None) -> list[str]:
+    """A comma-separated option as its non-empty items."""
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
 def speed_reference(repeats: int = 3) -> dict:
     """Single-core rates of fixed workloads (best of ``repeats``), to compare absolute times across machines:
     a pure-Python loop (millions of iterations per second) and SHA-256 (MiB per second)."""
@@ -93,6 +108,20 @@ def machine() -> dict:
             "cpu_count": os.cpu_count(), "cpu_model": facts["model name"] or "unknown",
             "ram_gib": round(int(ram.split()[0]) / 1024 ** 2, 1) if ram else None, "platform": platform.platform(),
             "load_avg_at_start": loadavg(), "speed_reference": speed_reference(), "versions": versions()}
+
+
+def decode_rate(images: int = 400) -> dict:
+    """How fast one plain process decodes and resizes cxr-xl images (images/s), with the load and the time."""
+    from covid_spark.constants import DEFAULT_IMAGE_SIZE
+    from covid_spark.inputs.images import decode_image
+
+    blobs = []
+    for path in sorted(glob.glob(os.path.join(CXR_XL, "*", "*.jpg")))[:images]:
+        with open(path, "rb") as handle:
+            blobs.append(handle.read())
+    seconds, _ = timed(lambda: [decode_image(blob, DEFAULT_IMAGE_SIZE) for blob in blobs])
+    return {"decode_images_per_s": round(len(blobs) / seconds, 1), "loadavg": loadavg(),
+            "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
 def machine_line(m: dict) -> str:
@@ -160,18 +189,34 @@ def reap(workers, timeout: float = 60.0) -> None:
             worker.terminate()
 
 
+def spawn(target, args_per_worker, *shared, daemon: bool = True) -> tuple[list, object]:
+    """``target(*args, *shared, queue)`` started in a fresh spawned process per tuple: ``(workers, queue)``."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=target, args=(*args, *shared, queue), daemon=daemon) for args in args_per_worker]
+    for worker in workers:
+        worker.start()
+    return workers, queue
+
+
 def in_process(target, *args, timeout: float = 3600.0):
     """What ``target(*args, queue)`` put on the queue, run in a fresh spawned process (not a daemon: it may
     start processes of its own)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    worker = ctx.Process(target=target, args=(*args, results))
-    worker.start()
+    workers, results = spawn(target, [args], daemon=False)
     try:
-        (report,) = collect(results, [worker], timeout)
+        (report,) = collect(results, workers, timeout)
     finally:
-        reap([worker], 120)
+        reap(workers, 120)
     return report
+
+
+def load(path: str) -> dict:
+    """The JSON results at ``path``; empty when the file is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
 
 
 def save(results: dict, path: str, section: str | None = None) -> None:
@@ -179,17 +224,12 @@ def save(results: dict, path: str, section: str | None = None) -> None:
     keeping the file's other sections."""
     from covid_spark.data.storage import atomic_write_json
 
-    data = results
-    if section is not None:
-        data = {}
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    data = json.load(handle)
-            except (OSError, ValueError):
-                data = {}
-        data[section] = results
-    atomic_write_json(path, data)
+    atomic_write_json(path, results if section is None else dict(load(path), **{section: results}))
+
+
+def command(module: str, argv) -> str:
+    """The command line that ran ``python -m bench.<module>``."""
+    return " ".join([f"python -m bench.{module}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -211,3 +251,10 @@ def table(headings: list[str], rows, left: tuple[int, ...] = (0,)) -> str:
              "|" + "|".join("---" if i in left else "---:" for i in range(len(headings))) + "|"]
     lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def report(results: dict, start: str, tables: str, output: str, seconds: float) -> None:
+    """Print the machine, the load at start and end, the time taken, the tables and where the results went."""
+    m = results["machine"]
+    print(f"\nMachine: {machine_line(m)}; load average {start} at start, {m['load_avg_at_end']} at end; "
+          f"{seconds:.0f} s in all\n\n{tables}\n\nresults: {output}")

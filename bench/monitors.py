@@ -62,8 +62,9 @@ class Sampler:
 
 class PeakRss(Sampler):
     """Peak RSS in MiB of this process and its descendants, polled every ``interval`` s: ``peaks`` of ``driver``
-    (this process), ``jvm``, ``spark_python_workers``, ``other_children`` and ``tree`` (sums at one instant), and
-    ``workers``, each Spark Python process's peak by pid with its role (``daemon`` forks the ``worker``s)."""
+    (this process), ``jvm``, ``spark_python_workers``, ``other_children`` and ``tree`` (sums at one instant),
+    ``workers``, each Spark Python process's peak by pid with its role (``daemon`` forks the ``worker``s), and
+    ``timeline``, the tree's sum at each poll (:meth:`at`)."""
 
     def __init__(self, interval: float = 0.2):
         import psutil
@@ -72,6 +73,12 @@ class PeakRss(Sampler):
         self._me = psutil.Process()
         self.peaks = dict.fromkeys(("driver", "jvm", "spark_python_workers", "other_children", "tree"), 0.0)
         self.workers: dict[int, dict] = {}
+        self.timeline: list[tuple[float, float]] = []
+
+    def at(self, moment: float) -> float | None:
+        """The whole tree's MiB at the last poll before the wall-clock time ``moment``."""
+        before = [mib for when, mib in self.timeline if when <= moment]
+        return round(before[-1], 1) if before else None
 
     def sample(self) -> None:
         import psutil
@@ -96,6 +103,7 @@ class PeakRss(Sampler):
                                                   "peak_mb": 0.0})
             entry["peak_mb"] = max(entry["peak_mb"], round(rss, 1))
         sums["tree"] = sum(v for k, v in sums.items() if k != "tree")
+        self.timeline.append((time.time(), sums["tree"]))
         for key, value in sums.items():
             self.peaks[key] = max(self.peaks[key], round(value, 1))
 
@@ -127,7 +135,7 @@ class CpuUse:
     """Core-seconds used during a block by this process tree (``ours_core_s``, by kind and ``total``), by the
     machine (``machine_busy_core_s``) and by other users (``others_core_s``; ``others_share`` of its capacity)."""
 
-    def __enter__(self) -> "CpuUse":
+    def __enter__(self) -> CpuUse:
         import psutil
 
         self._me = psutil.Process()
@@ -174,16 +182,17 @@ class MachineCpu(Sampler):
 
 class JvmHeap(Sampler):
     """Heap the Spark driver JVM holds after a full GC (``System.gc()`` through py4j; live data), sampled every
-    ``interval`` s and on entering and leaving: ``after_gc_peak_mb``, ``before_gc_peak_mb``,
-    ``committed_peak_mb``, ``max_heap_mb``, ``samples`` and ``gc_s`` (the forced collections pause the JVM)."""
+    ``interval`` s and on entering and leaving: ``jvm_heap_after_gc_mb``, ``jvm_heap_before_gc_mb``,
+    ``jvm_heap_committed_mb`` (peaks), ``jvm_max_heap_mb``, ``forced_gc_samples`` and ``forced_gc_s`` (the forced
+    collections pause the JVM)."""
 
     sample_on_exit = True
 
     def __init__(self, spark, interval: float = 2.0):
         super().__init__(interval)
         self._jvm = spark.sparkContext._jvm
-        self.result = {"after_gc_peak_mb": 0.0, "before_gc_peak_mb": 0.0, "committed_peak_mb": 0.0,
-                       "max_heap_mb": None, "samples": 0, "gc_s": 0.0}
+        self.result = {"jvm_heap_after_gc_mb": 0.0, "jvm_heap_before_gc_mb": 0.0, "jvm_heap_committed_mb": 0.0,
+                       "jvm_max_heap_mb": None, "forced_gc_samples": 0, "forced_gc_s": 0.0}
 
     def sample(self) -> None:
         runtime = self._jvm.java.lang.Runtime.getRuntime()
@@ -191,10 +200,10 @@ class JvmHeap(Sampler):
         started = time.perf_counter()
         self._jvm.java.lang.System.gc()
         r = self.result
-        r["gc_s"] = round(r["gc_s"] + time.perf_counter() - started, 4)
+        r["forced_gc_s"] = round(r["forced_gc_s"] + time.perf_counter() - started, 4)
         total = runtime.totalMemory() / MB
-        r["max_heap_mb"] = round(runtime.maxMemory() / MB, 1)
-        r["after_gc_peak_mb"] = max(r["after_gc_peak_mb"], round(total - runtime.freeMemory() / MB, 1))
-        r["before_gc_peak_mb"] = max(r["before_gc_peak_mb"], round(before, 1))
-        r["committed_peak_mb"] = max(r["committed_peak_mb"], round(total, 1))
-        r["samples"] += 1
+        r["jvm_max_heap_mb"] = round(runtime.maxMemory() / MB, 1)
+        for key, value in (("after_gc", total - runtime.freeMemory() / MB), ("before_gc", before),
+                           ("committed", total)):
+            r[f"jvm_heap_{key}_mb"] = max(r[f"jvm_heap_{key}_mb"], round(value, 1))
+        r["forced_gc_samples"] += 1

@@ -1,12 +1,6 @@
-"""python -m bench.predict_bench --input DIR_OR_MANIFEST [--input ...] [--model-dir DIR] [--images N]
-
-Batch-prediction throughput: the Spark job (``covid_spark.stages.predict.predict``, local[2] by default)
-against one plain process running the same decode and model (``predict_partition``: batches of 32, one
-TensorFlow thread), which imports everything and loads the model before its clock starts. The Spark time
-is the whole ``predict`` call on a session already up: listing, Python workers starting and importing
-TensorFlow, one model load per worker, scoring, and the driver writing the CSV. Without ``--model-dir`` the
-model is ``--model`` with an untrained head: the same work per image as a trained one.
-"""
+"""python -m bench.predict_bench --input DIR_OR_MANIFEST [--input ...] [--model-dir DIR] [--images N]: the Spark
+predict job against one plain process running the same decode and model (docs/performance.md, "Real data at
+scale", 4)."""
 from __future__ import annotations
 
 import argparse

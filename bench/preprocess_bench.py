@@ -1,7 +1,5 @@
-"""Preprocessing throughput: the real Spark preprocess job (decode, duplicate grouping, splits, the Petastorm
-write) against the job's own per-file code in plain processes that import everything before the clock starts:
-``plain_decode`` (``read_and_decode``, nothing written) or ``plain_stage`` (``stage_images``, the job's first
-pass, which also writes the rows to Parquet as a Spark task does)."""
+"""Preprocessing throughput: the real Spark job against its own first pass, ``stage_images``, in plain processes
+(docs/performance.md, "What is measured", 1)."""
 from __future__ import annotations
 
 import cProfile
@@ -11,12 +9,13 @@ import logging
 import multiprocessing as mp
 import os
 import pstats
+import shutil
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime
 
-from bench.harness import MB, collect, fmt, pct, reap, table
+from bench.harness import MB, collect, fmt, pct, reap, spawn, table
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 logger = logging.getLogger(__name__)
@@ -30,11 +29,8 @@ def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, j
     """Spawn ``target(*args, barrier, queue)`` per argument tuple, release them together at the barrier and
     time them until each has reported: ``(reports, wall seconds, CPU use)``, the workers reaped inside the
     CPU window so that their CPU time counts."""
-    ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(len(args_per_worker) + 1), ctx.Queue()
-    workers = [ctx.Process(target=target, args=(*args, barrier, queue), daemon=True) for args in args_per_worker]
-    for worker in workers:
-        worker.start()
+    barrier = mp.get_context("spawn").Barrier(len(args_per_worker) + 1)
+    workers, queue = spawn(target, args_per_worker, barrier)
     try:
         barrier.wait(timeout=start_timeout)
         started = time.perf_counter()
@@ -49,27 +45,6 @@ def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, j
 
 def _per_process(reports: list[dict]) -> list[dict]:
     return [{"images": r["images"], "seconds": round(r["seconds"], 3), "maxrss_mb": r["maxrss_mb"]} for r in reports]
-
-
-def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
-    from covid_spark.stages.preprocess_tasks import read_and_decode
-
-    barrier.wait()
-    started = time.perf_counter()
-    ok = sum(read_and_decode(path, size, max_pixels)[0].image is not None for path in paths)
-    queue.put({"images": len(paths), "decoded": ok, "seconds": time.perf_counter() - started,
-               "maxrss_mb": maxrss_mb()})
-
-
-def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -> dict:
-    """Decode ``paths``, split round-robin over ``processes`` independent processes at once."""
-    reports, wall, cpu = run_at_barrier(_decode_worker, [(paths[i::processes], size, max_pixels)
-                                                         for i in range(processes)], 120, 30)
-    decoded = sum(r["decoded"] for r in reports)
-    if decoded != len(paths):
-        logger.warning("plain decode: %d of %d images decoded", decoded, len(paths))
-    return {"processes": processes, "images": len(paths), "decoded": decoded, "seconds": round(wall, 3),
-            "images_per_s": round(len(paths) / wall, 1), "per_process": _per_process(reports), "cpu": cpu}
 
 
 def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path, barrier, queue) -> None:
@@ -88,19 +63,19 @@ def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path
                "maxrss_mb": maxrss_mb()})
 
 
-def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_dir: str,
-                hashes_to: str | None = None) -> dict:
+def plain_stage(location: str, processes: int, config: dict, out_dir: str, hashes_to: str | None = None) -> dict:
     """The job's first pass, ``stage_images``, in ``processes`` plain processes at once, each over every
-    ``processes``-th record and writing one Parquet file in ``out_dir`` (the caller deletes it). With ``hashes_to``,
+    ``processes``-th record and writing one Parquet file in ``out_dir`` (removed after). With ``hashes_to``,
     each also writes ``{path: dhash}`` to ``<hashes_to>-<i>.json`` after its clock stops (``hash_files``)."""
-    out_dir = os.path.abspath(out_dir)
+    out_dir, cfg = os.path.abspath(out_dir), config["preprocess"]
     os.makedirs(out_dir, exist_ok=True)
     hash_files = [f"{hashes_to}-{i}.json" if hashes_to else None for i in range(processes)]
     reports, wall, cpu = run_at_barrier(
-        _stage_worker, [(location, i, processes, size, max_pixels, f"file://{out_dir}/plain-{i}.parquet",
-                         hash_files[i]) for i in range(processes)], 600, 60)
+        _stage_worker, [(location, i, processes, int(cfg["image_size"]), int(cfg["max_pixels"]),
+                         f"file://{out_dir}/plain-{i}.parquet", hash_files[i]) for i in range(processes)], 600, 60)
     images = sum(r["images"] for r in reports)
     written = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir) if n.endswith(".parquet"))
+    shutil.rmtree(out_dir, ignore_errors=True)
     out = {"processes": processes, "images": images, "staged": sum(r["staged"] for r in reports),
            "seconds": round(wall, 3), "images_per_s": round(images / wall, 1), "written_bytes": written,
            "written_mb": round(written / MB, 1), "per_process": _per_process(reports), "cpu": cpu}
@@ -203,33 +178,27 @@ def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict)
                    "tiny_job_first_s": round(times[0], 3), "tiny_job_s": round(times[1], 3)}
 
 
-def net_rate(run: dict, images: int, fixed_job_s: float) -> float | None:
-    """Images/s of a Spark run less the fixed cost per job; None when the run took no longer than that."""
-    net = run["seconds"] - fixed_job_s
-    return round(images / net, 1) if net > 0 else None
-
-
 def ratio(a: float | None, b: float) -> float | None:
     return None if a is None else round(a / b, 3)
 
 
-def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
-    """One plain process, two plain processes, then the Spark job, on one input; with the ratios."""
-    from covid_spark.inputs.sources import discover
+def against_pair(run: dict, pair: dict, images: int, fixed_job_s: float) -> dict:
+    """The Spark run less the fixed cost per job (no net rate when it took no longer), and both rates over the
+    pair's: ``pair``, ``spark``, ``spark_vs_pair``, ``spark_net_vs_pair``."""
+    net = run["seconds"] - fixed_job_s
+    run.update(net_seconds=round(net, 3), net_images_per_s=round(images / net, 1) if net > 0 else None)
+    return {"pair": pair, "spark": run, "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
+            "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"])}
 
-    cfg = config["preprocess"]
-    size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])
-    paths = [r["path"] for r in discover(input_location).records]
-    logger.info("preprocess bench: %d images: 1 process, 2 processes, the Spark job", len(paths))
-    single = plain_decode(paths, 1, size, max_pixels)
-    pair = plain_decode(paths, 2, size, max_pixels)
+
+def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
+    """One plain process, two plain processes (``plain_stage``), then the Spark job, on one input; with the ratios."""
+    logger.info("preprocess bench: %s: 1 process, 2 processes, the Spark job", input_location)
+    single, pair = (plain_stage(input_location, n, config, f"{output}-plain{n}") for n in (1, 2))
     run = spark_preprocess(spark, input_location, output, config)
-    run["net_images_per_s"] = net_rate(run, len(paths), fixed_job_s)
-    return {"images": len(paths), "input": input_location, "single": single, "pair": pair, "spark": run,
-            "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
-            "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"]),
-            "pair_vs_single": ratio(pair["images_per_s"], single["images_per_s"]),
-            "spark_vs_single": ratio(run["images_per_s"], single["images_per_s"])}
+    return dict(against_pair(run, pair, pair["images"], fixed_job_s), images=pair["images"], input=input_location,
+                single=single, pair_vs_single=ratio(pair["images_per_s"], single["images_per_s"]),
+                spark_vs_single=ratio(run["images_per_s"], single["images_per_s"]))
 
 
 def format_fixed(fixed: dict) -> str:

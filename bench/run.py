@@ -1,11 +1,5 @@
-"""python -m bench.run [--quick] [--sizes all,5000] [--models compact,original]   (what `make bench` runs)
-
-The pipeline's three throughput-bound stages, each against its baseline measured in the same run:
-preprocessing (the Spark job against the same per-file decode in one and in two plain processes, at each
-input size, with Spark's fixed costs apart), reading (Petastorm → tf.data, without and with augmentation,
-against one rank's training rate) and training (1 and 2 ranks of each engine against two independent
-single-rank trainings, per model); plus the peak memory of every process. Writes JSON, prints Markdown.
-"""
+"""python -m bench.run [--quick] [--sizes all,5000] [--models compact,original] (`make bench`): preprocess, read and
+train, each against its baseline in the same run → bench/results.json (docs/performance.md, "What is measured")."""
 from __future__ import annotations
 
 import argparse
@@ -15,8 +9,8 @@ import sys
 import time
 
 from bench import preprocess_bench, train_bench
-from bench.harness import (DATA, FIXED_COST_IMAGES, GOALS, RESULTS, SCRATCH, fmt, loadavg, machine,
-                           machine_line, save, start_spark, table, verdict, verdict_table)
+from bench.harness import (DATA, FIXED_COST_IMAGES, GOALS, RESULTS, SCRATCH, command, fmt, items, loadavg, machine,
+                           report, save, start_spark, table, verdict, verdict_table)
 from bench.inputs import sized_input, source_rows
 from bench.monitors import PeakRss, maxrss_mb
 from covid_spark.cli import setup_logging
@@ -178,22 +172,16 @@ def main(argv=None) -> int:
 
     if not os.path.exists(args.input):
         parser.error(f"input {args.input} not found")
-
-    def items(text):
-        return [s.strip() for s in text.split(",") if s.strip()]
-
     models = items(args.models or ("compact" if args.quick else "compact,original"))
     steps = {m: args.steps for m in models} if args.steps else (train_bench.QUICK_STEPS if args.quick else None)
     results = run_benchmarks(args.input, args.workdir, sizes=items(args.sizes or ("all" if args.quick else "all,5000")),
                              models=models, steps=steps, warmup=args.warmup_steps,
                              read_batches=args.read_batches or (8 if args.quick else 20), master=args.master,
                              config=load_config(args.config), keep_work=args.keep_work,
-                             engines=tuple(items(args.engines)) if args.engines else None)
-    results["command"] = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
+                             engines=tuple(items(args.engines)) or None)
+    results["command"] = command("run", argv)
     save(results, args.output, section="bench")
-    m = results["machine"]
-    print(f"\nMachine: {machine_line(m)}; load average {m['load_avg_at_start']} at start, {m['load_avg_at_end']} "
-          f"at end; {results['seconds']:.0f} s in all\n\n{format_tables(results)}\n\nresults: {args.output}")
+    report(results, results["machine"]["load_avg_at_start"], format_tables(results), args.output, results["seconds"])
     return 0
 
 

@@ -1,10 +1,5 @@
-"""Training throughput: ranks of each engine against independent single-rank trainings, and the input pipeline.
-
-Every run calls the real rank function ``train_fn`` with a ``TrainJob`` made as ``run_training`` makes it (no
-validation, one epoch of ``warmup + steps`` steps) and a step timer in its ``fit()``. Images/s come from the
-batch-end times inside the window where every process was past its warm-up and none had finished. The read
-benchmark runs ``make_train_dataset`` alone in a fresh process with a rank's environment and threads.
-"""
+"""Training throughput: ranks of each engine against independent single-rank trainings, timed inside the real
+``train_fn``, and the input pipeline alone (docs/performance.md, "What is measured", 2 and 3)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +9,7 @@ import multiprocessing as mp
 import os
 import time
 
-from bench.harness import REPO, collect, fmt, in_process, pct, reap, table
+from bench.harness import REPO, collect, fmt, in_process, pct, reap, spawn, table
 from bench.monitors import MachineCpu, maxrss_mb
 
 logger = logging.getLogger(__name__)
@@ -166,14 +161,10 @@ def _pair_worker(job, env: dict, warmup: int, barrier, results) -> None:
 
 def independent_run(jobs: list, warmup: int, env: dict) -> dict:
     """The same jobs in independent plain processes started together (no launcher: a rank of one)."""
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
-    workers = [ctx.Process(target=_pair_worker, args=(job, env, warmup, barrier, results), daemon=True)
-               for job in jobs]
+    barrier = mp.get_context("spawn").Barrier(len(jobs))
     started = time.perf_counter()
     with MachineCpu() as machine:
-        for worker in workers:
-            worker.start()
+        workers, results = spawn(_pair_worker, [(job, env, warmup) for job in jobs], barrier)
         try:
             reports = collect(results, workers)
         finally:

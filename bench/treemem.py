@@ -1,9 +1,5 @@
-"""python -m bench.treemem COMMAND [ARGS...]: run a command, report its wall time and peak memory.
-
-The memory of the whole process tree (spark-submit's JVM, the Python driver, Spark's Python workers,
-Horovod ranks) is sampled every 0.2 s with psutil: the peak of the sum at one instant, and the peaks of
-each kind of process, seen from the outside. `make <stage> MEASURE=1` runs a job under it.
-"""
+"""python -m bench.treemem COMMAND [ARGS...]: run a command, report its wall time, CPU seconds and the peak memory of
+its whole process tree by kind of process, sampled every 0.2 s (`make <stage> MEASURE=1`; docs/performance.md)."""
 from __future__ import annotations
 
 import json

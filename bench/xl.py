@@ -1,13 +1,6 @@
 """python -m bench.xl [--quick] [--sizes 671,5000,17445,50000] [--models …] [--skip-epoch] [--parts …]
-
-`make bench-xl`: the benchmarks on real data at scale (../shared/data/cxr-xl, 17,445 X-rays), in four parts:
-**preprocess** (the job at each size against two plain processes running its first pass, ``stage_images``,
-less its fixed cost; peak memory at each size and its growth; a size above the source's, or written
-``3000c``, is made of byte copies, the others are stratified samples), **duplicates** (``dup_bench`` on the
-real hashes), **predict** (``predict_bench`` with an untrained model) and **train** (2-rank rates over timed
-steps, and one whole epoch of ``run_training``). Results go to bench/results-xl.json after every part;
-``--parts`` reruns some and merges them into the existing file.
-"""
+(`make bench-xl`): preprocess, duplicates, predict and train on cxr-xl at scale → bench/results-xl.json
+(docs/performance.md, "Real data at scale")."""
 from __future__ import annotations
 
 import argparse
@@ -20,11 +13,11 @@ import tempfile
 import time
 
 from bench import dup_bench, predict_bench, train_bench
-from bench.harness import (DATA, FIXED_COST_IMAGES, REPO, fmt, in_process, loadavg, machine,
-                           machine_line, pct, save, start_spark, table, verdict, verdict_table)
+from bench.harness import (CXR_XL, FIXED_COST_IMAGES, REPO, command, fmt, in_process, items, load, loadavg, machine,
+                           pct, report, save, start_spark, table, verdict, verdict_table)
 from bench.inputs import copied_input, sampled_input, source_rows
 from bench.monitors import JvmHeap, PeakRss, maxrss_mb
-from bench.preprocess_bench import (format_cpu, format_fixed, format_jobs, format_sizes, net_rate, plain_stage, ratio,
+from bench.preprocess_bench import (against_pair, format_cpu, format_fixed, format_jobs, format_sizes, plain_stage,
                                     spark_fixed_costs, spark_preprocess)
 from covid_spark.cli import setup_logging
 
@@ -55,7 +48,7 @@ def parse_sizes(text: str, distinct: int) -> list[tuple[int, str]]:
     """``"671,5000,50000"`` → ``[(671, "sample"), (5000, "sample"), (50000, "copies")]``, sorted: a size above
     ``distinct`` (the source's count) or with a ``c`` suffix is copies. ValueError: not a positive integer."""
     out = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
+    for item in items(text):
         copies = item.lower().endswith("c")
         number = item[:-1] if copies else item
         if not number.isdigit() or int(number) < 1:
@@ -91,25 +84,18 @@ def make_input(source: str, workdir: str, images: int, kind: str) -> str:
 
 def stage_pair(location: str, workdir: str, images: int, config: dict, hashes: bool) -> dict:
     """``plain_stage`` in two processes; with ``hashes``, their hash files kept in ``workdir`` (``hash_files``)."""
-    cfg = config["preprocess"]
-    plain_dir = os.path.join(workdir, f"plain-{images}")
-    pair = plain_stage(location, 2, int(cfg["image_size"]), int(cfg["max_pixels"]), plain_dir,
+    return plain_stage(location, 2, config, os.path.join(workdir, f"plain-{images}"),
                        os.path.join(workdir, f"hashes-{images}") if hashes else None)
-    _rm(plain_dir)
-    return pair
 
 
 def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
     roles = {role: [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == role]
              for role in ("worker", "daemon")}
     peaks = run["peak_rss_mb"]
-    return {"driver_mb": peaks["driver"], "driver_before_job_mb": driver_before_mb,
-            "python_worker_max_mb": max(roles["worker"], default=None), "python_workers_mb": sorted(roles["worker"]),
-            "python_daemon_mb": max(roles["daemon"], default=None),
-            "python_workers_sum_mb": peaks["spark_python_workers"],
-            "jvm_heap_after_gc_mb": heap["after_gc_peak_mb"], "jvm_heap_before_gc_mb": heap["before_gc_peak_mb"],
-            "jvm_heap_committed_mb": heap["committed_peak_mb"], "jvm_max_heap_mb": heap["max_heap_mb"],
-            "jvm_rss_mb": peaks["jvm"], "forced_gc_samples": heap["samples"], "forced_gc_s": heap["gc_s"]}
+    return dict(heap, driver_mb=peaks["driver"], driver_before_job_mb=driver_before_mb,
+                python_worker_max_mb=max(roles["worker"], default=None), python_workers_mb=sorted(roles["worker"]),
+                python_daemon_mb=max(roles["daemon"], default=None),
+                python_workers_sum_mb=peaks["spark_python_workers"], jvm_rss_mb=peaks["jvm"])
 
 
 def preprocess_size(spark, source: str, workdir: str, images: int, kind: str, config: dict, fixed_job_s: float,
@@ -139,10 +125,8 @@ def preprocess_size(spark, source: str, workdir: str, images: int, kind: str, co
     finally:
         if kind == "copies":
             _rm(location)
-    run.update(net_seconds=round(run["seconds"] - fixed_job_s, 3), net_images_per_s=net_rate(run, images, fixed_job_s))
-    entry.update(pair=pair, spark=run, memory=_memory_of(memory_run, heap.result, driver_before),
-                 spark_vs_pair=ratio(run["images_per_s"], pair["images_per_s"]),
-                 spark_net_vs_pair=ratio(run["net_images_per_s"], pair["images_per_s"]))
+    entry.update(against_pair(run, pair, images, fixed_job_s),
+                 memory=_memory_of(memory_run, heap.result, driver_before))
     if run["images"] != images or pair["images"] != images:
         logger.warning("xl preprocess: %d images asked, the job read %d and the pair %d",
                        images, run["images"], pair["images"])
@@ -427,7 +411,7 @@ def format_tables(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmarks on cxr-xl at scale (see docs/performance.md).")
-    parser.add_argument("--input", default=os.path.join(DATA, "cxr-xl"), help="real images (default: cxr-xl)")
+    parser.add_argument("--input", default=CXR_XL, help="real images (default: cxr-xl)")
     parser.add_argument("--sizes", help="comma-separated preprocess sizes; above the source's, or with a 'c' suffix, "
                                         "made of copies (default 671,5000,17445,50000; --quick 200,1000,3000c)")
     parser.add_argument("--models", help=f"comma-separated, of {','.join(MODELS)} (default all; --quick compact)")
@@ -444,8 +428,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", help="scratch folder (default: a new temporary one, removed at the end)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    parts, models = items(args.parts), items(args.models) or None
     unknown = sorted(set(parts) - set(PARTS)) + sorted(set(models or ()) - set(MODELS))
     if unknown:
         parser.error(f"unknown {', '.join(unknown)}: parts are {', '.join(PARTS)}; models {', '.join(MODELS)}")
@@ -456,11 +439,8 @@ def main(argv=None) -> int:
     profile.memory_reference = args.memory_reference or profile.memory_reference
     profile.hashes_total = args.hashes or profile.hashes_total
     profile.predict_images = args.predict_images or profile.predict_images
-    results = {}
-    if set(parts) != set(PARTS) and os.path.exists(args.output):
-        with open(args.output, encoding="utf-8") as handle:
-            results = json.load(handle)
-    results["command"] = "python -m bench.xl " + " ".join(sys.argv[1:] if argv is None else argv)
+    results = load(args.output) if set(parts) != set(PARTS) else {}
+    results["command"] = command("xl", argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="covid-spark-bench-xl-")
     if not args.workdir:
         os.rmdir(workdir)  # run_xl removes a folder it makes, and keeps one given
@@ -473,11 +453,8 @@ def main(argv=None) -> int:
         print(f"bench.xl: {exc}", file=sys.stderr)
         return 2
     last = results["invocations"][-1]
-    print(f"\nMachine: {machine_line(results['machine'])}; load average {last['loadavg_at_start']} at start, "
-          f"{last['loadavg_at_end']} at end; {last['seconds']:.0f} s in all\n\n{format_tables(results)}\n\n"
-          f"results: {args.output}")
+    report(results, last["loadavg_at_start"], format_tables(results), args.output, last["seconds"])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,7 +96,7 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     for entry in results["preprocess"]:
         for key in ("single", "pair", "spark"):
             assert _positive(entry[key]["images_per_s"]), (entry["images"], key)
-        assert entry["single"]["decoded"] == entry["images"] and entry["pair"]["decoded"] == entry["images"]
+        assert entry["single"]["staged"] == entry["images"] and entry["pair"]["staged"] == entry["images"]
         assert entry["pair"]["processes"] == 2 and len(entry["pair"]["per_process"]) == 2
         assert entry["spark"]["written"] == entry["images"]
         for key in ("single", "pair", "spark"):

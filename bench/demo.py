@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from bench.harness import REPO, RESULTS, load, machine, machine_line, save, table
+from bench.harness import REPO, RESULTS, load, machine, machine_line, save, table, timed
 from bench.monitors import PeakRss
 
 ORIGINAL_TRAINING_S = 48 * 60  # the university project's reported training time
@@ -20,9 +20,7 @@ def run_demo(run_id: str, make: str = "make") -> dict:
 
     run_dir = RunDir(os.path.join(REPO, "runs", run_id))
     with PeakRss(interval=0.5) as rss:
-        started = time.perf_counter()
-        status = subprocess.call([make, "--no-print-directory", "demo", f"RUN_ID={run_id}"], cwd=REPO)
-        wall = time.perf_counter() - started
+        wall, status = timed(subprocess.call, [make, "--no-print-directory", "demo", f"RUN_ID={run_id}"], cwd=REPO)
     timings = load(run_dir.pipeline_state).get("timings", {})
     result = {"run_id": run_id, "run_dir": run_dir.path, "exit_status": status, "wall_s": round(wall, 1),
               "peak_rss_mb": {"jvm": rss.peaks["jvm"], "whole_tree": rss.peaks["tree"]},

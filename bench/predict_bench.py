@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from bench.harness import in_process, save, start_spark
+from bench.harness import in_process, save, start_spark, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 SESSION = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g"}
@@ -75,9 +75,7 @@ def _plain_worker(folder: str, model_dir: str, batch_size: int, queue) -> None:
         model_bytes = handle.read()
     records = prediction_records(discover(folder, labelled=False))
     set_tf_threads(1)
-    load_started = time.perf_counter()
-    cached_model(model_bytes)
-    load_s = time.perf_counter() - load_started
+    load_s, _ = timed(cached_model, model_bytes)
     started, cpu_started = time.perf_counter(), time.process_time()
     rows = sum(1 for _ in predict_partition(records, model_bytes, size, max_pixels, batch_size, threads=1))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
@@ -101,10 +99,8 @@ def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None
         spark = start_spark(master, SESSION, "predict bench")
         try:
             with PeakRss(interval=0.2) as rss, CpuUse() as cpu:
-                started = time.perf_counter()
-                run = predict(spark, folder, model_dir, os.path.join(tmp, "predictions.csv"), load_config(),
-                              batch_size=batch_size)
-                seconds = time.perf_counter() - started
+                seconds, run = timed(predict, spark, folder, model_dir, os.path.join(tmp, "predictions.csv"),
+                                     load_config(), batch_size=batch_size)
             parallelism = spark.sparkContext.defaultParallelism
         finally:
             spark.stop()

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime
 
-from bench.harness import MB, collect, fmt, pct, reap, spawn, table
+from bench.harness import MB, collect, fmt, pct, reap, spawn, table, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,7 @@ def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path
 
     records = discover(location).records[index::processes]
     barrier.wait()
-    started = time.perf_counter()
-    metas = list(stage_images(records, size, max_pixels, url))
-    seconds = time.perf_counter() - started
+    seconds, metas = timed(lambda: list(stage_images(records, size, max_pixels, url)))
     if hashes_path:  # after the clock stops: wanted by the caller, not part of the work timed
         with open(hashes_path, "w", encoding="utf-8") as handle:
             json.dump({m.path: m.dhash for m in metas if m.dhash is not None}, handle)
@@ -166,14 +164,11 @@ def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict)
     job also starts the Python workers; the second is the fixed cost per job, subtracted for ``net`` rates."""
     from covid_spark.stages.preprocess import preprocess
 
-    started = time.perf_counter()
-    spark = spark_factory()
-    session = time.perf_counter() - started
+    session, spark = timed(spark_factory)
     times = []
     for _ in range(2):
-        started = time.perf_counter()
-        summary = preprocess(spark, tiny_input, output, config, overwrite=True)
-        times.append(time.perf_counter() - started)
+        seconds, summary = timed(preprocess, spark, tiny_input, output, config, overwrite=True)
+        times.append(seconds)
     return spark, {"session_start_s": round(session, 3), "tiny_job_images": summary["inputs"],
                    "tiny_job_first_s": round(times[0], 3), "tiny_job_s": round(times[1], 3)}
 

@@ -14,7 +14,7 @@ import time
 
 from bench import dup_bench, predict_bench, train_bench
 from bench.harness import (CXR_XL, FIXED_COST_IMAGES, REPO, command, fmt, in_process, items, load, loadavg, machine,
-                           pct, report, save, start_spark, table, verdict, verdict_table)
+                           pct, report, save, start_spark, table, timed, verdict, verdict_table)
 from bench.inputs import copied_input, sampled_input, source_rows
 from bench.monitors import JvmHeap, PeakRss, maxrss_mb
 from bench.preprocess_bench import (against_pair, format_cpu, format_fixed, format_jobs, format_sizes, plain_stage,
@@ -203,9 +203,7 @@ def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str
     logger.info("xl train: %s, one epoch over %d train images", model, rows)
     load_start = loadavg()
     with PeakRss(interval=1.0) as rss:
-        started = time.perf_counter()
-        run = run_training(spark, dataset, model_dir, cfg, overwrite=True)
-        outer = time.perf_counter() - started
+        outer, run = timed(run_training, spark, dataset, model_dir, cfg, overwrite=True)
     with open(RunDir(model_dir).history, encoding="utf-8") as handle:
         history = {k: v[0] for k, v in json.load(handle).items() if isinstance(v, list) and v}
     _rm(model_dir)

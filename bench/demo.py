@@ -2,13 +2,12 @@
 pipeline.json), beside the original project's 48 minutes of training; under "demo" in bench/results.json."""
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 
-from bench.harness import REPO, RESULTS, load, machine, machine_line, save, table, timed
+from bench.harness import REPO, arguments, RESULTS, load, machine, machine_line, save, table, timed
 from bench.monitors import PeakRss
 
 ORIGINAL_TRAINING_S = 48 * 60  # the university project's reported training time
@@ -54,9 +53,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Time `make demo` stage by stage.")
+    parser = arguments("Time `make demo` stage by stage.", output=RESULTS)
     parser.add_argument("--run-id", default=time.strftime("bench-demo-%Y%m%d-%H%M%S"))
-    parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
     result = run_demo(args.run_id, os.environ.get("MAKE", "make"))
     result["machine"] = machine()

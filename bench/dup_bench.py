@@ -45,8 +45,7 @@ def synthetic_hashes(count: int = SYNTHETIC_BASE, seed: int = 0, bits: int = 256
 
 
 def grow(base: dict[str, int], total: int, seed: int = 0) -> dict[str, int]:
-    """``base`` plus seeded copies of its hashes with 0..``COPY_FLIPS`` flipped bits, ``total`` in all (a seeded
-    sample of ``total`` when ``base`` alone has more)."""
+    """``base`` plus seeded near-copies of its hashes (0..``COPY_FLIPS`` bits flipped), ``total`` in all."""
     rng = random.Random(seed)
     keys = sorted(base)
     if len(keys) >= total:
@@ -68,11 +67,7 @@ def _timed(function, hashes: dict[str, int], max_distance: int) -> tuple[list[li
 
 def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000, *,
                      max_distance: int, seed: int = 0) -> dict:
-    """Time banded grouping of ``total`` hashes (``real_hashes`` or :func:`synthetic_hashes`, grown with
-    copies by :func:`grow`), and check it against all-pairs on the whole set or a seeded subset of
-    ``ALL_PAIRS_MAX``: ``n``, ``seconds_banded``, ``cpu_seconds_banded``, ``groups``, ``largest_group``,
-    ``all_pairs_checked_n``, ``all_pairs_seconds``, ``banded_seconds_same_set``, ``same_groups_as_all_pairs``,
-    ``base``, ``bits``, ``max_distance`` and ``loadavg`` at the start."""
+    """Banded grouping of ``total`` hashes timed, and checked against all-pairs (on at most ``ALL_PAIRS_MAX``)."""
     loadavg = list(os.getloadavg())
     hashes = grow(synthetic_hashes(seed=seed) if real_hashes is None else real_hashes, total, seed)
     groups, seconds, cpu_seconds = _timed(group_duplicates, hashes, max_distance)

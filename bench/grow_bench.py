@@ -3,14 +3,13 @@ collection, appending against a full preprocess and streaming against batch pred
 (docs/performance.md, "A growing collection")."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
 import time
 
-from bench.harness import loadavg, save, start_spark, timed
+from bench.harness import CXR_XL, arguments, loadavg, save, start_spark, timed
 from bench.inputs import manifest_rows, write_manifest
 from bench.monitors import PeakRss
 
@@ -85,32 +84,25 @@ def main(argv=None) -> int:
     from covid_spark.cli import setup_logging
     from covid_spark.config import load_config
 
-    parser = argparse.ArgumentParser(description=" ".join(__doc__.split()))
-    parser.add_argument("--input", default="../shared/data/cxr-xl", help="a folder with manifest.csv")
+    parser = arguments(__doc__, input=CXR_XL, master="local[2]", config=None, model="compact")
     parser.add_argument("--out", default=f"runs/grow-bench-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--fraction", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--master", default="local[2]")
-    parser.add_argument("--config", help="job config (e.g. conf/xl.yaml)")
     parser.add_argument("--stream-files", type=int, default=2000)
     parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--model", default="compact")
     parser.add_argument("--model-dir", help="a trained model dir (default: an untrained --model, same cost)")
     parser.add_argument("--skip", choices=("append", "stream"), action="append", default=[])
     args = parser.parse_args(argv)
     setup_logging("bench")
     config = load_config(args.config)
     os.makedirs(args.out, exist_ok=True)
-    spark = start_spark(args.master, {"spark.ui.enabled": "false", "spark.driver.memory": "4g"}, "grow bench")
     report = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": vars(args),
               "load_average_at_start": loadavg()}
-    try:
+    with start_spark(args.master, {"spark.ui.enabled": "false", "spark.driver.memory": "4g"}, "grow bench") as spark:
         for part, bench in (("append", bench_append), ("stream", bench_stream)):
             if part not in args.skip:
                 report[part] = bench(spark, args, config)
                 logger.info("%s: %s", part, json.dumps(report[part]))
-    finally:
-        spark.stop()
     report["load_average_at_end"] = loadavg()
     save(report, os.path.join(args.out, "grow_bench.json"))
     print(json.dumps(report, indent=2))

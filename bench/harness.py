@@ -2,6 +2,7 @@
 saving results, Markdown tables, and the one table of goals with the verdicts judged against it."""
 from __future__ import annotations
 
+import argparse
 import glob
 import hashlib
 import json
@@ -84,8 +85,7 @@ def items(text: str | None) -> list[str]:
 
 
 def speed_reference(repeats: int = 3) -> dict:
-    """Single-core rates of fixed workloads (best of ``repeats``), to compare absolute times across machines:
-    a pure-Python loop (millions of iterations per second) and SHA-256 (MiB per second)."""
+    """Single-core rates, best of ``repeats``: a Python loop (M iterations/s) and SHA-256 (MiB/s)."""
     block = bytes(32 * MB)
     loop, sha = (min(timeit.repeat(work, number=1, repeat=repeats)) for work in (
         lambda: sum(i for i in range(1_000_000)), lambda: hashlib.sha256(block).digest()))
@@ -131,8 +131,7 @@ def machine_line(m: dict) -> str:
 
 
 def local_settings(master: str) -> dict[str, str]:
-    """conf/spark-local.conf (what `make demo` uses) on ``master``, with the UI on (its REST API gives
-    per-job and per-stage times) and no console progress bar."""
+    """conf/spark-local.conf on ``master``, with the UI on (for its REST API) and no progress bar."""
     settings = {"spark.master": master}
     with open(os.path.join(REPO, "conf", "spark-local.conf"), encoding="utf-8") as handle:
         for line in (raw.strip() for raw in handle):
@@ -158,8 +157,7 @@ def start_spark(master: str = "local[2]", settings: dict[str, str] | None = None
 
 
 def collect(results, workers, timeout: float = 3600.0) -> list:
-    """One item per worker from the ``results`` queue, in arrival order; ``RuntimeError`` when more workers
-    exited than reported, ``TimeoutError`` when they take longer than ``timeout`` seconds."""
+    """One report per worker from the ``results`` queue; RuntimeError if one died first, TimeoutError."""
     items = []
     deadline = time.monotonic() + timeout
     while len(items) < len(workers):
@@ -199,15 +197,36 @@ def spawn(target, args_per_worker, *shared, daemon: bool = True) -> tuple[list, 
     return workers, queue
 
 
-def in_process(target, *args, timeout: float = 3600.0):
-    """What ``target(*args, queue)`` put on the queue, run in a fresh spawned process (not a daemon: it may
-    start processes of its own)."""
-    workers, results = spawn(target, [args], daemon=False)
+def _returning(function, args, queue) -> None:
+    queue.put(function(*args))
+
+
+def in_process(function, *args, timeout: float = 3600.0):
+    """``function(*args)``, run in a fresh spawned process (not a daemon: it may start processes of its own)."""
+    workers, results = spawn(_returning, [(function, args)], daemon=False)
     try:
         (report,) = collect(results, workers, timeout)
     finally:
         reap(workers, 120)
     return report
+
+
+def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
+    """``(reports, wall s, CPU use)`` of ``target(*args, barrier, queue)`` per tuple, released together."""
+    from bench.monitors import CpuUse
+
+    barrier = mp.get_context("spawn").Barrier(len(args_per_worker) + 1)
+    workers, queue = spawn(target, args_per_worker, barrier)
+    try:
+        barrier.wait(timeout=start_timeout)
+        started = time.perf_counter()
+        with CpuUse() as cpu:  # the workers reaped inside, so that their CPU time counts
+            reports = collect(queue, workers)
+            wall = time.perf_counter() - started
+            reap(workers, join_timeout)
+    finally:
+        reap(workers, 0)
+    return reports, wall, cpu.result
 
 
 def load(path: str) -> dict:
@@ -220,11 +239,24 @@ def load(path: str) -> dict:
 
 
 def save(results: dict, path: str, section: str | None = None) -> None:
-    """Write ``results`` to the JSON file at ``path`` atomically; with ``section``, under that key,
-    keeping the file's other sections."""
+    """``results`` written atomically to ``path`` (under ``section``, keeping the file's other sections)."""
     from covid_spark.data.storage import atomic_write_json
 
     atomic_write_json(path, results if section is None else dict(load(path), **{section: results}))
+
+
+OPTIONS = {"input": "images: a folder or manifest", "master": "Spark master", "model": "model to build",
+           "config": "job config YAML (default: the packaged defaults)", "output": "results JSON",
+           "workdir": "scratch folder, kept (default: a temporary one, removed at the end)"}
+
+
+def arguments(description: str, **defaults) -> argparse.ArgumentParser:
+    """A parser with the shared ``OPTIONS`` named in ``defaults`` (name → default, or (default, help))."""
+    parser = argparse.ArgumentParser(description=" ".join(description.split()))
+    for name, default in defaults.items():
+        default, text = default if isinstance(default, tuple) else (default, OPTIONS[name])
+        parser.add_argument(f"--{name}", default=default, help=text + (" (default: %(default)s)" if default else ""))
+    return parser
 
 
 def command(module: str, argv) -> str:
@@ -245,8 +277,7 @@ def pct(share) -> str:
 
 
 def table(headings: list[str], rows, left: tuple[int, ...] = (0,)) -> str:
-    """A Markdown table; columns are right-aligned but those in ``left``; cells that are not text go through
-    :func:`fmt`."""
+    """A Markdown table, right-aligned but the ``left`` columns; cells not text go through :func:`fmt`."""
     lines = ["| " + " | ".join(headings) + " |",
              "|" + "|".join("---" if i in left else "---:" for i in range(len(headings))) + "|"]
     lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]

@@ -49,10 +49,7 @@ def _rows_for(location: str, images: int) -> list[dict]:
 
 
 def _repeated(location: str, folder: str, images: int, seed: int | None) -> str:
-    """``images`` entries made of the source's images repeated as needed, in order (``seed`` None: as symlinks)
-    or in a seeded random order (as byte copies). Copy ``k`` of an image, ``copy<k>/<label>/<name>``, keeps its
-    source and patient id, so the preprocess job groups the copies of one image as duplicates (same
-    perceptual hash) and keeps them in one split: that changes the split assignment, not the work per image."""
+    """``images`` entries of the source's images repeated (``seed`` None: symlinks in order; else copies)."""
     import numpy as np
 
     rows = _rows_for(location, images)
@@ -80,8 +77,7 @@ def sized_input(location: str, folder: str, images: int) -> str:
 
 
 def copied_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """``images`` files, byte copies of the source's images in a seeded random order, repeated as needed: each
-    is read from its own inode, not from a file already cached under another name. Delete the folder after."""
+    """``images`` byte copies of the source's images in a seeded order, repeated as needed."""
     return _repeated(location, folder, images, seed)
 
 
@@ -100,8 +96,7 @@ def _allocate(counts: dict[str, int], images: int) -> dict[str, int]:
 
 
 def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """A manifest of ``images`` distinct images of ``location`` by absolute path, stratified by label, drawn with
-    a seeded generator, in path order (all of them when ``images`` is the source's size or more)."""
+    """A manifest of ``images`` distinct images by absolute path, a seeded sample stratified by label."""
     import numpy as np
 
     rows = _rows_for(location, images)

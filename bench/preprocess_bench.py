@@ -6,7 +6,6 @@ import cProfile
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
 import pstats
 import shutil
@@ -15,7 +14,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime
 
-from bench.harness import MB, collect, fmt, pct, reap, spawn, table, timed
+from bench.harness import FIXED_COST_IMAGES, MB, fmt, pct, run_at_barrier, table, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 logger = logging.getLogger(__name__)
@@ -23,24 +22,6 @@ logger = logging.getLogger(__name__)
 # The driver's calls that make up the Spark job's wall time: the decode job, each split's write, the steps between.
 SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_splits)", "(discover)",
                       "(materialize_dataset)", "(createDataFrame)", "(__exit__)", "(unpersist)")
-
-
-def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
-    """Spawn ``target(*args, barrier, queue)`` per argument tuple, release them together at the barrier and
-    time them until each has reported: ``(reports, wall seconds, CPU use)``, the workers reaped inside the
-    CPU window so that their CPU time counts."""
-    barrier = mp.get_context("spawn").Barrier(len(args_per_worker) + 1)
-    workers, queue = spawn(target, args_per_worker, barrier)
-    try:
-        barrier.wait(timeout=start_timeout)
-        started = time.perf_counter()
-        with CpuUse() as cpu:
-            reports = collect(queue, workers)
-            wall = time.perf_counter() - started
-            reap(workers, join_timeout)
-    finally:
-        reap(workers, 0)
-    return reports, wall, cpu.result
 
 
 def _per_process(reports: list[dict]) -> list[dict]:
@@ -62,9 +43,7 @@ def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path
 
 
 def plain_stage(location: str, processes: int, config: dict, out_dir: str, hashes_to: str | None = None) -> dict:
-    """The job's first pass, ``stage_images``, in ``processes`` plain processes at once, each over every
-    ``processes``-th record and writing one Parquet file in ``out_dir`` (removed after). With ``hashes_to``,
-    each also writes ``{path: dhash}`` to ``<hashes_to>-<i>.json`` after its clock stops (``hash_files``)."""
+    """``stage_images`` timed in ``processes`` plain processes over alternate records."""
     out_dir, cfg = os.path.abspath(out_dir), config["preprocess"]
     os.makedirs(out_dir, exist_ok=True)
     hash_files = [f"{hashes_to}-{i}.json" if hashes_to else None for i in range(processes)]
@@ -108,8 +87,7 @@ def _rest(spark, path: str):
 
 
 def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
-    """Each Spark job after ``after_job_id``: description, wall seconds and per-stage task metrics (``task_s``
-    includes waiting for the Python worker; ``jvm_cpu_s`` is the JVM's task threads only). None without a UI."""
+    """Each Spark job after ``after_job_id``: description, wall seconds, per-stage task metrics; None without a UI."""
     jobs, stages = _rest(spark, "jobs"), _rest(spark, "stages")
     if jobs is None or stages is None:
         return None
@@ -159,16 +137,17 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
             "python_worker_peaks_mb": [dict(w, pid=pid) for pid, w in sorted(rss.workers.items())]}
 
 
-def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict) -> tuple:
-    """Start Spark (``spark_factory()``) and run the job on a tiny input twice: ``(spark, costs)``. The first
-    job also starts the Python workers; the second is the fixed cost per job, subtracted for ``net`` rates."""
+def spark_fixed_costs(spark_factory, source: str, workdir: str, config: dict, make_input) -> tuple:
+    """``(spark, costs)``: the session's start-up and the job twice on a tiny input made by ``make_input``."""
     from covid_spark.stages.preprocess import preprocess
 
+    tiny, output = make_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES), f"{workdir}/ds-tiny"
     session, spark = timed(spark_factory)
     times = []
     for _ in range(2):
-        seconds, summary = timed(preprocess, spark, tiny_input, output, config, overwrite=True)
+        seconds, summary = timed(preprocess, spark, tiny, output, config, overwrite=True)
         times.append(seconds)
+    shutil.rmtree(output, ignore_errors=True)
     return spark, {"session_start_s": round(session, 3), "tiny_job_images": summary["inputs"],
                    "tiny_job_first_s": round(times[0], 3), "tiny_job_s": round(times[1], 3)}
 
@@ -178,22 +157,25 @@ def ratio(a: float | None, b: float) -> float | None:
 
 
 def against_pair(run: dict, pair: dict, images: int, fixed_job_s: float) -> dict:
-    """The Spark run less the fixed cost per job (no net rate when it took no longer), and both rates over the
-    pair's: ``pair``, ``spark``, ``spark_vs_pair``, ``spark_net_vs_pair``."""
+    """``pair``, ``spark`` (with its time less the fixed cost) and both Spark rates over the pair's."""
     net = run["seconds"] - fixed_job_s
     run.update(net_seconds=round(net, 3), net_images_per_s=round(images / net, 1) if net > 0 else None)
     return {"pair": pair, "spark": run, "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
             "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"])}
 
 
-def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
-    """One plain process, two plain processes (``plain_stage``), then the Spark job, on one input; with the ratios."""
-    logger.info("preprocess bench: %s: 1 process, 2 processes, the Spark job", input_location)
-    single, pair = (plain_stage(input_location, n, config, f"{output}-plain{n}") for n in (1, 2))
-    run = spark_preprocess(spark, input_location, output, config)
-    return dict(against_pair(run, pair, pair["images"], fixed_job_s), images=pair["images"], input=input_location,
-                single=single, pair_vs_single=ratio(pair["images_per_s"], single["images_per_s"]),
-                spark_vs_single=ratio(run["images_per_s"], single["images_per_s"]))
+def run_size(spark, location: str, output: str, config: dict, fixed_job_s: float, single: bool = True,
+             hashes_to: str | None = None) -> dict:
+    """One plain process (if ``single``), two (``plain_stage``), then the Spark job, on one input; with the ratios."""
+    logger.info("preprocess bench: %s: %s2 processes, the Spark job", location, "1 process, " if single else "")
+    one = plain_stage(location, 1, config, f"{output}-plain1") if single else None
+    pair = plain_stage(location, 2, config, f"{output}-plain2", hashes_to)
+    run = spark_preprocess(spark, location, output, config)
+    entry = dict(against_pair(run, pair, pair["images"], fixed_job_s), images=pair["images"], input=location)
+    if one:
+        entry.update(single=one, pair_vs_single=ratio(pair["images_per_s"], one["images_per_s"]),
+                     spark_vs_single=ratio(run["images_per_s"], one["images_per_s"]))
+    return entry
 
 
 def format_fixed(fixed: dict) -> str:
@@ -203,7 +185,6 @@ def format_fixed(fixed: dict) -> str:
 
 
 def format_sizes(entries: list[dict]) -> str:
-    """Images/s per input size: plain processes, the Spark job, the job less its fixed cost; the ratios."""
     return table(["images", "input", "1 plain process", "2 plain processes", "Spark job", "Spark − fixed cost",
                   "Spark / pair", "(Spark − fixed) / pair", "pair / single"],
                  [[f"{e['images']:,}", e.get("kind") or e.get("size") or "",
@@ -214,8 +195,6 @@ def format_sizes(entries: list[dict]) -> str:
 
 
 def format_cpu(entries: list[dict]) -> str:
-    """Each run's core-seconds (ours, by process kind, per image), other users' share meanwhile, and peak RSS
-    (each plain process; the Spark job's JVM and Python workers, sampled)."""
     rows = []
     for e in entries:
         for key, label in (("single", "1 plain process"), ("pair", "2 plain processes"), ("spark", "Spark job")):
@@ -234,7 +213,6 @@ def format_cpu(entries: list[dict]) -> str:
 
 
 def format_jobs(entry: dict) -> str | None:
-    """Where the Spark job's time went, job by job: wall, task and JVM CPU seconds, GC, MiB shuffled, written."""
     jobs = entry["spark"].get("jobs")
     if not jobs:
         return None

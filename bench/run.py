@@ -2,15 +2,14 @@
 train, each against its baseline in the same run → bench/results.json (docs/performance.md, "What is measured")."""
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import time
 
 from bench import preprocess_bench, train_bench
-from bench.harness import (DATA, FIXED_COST_IMAGES, GOALS, RESULTS, SCRATCH, command, fmt, items, loadavg, machine,
-                           report, save, start_spark, table, verdict, verdict_table)
+from bench.harness import (DATA, GOALS, RESULTS, SCRATCH, arguments, command, fmt, items, loadavg, machine, report,
+                           save, start_spark, table, verdict, verdict_table)
 from bench.inputs import sized_input, source_rows
 from bench.monitors import PeakRss, maxrss_mb
 from covid_spark.cli import setup_logging
@@ -28,9 +27,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
                    master: str = "local[2]", config: dict | None = None, batch_size: int | None = None,
                    spark=None, keep_work: bool = False, ranks: tuple[int, ...] = (1, 2),
                    engines: tuple[str, ...] | None = None) -> dict:
-    """Run every benchmark; return the results (plain data). ``spark``: a session to use (not stopped), else
-    one on ``master``; ``config``: the job config (default: the packaged defaults). The read and training
-    benchmarks use the first size's dataset."""
+    """The results of every benchmark, in ``spark`` (not stopped) or a session of its own on ``master``."""
     from covid_spark.config import load_config
 
     config = config or load_config()
@@ -49,9 +46,8 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
     owned = spark is None
     with PeakRss() as whole:
         try:
-            tiny = sized_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES)
-            spark, fixed = preprocess_bench.spark_fixed_costs(lambda: spark or start_spark(master), tiny,
-                                                              os.path.join(workdir, "ds-tiny"), config)
+            spark, fixed = preprocess_bench.spark_fixed_costs(lambda: spark or start_spark(master), source, workdir,
+                                                              config, sized_input)
             if not owned:
                 fixed["session_start_s"] = None  # the caller's session was already running
             results["spark_fixed"], results["preprocess"] = fixed, []
@@ -151,8 +147,9 @@ def format_tables(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Throughput benchmarks of preprocess, read and train.")
-    parser.add_argument("--input", default=os.path.join(DATA, "cxr3"), help="real images (default: cxr3)")
+    parser = arguments("Throughput benchmarks of preprocess, read and train.", input=os.path.join(DATA, "cxr3"),
+                       master="local[2]", config=None, output=RESULTS,
+                       workdir=(os.path.join(SCRATCH, "work"), "scratch folder, removed unless --keep-work"))
     parser.add_argument("--sizes", help="comma-separated: 'all' (the input) or a number of images, the input's "
                                         "repeated as needed (default all,5000; --quick all)")
     parser.add_argument("--models", help="comma-separated models; default compact,original (--quick: compact)")
@@ -160,12 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--read-batches", type=int, help="timed batches per read run (default 20; --quick 8)")
     parser.add_argument("--quick", action="store_true", help="one size, one model, few steps (a minute or two)")
-    parser.add_argument("--master", default="local[2]", help="Spark master for the benchmark session")
     parser.add_argument("--engines", help="comma-separated (default: both where Horovod is installed)")
-    parser.add_argument("--config", help="job config YAML (default: the packaged defaults)")
-    parser.add_argument("--workdir", default=os.path.join(SCRATCH, "work"), help="removed unless --keep-work")
     parser.add_argument("--keep-work", action="store_true")
-    parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
     setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
     from covid_spark.config import load_config

@@ -2,7 +2,6 @@
 each job a spark-submit of its own under bench.treemem (`make bench-100k`; docs/performance.md, "100,000 images")."""
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -11,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-from bench.harness import REPO, command, decode_rate, items, loadavg, save, table
+from bench.harness import REPO, arguments, command, decode_rate, items, loadavg, save, table
 from bench.inputs import manifest_rows, write_manifest
 from bench.treemem import measure
 
@@ -75,11 +74,7 @@ class Submitter:
 
 def run_size(submit: Submitter, data: str, size: int, work: str, model: str, record, jobs=JOBS,
              model_dir: str | None = None) -> dict:
-    """``jobs`` on the first ``size`` images; ``record`` is called after each.
-
-    Predict scores with ``model_dir`` where one is given (the first size's model, so every size is scored by the
-    same model) and then this size's training runs, last; at the first size, training comes first.
-    """
+    """``jobs`` on the first ``size`` images, ``record`` called after each."""
     folder = os.path.join(work, str(size))
     os.makedirs(folder, exist_ok=True)
     manifest = sized_manifest(data, size, folder)
@@ -140,7 +135,7 @@ def tables(results: dict) -> str:
             peak = got["peak_mib"]
             rows.append([job, f"{n:,}", got["wall_s"], f"{1000 * got['wall_s'] / n:.2f}",
                          f"{1000 * got['cpu_s'] / n:.2f}" if "cpu_s" in got else "",
-                         peak.get("largest python_driver", ""), peak.get("largest jvm", ""), peak["tree"],
+                         peak.get("largest driver", ""), peak.get("largest jvm", ""), peak["tree"],
                          " → ".join(f"{v:.1f}" for v in got.get("loadavg", []))])
     out = [table(["job", "images", "wall s", "s per 1,000 images", "CPU s per 1,000 images", "Python driver peak MiB",
                   "JVM peak MiB", "whole tree peak MiB", "load before → after"], rows, left=(0, 8))]
@@ -152,26 +147,22 @@ def tables(results: dict) -> str:
             rows.append([job, f"{(b['wall_s'] / n1) / (a['wall_s'] / n0):.2f}",
                          f"{(b['cpu_s'] / n1) / (a['cpu_s'] / n0):.2f}" if a.get("cpu_s") and b.get("cpu_s") else ""]
                         + [f"{b['peak_mib'].get(k, 0) / max(1, a['peak_mib'].get(k, 1)):.2f}"
-                           for k in ("largest python_driver", "largest jvm")])
+                           for k in ("largest driver", "largest jvm")])
         out.append(table(["job", f"time per image, {last['images']:,} / {first['images']:,}", "CPU per image, ratio",
                           "Python driver peak, ratio", "JVM peak, ratio"], rows))
     return "\n\n".join(out)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=" ".join(__doc__.split()))
+    parser = arguments(__doc__, model="compact", master="local[2]", output=DEFAULT_OUTPUT, workdir=None)
     parser.add_argument("--data", required=True, help="a folder written by python -m bench.expand")
     parser.add_argument("--sizes", default="17445,100000", help="comma-separated; each the first N manifest rows")
-    parser.add_argument("--model", default="compact")
     parser.add_argument("--jobs", default=",".join(JOBS),
                         help="which of preprocess,train,predict to run (train needs preprocess, which then runs)")
     parser.add_argument("--predict-model", help="the model dir predict scores with at every size (default: the one "
                                                 "trained at the first size)")
-    parser.add_argument("--master", help="a Spark master (default local[2])")
     parser.add_argument("--cluster", action="store_true", help="start a 2-worker standalone cluster and use it")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT)
-    parser.add_argument("--workdir", help="where datasets, models and predictions go (default: a temporary folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (default: a temporary one)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in items(args.sizes)]
     work = args.workdir or tempfile.mkdtemp(prefix="covid-spark-scale-")

@@ -49,8 +49,7 @@ def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, c
 
 
 def timed_train_fn(job, barrier=None, warmup: int = 0) -> dict:
-    """Run the real ``train_fn(job)``; return its rank, size, batch-end times, CPU times and peak RSS. ``barrier``
-    is waited on at the end of step ``warmup``, so that independent processes start their timed steps together."""
+    """Batch-end times, CPU times and peak RSS of the real ``train_fn(job)``."""
     import tensorflow as tf
 
     from covid_spark.stages.train_rank import train_fn
@@ -85,13 +84,7 @@ def timed_train_fn(job, barrier=None, warmup: int = 0) -> dict:
 
 def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int,
                 batch_cpu: list[list[float]] | None = None) -> dict:
-    """Images/s of processes measured together, from their batch-end times: the window opens when the last
-    process ends its ``warmup``-th step and closes when the first ends its last (give or take half a median step,
-    for ranks in lockstep); with ``batch_cpu`` (CPU seconds at the same batch ends), also the cores kept busy.
-
-    Raises:
-        ValueError: fewer than two steps of some process fall inside the window.
-    """
+    """Images/s (and cores busy) of processes measured together; ValueError without overlap."""
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1 step, got {warmup}")
     if any(len(ends) <= warmup for ends in batch_ends):
@@ -134,9 +127,7 @@ def _rate_of(reports: list, machine: MachineCpu, job, warmup: int, wall: float) 
 
 
 def launch(spark, job, num_proc: int, warmup: int) -> dict:
-    """``num_proc`` ranks of ``job.engine`` (Horovod through ``horovod.spark.run``; tf-distribute in Spark barrier
-    tasks), launched as ``run_training`` launches them; with the time outside ``fit()`` (launch, TensorFlow
-    import, model build, save)."""
+    """The rate of ``num_proc`` ranks of ``job.engine`` launched as ``run_training`` launches them."""
     started = time.perf_counter()
     with MachineCpu() as machine:
         if job.engine == "horovod":
@@ -175,8 +166,7 @@ def independent_run(jobs: list, warmup: int, env: dict) -> dict:
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,
               batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2),
               engines: tuple[str, ...] = ("horovod",)) -> dict:
-    """``ranks`` ranks of each of ``engines`` (keys ``horovod_<n>``, ``tf_distribute_<n>``) and an independent
-    pair on :func:`solo_engine`, for one model; with the efficiencies (2 ranks over the pair)."""
+    """One model: ``ranks`` ranks of each of ``engines``, an independent pair, the efficiencies."""
     threads = threads_per_rank(config, 2)
 
     def job(name, engine):
@@ -205,7 +195,7 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
     return out
 
 
-def _read_worker(dataset, batch_size, variants, seed, shuffle_buffer, threads, warmup, batches, env, results):
+def read_rates(dataset, batch_size, variants, seed, shuffle_buffer, threads, warmup, batches, env) -> dict:
     os.environ.update(env)
     import tensorflow as tf
 
@@ -227,18 +217,17 @@ def _read_worker(dataset, batch_size, variants, seed, shuffle_buffer, threads, w
         report[name] = {"images": batches * batch_size, "seconds": round(seconds, 3),
                         "images_per_s": round(batches * batch_size / seconds, 1), "batch_shape": list(images.shape),
                         "maxrss_mb": maxrss_mb()}
-    results.put(report)
+    return report
 
 
 def run_read(spark, dataset: str, config: dict, threads: int, warmup: int, batches: int,
              batch_size: int | None = None) -> dict:
-    """Images/s of one rank's input pipeline over ``dataset``'s train split, without then with the configured
-    augmentation, after ``warmup`` batches each (``maxrss_mb``: the process's peak so far)."""
+    """Images/s of one rank's input pipeline, without then with augmentation."""
     cfg = config["train"]
     batch = int(batch_size or cfg["batch_size"])
     variants = (("no_augment", {}), ("augment", dict(cfg["augment"])))
     logger.info("read bench: %d + %d batches of %d, without and with augmentation", warmup, batches, batch)
-    report = in_process(_read_worker, dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]),
+    report = in_process(read_rates, dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]),
                         threads, warmup, batches, rank_env(spark, threads))
     return dict(report, batch_size=batch, threads=threads)
 
@@ -250,8 +239,6 @@ RUNS = (("horovod_1", "1 Horovod rank", None), ("horovod_2", "2 Horovod ranks", 
 
 
 def format_rates(entries: list[dict]) -> str:
-    """Each model's runs: images/s, the ratio to the baseline (2 ranks: the independent pair; the pair: 1 Horovod
-    rank), CPU cores busy, other users' share, time outside fit() and peak RSS."""
     rows = []
     for e in entries:
         for key, label, ratio_key in RUNS:

@@ -178,10 +178,12 @@ def run_size(spark, location: str, output: str, config: dict, fixed_job_s: float
     return entry
 
 
-def format_fixed(fixed: dict) -> str:
-    return (f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on {fixed['tiny_job_images']}"
+def format_preprocess(entries: list[dict], fixed: dict) -> list[str]:
+    """Spark's fixed costs, images/s and CPU per size, and where the largest size's Spark job spent its time."""
+    return [format_sizes(entries), format_cpu(entries), format_jobs(max(entries, key=lambda e: e["images"])), (
+            f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on {fixed['tiny_job_images']}"
             f" images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the Python workers), "
-            f"{fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates).")
+            f"{fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates).")]
 
 
 def format_sizes(entries: list[dict]) -> str:

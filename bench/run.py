@@ -121,12 +121,8 @@ def verdicts(results: dict) -> list[dict]:
 def format_tables(results: dict) -> str:
     """Markdown: preprocessing, Spark's costs, reading, training, the whole run's memory, the goals."""
     out = []
-    pre = results.get("preprocess") or []
-    if pre:
-        out += [preprocess_bench.format_sizes(pre), preprocess_bench.format_cpu(pre)]
-        out.append(preprocess_bench.format_jobs(max(pre, key=lambda e: e["images"])))
-    if results.get("spark_fixed"):
-        out.append(preprocess_bench.format_fixed(results["spark_fixed"]))
+    if results.get("preprocess"):
+        out += preprocess_bench.format_preprocess(results["preprocess"], results["spark_fixed"])
     if results.get("read"):
         ratios = read_ratios(results)
         out.append(table(["read Petastorm → tf.data", "images/s", "training, 1 rank: images/s", "ratio", "goal",

@@ -16,8 +16,8 @@ from bench.harness import (CXR_XL, MB, REPO, arguments, command, fmt, in_process
                            report, save, start_spark, table, timed, verdict, verdict_table)
 from bench.inputs import copied_input, sampled_input, source_rows
 from bench.monitors import JvmHeap, PeakRss, maxrss_mb
-from bench.preprocess_bench import (format_cpu, format_fixed, format_jobs, format_sizes, plain_stage, run_size,
-                                    spark_fixed_costs, spark_preprocess)
+from bench.preprocess_bench import (format_preprocess, plain_stage, run_size, spark_fixed_costs,
+                                    spark_preprocess)
 from covid_spark.cli import setup_logging
 
 logger = logging.getLogger("bench.xl")
@@ -312,16 +312,14 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: dict | None = None, 
     return results
 
 
-def format_preprocess(part: dict) -> str:
-    fixed, sizes = part["spark_fixed"], part["sizes"]
-    lines = [format_fixed(fixed), format_sizes(sizes), format_cpu(sizes),
-             format_jobs(max(sizes, key=lambda e: e["images"])),
-             table(["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
-                    "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
-                   [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
-                     " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
-                     f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
-                    for e, m in ((e, e["memory"]) for e in sizes)], left=(2,))]
+def format_preprocess_part(part: dict) -> str:
+    lines = format_preprocess(part["sizes"], part["spark_fixed"]) + [table(
+        ["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
+         "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
+        [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
+          " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
+          f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
+         for e, m in ((e, e["memory"]) for e in part["sizes"])], left=(2,))]
     if part.get("memory_growth"):
         lines.append(table(["peak memory", "at reference size", "MiB", "at largest size", "MiB", "ratio"],
                            [[g["process"], f"{g['reference_images']:,}", g["reference_mb"], f"{g['largest_images']:,}",
@@ -333,7 +331,7 @@ def format_preprocess(part: dict) -> str:
 def format_tables(results: dict) -> str:
     out = []
     if results.get("preprocess"):
-        out.append("### Preprocessing\n\n" + format_preprocess(results["preprocess"]))
+        out.append("### Preprocessing\n\n" + format_preprocess_part(results["preprocess"]))
     dup = (results.get("duplicates") or {}).get("result")
     if dup:
         out.append(f"### Duplicate grouping\n\n{dup['n']:,} hashes ({results['duplicates']['real_hashes']:,} real "

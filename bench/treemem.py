@@ -26,9 +26,9 @@ def measure(command: list[str], interval: float = 0.2, **popen) -> dict:
 
 def main(argv=None) -> int:
     command = list(sys.argv[1:] if argv is None else argv)
-    if not command:
+    if not command or command[0] in ("-h", "--help"):
         print(__doc__, file=sys.stderr)
-        return 2
+        return 0 if command else 2
     report = measure(command)
     print("treemem: " + json.dumps(report), file=sys.stderr)
     return report["exit"]

@@ -2,24 +2,15 @@
 pipeline.json), beside the original project's 48 minutes of training; under "demo" in bench/results.json."""
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 
-from bench.harness import REPO, RESULTS, machine, machine_line, save, table
+from bench.harness import REPO, arguments, RESULTS, load, machine, machine_line, save, table, timed
 from bench.monitors import PeakRss
 
 ORIGINAL_TRAINING_S = 48 * 60  # the university project's reported training time
-
-
-def _json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def run_demo(run_id: str, make: str = "make") -> dict:
@@ -28,15 +19,13 @@ def run_demo(run_id: str, make: str = "make") -> dict:
 
     run_dir = RunDir(os.path.join(REPO, "runs", run_id))
     with PeakRss(interval=0.5) as rss:
-        started = time.perf_counter()
-        status = subprocess.call([make, "--no-print-directory", "demo", f"RUN_ID={run_id}"], cwd=REPO)
-        wall = time.perf_counter() - started
-    timings = _json(run_dir.pipeline_state).get("timings", {})
+        wall, status = timed(subprocess.call, [make, "--no-print-directory", "demo", f"RUN_ID={run_id}"], cwd=REPO)
+    timings = load(run_dir.pipeline_state).get("timings", {})
     result = {"run_id": run_id, "run_dir": run_dir.path, "exit_status": status, "wall_s": round(wall, 1),
               "peak_rss_mb": {"jvm": rss.peaks["jvm"], "whole_tree": rss.peaks["tree"]},
               "original_training_s": ORIGINAL_TRAINING_S, "stages_s": timings,
               "outside_stages_s": round(wall - sum(timings.values()), 1)}
-    run = _json(run_dir.run_json)
+    run = load(run_dir.run_json)
     if run:
         result["training"] = {k: run.get(k) for k in ("model", "num_proc", "epochs", "epochs_run", "steps_per_epoch",
                                                       "threads_per_rank", "wall_seconds")}
@@ -64,9 +53,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Time `make demo` stage by stage.")
+    parser = arguments("Time `make demo` stage by stage.", output=RESULTS)
     parser.add_argument("--run-id", default=time.strftime("bench-demo-%Y%m%d-%H%M%S"))
-    parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
     result = run_demo(args.run_id, os.environ.get("MAKE", "make"))
     result["machine"] = machine()

@@ -1,13 +1,6 @@
-"""python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]
-
-Near-duplicate grouping at scale: the banded ``group_duplicates`` against the all-pairs
-``group_duplicates_all_pairs``, on one thread. ``--max-distance`` defaults to ``preprocess.duplicate_distance``.
-
-The hash set imitates cxr-xl grown to ``total`` images: a base of real dHashes (``--hashes``, a JSON object
-of key -> int) or clustered synthetic 256-bit hashes (chest X-ray dHashes are far from uniform), plus seeded
-copies of base hashes with 0-10 flipped bits. All-pairs is quadratic, so above ``ALL_PAIRS_MAX`` hashes both
-methods also run on a seeded subset of that size, to show that they agree. Prints one JSON object.
-"""
+"""python -m bench.dup_bench [--total 100000] [--max-distance D] [--seed 0] [--hashes FILE.json]: banded
+near-duplicate grouping against all-pairs on one thread; prints one JSON object (docs/performance.md, "Real data
+at scale", 3)."""
 from __future__ import annotations
 
 import argparse
@@ -52,8 +45,7 @@ def synthetic_hashes(count: int = SYNTHETIC_BASE, seed: int = 0, bits: int = 256
 
 
 def grow(base: dict[str, int], total: int, seed: int = 0) -> dict[str, int]:
-    """``base`` plus seeded copies of its hashes with 0..``COPY_FLIPS`` flipped bits, ``total`` in all (a seeded
-    sample of ``total`` when ``base`` alone has more)."""
+    """``base`` plus seeded near-copies of its hashes (0..``COPY_FLIPS`` bits flipped), ``total`` in all."""
     rng = random.Random(seed)
     keys = sorted(base)
     if len(keys) >= total:
@@ -75,11 +67,7 @@ def _timed(function, hashes: dict[str, int], max_distance: int) -> tuple[list[li
 
 def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000, *,
                      max_distance: int, seed: int = 0) -> dict:
-    """Time banded grouping of ``total`` hashes (``real_hashes`` or :func:`synthetic_hashes`, grown with
-    copies by :func:`grow`), and check it against all-pairs on the whole set or a seeded subset of
-    ``ALL_PAIRS_MAX``: ``n``, ``seconds_banded``, ``cpu_seconds_banded``, ``groups``, ``largest_group``,
-    ``all_pairs_checked_n``, ``all_pairs_seconds``, ``banded_seconds_same_set``, ``same_groups_as_all_pairs``,
-    ``base``, ``bits``, ``max_distance`` and ``loadavg`` at the start."""
+    """Banded grouping of ``total`` hashes timed, and checked against all-pairs (on at most ``ALL_PAIRS_MAX``)."""
     loadavg = list(os.getloadavg())
     hashes = grow(synthetic_hashes(seed=seed) if real_hashes is None else real_hashes, total, seed)
     groups, seconds, cpu_seconds = _timed(group_duplicates, hashes, max_distance)

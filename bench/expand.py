@@ -1,31 +1,9 @@
-"""python -m bench.expand --output DIR [--count 100000]: a large collection made from cxr-xl, reproducibly.
-
-Writes ``--count`` JPEG files (one folder per class, as cxr-xl) and a ``manifest.csv`` to ``--output``,
-outside the repository: cxr-xl's 17,445 images as they are (variant 0, byte copies), then variants
-1, 2, … of each image in turn (in an order shuffled with ``--seed``, so every prefix keeps cxr-xl's class
-mix) until the count is reached, each a small deterministic change of its source:
-
-- a crop of 0–6 % from each side (scaled back to the source's size),
-- a rotation of −5° to +5° (edges filled with the image's mean grey),
-- brightness × 0.9–1.1, contrast × 0.9–1.1 and gamma 0.9–1.1,
-- saved as JPEG with quality 88–95.
-
-The parameters of a variant come from ``random.Random("<seed>:<source path>:<variant>")`` alone, so the
-same command writes the same bytes on any machine with the same Pillow, in any order and with any number
-of processes. Every file's SHA-256 is in the manifest, and the run fails if two files are equal. (cxr-xl holds a
-few byte-identical images under two names: the later one's variant 0, in path order, is changed as the other
-variants are, with its own key, so that no two files of the output are equal.)
-
-The manifest keeps each source row's label, source, view, licence and url, adds ``derived_from`` (the source
-image's path in cxr-xl) and ``variant``, and gives every variant of one image the same ``patient_id``: the
-source's id where it has one, else ``xl-<source file stem>``, so a patient-wise split keeps an image and all
-its variants in one split (the preprocess stage's near-duplicate grouping would too). The variant-0 rows are
-cxr-xl itself under those patient ids: ``--count 17445`` writes just them.
-"""
+"""python -m bench.expand --output DIR [--count 100000]: a large collection made from cxr-xl, reproducibly: its images,
+then seeded variants of each (crop, rotation, intensity, JPEG quality) that keep their patient id; every file its own
+bytes (docs/performance.md, "100,000 images")."""
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import os
@@ -34,8 +12,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXR_XL = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "cxr-xl"))
+from bench.harness import CXR_XL
+from bench.inputs import manifest_rows, write_manifest
+
 COLUMNS = ("path", "label", "source", "patient_id", "view", "license", "url", "derived_from", "variant", "sha256")
 
 
@@ -94,9 +73,8 @@ def _write_one(args: tuple[str, str, dict, int, int, bool]) -> dict:
 
 
 def expand(source_dir: str, output: str, count: int, seed: int = 0, workers: int = 2) -> dict:
-    """Write the collection (see the module's docstring); return counts for the log."""
-    with open(os.path.join(source_dir, "manifest.csv"), newline="", encoding="utf-8") as handle:
-        rows = sorted(csv.DictReader(handle), key=lambda r: r["path"])
+    """Write the collection (docs/performance.md, "100,000 images"); return counts for the log."""
+    rows = sorted(manifest_rows(source_dir), key=lambda r: r["path"])
     seen, repeats = set(), set()
     for row in rows:  # byte-identical sources: every one after the first, in path order
         with open(os.path.join(source_dir, row["path"]), "rb") as handle:
@@ -116,18 +94,14 @@ def expand(source_dir: str, output: str, count: int, seed: int = 0, workers: int
         if entry["sha256"] in hashes:
             raise RuntimeError(f"{entry['path']} has the same bytes as {hashes[entry['sha256']]}; change --seed")
         hashes[entry["sha256"]] = entry["path"]
-    tmp = os.path.join(output, ".manifest.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows(written)
-    os.replace(tmp, os.path.join(output, "manifest.csv"))
-    return {"files": len(written), "sources": len(rows), "identical_sources": len(repeats), "variants": max(v for _, v in plan(rows, count)) + 1,
-            "patients": len({e["patient_id"] for e in written}), "seconds": round(time.perf_counter() - started, 1)}
+    write_manifest(output, written, COLUMNS)
+    return {"files": len(written), "sources": len(rows), "identical_sources": len(repeats),
+            "variants": max(v for _, v in plan(rows, count)) + 1, "patients": len({e["patient_id"] for e in written}),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.expand", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.expand", description=" ".join(__doc__.split()))
     parser.add_argument("--source", default=CXR_XL, help="a folder with manifest.csv (default ../shared/data/cxr-xl)")
     parser.add_argument("--output", required=True, help="the folder to write (outside the repository)")
     parser.add_argument("--count", type=int, default=100_000)

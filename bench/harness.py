@@ -2,18 +2,22 @@
 saving results, Markdown tables, and the one table of goals with the verdicts judged against it."""
 from __future__ import annotations
 
+import argparse
+import glob
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import platform
 import queue as queue_module
+import sys
 import time
 import timeit
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data")
+CXR_XL = os.path.abspath(os.path.join(DATA, "cxr-xl"))
 RESULTS = os.path.join(REPO, "bench", "results.json")
 SCRATCH = os.path.join(REPO, "bench", "tmp")
 FIXED_COST_IMAGES = 6  # the tiny input whose job time is Spark's fixed cost per preprocess job
@@ -68,9 +72,20 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def timed(function, *args, **kwargs) -> tuple[float, object]:
+    """``(wall seconds, result)`` of one call."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - started, result
+
+
+def items(text: str | None) -> list[str]:
+    """A comma-separated option as its non-empty items."""
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
 def speed_reference(repeats: int = 3) -> dict:
-    """Single-core rates of fixed workloads (best of ``repeats``), to compare absolute times across machines:
-    a pure-Python loop (millions of iterations per second) and SHA-256 (MiB per second)."""
+    """Single-core rates, best of ``repeats``: a Python loop (M iterations/s) and SHA-256 (MiB/s)."""
     block = bytes(32 * MB)
     loop, sha = (min(timeit.repeat(work, number=1, repeat=repeats)) for work in (
         lambda: sum(i for i in range(1_000_000)), lambda: hashlib.sha256(block).digest()))
@@ -95,6 +110,20 @@ def machine() -> dict:
             "load_avg_at_start": loadavg(), "speed_reference": speed_reference(), "versions": versions()}
 
 
+def decode_rate(images: int = 400) -> dict:
+    """How fast one plain process decodes and resizes cxr-xl images (images/s), with the load and the time."""
+    from covid_spark.constants import DEFAULT_IMAGE_SIZE
+    from covid_spark.inputs.images import decode_image
+
+    blobs = []
+    for path in sorted(glob.glob(os.path.join(CXR_XL, "*", "*.jpg")))[:images]:
+        with open(path, "rb") as handle:
+            blobs.append(handle.read())
+    seconds, _ = timed(lambda: [decode_image(blob, DEFAULT_IMAGE_SIZE) for blob in blobs])
+    return {"decode_images_per_s": round(len(blobs) / seconds, 1), "loadavg": loadavg(),
+            "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
 def machine_line(m: dict) -> str:
     ref = m["speed_reference"]
     return (f"{m['nproc']} CPUs ({m['cpu_model']}, {ref['python_mloops_per_s']} M Python loops/s, "
@@ -102,8 +131,7 @@ def machine_line(m: dict) -> str:
 
 
 def local_settings(master: str) -> dict[str, str]:
-    """conf/spark-local.conf (what `make demo` uses) on ``master``, with the UI on (its REST API gives
-    per-job and per-stage times) and no console progress bar."""
+    """conf/spark-local.conf on ``master``, with the UI on (for its REST API) and no progress bar."""
     settings = {"spark.master": master}
     with open(os.path.join(REPO, "conf", "spark-local.conf"), encoding="utf-8") as handle:
         for line in (raw.strip() for raw in handle):
@@ -129,8 +157,7 @@ def start_spark(master: str = "local[2]", settings: dict[str, str] | None = None
 
 
 def collect(results, workers, timeout: float = 3600.0) -> list:
-    """One item per worker from the ``results`` queue, in arrival order; ``RuntimeError`` when more workers
-    exited than reported, ``TimeoutError`` when they take longer than ``timeout`` seconds."""
+    """One report per worker from the ``results`` queue; RuntimeError if one died first, TimeoutError."""
     items = []
     deadline = time.monotonic() + timeout
     while len(items) < len(workers):
@@ -160,36 +187,81 @@ def reap(workers, timeout: float = 60.0) -> None:
             worker.terminate()
 
 
-def in_process(target, *args, timeout: float = 3600.0):
-    """What ``target(*args, queue)`` put on the queue, run in a fresh spawned process (not a daemon: it may
-    start processes of its own)."""
+def spawn(target, args_per_worker, *shared, daemon: bool = True) -> tuple[list, object]:
+    """``target(*args, *shared, queue)`` started in a fresh spawned process per tuple: ``(workers, queue)``."""
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    worker = ctx.Process(target=target, args=(*args, results))
-    worker.start()
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=target, args=(*args, *shared, queue), daemon=daemon) for args in args_per_worker]
+    for worker in workers:
+        worker.start()
+    return workers, queue
+
+
+def _returning(function, args, queue) -> None:
+    queue.put(function(*args))
+
+
+def in_process(function, *args, timeout: float = 3600.0):
+    """``function(*args)``, run in a fresh spawned process (not a daemon: it may start processes of its own)."""
+    workers, results = spawn(_returning, [(function, args)], daemon=False)
     try:
-        (report,) = collect(results, [worker], timeout)
+        (report,) = collect(results, workers, timeout)
     finally:
-        reap([worker], 120)
+        reap(workers, 120)
     return report
 
 
+def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
+    """``(reports, wall s, CPU use)`` of ``target(*args, barrier, queue)`` per tuple, released together."""
+    from bench.monitors import CpuUse
+
+    barrier = mp.get_context("spawn").Barrier(len(args_per_worker) + 1)
+    workers, queue = spawn(target, args_per_worker, barrier)
+    try:
+        barrier.wait(timeout=start_timeout)
+        started = time.perf_counter()
+        with CpuUse() as cpu:  # the workers reaped inside, so that their CPU time counts
+            reports = collect(queue, workers)
+            wall = time.perf_counter() - started
+            reap(workers, join_timeout)
+    finally:
+        reap(workers, 0)
+    return reports, wall, cpu.result
+
+
+def load(path: str) -> dict:
+    """The JSON results at ``path``; empty when the file is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
 def save(results: dict, path: str, section: str | None = None) -> None:
-    """Write ``results`` to the JSON file at ``path`` atomically; with ``section``, under that key,
-    keeping the file's other sections."""
+    """``results`` written atomically to ``path`` (under ``section``, keeping the file's other sections)."""
     from covid_spark.data.storage import atomic_write_json
 
-    data = results
-    if section is not None:
-        data = {}
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    data = json.load(handle)
-            except (OSError, ValueError):
-                data = {}
-        data[section] = results
-    atomic_write_json(path, data)
+    atomic_write_json(path, results if section is None else dict(load(path), **{section: results}))
+
+
+OPTIONS = {"input": "images: a folder or manifest", "master": "Spark master", "model": "model to build",
+           "config": "job config YAML (default: the packaged defaults)", "output": "results JSON",
+           "workdir": "scratch folder, kept (default: a temporary one, removed at the end)"}
+
+
+def arguments(description: str, **defaults) -> argparse.ArgumentParser:
+    """A parser with the shared ``OPTIONS`` named in ``defaults`` (name → default, or (default, help))."""
+    parser = argparse.ArgumentParser(description=" ".join(description.split()))
+    for name, default in defaults.items():
+        default, text = default if isinstance(default, tuple) else (default, OPTIONS[name])
+        parser.add_argument(f"--{name}", default=default, help=text + (" (default: %(default)s)" if default else ""))
+    return parser
+
+
+def command(module: str, argv) -> str:
+    """The command line that ran ``python -m bench.<module>``."""
+    return " ".join([f"python -m bench.{module}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -205,9 +277,15 @@ def pct(share) -> str:
 
 
 def table(headings: list[str], rows, left: tuple[int, ...] = (0,)) -> str:
-    """A Markdown table; columns are right-aligned but those in ``left``; cells that are not text go through
-    :func:`fmt`."""
+    """A Markdown table, right-aligned but the ``left`` columns; cells not text go through :func:`fmt`."""
     lines = ["| " + " | ".join(headings) + " |",
              "|" + "|".join("---" if i in left else "---:" for i in range(len(headings))) + "|"]
     lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def report(results: dict, start: str, tables: str, output: str, seconds: float) -> None:
+    """Print the machine, the load at start and end, the time taken, the tables and where the results went."""
+    m = results["machine"]
+    print(f"\nMachine: {machine_line(m)}; load average {start} at start, {m['load_avg_at_end']} at end; "
+          f"{seconds:.0f} s in all\n\n{tables}\n\nresults: {output}")

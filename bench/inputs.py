@@ -1,13 +1,11 @@
-"""Benchmark inputs: a manifest of N images drawn from a source (links, a sample, or copies), or synthetic JPEGs.
-
-``sized_input`` lists the source's images repeated through symlinks, so the bytes read are the real X-rays;
-``sampled_input`` lists N distinct images of a source by absolute path; ``copied_input`` makes N files out of
-byte copies of the source's images, for sizes beyond it. Each returns the folder holding ``manifest.csv``, and
-raises ``ValueError`` when N < 1 or the source has no readable records.
-"""
+"""Benchmark inputs: manifests of N images drawn from a source (links, a sample, copies, a prefix), or synthetic
+JPEGs; each maker returns the folder holding ``manifest.csv`` and raises ``ValueError`` when N < 1 or the source
+has no readable records."""
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import os
 import shutil
 
@@ -21,12 +19,23 @@ def source_rows(location: str) -> list[dict]:
     return [{k: r[k] for k in FIELDS} for r in discover(location).records]
 
 
-def _write_manifest(folder: str, rows: list[dict]) -> str:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "manifest.csv"), "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+def manifest_rows(folder: str, limit: int | None = None, absolute: bool = False) -> list[dict]:
+    """The first ``limit`` rows (all: None) of ``folder``'s manifest.csv as written, paths made absolute if asked."""
+    with open(os.path.join(folder, "manifest.csv"), newline="", encoding="utf-8") as handle:
+        rows = list(itertools.islice(csv.DictReader(handle), limit))
+    root = os.path.abspath(folder)
+    return [dict(r, path=os.path.join(root, r["path"])) for r in rows] if absolute else rows
+
+
+def write_manifest(folder: str, rows: list[dict], fields=FIELDS, name: str = "manifest.csv") -> str:
+    """``rows`` written atomically to ``folder``/``name`` (``fields``: the columns); returns ``folder``."""
+    from covid_spark.data.storage import atomic_write_text
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(os.path.join(folder, name), text.getvalue())
     return folder
 
 
@@ -40,10 +49,7 @@ def _rows_for(location: str, images: int) -> list[dict]:
 
 
 def _repeated(location: str, folder: str, images: int, seed: int | None) -> str:
-    """``images`` entries made of the source's images repeated as needed, in order (``seed`` None: as symlinks)
-    or in a seeded random order (as byte copies). Copy ``k`` of an image, ``copy<k>/<label>/<name>``, keeps its
-    source and patient id, so the preprocess job groups the copies of one image as duplicates (same
-    perceptual hash) and keeps them in one split: that changes the split assignment, not the work per image."""
+    """``images`` entries of the source's images repeated (``seed`` None: symlinks in order; else copies)."""
     import numpy as np
 
     rows = _rows_for(location, images)
@@ -62,7 +68,7 @@ def _repeated(location: str, folder: str, images: int, seed: int | None) -> str:
             else:
                 shutil.copyfile(src["path"], target)
         out.append(dict(src, path=rel))
-    return _write_manifest(folder, out)
+    return write_manifest(folder, out)
 
 
 def sized_input(location: str, folder: str, images: int) -> str:
@@ -71,8 +77,7 @@ def sized_input(location: str, folder: str, images: int) -> str:
 
 
 def copied_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """``images`` files, byte copies of the source's images in a seeded random order, repeated as needed: each
-    is read from its own inode, not from a file already cached under another name. Delete the folder after."""
+    """``images`` byte copies of the source's images in a seeded order, repeated as needed."""
     return _repeated(location, folder, images, seed)
 
 
@@ -91,8 +96,7 @@ def _allocate(counts: dict[str, int], images: int) -> dict[str, int]:
 
 
 def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """A manifest of ``images`` distinct images of ``location`` by absolute path, stratified by label, drawn with
-    a seeded generator, in path order (all of them when ``images`` is the source's size or more)."""
+    """A manifest of ``images`` distinct images by absolute path, a seeded sample stratified by label."""
     import numpy as np
 
     rows = _rows_for(location, images)
@@ -106,7 +110,7 @@ def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str
         pool = by_label[label]
         chosen += [pool[i] for i in sorted(rng.choice(len(pool), wanted[label], replace=False))]
     chosen.sort(key=lambda r: r["path"])
-    return _write_manifest(folder, [dict(r, path=os.path.abspath(r["path"])) for r in chosen])
+    return write_manifest(folder, [dict(r, path=os.path.abspath(r["path"])) for r in chosen])
 
 
 def synthetic_input(folder: str, images: int, side: int = 96, seed: int = 0) -> str:
@@ -126,4 +130,4 @@ def synthetic_input(folder: str, images: int, side: int = 96, seed: int = 0) -> 
         os.makedirs(os.path.join(folder, label), exist_ok=True)
         Image.fromarray(pixels, "L").save(os.path.join(folder, rel), quality=90)
         rows.append({"path": rel, "label": label, "source": "synthetic", "patient_id": f"p{index}"})
-    return _write_manifest(folder, rows)
+    return write_manifest(folder, rows)

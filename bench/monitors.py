@@ -17,17 +17,27 @@ def maxrss_mb() -> float:
     return round(peak / (MB if sys.platform == "darwin" else 1024), 1)
 
 
-def process_kind(proc) -> str:
-    """``jvm``, ``spark_python_workers`` or ``other_children``: a descendant of the driver, by its command line."""
+KINDS = ("driver", "jvm", "spark_python_workers", "ranks", "other_children")
+
+
+def process_kind(proc, root) -> str:
+    """Which of ``KINDS`` a process of ``root``'s tree is, by its command line (a job's driver runs jobs/…)."""
     try:
         cmdline = " ".join(proc.cmdline())
     except Exception:  # noqa: BLE001 - the process may have exited meanwhile
         return "other_children"
     if "java" in os.path.basename(cmdline.split(" ", 1)[0]) or "org.apache.spark" in cmdline:
         return "jvm"
+    if proc.pid == root.pid or "jobs/" in cmdline:
+        return "driver"
     if "pyspark.daemon" in cmdline or "pyspark.worker" in cmdline or "pyspark/daemon" in cmdline:
         return "spark_python_workers"
-    return "other_children"
+    return "ranks" if "horovod" in cmdline or "rank_main" in cmdline else "other_children"
+
+
+def tree(root) -> list:
+    """``root`` and its descendants (psutil processes)."""
+    return [root] + root.children(recursive=True)
 
 
 class Sampler:
@@ -61,41 +71,49 @@ class Sampler:
 
 
 class PeakRss(Sampler):
-    """Peak RSS in MiB of this process and its descendants, polled every ``interval`` s: ``peaks`` of ``driver``
-    (this process), ``jvm``, ``spark_python_workers``, ``other_children`` and ``tree`` (sums at one instant), and
-    ``workers``, each Spark Python process's peak by pid with its role (``daemon`` forks the ``worker``s)."""
+    """Peak RSS in MiB of ``root`` (default: this process) and its descendants, polled every ``interval`` s."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, root=None):
         import psutil
 
         super().__init__(interval)
-        self._me = psutil.Process()
-        self.peaks = dict.fromkeys(("driver", "jvm", "spark_python_workers", "other_children", "tree"), 0.0)
-        self.workers: dict[int, dict] = {}
+        self.root = root or psutil.Process()
+        self.peaks = dict.fromkeys((*KINDS, "tree"), 0.0)  # sums by kind and of the whole tree, at one instant
+        self.largest = dict.fromkeys(KINDS, 0.0)  # the largest single process of each kind
+        self.workers: dict[int, dict] = {}  # each Spark Python process's peak, by pid, with its role
+        self.timeline: list[tuple[float, float]] = []  # (wall-clock time, the tree's MiB) at each poll
+        self.cpu: dict[tuple[int, float], float] = {}  # the last CPU seconds read of each process seen
+
+    def at(self, moment: float) -> float | None:
+        """The whole tree's MiB at the last poll before the wall-clock time ``moment``."""
+        before = [mib for when, mib in self.timeline if when <= moment]
+        return round(before[-1], 1) if before else None
 
     def sample(self) -> None:
         import psutil
 
         try:
-            sums = dict.fromkeys(self.peaks, 0.0)
-            sums["driver"] = self._me.memory_info().rss / MB
-            python_workers = {}
-            for child in self._me.children(recursive=True):
-                try:
-                    rss = child.memory_info().rss / MB
-                    kind = process_kind(child)  # not cached: spark-submit's shell exec()s the JVM under its pid
-                    if kind == "spark_python_workers":
-                        python_workers[child.pid] = (child.ppid(), rss)
-                except psutil.Error:
-                    continue
-                sums[kind] += rss
+            procs = tree(self.root)
         except psutil.Error:
             return
-        for pid, (parent, rss) in python_workers.items():
+        sums, python_workers = dict.fromkeys(self.peaks, 0.0), {}
+        for proc in procs:
+            try:
+                rss, times = proc.memory_info().rss / MB, proc.cpu_times()
+                self.cpu[(proc.pid, proc.create_time())] = times.user + times.system
+                kind = process_kind(proc, self.root)  # not cached: spark-submit exec()s the JVM under its pid
+                if kind == "spark_python_workers":
+                    python_workers[proc.pid] = (proc.ppid(), rss)
+            except psutil.Error:
+                continue
+            sums[kind] += rss
+            self.largest[kind] = max(self.largest[kind], round(rss, 1))
+        for pid, (parent, rss) in python_workers.items():  # the daemon forks the workers
             entry = self.workers.setdefault(pid, {"role": "worker" if parent in python_workers else "daemon",
                                                   "peak_mb": 0.0})
             entry["peak_mb"] = max(entry["peak_mb"], round(rss, 1))
-        sums["tree"] = sum(v for k, v in sums.items() if k != "tree")
+        sums["tree"] = sum(sums.values())
+        self.timeline.append((time.time(), sums["tree"]))
         for key, value in sums.items():
             self.peaks[key] = max(self.peaks[key], round(value, 1))
 
@@ -104,14 +122,13 @@ def _tree_cpu(me) -> dict[str, float]:
     """CPU seconds so far of this process and its descendants by kind, reaped children included."""
     import psutil
 
-    sums = {"driver": 0.0, "jvm": 0.0, "spark_python_workers": 0.0, "other_children": 0.0}
-    for proc in [me] + me.children(recursive=True):
+    sums = dict.fromkeys(KINDS, 0.0)
+    for proc in tree(me):
         try:
             t = proc.cpu_times()
-            kind = "driver" if proc.pid == me.pid else process_kind(proc)
+            sums[process_kind(proc, me)] += t.user + t.system + t.children_user + t.children_system
         except psutil.Error:
             continue
-        sums[kind] += t.user + t.system + t.children_user + t.children_system
     return sums
 
 
@@ -124,10 +141,9 @@ def machine_busy() -> float:
 
 
 class CpuUse:
-    """Core-seconds used during a block by this process tree (``ours_core_s``, by kind and ``total``), by the
-    machine (``machine_busy_core_s``) and by other users (``others_core_s``; ``others_share`` of its capacity)."""
+    """Core-seconds during a block: ours by kind (``ours_core_s``), the machine's, other users'."""
 
-    def __enter__(self) -> "CpuUse":
+    def __enter__(self) -> CpuUse:
         import psutil
 
         self._me = psutil.Process()
@@ -148,8 +164,7 @@ class CpuUse:
 
 
 class MachineCpu(Sampler):
-    """The machine's busy core-seconds every ``interval`` s, to ask afterwards how busy it was between two
-    wall-clock times, such as a training window stamped inside the ranks."""
+    """The machine's busy core-seconds every ``interval`` s, for :meth:`busy_between`."""
 
     sample_on_exit = True
 
@@ -173,17 +188,15 @@ class MachineCpu(Sampler):
 
 
 class JvmHeap(Sampler):
-    """Heap the Spark driver JVM holds after a full GC (``System.gc()`` through py4j; live data), sampled every
-    ``interval`` s and on entering and leaving: ``after_gc_peak_mb``, ``before_gc_peak_mb``,
-    ``committed_peak_mb``, ``max_heap_mb``, ``samples`` and ``gc_s`` (the forced collections pause the JVM)."""
+    """The driver JVM's heap after a forced full GC (and before it, committed, max), sampled."""
 
     sample_on_exit = True
 
     def __init__(self, spark, interval: float = 2.0):
         super().__init__(interval)
         self._jvm = spark.sparkContext._jvm
-        self.result = {"after_gc_peak_mb": 0.0, "before_gc_peak_mb": 0.0, "committed_peak_mb": 0.0,
-                       "max_heap_mb": None, "samples": 0, "gc_s": 0.0}
+        self.result = {"jvm_heap_after_gc_mb": 0.0, "jvm_heap_before_gc_mb": 0.0, "jvm_heap_committed_mb": 0.0,
+                       "jvm_max_heap_mb": None, "forced_gc_samples": 0, "forced_gc_s": 0.0}
 
     def sample(self) -> None:
         runtime = self._jvm.java.lang.Runtime.getRuntime()
@@ -191,10 +204,10 @@ class JvmHeap(Sampler):
         started = time.perf_counter()
         self._jvm.java.lang.System.gc()
         r = self.result
-        r["gc_s"] = round(r["gc_s"] + time.perf_counter() - started, 4)
+        r["forced_gc_s"] = round(r["forced_gc_s"] + time.perf_counter() - started, 4)
         total = runtime.totalMemory() / MB
-        r["max_heap_mb"] = round(runtime.maxMemory() / MB, 1)
-        r["after_gc_peak_mb"] = max(r["after_gc_peak_mb"], round(total - runtime.freeMemory() / MB, 1))
-        r["before_gc_peak_mb"] = max(r["before_gc_peak_mb"], round(before, 1))
-        r["committed_peak_mb"] = max(r["committed_peak_mb"], round(total, 1))
-        r["samples"] += 1
+        r["jvm_max_heap_mb"] = round(runtime.maxMemory() / MB, 1)
+        for key, value in (("after_gc", total - runtime.freeMemory() / MB), ("before_gc", before),
+                           ("committed", total)):
+            r[f"jvm_heap_{key}_mb"] = max(r[f"jvm_heap_{key}_mb"], round(value, 1))
+        r["forced_gc_samples"] += 1

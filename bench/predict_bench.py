@@ -1,28 +1,21 @@
-"""python -m bench.predict_bench --input DIR_OR_MANIFEST [--input ...] [--model-dir DIR] [--images N]
-
-Batch-prediction throughput: the Spark job (``covid_spark.stages.predict.predict``, local[2] by default)
-against one plain process running the same decode and model (``predict_partition``: batches of 32, one
-TensorFlow thread), which imports everything and loads the model before its clock starts. The Spark time
-is the whole ``predict`` call on a session already up: listing, Python workers starting and importing
-TensorFlow, one model load per worker, scoring, and the driver writing the CSV. Without ``--model-dir`` the
-model is ``--model`` with an untrained head: the same work per image as a trained one.
-"""
+"""python -m bench.predict_bench --input DIR_OR_MANIFEST [--input ...] [--model-dir DIR] [--images N]: the Spark
+predict job against one plain process running the same decode and model (docs/performance.md, "Real data at
+scale", 4)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
 
-from bench.harness import in_process, save, start_spark
+from bench.harness import arguments, in_process, save, start_spark, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 SESSION = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g"}
 
 
-def _save_untrained(model: str, image_size: int, model_dir: str, queue) -> None:
+def save_untrained(model: str, image_size: int, model_dir: str) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -42,19 +35,17 @@ def _save_untrained(model: str, image_size: int, model_dir: str, queue) -> None:
         "model": model, "num_proc": 0, "classes": list(CLASSES), "image_size": image_size, "epochs": 0,
         "epochs_run": 0, "best_epoch": None, "untrained": True, "versions": versions(),
         "note": "untrained (fresh head; ImageNet weights where the model has them): for throughput only"})
-    queue.put({"parameters": int(net.count_params())})
+    return {"parameters": int(net.count_params())}
 
 
 def untrained_model_dir(model: str, image_size: int, model_dir: str) -> dict:
-    """A model dir as the train stage leaves one (model.keras, run.json) holding an untrained ``model``,
-    made in a spawned process so that TensorFlow never loads into this driver."""
-    return dict(in_process(_save_untrained, model, image_size, model_dir, timeout=600), model=model,
+    """A model dir as training leaves one, with an untrained ``model``, made in a spawned process."""
+    return dict(in_process(save_untrained, model, image_size, model_dir, timeout=600), model=model,
                 model_dir=model_dir)
 
 
 def subset_folder(inputs, folder: str, n_images: int | None) -> tuple[str, int]:
-    """A flat folder of symlinks to ``n_images`` readable inputs spread evenly over their path order
-    (all of them when ``None``); returns the folder and the number of links."""
+    """``(folder, count)``: symlinks to ``n_images`` inputs spread evenly over their path order."""
     from covid_spark.inputs.sources import discover
 
     paths = sorted(r["path"] for r in discover(inputs, labelled=False).records)
@@ -66,7 +57,7 @@ def subset_folder(inputs, folder: str, n_images: int | None) -> tuple[str, int]:
     return folder, len(paths)
 
 
-def _plain_worker(folder: str, model_dir: str, batch_size: int, queue) -> None:
+def plain_predict(folder: str, model_dir: str, batch_size: int) -> dict:
     """The plain process: everything but decoding and scoring happens before the clock."""
     from covid_spark.config import load_config
     from covid_spark.data.rundir import RunDir
@@ -81,39 +72,29 @@ def _plain_worker(folder: str, model_dir: str, batch_size: int, queue) -> None:
         model_bytes = handle.read()
     records = prediction_records(discover(folder, labelled=False))
     set_tf_threads(1)
-    load_started = time.perf_counter()
-    cached_model(model_bytes)
-    load_s = time.perf_counter() - load_started
+    load_s, _ = timed(cached_model, model_bytes)
     started, cpu_started = time.perf_counter(), time.process_time()
     rows = sum(1 for _ in predict_partition(records, model_bytes, size, max_pixels, batch_size, threads=1))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    queue.put({"images": rows, "seconds": round(seconds, 2), "images_per_s": round(rows / seconds, 2),
+    return {"images": rows, "seconds": round(seconds, 2), "images_per_s": round(rows / seconds, 2),
                "cpu_s": round(cpu, 2), "core_ms_per_image": round(1000 * cpu / rows, 2),
-               "model_load_s": round(load_s, 2), "peak_rss_mb": maxrss_mb()})
+               "model_load_s": round(load_s, 2), "peak_rss_mb": maxrss_mb()}
 
 
 def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None, master: str = "local[2]",
                   batch_size: int = 32) -> dict:
-    """Spark predict's images/s (``spark``) against one plain process's (``plain``): ``ratio`` is Spark over
-    ``parallelism`` × plain; ``cpu_ratio`` the plain process's core-ms per image over Spark's (all its processes),
-    the same comparison less moved by other users; with peak memory, CPU use and load before and after."""
+    """Spark predict's images/s and core-ms per image against one plain process's."""
     from covid_spark.config import load_config
     from covid_spark.stages.predict import predict
 
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
         folder, n = subset_folder(input_dir_or_list, os.path.join(tmp, "inputs"), n_images)
         result = {"images": n, "master": master, "batch_size": batch_size, "loadavg_before": os.getloadavg()}
-        result["plain"] = in_process(_plain_worker, folder, model_dir, batch_size)
-        spark = start_spark(master, SESSION, "predict bench")
-        try:
-            with PeakRss(interval=0.2) as rss, CpuUse() as cpu:
-                started = time.perf_counter()
-                run = predict(spark, folder, model_dir, os.path.join(tmp, "predictions.csv"), load_config(),
-                              batch_size=batch_size)
-                seconds = time.perf_counter() - started
+        result["plain"] = in_process(plain_predict, folder, model_dir, batch_size)
+        with start_spark(master, SESSION, "predict bench") as spark, PeakRss(interval=0.2) as rss, CpuUse() as cpu:
+            seconds, run = timed(predict, spark, folder, model_dir, os.path.join(tmp, "predictions.csv"),
+                                 load_config(), batch_size=batch_size)
             parallelism = spark.sparkContext.defaultParallelism
-        finally:
-            spark.stop()
     core_ms = round(1000 * cpu.result["ours_core_s"]["total"] / n, 2)
     result.update(
         spark={"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2), "partitions": run["partitions"],
@@ -128,14 +109,12 @@ def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None
 def main(argv=None) -> int:
     from covid_spark.config import load_config
 
-    parser = argparse.ArgumentParser(description="Spark predict throughput against one plain process.")
+    parser = arguments("Spark predict throughput against one plain process.", model="efficientnet_lite0",
+                       master="local[2]", output=None)
     parser.add_argument("--input", action="append", required=True, help="folder or manifest, repeatable")
     parser.add_argument("--model-dir", help="default: an untrained-head model of --model in a temp dir")
-    parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--images", type=int, default=1000, help="inputs spread over the listing (0: all)")
-    parser.add_argument("--master", default="local[2]")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output", help="also write the result JSON here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="predict-bench-model-") as tmp:
         model_dir = args.model_dir or untrained_model_dir(

@@ -1,22 +1,20 @@
-"""Preprocessing throughput: the real Spark preprocess job (decode, duplicate grouping, splits, the Petastorm
-write) against the job's own per-file code in plain processes that import everything before the clock starts:
-``plain_decode`` (``read_and_decode``, nothing written) or ``plain_stage`` (``stage_images``, the job's first
-pass, which also writes the rows to Parquet as a Spark task does)."""
+"""Preprocessing throughput: the real Spark job against its own first pass, ``stage_images``, in plain processes
+(docs/performance.md, "What is measured", 1)."""
 from __future__ import annotations
 
 import cProfile
 import io
 import json
 import logging
-import multiprocessing as mp
 import os
 import pstats
+import shutil
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime
 
-from bench.harness import MB, collect, fmt, pct, reap, table
+from bench.harness import FIXED_COST_IMAGES, MB, fmt, pct, run_at_barrier, table, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 logger = logging.getLogger(__name__)
@@ -26,50 +24,8 @@ SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_s
                       "(materialize_dataset)", "(createDataFrame)", "(__exit__)", "(unpersist)")
 
 
-def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
-    """Spawn ``target(*args, barrier, queue)`` per argument tuple, release them together at the barrier and
-    time them until each has reported: ``(reports, wall seconds, CPU use)``, the workers reaped inside the
-    CPU window so that their CPU time counts."""
-    ctx = mp.get_context("spawn")
-    barrier, queue = ctx.Barrier(len(args_per_worker) + 1), ctx.Queue()
-    workers = [ctx.Process(target=target, args=(*args, barrier, queue), daemon=True) for args in args_per_worker]
-    for worker in workers:
-        worker.start()
-    try:
-        barrier.wait(timeout=start_timeout)
-        started = time.perf_counter()
-        with CpuUse() as cpu:
-            reports = collect(queue, workers)
-            wall = time.perf_counter() - started
-            reap(workers, join_timeout)
-    finally:
-        reap(workers, 0)
-    return reports, wall, cpu.result
-
-
 def _per_process(reports: list[dict]) -> list[dict]:
     return [{"images": r["images"], "seconds": round(r["seconds"], 3), "maxrss_mb": r["maxrss_mb"]} for r in reports]
-
-
-def _decode_worker(paths, size, max_pixels, barrier, queue) -> None:
-    from covid_spark.stages.preprocess_tasks import read_and_decode
-
-    barrier.wait()
-    started = time.perf_counter()
-    ok = sum(read_and_decode(path, size, max_pixels)[0].image is not None for path in paths)
-    queue.put({"images": len(paths), "decoded": ok, "seconds": time.perf_counter() - started,
-               "maxrss_mb": maxrss_mb()})
-
-
-def plain_decode(paths: list[str], processes: int, size: int, max_pixels: int) -> dict:
-    """Decode ``paths``, split round-robin over ``processes`` independent processes at once."""
-    reports, wall, cpu = run_at_barrier(_decode_worker, [(paths[i::processes], size, max_pixels)
-                                                         for i in range(processes)], 120, 30)
-    decoded = sum(r["decoded"] for r in reports)
-    if decoded != len(paths):
-        logger.warning("plain decode: %d of %d images decoded", decoded, len(paths))
-    return {"processes": processes, "images": len(paths), "decoded": decoded, "seconds": round(wall, 3),
-            "images_per_s": round(len(paths) / wall, 1), "per_process": _per_process(reports), "cpu": cpu}
 
 
 def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path, barrier, queue) -> None:
@@ -78,9 +34,7 @@ def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path
 
     records = discover(location).records[index::processes]
     barrier.wait()
-    started = time.perf_counter()
-    metas = list(stage_images(records, size, max_pixels, url))
-    seconds = time.perf_counter() - started
+    seconds, metas = timed(lambda: list(stage_images(records, size, max_pixels, url)))
     if hashes_path:  # after the clock stops: wanted by the caller, not part of the work timed
         with open(hashes_path, "w", encoding="utf-8") as handle:
             json.dump({m.path: m.dhash for m in metas if m.dhash is not None}, handle)
@@ -88,19 +42,17 @@ def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path
                "maxrss_mb": maxrss_mb()})
 
 
-def plain_stage(location: str, processes: int, size: int, max_pixels: int, out_dir: str,
-                hashes_to: str | None = None) -> dict:
-    """The job's first pass, ``stage_images``, in ``processes`` plain processes at once, each over every
-    ``processes``-th record and writing one Parquet file in ``out_dir`` (the caller deletes it). With ``hashes_to``,
-    each also writes ``{path: dhash}`` to ``<hashes_to>-<i>.json`` after its clock stops (``hash_files``)."""
-    out_dir = os.path.abspath(out_dir)
+def plain_stage(location: str, processes: int, config: dict, out_dir: str, hashes_to: str | None = None) -> dict:
+    """``stage_images`` timed in ``processes`` plain processes over alternate records."""
+    out_dir, cfg = os.path.abspath(out_dir), config["preprocess"]
     os.makedirs(out_dir, exist_ok=True)
     hash_files = [f"{hashes_to}-{i}.json" if hashes_to else None for i in range(processes)]
     reports, wall, cpu = run_at_barrier(
-        _stage_worker, [(location, i, processes, size, max_pixels, f"file://{out_dir}/plain-{i}.parquet",
-                         hash_files[i]) for i in range(processes)], 600, 60)
+        _stage_worker, [(location, i, processes, int(cfg["image_size"]), int(cfg["max_pixels"]),
+                         f"file://{out_dir}/plain-{i}.parquet", hash_files[i]) for i in range(processes)], 600, 60)
     images = sum(r["images"] for r in reports)
     written = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir) if n.endswith(".parquet"))
+    shutil.rmtree(out_dir, ignore_errors=True)
     out = {"processes": processes, "images": images, "staged": sum(r["staged"] for r in reports),
            "seconds": round(wall, 3), "images_per_s": round(images / wall, 1), "written_bytes": written,
            "written_mb": round(written / MB, 1), "per_process": _per_process(reports), "cpu": cpu}
@@ -135,8 +87,7 @@ def _rest(spark, path: str):
 
 
 def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
-    """Each Spark job after ``after_job_id``: description, wall seconds and per-stage task metrics (``task_s``
-    includes waiting for the Python worker; ``jvm_cpu_s`` is the JVM's task threads only). None without a UI."""
+    """Each Spark job after ``after_job_id``: description, wall seconds, per-stage task metrics; None without a UI."""
     jobs, stages = _rest(spark, "jobs"), _rest(spark, "stages")
     if jobs is None or stages is None:
         return None
@@ -186,60 +137,56 @@ def spark_preprocess(spark, input_location: str, output: str, config: dict) -> d
             "python_worker_peaks_mb": [dict(w, pid=pid) for pid, w in sorted(rss.workers.items())]}
 
 
-def spark_fixed_costs(spark_factory, tiny_input: str, output: str, config: dict) -> tuple:
-    """Start Spark (``spark_factory()``) and run the job on a tiny input twice: ``(spark, costs)``. The first
-    job also starts the Python workers; the second is the fixed cost per job, subtracted for ``net`` rates."""
+def spark_fixed_costs(spark_factory, source: str, workdir: str, config: dict, make_input) -> tuple:
+    """``(spark, costs)``: the session's start-up and the job twice on a tiny input made by ``make_input``."""
     from covid_spark.stages.preprocess import preprocess
 
-    started = time.perf_counter()
-    spark = spark_factory()
-    session = time.perf_counter() - started
+    tiny, output = make_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES), f"{workdir}/ds-tiny"
+    session, spark = timed(spark_factory)
     times = []
     for _ in range(2):
-        started = time.perf_counter()
-        summary = preprocess(spark, tiny_input, output, config, overwrite=True)
-        times.append(time.perf_counter() - started)
+        seconds, summary = timed(preprocess, spark, tiny, output, config, overwrite=True)
+        times.append(seconds)
+    shutil.rmtree(output, ignore_errors=True)
     return spark, {"session_start_s": round(session, 3), "tiny_job_images": summary["inputs"],
                    "tiny_job_first_s": round(times[0], 3), "tiny_job_s": round(times[1], 3)}
-
-
-def net_rate(run: dict, images: int, fixed_job_s: float) -> float | None:
-    """Images/s of a Spark run less the fixed cost per job; None when the run took no longer than that."""
-    net = run["seconds"] - fixed_job_s
-    return round(images / net, 1) if net > 0 else None
 
 
 def ratio(a: float | None, b: float) -> float | None:
     return None if a is None else round(a / b, 3)
 
 
-def run_size(spark, input_location: str, output: str, config: dict, fixed_job_s: float) -> dict:
-    """One plain process, two plain processes, then the Spark job, on one input; with the ratios."""
-    from covid_spark.inputs.sources import discover
-
-    cfg = config["preprocess"]
-    size, max_pixels = int(cfg["image_size"]), int(cfg["max_pixels"])
-    paths = [r["path"] for r in discover(input_location).records]
-    logger.info("preprocess bench: %d images: 1 process, 2 processes, the Spark job", len(paths))
-    single = plain_decode(paths, 1, size, max_pixels)
-    pair = plain_decode(paths, 2, size, max_pixels)
-    run = spark_preprocess(spark, input_location, output, config)
-    run["net_images_per_s"] = net_rate(run, len(paths), fixed_job_s)
-    return {"images": len(paths), "input": input_location, "single": single, "pair": pair, "spark": run,
-            "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
-            "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"]),
-            "pair_vs_single": ratio(pair["images_per_s"], single["images_per_s"]),
-            "spark_vs_single": ratio(run["images_per_s"], single["images_per_s"])}
+def against_pair(run: dict, pair: dict, images: int, fixed_job_s: float) -> dict:
+    """``pair``, ``spark`` (with its time less the fixed cost) and both Spark rates over the pair's."""
+    net = run["seconds"] - fixed_job_s
+    run.update(net_seconds=round(net, 3), net_images_per_s=round(images / net, 1) if net > 0 else None)
+    return {"pair": pair, "spark": run, "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
+            "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"])}
 
 
-def format_fixed(fixed: dict) -> str:
-    return (f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on {fixed['tiny_job_images']}"
+def run_size(spark, location: str, output: str, config: dict, fixed_job_s: float, single: bool = True,
+             hashes_to: str | None = None) -> dict:
+    """One plain process (if ``single``), two (``plain_stage``), then the Spark job, on one input; with the ratios."""
+    logger.info("preprocess bench: %s: %s2 processes, the Spark job", location, "1 process, " if single else "")
+    one = plain_stage(location, 1, config, f"{output}-plain1") if single else None
+    pair = plain_stage(location, 2, config, f"{output}-plain2", hashes_to)
+    run = spark_preprocess(spark, location, output, config)
+    entry = dict(against_pair(run, pair, pair["images"], fixed_job_s), images=pair["images"], input=location)
+    if one:
+        entry.update(single=one, pair_vs_single=ratio(pair["images_per_s"], one["images_per_s"]),
+                     spark_vs_single=ratio(run["images_per_s"], one["images_per_s"]))
+    return entry
+
+
+def format_preprocess(entries: list[dict], fixed: dict) -> list[str]:
+    """Spark's fixed costs, images/s and CPU per size, and where the largest size's Spark job spent its time."""
+    return [format_sizes(entries), format_cpu(entries), format_jobs(max(entries, key=lambda e: e["images"])), (
+            f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on {fixed['tiny_job_images']}"
             f" images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the Python workers), "
-            f"{fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates).")
+            f"{fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates).")]
 
 
 def format_sizes(entries: list[dict]) -> str:
-    """Images/s per input size: plain processes, the Spark job, the job less its fixed cost; the ratios."""
     return table(["images", "input", "1 plain process", "2 plain processes", "Spark job", "Spark − fixed cost",
                   "Spark / pair", "(Spark − fixed) / pair", "pair / single"],
                  [[f"{e['images']:,}", e.get("kind") or e.get("size") or "",
@@ -250,8 +197,6 @@ def format_sizes(entries: list[dict]) -> str:
 
 
 def format_cpu(entries: list[dict]) -> str:
-    """Each run's core-seconds (ours, by process kind, per image), other users' share meanwhile, and peak RSS
-    (each plain process; the Spark job's JVM and Python workers, sampled)."""
     rows = []
     for e in entries:
         for key, label in (("single", "1 plain process"), ("pair", "2 plain processes"), ("spark", "Spark job")):
@@ -270,7 +215,6 @@ def format_cpu(entries: list[dict]) -> str:
 
 
 def format_jobs(entry: dict) -> str | None:
-    """Where the Spark job's time went, job by job: wall, task and JVM CPU seconds, GC, MiB shuffled, written."""
     jobs = entry["spark"].get("jobs")
     if not jobs:
         return None

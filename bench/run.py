@@ -1,22 +1,15 @@
-"""python -m bench.run [--quick] [--sizes all,5000] [--models compact,original]   (what `make bench` runs)
-
-The pipeline's three throughput-bound stages, each against its baseline measured in the same run:
-preprocessing (the Spark job against the same per-file decode in one and in two plain processes, at each
-input size, with Spark's fixed costs apart), reading (Petastorm → tf.data, without and with augmentation,
-against one rank's training rate) and training (1 and 2 ranks of each engine against two independent
-single-rank trainings, per model); plus the peak memory of every process. Writes JSON, prints Markdown.
-"""
+"""python -m bench.run [--quick] [--sizes all,5000] [--models compact,original] (`make bench`): preprocess, read and
+train, each against its baseline in the same run → bench/results.json (docs/performance.md, "What is measured")."""
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import time
 
 from bench import preprocess_bench, train_bench
-from bench.harness import (DATA, FIXED_COST_IMAGES, GOALS, RESULTS, SCRATCH, fmt, loadavg, machine,
-                           machine_line, save, start_spark, table, verdict, verdict_table)
+from bench.harness import (DATA, GOALS, RESULTS, SCRATCH, arguments, command, fmt, items, loadavg, machine, report,
+                           save, start_spark, table, verdict, verdict_table)
 from bench.inputs import sized_input, source_rows
 from bench.monitors import PeakRss, maxrss_mb
 from covid_spark.cli import setup_logging
@@ -34,9 +27,7 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
                    master: str = "local[2]", config: dict | None = None, batch_size: int | None = None,
                    spark=None, keep_work: bool = False, ranks: tuple[int, ...] = (1, 2),
                    engines: tuple[str, ...] | None = None) -> dict:
-    """Run every benchmark; return the results (plain data). ``spark``: a session to use (not stopped), else
-    one on ``master``; ``config``: the job config (default: the packaged defaults). The read and training
-    benchmarks use the first size's dataset."""
+    """The results of every benchmark, in ``spark`` (not stopped) or a session of its own on ``master``."""
     from covid_spark.config import load_config
 
     config = config or load_config()
@@ -55,9 +46,8 @@ def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("co
     owned = spark is None
     with PeakRss() as whole:
         try:
-            tiny = sized_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES)
-            spark, fixed = preprocess_bench.spark_fixed_costs(lambda: spark or start_spark(master), tiny,
-                                                              os.path.join(workdir, "ds-tiny"), config)
+            spark, fixed = preprocess_bench.spark_fixed_costs(lambda: spark or start_spark(master), source, workdir,
+                                                              config, sized_input)
             if not owned:
                 fixed["session_start_s"] = None  # the caller's session was already running
             results["spark_fixed"], results["preprocess"] = fixed, []
@@ -131,12 +121,8 @@ def verdicts(results: dict) -> list[dict]:
 def format_tables(results: dict) -> str:
     """Markdown: preprocessing, Spark's costs, reading, training, the whole run's memory, the goals."""
     out = []
-    pre = results.get("preprocess") or []
-    if pre:
-        out += [preprocess_bench.format_sizes(pre), preprocess_bench.format_cpu(pre)]
-        out.append(preprocess_bench.format_jobs(max(pre, key=lambda e: e["images"])))
-    if results.get("spark_fixed"):
-        out.append(preprocess_bench.format_fixed(results["spark_fixed"]))
+    if results.get("preprocess"):
+        out += preprocess_bench.format_preprocess(results["preprocess"], results["spark_fixed"])
     if results.get("read"):
         ratios = read_ratios(results)
         out.append(table(["read Petastorm → tf.data", "images/s", "training, 1 rank: images/s", "ratio", "goal",
@@ -157,8 +143,9 @@ def format_tables(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Throughput benchmarks of preprocess, read and train.")
-    parser.add_argument("--input", default=os.path.join(DATA, "cxr3"), help="real images (default: cxr3)")
+    parser = arguments("Throughput benchmarks of preprocess, read and train.", input=os.path.join(DATA, "cxr3"),
+                       master="local[2]", config=None, output=RESULTS,
+                       workdir=(os.path.join(SCRATCH, "work"), "scratch folder, removed unless --keep-work"))
     parser.add_argument("--sizes", help="comma-separated: 'all' (the input) or a number of images, the input's "
                                         "repeated as needed (default all,5000; --quick all)")
     parser.add_argument("--models", help="comma-separated models; default compact,original (--quick: compact)")
@@ -166,34 +153,24 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--read-batches", type=int, help="timed batches per read run (default 20; --quick 8)")
     parser.add_argument("--quick", action="store_true", help="one size, one model, few steps (a minute or two)")
-    parser.add_argument("--master", default="local[2]", help="Spark master for the benchmark session")
     parser.add_argument("--engines", help="comma-separated (default: both where Horovod is installed)")
-    parser.add_argument("--config", help="job config YAML (default: the packaged defaults)")
-    parser.add_argument("--workdir", default=os.path.join(SCRATCH, "work"), help="removed unless --keep-work")
     parser.add_argument("--keep-work", action="store_true")
-    parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
     setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
     from covid_spark.config import load_config
 
     if not os.path.exists(args.input):
         parser.error(f"input {args.input} not found")
-
-    def items(text):
-        return [s.strip() for s in text.split(",") if s.strip()]
-
     models = items(args.models or ("compact" if args.quick else "compact,original"))
     steps = {m: args.steps for m in models} if args.steps else (train_bench.QUICK_STEPS if args.quick else None)
     results = run_benchmarks(args.input, args.workdir, sizes=items(args.sizes or ("all" if args.quick else "all,5000")),
                              models=models, steps=steps, warmup=args.warmup_steps,
                              read_batches=args.read_batches or (8 if args.quick else 20), master=args.master,
                              config=load_config(args.config), keep_work=args.keep_work,
-                             engines=tuple(items(args.engines)) if args.engines else None)
-    results["command"] = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
+                             engines=tuple(items(args.engines)) or None)
+    results["command"] = command("run", argv)
     save(results, args.output, section="bench")
-    m = results["machine"]
-    print(f"\nMachine: {machine_line(m)}; load average {m['load_avg_at_start']} at start, {m['load_avg_at_end']} "
-          f"at end; {results['seconds']:.0f} s in all\n\n{format_tables(results)}\n\nresults: {args.output}")
+    report(results, results["machine"]["load_avg_at_start"], format_tables(results), args.output, results["seconds"])
     return 0
 
 

@@ -1,32 +1,7 @@
-"""python -m bench.scale --data DIR [--sizes 17445,100000] [--master local[2] | --cluster]: cost per image by size.
-
-What ``make bench-100k`` runs (docs/performance.md, "100,000 images"). ``DIR`` is a collection written by
-``python -m bench.expand`` (its manifest lists cxr-xl's 17,445 images first, then their variants). For each
-size N, in one run and one after the other, the first N rows of that manifest go through the real jobs, each a
-``spark-submit`` of its own as a user runs them (``conf/spark-local.conf``, or a standalone cluster of two
-1-core workers started by ``scripts/cluster.sh`` with ``--cluster``, the code shipped as a wheel):
-
-1. ``jobs/preprocess.py`` on the N images;
-2. ``jobs/train.py``: one epoch of the compact model (``--model``) with 2 ranks on that dataset;
-3. ``jobs/predict.py`` on the same N images, to Parquet, with the model trained at the first size (every size
-   scored by the same model; at the larger sizes predict runs before their training).
-
-Each job runs under ``bench.treemem.measure``: wall seconds, the CPU seconds of its whole process tree (which
-other users' load barely moves, unlike wall time) and the peak RSS of every kind of process in its tree (the
-Python driver, the JVM, Spark's Python workers, the ranks), sampled every 0.2 s; and the load average before
-and after it. The table gives
-seconds per 1,000 images and each job's figure at the largest size against the first (the goals: preprocess
-and predict time per image ≤ 1.15 ×, the Python driver's peak ≤ 1.3 ×). The preprocess summary's duplicate
-groups are counted too. A machine rate (one plain process decoding and resizing cxr-xl images) and the load
-average are taken before and after, so runs on other days or machines can be compared.
-
-Writes ``--output`` (default bench/results-scale.json, git-ignored) after every job, and Markdown tables.
-The work folder (datasets, models, predictions; a few GB at 100,000) is removed unless ``--keep``.
-"""
+"""python -m bench.scale --data DIR [--sizes 17445,100000] [--master local[2] | --cluster]: cost per image by size,
+each job a spark-submit of its own under bench.treemem (`make bench-100k`; docs/performance.md, "100,000 images")."""
 from __future__ import annotations
 
-import argparse
-import csv
 import glob
 import json
 import os
@@ -34,58 +9,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
+from bench.harness import REPO, arguments, command, decode_rate, items, loadavg, save, table
+from bench.inputs import manifest_rows, write_manifest
 from bench.treemem import measure
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXR_XL = os.path.abspath(os.path.join(REPO, "..", "shared", "data", "cxr-xl"))
 DEFAULT_OUTPUT = os.path.join(REPO, "bench", "results-scale.json")
 JOBS = ("preprocess", "train", "predict")
 
 
-def machine_rate(images: int = 400) -> dict:
-    """How fast this machine decodes and resizes cxr-xl images in one plain process (images/s), and its load."""
-    from covid_spark.constants import DEFAULT_IMAGE_SIZE
-    from covid_spark.inputs.images import decode_image  # noqa: F401  (imported before the clock)
-
-    paths = sorted(glob.glob(os.path.join(CXR_XL, "*", "*.jpg")))[:images]
-    blobs = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            blobs.append(handle.read())
-    started = time.perf_counter()
-    for blob in blobs:
-        decode_image(blob, DEFAULT_IMAGE_SIZE)
-    seconds = time.perf_counter() - started
-    with open("/proc/loadavg", encoding="utf-8") as handle:
-        load = handle.read().split()[:3]
-    return {"decode_images_per_s": round(len(blobs) / seconds, 1), "loadavg": load,
-            "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-
-
-def loadavg() -> float:
-    """The machine's load over the last minute (other users' work shows here)."""
-    with open("/proc/loadavg", encoding="utf-8") as handle:
-        return float(handle.read().split()[0])
-
-
 def sized_manifest(data: str, size: int, folder: str) -> str:
     """A manifest of the first ``size`` rows of ``data``'s, with absolute paths (nothing copied)."""
-    path = os.path.join(folder, f"manifest-{size}.csv")
-    with open(os.path.join(data, "manifest.csv"), newline="", encoding="utf-8") as src, \
-            open(path, "w", newline="", encoding="utf-8") as dst:
-        reader = csv.DictReader(src)
-        writer = csv.DictWriter(dst, fieldnames=reader.fieldnames)
-        writer.writeheader()
-        for i, row in enumerate(reader):
-            if i == size:
-                break
-            writer.writerow({**row, "path": os.path.join(os.path.abspath(data), row["path"])})
-        else:
-            if i + 1 < size:
-                raise SystemExit(f"bench.scale: {data} lists {i + 1} images, fewer than the size {size}")
-    return path
+    rows = manifest_rows(data, size, absolute=True)
+    if len(rows) < size:
+        raise SystemExit(f"bench.scale: {data} lists {len(rows)} images, fewer than the size {size}")
+    name = f"manifest-{size}.csv"
+    return os.path.join(write_manifest(folder, rows, list(rows[0]), name), name)
 
 
 class Submitter:
@@ -113,7 +52,8 @@ class Submitter:
 
     def stop_cluster(self) -> None:
         if self.cluster_env:
-            subprocess.run(["bash", os.path.join(REPO, "scripts", "cluster.sh"), "down"], env=self.cluster_env)
+            subprocess.run(["bash", os.path.join(REPO, "scripts", "cluster.sh"), "down"], env=self.cluster_env,
+                       check=False)
 
     def run(self, job: str, args: list[str], log: str) -> dict:
         command = [os.path.join(sys.prefix, "bin", "spark-submit"), "--master", self.master,
@@ -121,10 +61,10 @@ class Submitter:
         env = dict(os.environ, PATH=os.path.join(sys.prefix, "bin") + os.pathsep + os.environ.get("PATH", ""),
                    PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
                    SPARK_LOCAL_IP="127.0.0.1", TF_CPP_MIN_LOG_LEVEL="2")
-        load_before = loadavg()
+        load_before = loadavg()[0]
         with open(log, "w", encoding="utf-8") as out:
             result = measure(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        result["loadavg"] = [load_before, loadavg()]
+        result["loadavg"] = [load_before, loadavg()[0]]
         if result["exit"] != 0:
             with open(log, encoding="utf-8") as handle:
                 tail = handle.read()[-4000:]
@@ -134,11 +74,7 @@ class Submitter:
 
 def run_size(submit: Submitter, data: str, size: int, work: str, model: str, record, jobs=JOBS,
              model_dir: str | None = None) -> dict:
-    """``jobs`` on the first ``size`` images; ``record`` is called after each.
-
-    Predict scores with ``model_dir`` where one is given (the first size's model, so every size is scored by the
-    same model) and then this size's training runs, last; at the first size, training comes first.
-    """
+    """``jobs`` on the first ``size`` images, ``record`` called after each."""
     folder = os.path.join(work, str(size))
     os.makedirs(folder, exist_ok=True)
     manifest = sized_manifest(data, size, folder)
@@ -188,76 +124,69 @@ def train(submit: Submitter, out: dict, folder: str, dataset: str, model: str, r
 def tables(results: dict) -> str:
     """Markdown: seconds per 1,000 images and peak MiB per job and size; the largest size against the first."""
     sizes = results["sizes"]
-    lines = ["| job | images | wall s | s per 1,000 images | CPU s per 1,000 images | Python driver peak MiB | "
-             "JVM peak MiB | whole tree peak MiB | load before → after |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def images(entry, job):
+        return entry["train"]["train_images"] if job == "train" and "train_images" in entry[job] else entry["images"]
+
+    rows = []
     for job in JOBS:
-        for entry in sizes:
-            if job not in entry:
-                continue
-            got = entry[job]
-            images = entry["train"]["train_images"] if job == "train" and "train_images" in got else entry["images"]
+        for entry in (e for e in sizes if job in e):
+            got, n = entry[job], images(entry, job)
             peak = got["peak_mib"]
-            cpu = f"{1000 * got['cpu_s'] / images:.2f}" if "cpu_s" in got else ""
-            load = " → ".join(f"{v:.1f}" for v in got["loadavg"]) if "loadavg" in got else ""
-            lines.append(f"| {job} | {images:,} | {got['wall_s']} | {1000 * got['wall_s'] / images:.2f} | {cpu} | "
-                         f"{peak.get('largest python_driver', '')} | {peak.get('largest jvm', '')} | {peak['tree']} | "
-                         f"{load} |")
+            rows.append([job, f"{n:,}", got["wall_s"], f"{1000 * got['wall_s'] / n:.2f}",
+                         f"{1000 * got['cpu_s'] / n:.2f}" if "cpu_s" in got else "",
+                         peak.get("largest driver", ""), peak.get("largest jvm", ""), peak["tree"],
+                         " → ".join(f"{v:.1f}" for v in got.get("loadavg", []))])
+    out = [table(["job", "images", "wall s", "s per 1,000 images", "CPU s per 1,000 images", "Python driver peak MiB",
+                  "JVM peak MiB", "whole tree peak MiB", "load before → after"], rows, left=(0, 8))]
     if len(sizes) > 1:
         first, last = sizes[0], sizes[-1]
-        lines += ["", f"| job | time per image, {last['images']:,} / {first['images']:,} | CPU per image, ratio | "
-                      "Python driver peak, ratio | JVM peak, ratio |", "|---|---:|---:|---:|---:|"]
+        rows = []
         for job in (j for j in JOBS if j in first and j in last):
-            n0 = first["train"]["train_images"] if job == "train" else first["images"]
-            n1 = last["train"]["train_images"] if job == "train" else last["images"]
-            a, b = first[job], last[job]
-            ratio = (b["wall_s"] / n1) / (a["wall_s"] / n0)
-            drv = b["peak_mib"].get("largest python_driver", 0) / max(1, a["peak_mib"].get("largest python_driver", 1))
-            jvm = b["peak_mib"].get("largest jvm", 0) / max(1, a["peak_mib"].get("largest jvm", 1))
-            cpu = (f"{(b['cpu_s'] / n1) / (a['cpu_s'] / n0):.2f}" if a.get("cpu_s") and b.get("cpu_s") else "")
-            lines.append(f"| {job} | {ratio:.2f} | {cpu} | {drv:.2f} | {jvm:.2f} |")
-    return "\n".join(lines)
+            a, b, n0, n1 = first[job], last[job], images(first, job), images(last, job)
+            rows.append([job, f"{(b['wall_s'] / n1) / (a['wall_s'] / n0):.2f}",
+                         f"{(b['cpu_s'] / n1) / (a['cpu_s'] / n0):.2f}" if a.get("cpu_s") and b.get("cpu_s") else ""]
+                        + [f"{b['peak_mib'].get(k, 0) / max(1, a['peak_mib'].get(k, 1)):.2f}"
+                           for k in ("largest driver", "largest jvm")])
+        out.append(table(["job", f"time per image, {last['images']:,} / {first['images']:,}", "CPU per image, ratio",
+                          "Python driver peak, ratio", "JVM peak, ratio"], rows))
+    return "\n\n".join(out)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__, model="compact", master="local[2]", output=DEFAULT_OUTPUT, workdir=None)
     parser.add_argument("--data", required=True, help="a folder written by python -m bench.expand")
     parser.add_argument("--sizes", default="17445,100000", help="comma-separated; each the first N manifest rows")
-    parser.add_argument("--model", default="compact")
     parser.add_argument("--jobs", default=",".join(JOBS),
                         help="which of preprocess,train,predict to run (train needs preprocess, which then runs)")
     parser.add_argument("--predict-model", help="the model dir predict scores with at every size (default: the one "
                                                 "trained at the first size)")
-    parser.add_argument("--master", help="a Spark master (default local[2])")
     parser.add_argument("--cluster", action="store_true", help="start a 2-worker standalone cluster and use it")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT)
-    parser.add_argument("--workdir", help="where datasets, models and predictions go (default: a temporary folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (default: a temporary one)")
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in items(args.sizes)]
     work = args.workdir or tempfile.mkdtemp(prefix="covid-spark-scale-")
     os.makedirs(work, exist_ok=True)
     submit = Submitter(args.master, work)
-    results = {"command": " ".join(["python -m bench.scale"] + list(sys.argv[1:] if argv is None else argv)),
-               "data": os.path.abspath(args.data), "model": args.model, "machine_before": machine_rate(),
+    results = {"command": command("scale", argv),
+               "data": os.path.abspath(args.data), "model": args.model, "machine_before": decode_rate(),
                "sizes": []}
 
     def record(entry: dict) -> None:
         if entry not in results["sizes"]:
             results["sizes"].append(entry)
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
+        save(results, args.output)
 
     try:
         if args.cluster:
             submit.start_cluster()
         results["master"] = submit.master
-        jobs, model_dir = tuple(args.jobs.split(",")), args.predict_model
+        jobs, model_dir = tuple(items(args.jobs)), args.predict_model
         for size in sizes:
             print(f"bench.scale: {size:,} images on {submit.master} …", flush=True)
             entry = run_size(submit, args.data, size, work, args.model, record, jobs, model_dir)
             model_dir = model_dir or entry.get("predict", {}).get("model_dir")
-        results["machine_after"] = machine_rate()
+        results["machine_after"] = decode_rate()
         record(results["sizes"][-1])
     finally:
         submit.stop_cluster()

@@ -1,10 +1,5 @@
-"""Training throughput: ranks of each engine against independent single-rank trainings, and the input pipeline.
-
-Every run calls the real rank function ``train_fn`` with a ``TrainJob`` made as ``run_training`` makes it (no
-validation, one epoch of ``warmup + steps`` steps) and a step timer in its ``fit()``. Images/s come from the
-batch-end times inside the window where every process was past its warm-up and none had finished. The read
-benchmark runs ``make_train_dataset`` alone in a fresh process with a rank's environment and threads.
-"""
+"""Training throughput: ranks of each engine against independent single-rank trainings, timed inside the real
+``train_fn``, and the input pipeline alone (docs/performance.md, "What is measured", 2 and 3)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +9,7 @@ import multiprocessing as mp
 import os
 import time
 
-from bench.harness import REPO, collect, fmt, in_process, pct, reap, table
+from bench.harness import REPO, collect, fmt, in_process, pct, reap, spawn, table
 from bench.monitors import MachineCpu, maxrss_mb
 
 logger = logging.getLogger(__name__)
@@ -54,8 +49,7 @@ def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, c
 
 
 def timed_train_fn(job, barrier=None, warmup: int = 0) -> dict:
-    """Run the real ``train_fn(job)``; return its rank, size, batch-end times, CPU times and peak RSS. ``barrier``
-    is waited on at the end of step ``warmup``, so that independent processes start their timed steps together."""
+    """Batch-end times, CPU times and peak RSS of the real ``train_fn(job)``."""
     import tensorflow as tf
 
     from covid_spark.stages.train_rank import train_fn
@@ -90,13 +84,7 @@ def timed_train_fn(job, barrier=None, warmup: int = 0) -> dict:
 
 def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int,
                 batch_cpu: list[list[float]] | None = None) -> dict:
-    """Images/s of processes measured together, from their batch-end times: the window opens when the last
-    process ends its ``warmup``-th step and closes when the first ends its last (give or take half a median step,
-    for ranks in lockstep); with ``batch_cpu`` (CPU seconds at the same batch ends), also the cores kept busy.
-
-    Raises:
-        ValueError: fewer than two steps of some process fall inside the window.
-    """
+    """Images/s (and cores busy) of processes measured together; ValueError without overlap."""
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1 step, got {warmup}")
     if any(len(ends) <= warmup for ends in batch_ends):
@@ -139,9 +127,7 @@ def _rate_of(reports: list, machine: MachineCpu, job, warmup: int, wall: float) 
 
 
 def launch(spark, job, num_proc: int, warmup: int) -> dict:
-    """``num_proc`` ranks of ``job.engine`` (Horovod through ``horovod.spark.run``; tf-distribute in Spark barrier
-    tasks), launched as ``run_training`` launches them; with the time outside ``fit()`` (launch, TensorFlow
-    import, model build, save)."""
+    """The rate of ``num_proc`` ranks of ``job.engine`` launched as ``run_training`` launches them."""
     started = time.perf_counter()
     with MachineCpu() as machine:
         if job.engine == "horovod":
@@ -166,14 +152,10 @@ def _pair_worker(job, env: dict, warmup: int, barrier, results) -> None:
 
 def independent_run(jobs: list, warmup: int, env: dict) -> dict:
     """The same jobs in independent plain processes started together (no launcher: a rank of one)."""
-    ctx = mp.get_context("spawn")
-    barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
-    workers = [ctx.Process(target=_pair_worker, args=(job, env, warmup, barrier, results), daemon=True)
-               for job in jobs]
+    barrier = mp.get_context("spawn").Barrier(len(jobs))
     started = time.perf_counter()
     with MachineCpu() as machine:
-        for worker in workers:
-            worker.start()
+        workers, results = spawn(_pair_worker, [(job, env, warmup) for job in jobs], barrier)
         try:
             reports = collect(results, workers)
         finally:
@@ -184,8 +166,7 @@ def independent_run(jobs: list, warmup: int, env: dict) -> dict:
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,
               batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2),
               engines: tuple[str, ...] = ("horovod",)) -> dict:
-    """``ranks`` ranks of each of ``engines`` (keys ``horovod_<n>``, ``tf_distribute_<n>``) and an independent
-    pair on :func:`solo_engine`, for one model; with the efficiencies (2 ranks over the pair)."""
+    """One model: ``ranks`` ranks of each of ``engines``, an independent pair, the efficiencies."""
     threads = threads_per_rank(config, 2)
 
     def job(name, engine):
@@ -214,7 +195,7 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
     return out
 
 
-def _read_worker(dataset, batch_size, variants, seed, shuffle_buffer, threads, warmup, batches, env, results):
+def read_rates(dataset, batch_size, variants, seed, shuffle_buffer, threads, warmup, batches, env) -> dict:
     os.environ.update(env)
     import tensorflow as tf
 
@@ -236,18 +217,17 @@ def _read_worker(dataset, batch_size, variants, seed, shuffle_buffer, threads, w
         report[name] = {"images": batches * batch_size, "seconds": round(seconds, 3),
                         "images_per_s": round(batches * batch_size / seconds, 1), "batch_shape": list(images.shape),
                         "maxrss_mb": maxrss_mb()}
-    results.put(report)
+    return report
 
 
 def run_read(spark, dataset: str, config: dict, threads: int, warmup: int, batches: int,
              batch_size: int | None = None) -> dict:
-    """Images/s of one rank's input pipeline over ``dataset``'s train split, without then with the configured
-    augmentation, after ``warmup`` batches each (``maxrss_mb``: the process's peak so far)."""
+    """Images/s of one rank's input pipeline, without then with augmentation."""
     cfg = config["train"]
     batch = int(batch_size or cfg["batch_size"])
     variants = (("no_augment", {}), ("augment", dict(cfg["augment"])))
     logger.info("read bench: %d + %d batches of %d, without and with augmentation", warmup, batches, batch)
-    report = in_process(_read_worker, dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]),
+    report = in_process(read_rates, dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]),
                         threads, warmup, batches, rank_env(spark, threads))
     return dict(report, batch_size=batch, threads=threads)
 
@@ -259,8 +239,6 @@ RUNS = (("horovod_1", "1 Horovod rank", None), ("horovod_2", "2 Horovod ranks", 
 
 
 def format_rates(entries: list[dict]) -> str:
-    """Each model's runs: images/s, the ratio to the baseline (2 ranks: the independent pair; the pair: 1 Horovod
-    rank), CPU cores busy, other users' share, time outside fit() and peak RSS."""
     rows = []
     for e in entries:
         for key, label, ratio_key in RUNS:

@@ -1,16 +1,8 @@
 """python -m bench.xl [--quick] [--sizes 671,5000,17445,50000] [--models …] [--skip-epoch] [--parts …]
-
-`make bench-xl`: the benchmarks on real data at scale (../shared/data/cxr-xl, 17,445 X-rays), in four parts:
-**preprocess** (the job at each size against two plain processes running its first pass, ``stage_images``,
-less its fixed cost; peak memory at each size and its growth; a size above the source's, or written
-``3000c``, is made of byte copies, the others are stratified samples), **duplicates** (``dup_bench`` on the
-real hashes), **predict** (``predict_bench`` with an untrained model) and **train** (2-rank rates over timed
-steps, and one whole epoch of ``run_training``). Results go to bench/results-xl.json after every part;
-``--parts`` reruns some and merges them into the existing file.
-"""
+(`make bench-xl`): preprocess, duplicates, predict and train on cxr-xl at scale → bench/results-xl.json
+(docs/performance.md, "Real data at scale")."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -20,12 +12,12 @@ import tempfile
 import time
 
 from bench import dup_bench, predict_bench, train_bench
-from bench.harness import (DATA, FIXED_COST_IMAGES, REPO, fmt, in_process, loadavg, machine,
-                           machine_line, pct, save, start_spark, table, verdict, verdict_table)
+from bench.harness import (CXR_XL, MB, REPO, arguments, command, fmt, in_process, items, load, loadavg, machine, pct,
+                           report, save, start_spark, table, timed, verdict, verdict_table)
 from bench.inputs import copied_input, sampled_input, source_rows
 from bench.monitors import JvmHeap, PeakRss, maxrss_mb
-from bench.preprocess_bench import (format_cpu, format_fixed, format_jobs, format_sizes, net_rate, plain_stage, ratio,
-                                    spark_fixed_costs, spark_preprocess)
+from bench.preprocess_bench import (format_preprocess, plain_stage, run_size, spark_fixed_costs,
+                                    spark_preprocess)
 from covid_spark.cli import setup_logging
 
 logger = logging.getLogger("bench.xl")
@@ -38,24 +30,18 @@ MEMORY_KEYS = (("driver_mb", "Python driver (sampled RSS)"),
                ("jvm_heap_after_gc_mb", "JVM heap after a full GC"))
 
 
-class Profile:
-    """What one invocation runs: full (the defaults) or quick (development and the smoke test)."""
-
-    def __init__(self, quick: bool):
-        self.quick = self.skip_epoch = quick
-        self.sizes, self.memory_reference = ("200,1000,3000c", 1000) if quick else ("671,5000,17445,50000", 5000)
-        self.hashes_total = 5_000 if quick else 100_000
-        self.predict_images = 200 if quick else 17_445  # all of cxr-xl: each worker's start-up amortised as in use
-        self.models = ("compact",) if quick else MODELS
-        self.steps = dict(train_bench.QUICK_STEPS if quick else train_bench.STEPS)
-        self.warmup = 2 if quick else 3
+PROFILES = {  # what one invocation runs: full (the defaults) or --quick (development and the smoke test)
+    False: {"quick": False, "sizes": "671,5000,17445,50000", "memory_reference": 5000, "hashes_total": 100_000,
+            "predict_images": 17_445, "models": MODELS, "steps": train_bench.STEPS, "warmup": 3, "skip_epoch": False},
+    True: {"quick": True, "sizes": "200,1000,3000c", "memory_reference": 1000, "hashes_total": 5_000,
+           "predict_images": 200, "models": ("compact",), "steps": train_bench.QUICK_STEPS, "warmup": 2,
+           "skip_epoch": True}}
 
 
 def parse_sizes(text: str, distinct: int) -> list[tuple[int, str]]:
-    """``"671,5000,50000"`` → ``[(671, "sample"), (5000, "sample"), (50000, "copies")]``, sorted: a size above
-    ``distinct`` (the source's count) or with a ``c`` suffix is copies. ValueError: not a positive integer."""
+    """``"671,3000c"`` → ``[(671, "sample"), (3000, "copies")]``; also copies above ``distinct``."""
     out = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
+    for item in items(text):
         copies = item.lower().endswith("c")
         number = item[:-1] if copies else item
         if not number.isdigit() or int(number) < 1:
@@ -65,12 +51,8 @@ def parse_sizes(text: str, distinct: int) -> list[tuple[int, str]]:
     return sorted(set(out))
 
 
-def _rm(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _warm_worker(location: str, queue) -> None:
-    """Read every input file once, so that the plain processes and Spark both find them in the page cache."""
+def warm_page_cache(location: str) -> dict:
+    """Files and MiB read: every input file once, into the page cache."""
     from covid_spark.inputs.sources import discover
 
     started, files, total = time.perf_counter(), 0, 0
@@ -81,7 +63,7 @@ def _warm_worker(location: str, queue) -> None:
             files += 1
         except OSError:
             pass
-    queue.put({"files": files, "mb": round(total / 2 ** 20, 1), "seconds": round(time.perf_counter() - started, 2)})
+    return {"files": files, "mb": round(total / MB, 1), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def make_input(source: str, workdir: str, images: int, kind: str) -> str:
@@ -89,64 +71,43 @@ def make_input(source: str, workdir: str, images: int, kind: str) -> str:
         source, os.path.join(workdir, f"input-{kind}-{images}"), images, seed=0)
 
 
-def stage_pair(location: str, workdir: str, images: int, config: dict, hashes: bool) -> dict:
-    """``plain_stage`` in two processes; with ``hashes``, their hash files kept in ``workdir`` (``hash_files``)."""
-    cfg = config["preprocess"]
-    plain_dir = os.path.join(workdir, f"plain-{images}")
-    pair = plain_stage(location, 2, int(cfg["image_size"]), int(cfg["max_pixels"]), plain_dir,
-                       os.path.join(workdir, f"hashes-{images}") if hashes else None)
-    _rm(plain_dir)
-    return pair
-
-
 def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
     roles = {role: [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == role]
              for role in ("worker", "daemon")}
     peaks = run["peak_rss_mb"]
-    return {"driver_mb": peaks["driver"], "driver_before_job_mb": driver_before_mb,
-            "python_worker_max_mb": max(roles["worker"], default=None), "python_workers_mb": sorted(roles["worker"]),
-            "python_daemon_mb": max(roles["daemon"], default=None),
-            "python_workers_sum_mb": peaks["spark_python_workers"],
-            "jvm_heap_after_gc_mb": heap["after_gc_peak_mb"], "jvm_heap_before_gc_mb": heap["before_gc_peak_mb"],
-            "jvm_heap_committed_mb": heap["committed_peak_mb"], "jvm_max_heap_mb": heap["max_heap_mb"],
-            "jvm_rss_mb": peaks["jvm"], "forced_gc_samples": heap["samples"], "forced_gc_s": heap["gc_s"]}
+    return dict(heap, driver_mb=peaks["driver"], driver_before_job_mb=driver_before_mb,
+                python_worker_max_mb=max(roles["worker"], default=None), python_workers_mb=sorted(roles["worker"]),
+                python_daemon_mb=max(roles["daemon"], default=None),
+                python_workers_sum_mb=peaks["spark_python_workers"], jvm_rss_mb=peaks["jvm"])
 
 
 def preprocess_size(spark, source: str, workdir: str, images: int, kind: str, config: dict, fixed_job_s: float,
                     largest_sample: bool, keep_dataset: bool, gc_interval: float) -> dict:
-    """One size: the input, the page cache warmed, the plain pair, the Spark job timed, then the job again with
-    the memory samplers (the JVM heap's forced full GCs pause it: they must not be inside the timed run). The
-    largest sample keeps its hash files (and its dataset, with ``keep_dataset``)."""
+    """One size: ``run_size`` on a warm page cache, then the job again under the memory samplers."""
     import psutil
 
     logger.info("xl preprocess: %d images (%s)", images, kind)
-    started = time.perf_counter()
-    location = make_input(source, workdir, images, kind)
-    entry = {"images": images, "kind": kind, "input": location,
-             "input_setup_s": round(time.perf_counter() - started, 1), "page_cache": in_process(_warm_worker, location)}
+    setup_s, location = timed(make_input, source, workdir, images, kind)
     output = os.path.join(workdir, f"ds-{images}")
     try:
-        pair = stage_pair(location, workdir, images, config, largest_sample)
-        entry.update({"hash_files": pair.pop("hash_files")} if largest_sample else {})
-        run = spark_preprocess(spark, location, output, config)
-        _rm(output)
-        driver_before = round(psutil.Process().memory_info().rss / 2 ** 20, 1)
-        with JvmHeap(spark, interval=gc_interval) as heap:
+        page_cache = in_process(warm_page_cache, location)
+        entry = run_size(spark, location, output, config, fixed_job_s, single=False,
+                         hashes_to=os.path.join(workdir, f"hashes-{images}") if largest_sample else None)
+        shutil.rmtree(output, ignore_errors=True)
+        driver_before = round(psutil.Process().memory_info().rss / MB, 1)
+        with JvmHeap(spark, interval=gc_interval) as heap:  # its forced full GCs pause the JVM: not in the timed run
             memory_run = spark_preprocess(spark, location, output, config)
-        run["seconds_of_memory_run"] = memory_run["seconds"]
+        entry["spark"]["seconds_of_memory_run"] = memory_run["seconds"]
         if not (keep_dataset and largest_sample):
-            _rm(output)
+            shutil.rmtree(output, ignore_errors=True)
     finally:
         if kind == "copies":
-            _rm(location)
-    run.update(net_seconds=round(run["seconds"] - fixed_job_s, 3), net_images_per_s=net_rate(run, images, fixed_job_s))
-    entry.update(pair=pair, spark=run, memory=_memory_of(memory_run, heap.result, driver_before),
-                 spark_vs_pair=ratio(run["images_per_s"], pair["images_per_s"]),
-                 spark_net_vs_pair=ratio(run["net_images_per_s"], pair["images_per_s"]))
-    if run["images"] != images or pair["images"] != images:
+            shutil.rmtree(location, ignore_errors=True)
+    if entry["spark"]["images"] != images or entry["pair"]["images"] != images:
         logger.warning("xl preprocess: %d images asked, the job read %d and the pair %d",
-                       images, run["images"], pair["images"])
-    return entry
+                       images, entry["spark"]["images"], entry["pair"]["images"])
+    return dict(entry, images=images, kind=kind, input_setup_s=round(setup_s, 1), page_cache=page_cache,
+                memory=_memory_of(memory_run, heap.result, driver_before))
 
 
 def memory_growth(entries: list[dict], reference: int) -> list[dict]:
@@ -166,19 +127,17 @@ def memory_growth(entries: list[dict], reference: int) -> list[dict]:
 
 def run_preprocess(spark_factory, source: str, workdir: str, sizes: list[tuple[int, str]], config: dict,
                    memory_reference: int, keep_dataset: bool, gc_interval: float = 2.0) -> tuple:
-    """Spark's fixed costs, then every size; returns ``(spark, part)``."""
-    tiny = sampled_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES)
-    spark, fixed = spark_fixed_costs(spark_factory, tiny, os.path.join(workdir, "ds-tiny"), config)
-    _rm(os.path.join(workdir, "ds-tiny"))
+    """``(spark, part)``: Spark's fixed costs, then every size."""
+    spark, fixed = spark_fixed_costs(spark_factory, source, workdir, config, sampled_input)
     largest = max((n for n, kind in sizes if kind == "sample"), default=None)
     entries = [preprocess_size(spark, source, workdir, n, kind, config, fixed["tiny_job_s"],
                                (n, kind) == (largest, "sample"), keep_dataset, gc_interval) for n, kind in sizes]
-    hash_files = [f for e in entries for f in e.get("hash_files", [])]
+    hash_files = [f for e in entries for f in e["pair"].get("hash_files", [])]
     return spark, {"spark_fixed": fixed, "sizes": entries, "memory_reference": memory_reference,
                    "memory_growth": memory_growth(entries, memory_reference), "hash_files": hash_files}
 
 
-def _duplicates_worker(hash_files: list[str], total: int, max_distance: int, queue) -> None:
+def duplicates_on_one_cpu(hash_files: list[str], total: int, max_distance: int) -> dict:
     """``bench_duplicates`` on the hashes in ``hash_files``, pinned to one CPU."""
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
@@ -187,22 +146,17 @@ def _duplicates_worker(hash_files: list[str], total: int, max_distance: int, que
         with open(path, encoding="utf-8") as handle:
             hashes.update({p: int(h) for p, h in json.load(handle).items()})
     result = dup_bench.bench_duplicates(hashes, total=total, max_distance=max_distance, seed=0)
-    queue.put({"real_hashes": len(hashes), "result": dict(result, maxrss_mb=maxrss_mb(), cpus=sorted(
-        os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)})
-
-
-def _predict_worker(location: str, model_dir: str, images: int, queue) -> None:
-    queue.put(predict_bench.bench_predict(location, model_dir, n_images=images))
+    return {"real_hashes": len(hashes), "result": dict(result, maxrss_mb=maxrss_mb(), cpus=sorted(
+        os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)}
 
 
 def run_predict(source: str, workdir: str, images: int, model: str, image_size: int) -> dict:
-    """``bench_predict`` on a sample of ``images`` with an untrained ``model``, in a fresh process: it starts
-    and stops a session of its own, which must not stop this run's (nor a test's)."""
+    """``bench_predict`` on a sample of ``images`` with an untrained ``model``, in a process of its own."""
     location = sampled_input(source, os.path.join(workdir, f"input-predict-{images}"), images, seed=1)
     made = predict_bench.untrained_model_dir(model, image_size, os.path.join(workdir, f"model-untrained-{model}"))
     logger.info("xl predict: %d images, Spark against one plain process", images)
     return {"images": images, "input": location, "model": made,
-            "result": in_process(_predict_worker, location, made["model_dir"], images)}
+            "result": in_process(predict_bench.bench_predict, location, made["model_dir"], images)}
 
 
 def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str | None, batch_size: int | None,
@@ -219,12 +173,10 @@ def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str
     logger.info("xl train: %s, one epoch over %d train images", model, rows)
     load_start = loadavg()
     with PeakRss(interval=1.0) as rss:
-        started = time.perf_counter()
-        run = run_training(spark, dataset, model_dir, cfg, overwrite=True)
-        outer = time.perf_counter() - started
+        outer, run = timed(run_training, spark, dataset, model_dir, cfg, overwrite=True)
     with open(RunDir(model_dir).history, encoding="utf-8") as handle:
         history = {k: v[0] for k, v in json.load(handle).items() if isinstance(v, list) and v}
-    _rm(model_dir)
+    shutil.rmtree(model_dir, ignore_errors=True)
     return {"model": model, "train_rows": rows, "val_rows": summary["per_split"].get("val", 0),
             "num_proc": run["num_proc"], "steps_per_epoch": run["steps_per_epoch"], "batch_size": int(batch),
             "threads_per_rank": run["threads_per_rank"], "run_json_wall_s": run["wall_seconds"],
@@ -238,8 +190,7 @@ def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str
 
 def run_train(spark, dataset: str, config: dict, models, steps: dict, warmup: int, workdir: str,
               skip_epoch: bool, config_path: str | None, batch_size: int | None = None, rates: bool = True) -> dict:
-    """Each model's 2-rank Horovod rate over timed steps (unless not ``rates``), then (unless ``skip_epoch``)
-    one whole epoch each."""
+    """Each model's 2-rank Horovod rate (if ``rates``), then one whole epoch each (unless ``skip_epoch``)."""
     from covid_spark.data.dataset import read_summary
 
     summary = read_summary(None, dataset)
@@ -280,26 +231,22 @@ def verdicts(results: dict) -> list[dict]:
     return [v for v in out if v]
 
 
-def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = None, sizes: str | None = None,
-           models=None, skip_epoch: bool | None = None, config_path: str | None = None, config: dict | None = None,
-           master: str = "local[2]", spark=None, results: dict | None = None, save_to: str | None = None,
-           batch_size: int | None = None, predict_model: str | None = None, gc_interval: float = 2.0,
-           train_rates: bool = True) -> dict:
-    """Run the chosen parts; return the results (plain data). ``results``: earlier results to update part by
-    part; ``save_to``: write them there after each part. ``spark``: a session to use (not stopped)."""
+def run_xl(source: str, workdir: str, parts=PARTS, profile: dict | None = None, config_path: str | None = None,
+           config: dict | None = None, master: str = "local[2]", spark=None, results: dict | None = None,
+           save_to: str | None = None, batch_size: int | None = None, predict_model: str | None = None,
+           gc_interval: float = 2.0, train_rates: bool = True) -> dict:
+    """The results of the chosen parts, updating ``results`` and saved to ``save_to`` after each part."""
     from covid_spark.config import load_config
     from covid_spark.data.dataset import has_summary
     from covid_spark.data.rundir import git_commit
     from covid_spark.stages.preprocess import preprocess
 
-    profile, config = profile or Profile(False), config or load_config(config_path)
+    profile, config = profile or PROFILES[False], config or load_config(config_path)
     distinct = len(source_rows(source))
-    size_list = parse_sizes(sizes or profile.sizes, distinct)
-    models = tuple(models or profile.models)
-    skip_epoch = profile.skip_epoch if skip_epoch is None else skip_epoch
+    size_list, models = parse_sizes(profile["sizes"], distinct), tuple(profile["models"])
     results = results if results is not None else {}
     results["machine"] = machine()
-    largest = max((n for n, kind in size_list if kind == "sample"), default=min(distinct, profile.memory_reference))
+    largest = max((n for n, kind in size_list if kind == "sample"), default=min(distinct, profile["memory_reference"]))
     owned, session = spark is None, {"spark": spark}
 
     def get_spark():
@@ -314,33 +261,33 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
                     source="conf/spark-local.conf" if owned else "the caller's session")
 
     def preprocess_part():
-        session["spark"], part = run_preprocess(get_spark, source, workdir, size_list, config, profile.memory_reference,
-                                                "train" in parts, gc_interval)
+        session["spark"], part = run_preprocess(get_spark, source, workdir, size_list, config,
+                                                profile["memory_reference"], "train" in parts, gc_interval)
         return dict(part, settings=settings())
 
     def duplicates_part():
         files = (results.get("preprocess") or {}).get("hash_files") or []
         if not files or not all(os.path.exists(f) for f in files):
-            location = make_input(source, workdir, largest, "sample")
-            files = stage_pair(location, workdir, largest, config, True)["hash_files"]
-        total, distance = profile.hashes_total, int(config["preprocess"]["duplicate_distance"])
+            files = plain_stage(make_input(source, workdir, largest, "sample"), 2, config, f"{workdir}/plain-dup",
+                                f"{workdir}/hashes-{largest}")["hash_files"]
+        total, distance = profile["hashes_total"], int(config["preprocess"]["duplicate_distance"])
         logger.info("xl duplicates: real hashes grown to %d, max distance %d, one CPU", total, distance)
-        return dict(in_process(_duplicates_worker, files, total, distance), total=total, max_distance=distance)
+        return dict(in_process(duplicates_on_one_cpu, files, total, distance), total=total, max_distance=distance)
 
     def train_part():
         dataset = os.path.join(workdir, f"ds-{largest}")  # kept by the preprocess part, else made now (untimed)
         if not has_summary(None, dataset):
             preprocess(get_spark(), make_input(source, workdir, largest, "sample"), dataset, config, overwrite=True)
-        return dict(run_train(get_spark(), dataset, config, models, profile.steps, profile.warmup, workdir,
-                              skip_epoch, config_path, batch_size, rates=train_rates), settings=settings())
+        return dict(run_train(get_spark(), dataset, config, models, profile["steps"], profile["warmup"], workdir,
+                              profile["skip_epoch"], config_path, batch_size, rates=train_rates), settings=settings())
 
     work = {"preprocess": preprocess_part, "duplicates": duplicates_part, "train": train_part,
-            "predict": lambda: run_predict(source, workdir, profile.predict_images, predict_model or
+            "predict": lambda: run_predict(source, workdir, profile["predict_images"], predict_model or
                                            config["train"]["model"], int(config["preprocess"]["image_size"]))}
     started_all, work_made = time.time(), not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     invocation = {"parts": list(parts), "sizes": [f"{n}{'c' if k == 'copies' else ''}" for n, k in size_list],
-                  "models": list(models), "quick": profile.quick, "source": os.path.abspath(source),
+                  "models": list(models), "quick": profile["quick"], "source": os.path.abspath(source),
                   "source_images": distinct, "git_commit": git_commit(), "loadavg_at_start": loadavg(),
                   "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
     try:
@@ -355,7 +302,7 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
         if owned and session["spark"] is not None:
             session["spark"].stop()
         if work_made:
-            _rm(workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
     invocation.update(seconds=round(time.time() - started_all, 1), loadavg_at_end=loadavg(),
                       driver_python_maxrss_mb=maxrss_mb())
     results.setdefault("invocations", []).append(invocation)
@@ -365,16 +312,14 @@ def run_xl(source: str, workdir: str, parts=PARTS, profile: Profile | None = Non
     return results
 
 
-def format_preprocess(part: dict) -> str:
-    fixed, sizes = part["spark_fixed"], part["sizes"]
-    lines = [format_fixed(fixed), format_sizes(sizes), format_cpu(sizes),
-             format_jobs(max(sizes, key=lambda e: e["images"])),
-             table(["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
-                    "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
-                   [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
-                     " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
-                     f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
-                    for e, m in ((e, e["memory"]) for e in sizes)], left=(2,))]
+def format_preprocess_part(part: dict) -> str:
+    lines = format_preprocess(part["sizes"], part["spark_fixed"]) + [table(
+        ["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
+         "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
+        [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
+          " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
+          f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
+         for e, m in ((e, e["memory"]) for e in part["sizes"])], left=(2,))]
     if part.get("memory_growth"):
         lines.append(table(["peak memory", "at reference size", "MiB", "at largest size", "MiB", "ratio"],
                            [[g["process"], f"{g['reference_images']:,}", g["reference_mb"], f"{g['largest_images']:,}",
@@ -386,7 +331,7 @@ def format_preprocess(part: dict) -> str:
 def format_tables(results: dict) -> str:
     out = []
     if results.get("preprocess"):
-        out.append("### Preprocessing\n\n" + format_preprocess(results["preprocess"]))
+        out.append("### Preprocessing\n\n" + format_preprocess_part(results["preprocess"]))
     dup = (results.get("duplicates") or {}).get("result")
     if dup:
         out.append(f"### Duplicate grouping\n\n{dup['n']:,} hashes ({results['duplicates']['real_hashes']:,} real "
@@ -426,8 +371,8 @@ def format_tables(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmarks on cxr-xl at scale (see docs/performance.md).")
-    parser.add_argument("--input", default=os.path.join(DATA, "cxr-xl"), help="real images (default: cxr-xl)")
+    parser = arguments("Benchmarks on cxr-xl at scale (see docs/performance.md).", input=CXR_XL, master="local[2]",
+                       config=None, workdir=None, output=DEFAULT_OUTPUT)
     parser.add_argument("--sizes", help="comma-separated preprocess sizes; above the source's, or with a 'c' suffix, "
                                         "made of copies (default 671,5000,17445,50000; --quick 200,1000,3000c)")
     parser.add_argument("--models", help=f"comma-separated, of {','.join(MODELS)} (default all; --quick compact)")
@@ -436,48 +381,34 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-rates", action="store_true", help="no timed training steps")
     parser.add_argument("--quick", action="store_true", help="small sizes and counts, compact only, no epoch")
     parser.add_argument("--memory-reference", type=int, help="the size memory is compared with (default 5000)")
-    parser.add_argument("--hashes", type=int, help="hashes to group (default 100000; --quick 5000)")
+    parser.add_argument("--hashes", dest="hashes_total", type=int, help="hashes to group (default 100000; --quick "
+                                                                         "5000)")
     parser.add_argument("--predict-images", type=int, help="default 17445 (all of cxr-xl; --quick 200)")
     parser.add_argument("--predict-model", help="model to score with (default: train.model)")
-    parser.add_argument("--master", default="local[2]")
-    parser.add_argument("--config", help="job config YAML (default: the packaged defaults)")
-    parser.add_argument("--workdir", help="scratch folder (default: a new temporary one, removed at the end)")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    models = [m.strip() for m in args.models.split(",")] if args.models else None
-    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(models or ()) - set(MODELS))
+    parts, args.models = items(args.parts), tuple(items(args.models))
+    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(args.models) - set(MODELS))
     if unknown:
         parser.error(f"unknown {', '.join(unknown)}: parts are {', '.join(PARTS)}; models {', '.join(MODELS)}")
     if not os.path.exists(args.input):
         parser.error(f"input {args.input} not found")
     setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
-    profile = Profile(args.quick)
-    profile.memory_reference = args.memory_reference or profile.memory_reference
-    profile.hashes_total = args.hashes or profile.hashes_total
-    profile.predict_images = args.predict_images or profile.predict_images
-    results = {}
-    if set(parts) != set(PARTS) and os.path.exists(args.output):
-        with open(args.output, encoding="utf-8") as handle:
-            results = json.load(handle)
-    results["command"] = "python -m bench.xl " + " ".join(sys.argv[1:] if argv is None else argv)
+    profile = {k: getattr(args, k, None) or v for k, v in PROFILES[args.quick].items()}
+    results = load(args.output) if set(parts) != set(PARTS) else {}
+    results["command"] = command("xl", argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="covid-spark-bench-xl-")
     if not args.workdir:
         os.rmdir(workdir)  # run_xl removes a folder it makes, and keeps one given
     try:
-        results = run_xl(args.input, workdir, parts=parts,
-                         profile=profile, sizes=args.sizes, models=models, skip_epoch=args.skip_epoch or None,
-                         config_path=args.config, master=args.master, results=results, save_to=args.output,
-                         predict_model=args.predict_model, train_rates=not args.skip_rates)
+        results = run_xl(args.input, workdir, parts=parts, profile=profile, config_path=args.config,
+                         master=args.master, results=results, save_to=args.output, predict_model=args.predict_model,
+                         train_rates=not args.skip_rates)
     except ValueError as exc:
         print(f"bench.xl: {exc}", file=sys.stderr)
         return 2
     last = results["invocations"][-1]
-    print(f"\nMachine: {machine_line(results['machine'])}; load average {last['loadavg_at_start']} at start, "
-          f"{last['loadavg_at_end']} at end; {last['seconds']:.0f} s in all\n\n{format_tables(results)}\n\n"
-          f"results: {args.output}")
+    report(results, last["loadavg_at_start"], format_tables(results), args.output, last["seconds"])
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

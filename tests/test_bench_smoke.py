@@ -96,13 +96,14 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     for entry in results["preprocess"]:
         for key in ("single", "pair", "spark"):
             assert _positive(entry[key]["images_per_s"]), (entry["images"], key)
-        assert entry["single"]["decoded"] == entry["images"] and entry["pair"]["decoded"] == entry["images"]
+        assert entry["single"]["staged"] == entry["images"] and entry["pair"]["staged"] == entry["images"]
         assert entry["pair"]["processes"] == 2 and len(entry["pair"]["per_process"]) == 2
         assert entry["spark"]["written"] == entry["images"]
         for key in ("single", "pair", "spark"):
             cpu = entry[key]["cpu"]
             assert _positive(cpu["wall_s"]) and cpu["ours_core_s"]["total"] >= 0 and cpu["others_core_s"] >= 0
-            assert set(cpu["ours_core_s"]) == {"driver", "jvm", "spark_python_workers", "other_children", "total"}
+            assert set(cpu["ours_core_s"]) == {"driver", "jvm", "spark_python_workers", "ranks", "other_children",
+                                               "total"}
         assert _positive(entry["spark_vs_pair"]) and _positive(entry["pair_vs_single"])
     assert _positive(results["spark_fixed"]["tiny_job_s"])
     for variant in ("no_augment", "augment"):
@@ -179,18 +180,16 @@ def test_xl_sizes_samples_and_copies(tmp_path):
 def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
     from covid_spark.config import load_config, override
 
-    from bench.xl import PARTS, Profile, format_tables, run_xl
+    from bench.xl import PARTS, PROFILES, format_tables, run_xl
 
     source = synthetic_input(str(tmp_path / "xl"), 12)
     config = override(load_config(), "preprocess", {"image_size": 48, "min_row_groups": 2,
                                                     "val_fraction": 0.2, "test_fraction": 0.2})
-    profile = Profile(quick=True)
-    profile.sizes, profile.memory_reference, profile.hashes_total = "8,12,18", 8, 40
-    profile.predict_images, profile.steps, profile.warmup = 6, {"compact": 2}, 1
+    profile = dict(PROFILES[True], sizes="8,12,18", memory_reference=8, hashes_total=40, predict_images=6,
+                   steps={"compact": 2}, warmup=1, models=("compact",), skip_epoch=False)
     out = tmp_path / "results-xl.json"
-    results = run_xl(source, str(tmp_path / "work"), parts=PARTS, profile=profile, models=("compact",),
-                     skip_epoch=False, config=config, spark=spark, save_to=str(out), batch_size=2,
-                     predict_model="compact", gc_interval=0.5, train_rates=False)
+    results = run_xl(source, str(tmp_path / "work"), parts=PARTS, profile=profile, config=config, spark=spark,
+                     save_to=str(out), batch_size=2, predict_model="compact", gc_interval=0.5, train_rates=False)
 
     pre = results["preprocess"]
     assert [(e["images"], e["kind"]) for e in pre["sizes"]] == [(8, "sample"), (12, "sample"), (18, "copies")]
@@ -303,7 +302,7 @@ def test_scale_takes_manifest_prefixes_and_tables_compare_the_largest_size_with_
 
     def job(wall, cpu, driver, jvm):
         return {"wall_s": wall, "cpu_s": cpu, "loadavg": [1.0, 2.5],
-                "peak_mib": {"largest python_driver": driver, "largest jvm": jvm, "tree": driver + jvm}}
+                "peak_mib": {"largest driver": driver, "largest jvm": jvm, "tree": driver + jvm}}
 
     results = {"sizes": [{"images": 1000, "preprocess": job(10.0, 15.0, 100, 400), "predict": job(20.0, 30, 110, 500)},
                          {"images": 4000, "preprocess": job(46.0, 66.0, 120, 400), "predict": job(80.0, 120, 110, 550)}]}

@@ -112,8 +112,8 @@ test-fast: setup
 test-docker:
 	DOCKER_STACKS="$(or $(DOCKER_STACKS),$(STACK))" bash scripts/test_docker.sh
 
-# Throughput benchmarks (not part of `make test`): bench/results.json + tables.
-# BENCH_ARGS e.g. --quick, --sizes all,10000, --models compact. See docs/performance.md.
+# Throughput benchmarks (not part of `make test`), one entry point (python -m bench.run): bench/results.json + tables.
+# BENCH_ARGS e.g. --quick, --sizes all,10000, --models compact, --parts preprocess. See docs/performance.md.
 BENCH_ARGS ?=
 bench: setup
 	$(PY) -m bench.run --input $(DATA) $(BENCH_ARGS)
@@ -124,10 +124,10 @@ bench-demo: setup
 
 # The same on real data at scale (../shared/data/cxr-xl, 17,445 images): preprocess at
 # 671-50,000 images with peak memory, duplicate grouping, predict, training rates and one epoch per model
-# → bench/results-xl.json + tables. BENCH_XL_ARGS e.g. --quick, --skip-epoch, --models compact.
+# → bench/results-xl.json + tables. BENCH_XL_ARGS e.g. --quick, --skip-epoch, --models compact, --parts predict.
 BENCH_XL_ARGS ?=
 bench-xl: setup
-	$(PY) -m bench.xl $(BENCH_XL_ARGS)
+	$(PY) -m bench.run --xl $(BENCH_XL_ARGS)
 
 # 100,000 images made from cxr-xl (python -m bench.expand: crops, rotations and intensity changes of each image,
 # written once to SCALE_DATA, outside the repository), then preprocess, a one-epoch training and predict at

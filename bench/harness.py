@@ -19,7 +19,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data")
 CXR_XL = os.path.abspath(os.path.join(DATA, "cxr-xl"))
 RESULTS = os.path.join(REPO, "bench", "results.json")
-SCRATCH = os.path.join(REPO, "bench", "tmp")
 FIXED_COST_IMAGES = 6  # the tiny input whose job time is Spark's fixed cost per preprocess job
 MB = 1024 * 1024
 

@@ -1,96 +1,192 @@
-"""python -m bench.run [--quick] [--sizes all,5000] [--models compact,original] (`make bench`): preprocess, read and
-train, each against its baseline in the same run → bench/results.json (docs/performance.md, "What is measured")."""
+"""python -m bench.run [--xl] [--quick] [--parts …] [--sizes …] [--models …] [--skip-epoch] (`make bench`,
+`make bench-xl`): preprocess, read, train, duplicates, predict and one epoch per model, each against its baseline
+in the same run → bench/results.json ("bench") or, with --xl, bench/results-xl.json (docs/performance.md)."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 
-from bench import preprocess_bench, train_bench
-from bench.harness import (DATA, GOALS, RESULTS, SCRATCH, arguments, command, fmt, items, loadavg, machine, report,
-                           save, start_spark, table, verdict, verdict_table)
-from bench.inputs import sized_input, source_rows
-from bench.monitors import PeakRss, maxrss_mb
+from bench import dup_bench, predict_bench, train_bench
+from bench.harness import (CXR_XL, DATA, MB, REPO, RESULTS, GOALS, arguments, command, fmt, in_process, items, load,
+                           loadavg, machine, pct, report, save, start_spark, table, timed, verdict, verdict_table)
+from bench.inputs import copied_input, sampled_input, sized_input, source_rows
+from bench.monitors import JvmHeap, PeakRss, maxrss_mb
+from bench.preprocess_bench import format_preprocess, plain_stage, run_size, spark_fixed_costs, spark_preprocess
 from covid_spark.cli import setup_logging
 
+logger = logging.getLogger("bench.run")
 
-def input_for(source: str, size: str, workdir: str) -> str:
-    """The input for one size: ``all`` is the source itself, a number N is N images (repeated by symlinks)."""
-    if size == "all" or int(size) == len(source_rows(source)):
-        return source
-    return sized_input(source, os.path.join(workdir, f"input-{size}"), int(size))
+PARTS = ("preprocess", "read", "train", "duplicates", "predict", "epoch")
+MODELS = ("efficientnet_lite0", "compact", "original")
+MEMORY_KEYS = (("driver_mb", "Python driver (sampled RSS)"),
+               ("python_worker_max_mb", "Spark Python worker, largest (sampled RSS)"),
+               ("jvm_heap_after_gc_mb", "JVM heap after a full GC"))
+# What one invocation runs. demo (`make bench`): cxr3, sizes above it repeated by symlinks, one plain process too,
+# 1 and 2 ranks of each engine against an independent pair. xl (`make bench-xl`): cxr-xl, samples and byte copies,
+# peak memory in a second run of each size, 2 Horovod ranks, duplicates, predict and one epoch per model.
+DEMO = {"input": os.path.join(DATA, "cxr3"), "output": RESULTS, "section": "bench",
+        "parts": ("preprocess", "read", "train"), "sizes": "all,5000", "above": "links", "single": True,
+        "memory": False, "models": ("compact", "original"), "steps": train_bench.STEPS, "warmup": 3,
+        "read_batches": 20, "read_warmup": 3, "ranks": (1, 2), "engines": None, "independent": True}
+XL = dict(DEMO, input=CXR_XL, output=os.path.join(REPO, "bench", "results-xl.json"), section=None,
+          parts=("preprocess", "train", "duplicates", "predict", "epoch"), sizes="671,5000,17445,50000",
+          above="copies", single=False, memory=True, memory_reference=5000, hashes_total=100_000,
+          predict_images=17_445, models=MODELS, ranks=(2,), engines=("horovod",), independent=False)
+PROFILES = {"demo": DEMO, "demo-quick": dict(DEMO, sizes="all", models=("compact",), steps=train_bench.QUICK_STEPS,
+                                             read_batches=8),
+            "xl": XL, "xl-quick": dict(XL, parts=XL["parts"][:-1], sizes="200,1000,3000c", memory_reference=1000,
+                                       hashes_total=5_000, predict_images=200, models=("compact",),
+                                       steps=train_bench.QUICK_STEPS, warmup=2)}
 
 
-def run_benchmarks(source: str, workdir: str, sizes=("all", "5000"), models=("compact", "original"),
-                   steps: dict | None = None, warmup: int = 3, read_batches: int = 20, read_warmup: int = 3,
-                   master: str = "local[2]", config: dict | None = None, batch_size: int | None = None,
-                   spark=None, keep_work: bool = False, ranks: tuple[int, ...] = (1, 2),
-                   engines: tuple[str, ...] | None = None) -> dict:
-    """The results of every benchmark, in ``spark`` (not stopped) or a session of its own on ``master``."""
-    from covid_spark.config import load_config
+def parse_sizes(text: str, distinct: int, above: str = "copies") -> list[tuple[int, str]]:
+    """``"all,671,3000c"`` → ``[(distinct, "all"), (671, "sample"), (3000, "copies")]``: a size above
+    ``distinct`` is made as ``above`` ("copies" or "links", symlinks repeating the source)."""
+    out = []
+    for item in items(text):
+        copies = item.lower().endswith("c")
+        number = item[:-1] if copies else item
+        if item != "all" and (not number.isdigit() or int(number) < 1):
+            raise ValueError(f"--sizes: {item!r} is not 'all' or a positive number of images (optionally with a "
+                             f"'c' suffix for copies)")
+        n = distinct if item == "all" else int(number)
+        out.append((n, "all" if item == "all" else "copies" if copies else above if n > distinct else "sample"))
+    return sorted(set(out))
 
-    config = config or load_config()
-    engines = tuple(engines or (("horovod", "tf-distribute") if train_bench.solo_engine() == "horovod"
-                                else ("tf-distribute",)))  # both where Horovod is installed (the pinned stack)
-    steps = dict(train_bench.STEPS, **(steps or {}))
-    os.makedirs(workdir, exist_ok=True)
-    started = time.time()
-    results: dict = {"machine": machine(), "goals": {k: vars(GOALS[k]) for k in ("preprocess_spark_vs_pair",
-                                                                               "read_vs_train", "train_efficiency")},
-                     "settings": {"input": os.path.abspath(source), "sizes": list(sizes), "models": list(models),
-                                  "steps": {m: steps[m] for m in models}, "warmup_steps": warmup,
-                                  "read_batches": read_batches, "horovod_ranks": list(ranks), "engines": list(engines),
-                                  "image_size": int(config["preprocess"]["image_size"]),
-                                  "master": master if spark is None else spark.sparkContext.master}}
-    owned = spark is None
-    with PeakRss() as whole:
+
+def make_input(source: str, workdir: str, images: int, kind: str) -> str:
+    folder = os.path.join(workdir, f"input-{kind}-{images}")
+    if kind in ("all", "links"):
+        return source if kind == "all" else sized_input(source, folder, images)
+    return (copied_input if kind == "copies" else sampled_input)(source, folder, images, seed=0)
+
+
+def warm_page_cache(location: str) -> dict:
+    """Files and MiB read: every input file once, into the page cache."""
+    from covid_spark.inputs.sources import discover
+
+    started, files, total = time.perf_counter(), 0, 0
+    for record in discover(location).records:
         try:
-            spark, fixed = preprocess_bench.spark_fixed_costs(lambda: spark or start_spark(master), source, workdir,
-                                                              config, sized_input)
-            if not owned:
-                fixed["session_start_s"] = None  # the caller's session was already running
-            results["spark_fixed"], results["preprocess"] = fixed, []
-            dataset = None
-            for size in sizes:
-                location, output = input_for(source, size, workdir), os.path.join(workdir, f"ds-{size}")
-                entry = preprocess_bench.run_size(spark, location, output, config, fixed["tiny_job_s"])
-                entry["size"] = size
-                entry["duplicates_note"] = (
-                    "input lists each source image several times (symlinks): copies are grouped as duplicates and "
-                    "kept in one split" if location != source else None)
-                results["preprocess"].append(entry)
-                if dataset is None:
-                    dataset = output
-                elif not keep_work:
-                    shutil.rmtree(output, ignore_errors=True)
-            threads = train_bench.threads_per_rank(config, 2)
-            results["read"] = train_bench.run_read(spark, dataset, config, threads, read_warmup, read_batches,
-                                                  batch_size)
-            results["train"] = []
-            for model in models:
-                with PeakRss() as rss:
-                    entry = train_bench.run_model(spark, dataset, config, model, steps[model], warmup,
-                                                  os.path.join(workdir, "train"), batch_size, ranks, engines)
-                results["train"].append(dict(entry, peak_rss_mb=rss.peaks))
-        finally:
-            if owned and spark is not None:
-                spark.stop()
-    results["memory"] = {"driver_python_maxrss_mb": maxrss_mb(), "tree_peaks_mb": whole.peaks}
-    results["verdicts"] = verdicts(results)
-    results["machine"]["load_avg_at_end"] = loadavg()
-    results["seconds"] = round(time.time() - started, 1)
-    if not keep_work:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return results
+            with open(record["path"], "rb") as handle:
+                total += len(handle.read())
+            files += 1
+        except OSError:
+            pass
+    return {"files": files, "mb": round(total / MB, 1), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
+    roles = {role: [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == role]
+             for role in ("worker", "daemon")}
+    peaks = run["peak_rss_mb"]
+    return dict(heap, driver_mb=peaks["driver"], driver_before_job_mb=driver_before_mb,
+                python_worker_max_mb=max(roles["worker"], default=None), python_workers_mb=sorted(roles["worker"]),
+                python_daemon_mb=max(roles["daemon"], default=None),
+                python_workers_sum_mb=peaks["spark_python_workers"], jvm_rss_mb=peaks["jvm"])
+
+
+def preprocess_size(spark, source: str, workdir: str, images: int, kind: str, config: dict, fixed_job_s: float,
+                    profile: dict, keep: bool, hashes_to: str | None, gc_interval: float) -> dict:
+    """One size: ``run_size``; with ``profile["memory"]`` on a warm page cache, then again under the samplers."""
+    import psutil
+
+    logger.info("bench preprocess: %d images (%s)", images, kind)
+    setup_s, location = timed(make_input, source, workdir, images, kind)
+    output, page_cache, memory = os.path.join(workdir, f"ds-{images}"), None, None
+    try:
+        if profile["memory"]:
+            page_cache = in_process(warm_page_cache, location)
+        entry = run_size(spark, location, output, config, fixed_job_s, single=profile["single"], hashes_to=hashes_to)
+        if profile["memory"]:
+            shutil.rmtree(output, ignore_errors=True)
+            driver_before = round(psutil.Process().memory_info().rss / MB, 1)
+            with JvmHeap(spark, interval=gc_interval) as heap:  # its forced full GCs pause the JVM: not timed
+                memory_run = spark_preprocess(spark, location, output, config)
+            entry["spark"]["seconds_of_memory_run"] = memory_run["seconds"]
+            memory = _memory_of(memory_run, heap.result, driver_before)
+        if not keep:
+            shutil.rmtree(output, ignore_errors=True)
+    finally:
+        if kind == "copies":
+            shutil.rmtree(location, ignore_errors=True)
+    if entry["spark"]["images"] != images or entry["pair"]["images"] != images:
+        logger.warning("bench preprocess: %d images asked, the job read %d and the pair %d",
+                       images, entry["spark"]["images"], entry["pair"]["images"])
+    note = ("input lists each source image several times (symlinks): copies are grouped as duplicates and kept in "
+            "one split") if kind == "links" else None
+    return dict(entry, images=images, kind=kind, input_setup_s=round(setup_s, 1), page_cache=page_cache,
+                memory=memory, duplicates_note=note)
+
+
+def memory_growth(entries: list[dict], reference: int) -> list[dict]:
+    """Each process's peak at the largest size over its peak at ``reference`` images."""
+    by_size = {e["images"]: e for e in entries if e["memory"]}
+    largest = max(by_size.values(), key=lambda e: e["images"], default=None)
+    if reference not in by_size or largest["images"] == reference:
+        return []
+    out = []
+    for key, label in MEMORY_KEYS:
+        a, b = by_size[reference]["memory"][key], largest["memory"][key]
+        out.append({"process": label, "key": key, "reference_images": reference, "reference_mb": a,
+                    "largest_images": largest["images"], "largest_mb": b,
+                    "ratio": round(b / a, 3) if a and b is not None else None})
+    return out
+
+
+def duplicates_on_one_cpu(hash_files: list[str], total: int, max_distance: int) -> dict:
+    """``bench_duplicates`` on the hashes in ``hash_files``, pinned to one CPU."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    hashes = {}
+    for path in hash_files:
+        with open(path, encoding="utf-8") as handle:
+            hashes.update({p: int(h) for p, h in json.load(handle).items()})
+    result = dup_bench.bench_duplicates(hashes, total=total, max_distance=max_distance, seed=0)
+    return {"real_hashes": len(hashes), "result": dict(result, maxrss_mb=maxrss_mb(), cpus=sorted(
+        os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)}
+
+
+def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str | None, batch_size: int | None,
+                workdir: str) -> dict:
+    """One whole epoch of ``run_training`` (with validation)."""
+    from covid_spark.config import load_config, override
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.stages.train import run_training
+
+    cfg = override(load_config(config_path, model=model), "train", {"model": model, "epochs": 1,
+                                                                    "batch_size": batch_size})
+    model_dir, rows, batch = os.path.join(workdir, "epoch", model), summary["per_split"]["train"], \
+        cfg["train"]["batch_size"]
+    logger.info("bench epoch: %s, one epoch over %d train images", model, rows)
+    load_start = loadavg()
+    with PeakRss(interval=1.0) as rss:
+        outer, run = timed(run_training, spark, dataset, model_dir, cfg, overwrite=True)
+    with open(RunDir(model_dir).history, encoding="utf-8") as handle:
+        history = {k: v[0] for k, v in json.load(handle).items() if isinstance(v, list) and v}
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return {"model": model, "train_rows": rows, "val_rows": summary["per_split"].get("val", 0),
+            "num_proc": run["num_proc"], "steps_per_epoch": run["steps_per_epoch"], "batch_size": int(batch),
+            "threads_per_rank": run["threads_per_rank"], "run_json_wall_s": run["wall_seconds"],
+            "epoch_s": round(history["seconds"], 1), "call_s": round(outer, 1),
+            "images_per_s_wall": round(rows / run["wall_seconds"], 1),
+            "images_per_s_epoch": round(rows / history["seconds"], 1),
+            "images_per_s_steps": round(run["steps_per_epoch"] * run["num_proc"] * int(batch) / history["seconds"], 1),
+            **{k: history.get(k) for k in ("loss", "val_loss", "val_accuracy")}, "jvm_peak_rss_mb": rss.peaks["jvm"],
+            "loadavg_at_start": load_start, "loadavg_at_end": loadavg()}
 
 
 def training_rate(results: dict) -> float | None:
-    """The rate one rank's reader must sustain: the first model's 1-rank Horovod run (else half its pair)."""
-    for entry in results.get("train", []):
+    """The rate one rank's reader must sustain: the first model's 1-rank Horovod run, else half its pair."""
+    for entry in (results.get("train") or {}).get("rates", []):
         if "horovod_1" in entry:
             return entry["horovod_1"]["images_per_s"]
-        return round(entry["independent_2"]["images_per_s"] / 2, 1)
+        return round((entry.get("independent_2") or entry["horovod_2"])["images_per_s"] / 2, 1)
     return None
 
 
@@ -101,76 +197,294 @@ def read_ratios(results: dict) -> dict[str, float | None]:
 
 
 def verdicts(results: dict) -> list[dict]:
-    """The goals of `make bench`, judged: preprocess at the largest size, reading, each model's training."""
+    """The goals, judged on what was measured. Preprocess: the largest size not made of copies, the whole job
+    (without a memory run: `make bench`) or net of its fixed cost (`make bench-xl`)."""
     out = []
-    if results.get("preprocess"):
-        largest = max(results["preprocess"], key=lambda e: e["images"])
-        out.append(verdict("preprocess_spark_vs_pair", largest["spark_vs_pair"], f"{largest['images']} images"))
+    pre = results.get("preprocess") or {}
+    judged = [e for e in pre.get("sizes", []) if e["kind"] != "copies"]
+    if judged:
+        e = max(judged, key=lambda e: e["images"])
+        net = any(s["memory"] for s in pre["sizes"])
+        out.append(verdict("preprocess_net_vs_pair" if net else "preprocess_spark_vs_pair",
+                           e["spark_net_vs_pair" if net else "spark_vs_pair"], f"{e['images']:,} images",
+                           f"whole job {e['spark_vs_pair']:.2f} × the pair"))
+    for g in pre.get("memory_growth", []):
+        out.append(verdict("memory_growth", g["ratio"], f"{g['process']}, {g['reference_images']:,} → "
+                           f"{g['largest_images']:,} images", f"{g['reference_mb']} → {g['largest_mb']} MiB"))
     if results.get("read"):
         rate = training_rate(results)
         for variant, ratio in read_ratios(results).items():
             out.append(verdict("read_vs_train", ratio, variant.replace("_", " "),
                                f"training rate {rate} images/s (first model, 1 rank)"))
-    for entry in results.get("train", []):
+    for entry in (results.get("train") or {}).get("rates", []):
         out.append(verdict("train_efficiency", entry.get("efficiency"), f"{entry['model']}, horovod"))
         out.append(verdict("train_efficiency", entry.get("efficiency_tf_distribute"),
                            f"{entry['model']}, tf-distribute"))
+    dup = (results.get("duplicates") or {}).get("result") or {}
+    if dup:
+        out.append(verdict("duplicates_s", dup["seconds_banded"], f"{dup['n']:,} real hashes grown with copies",
+                           f"all-pairs {dup['all_pairs_seconds']} s on {dup['all_pairs_checked_n']}"))
+    pred = (results.get("predict") or {}).get("result") or {}
+    if pred:
+        out.append(verdict("predict_vs_plain", pred["ratio"], f"{pred['parallelism']} × plain, "
+                                                              f"{pred['images']:,} images"))
     return [v for v in out if v]
 
 
+def run(source: str, workdir: str, profile: dict, parts=None, config: dict | None = None,
+        config_path: str | None = None, master: str = "local[2]", spark=None, results: dict | None = None,
+        save_to: str | None = None, batch_size: int | None = None, predict_model: str | None = None,
+        gc_interval: float = 2.0) -> dict:
+    """The results of the chosen ``parts`` (default: the profile's), updating ``results``, saved to ``save_to``
+    (under ``profile["section"]``) after each part; Spark in ``spark`` (not stopped) or a session on ``master``."""
+    from covid_spark.config import load_config
+    from covid_spark.data.dataset import has_summary, read_summary
+    from covid_spark.data.rundir import git_commit
+    from covid_spark.stages.preprocess import preprocess
+
+    parts, config = tuple(parts or profile["parts"]), config or load_config(config_path)
+    distinct = len(source_rows(source))
+    sizes, models = parse_sizes(profile["sizes"], distinct, profile["above"]), tuple(profile["models"])
+    steps, threads = dict(train_bench.STEPS, **profile["steps"]), train_bench.threads_per_rank(config, 2)
+    engines = tuple(profile["engines"] or (("horovod", "tf-distribute") if train_bench.solo_engine() == "horovod"
+                                           else ("tf-distribute",)))  # both where Horovod is installed
+    results = results if results is not None else {}
+    results["machine"] = machine()
+    # the dataset later parts use: the largest size of distinct images, kept by the preprocess part, else made
+    kept = max(((n, k) for n, k in sizes if k in ("all", "sample")), default=None)
+    largest = kept[0] if kept else min(distinct, profile.get("memory_reference", distinct))
+    dataset = os.path.join(workdir, f"ds-{largest}")
+    owned, session = spark is None, {"spark": spark}
+
+    def get_spark():
+        session["spark"] = session["spark"] or start_spark(master)
+        return session["spark"]
+
+    def settings():
+        """The session's memory settings, and where they came from."""
+        conf = dict(session["spark"].sparkContext.getConf().getAll())
+        return dict({k: conf.get(k) for k in ("spark.master", "spark.driver.memory", "spark.driver.extraJavaOptions",
+                                              "spark.python.worker.reuse")},
+                    source="conf/spark-local.conf" if owned else "the caller's session")
+
+    def preprocess_part():
+        spark, fixed = spark_fixed_costs(get_spark, source, workdir, config, sampled_input)
+        if not owned:
+            fixed["session_start_s"] = None  # the caller's session was already running
+        keep, hashes = bool({"read", "train", "epoch"} & set(parts)), "duplicates" in parts
+        entries = [preprocess_size(spark, source, workdir, n, kind, config, fixed["tiny_job_s"], profile,
+                                   keep and (n, kind) == kept, f"{workdir}/hashes-{n}" if hashes and (n, kind) == kept
+                                   else None, gc_interval) for n, kind in sizes]
+        return {"spark_fixed": fixed, "sizes": entries, "memory_reference": profile.get("memory_reference"),
+                "memory_growth": memory_growth(entries, profile.get("memory_reference")),
+                "hash_files": [f for e in entries for f in e["pair"].get("hash_files", [])], "settings": settings()}
+
+    def ready_dataset() -> str:
+        if not has_summary(None, dataset):  # no preprocess part: made now, untimed
+            preprocess(get_spark(), make_input(source, workdir, largest, "sample"), dataset, config, overwrite=True)
+        return dataset
+
+    def train_part():
+        rates = []
+        for model in models:
+            with PeakRss() as rss:
+                entry = train_bench.run_model(get_spark(), ready_dataset(), config, model, steps[model],
+                                              profile["warmup"], os.path.join(workdir, "train"), batch_size,
+                                              tuple(profile["ranks"]), engines, profile["independent"])
+            rates.append(dict(entry, peak_rss_mb=rss.peaks))
+        return {"dataset": dataset, "per_split": read_summary(None, dataset)["per_split"],
+                "threads_per_rank": threads, "rates": rates, "settings": settings()}
+
+    def duplicates_part():
+        files = (results.get("preprocess") or {}).get("hash_files") or []
+        if not files or not all(os.path.exists(f) for f in files):
+            files = plain_stage(make_input(source, workdir, largest, "sample"), 2, config, f"{workdir}/plain-dup",
+                                f"{workdir}/hashes-{largest}")["hash_files"]
+        total, distance = profile["hashes_total"], int(config["preprocess"]["duplicate_distance"])
+        logger.info("bench duplicates: real hashes grown to %d, max distance %d, one CPU", total, distance)
+        return dict(in_process(duplicates_on_one_cpu, files, total, distance), total=total, max_distance=distance)
+
+    def predict_part():
+        images, model = profile["predict_images"], predict_model or config["train"]["model"]
+        location = sampled_input(source, os.path.join(workdir, f"input-predict-{images}"), images, seed=1)
+        made = predict_bench.untrained_model_dir(model, int(config["preprocess"]["image_size"]),
+                                                 os.path.join(workdir, f"model-untrained-{model}"))
+        logger.info("bench predict: %d images, Spark against one plain process", images)
+        return {"images": images, "input": location, "model": made,
+                "result": in_process(predict_bench.bench_predict, location, made["model_dir"], images)}
+
+    def epoch_part():
+        summary = read_summary(None, ready_dataset())
+        return {"dataset": dataset, "per_split": summary["per_split"], "epochs": [
+            train_epoch(get_spark(), dataset, summary, m, config_path, batch_size, workdir) for m in models]}
+
+    work = {"preprocess": preprocess_part, "train": train_part, "duplicates": duplicates_part,
+            "predict": predict_part, "epoch": epoch_part, "read": lambda: train_bench.run_read(
+                get_spark(), ready_dataset(), config, threads, profile["read_warmup"], profile["read_batches"],
+                batch_size)}
+    started_all, work_made = time.time(), not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    invocation = {"parts": list(parts), "sizes": [f"{n}{'c' if k == 'copies' else ''}" for n, k in sizes],
+                  "models": list(models), "steps": {m: steps[m] for m in models}, "warmup_steps": profile["warmup"],
+                  "ranks": list(profile["ranks"]), "engines": list(engines), "read_batches": profile["read_batches"],
+                  "master": master if owned else spark.sparkContext.master, "source": os.path.abspath(source),
+                  "source_images": distinct, "image_size": int(config["preprocess"]["image_size"]),
+                  "git_commit": git_commit(), "loadavg_at_start": loadavg(),
+                  "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    with PeakRss() as whole:
+        try:
+            for name in (p for p in PARTS if p in parts):
+                started, load_start = time.time(), loadavg()
+                results[name] = dict(work[name](), seconds=round(time.time() - started, 1),
+                                     loadavg_at_start=load_start, loadavg_at_end=loadavg())
+                results["verdicts"] = verdicts(results)
+                if save_to:
+                    save(results, save_to, profile["section"])
+        finally:
+            if owned and session["spark"] is not None:
+                session["spark"].stop()
+            if work_made:
+                shutil.rmtree(workdir, ignore_errors=True)
+    invocation.update(seconds=round(time.time() - started_all, 1), loadavg_at_end=loadavg(), memory={
+        "driver_python_maxrss_mb": maxrss_mb(), "tree_peaks_mb": whole.peaks})
+    results.setdefault("invocations", []).append(invocation)
+    results["machine"]["load_avg_at_end"] = invocation["loadavg_at_end"]
+    if save_to:
+        save(results, save_to, profile["section"])
+    return results
+
+
+def format_preprocess_part(part: dict) -> str:
+    lines = format_preprocess(part["sizes"], part["spark_fixed"])
+    with_memory = [e for e in part["sizes"] if e["memory"]]
+    if with_memory:
+        lines.append(table(
+            ["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
+             "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
+            [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
+              " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
+              f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
+             for e, m in ((e, e["memory"]) for e in with_memory)], left=(2,)))
+    if part.get("memory_growth"):
+        lines.append(table(["peak memory", "at reference size", "MiB", "at largest size", "MiB", "ratio"],
+                           [[g["process"], f"{g['reference_images']:,}", g["reference_mb"], f"{g['largest_images']:,}",
+                             g["largest_mb"], fmt(g["ratio"], 2)] for g in part["memory_growth"]]))
+    lines.append("Memory settings: " + "; ".join(f"{k} = {v}" for k, v in (part.get("settings") or {}).items() if v))
+    return "\n\n".join(line for line in lines if line)
+
+
 def format_tables(results: dict) -> str:
-    """Markdown: preprocessing, Spark's costs, reading, training, the whole run's memory, the goals."""
+    """Markdown: every part measured, the whole run's memory, the goals, the time per part."""
     out = []
     if results.get("preprocess"):
-        out += preprocess_bench.format_preprocess(results["preprocess"], results["spark_fixed"])
+        out.append("### Preprocessing\n\n" + format_preprocess_part(results["preprocess"]))
     if results.get("read"):
         ratios = read_ratios(results)
-        out.append(table(["read Petastorm → tf.data", "images/s", "training, 1 rank: images/s", "ratio", "goal",
-                          "reader peak RSS MiB"],
-                         [[v.replace("_", " "), results["read"][v]["images_per_s"], training_rate(results),
-                           fmt(ratios[v], 2), GOALS["read_vs_train"].rule, results["read"][v]["maxrss_mb"]]
-                          for v in ratios]))
-    if results.get("train"):
-        out.append(train_bench.format_rates(results["train"]))
-    if results.get("memory"):
-        mem, tree = results["memory"], results["memory"]["tree_peaks_mb"]
+        out.append("### Reading\n\n" + table(
+            ["read Petastorm → tf.data", "images/s", "training, 1 rank: images/s", "ratio", "goal",
+             "reader peak RSS MiB"], [[v.replace("_", " "), results["read"][v]["images_per_s"], training_rate(results),
+                                       fmt(ratios[v], 2), GOALS["read_vs_train"].rule, results["read"][v]["maxrss_mb"]]
+                                      for v in ratios]))
+    for part in ("train", "epoch"):
+        split = (results.get(part) or {}).get("per_split")
+        if split:
+            out.append(f"### {'Training' if part == 'train' else 'One epoch'}\n\nDataset: {sum(split.values()):,} "
+                       f"images ({split['train']:,} train, {split.get('val', 0):,} val).")
+    if (results.get("train") or {}).get("rates"):
+        out.append(train_bench.format_rates(results["train"]["rates"]))
+    if (results.get("epoch") or {}).get("epochs"):
+        out.append(table(["model", "train images", "steps × batch × ranks", "run_training wall s",
+                          "epoch s (fit, incl. validation)", "train images / wall s", "train images / epoch s",
+                          "val accuracy after 1 epoch"],
+                         [[e["model"], f"{e['train_rows']:,}", f"{e['steps_per_epoch']} × {e['batch_size']} × "
+                           f"{e['num_proc']}", e["run_json_wall_s"], e["epoch_s"], e["images_per_s_wall"],
+                           e["images_per_s_epoch"], fmt(e["val_accuracy"], 3)] for e in results["epoch"]["epochs"]],
+                         left=(0, 2)))
+    dup = (results.get("duplicates") or {}).get("result")
+    if dup:
+        out.append(f"### Duplicate grouping\n\n{dup['n']:,} hashes ({results['duplicates']['real_hashes']:,} real "
+                   f"ones and copies with 0–10 bits flipped), one process on CPU {dup['cpus']}: banded "
+                   f"**{dup['seconds_banded']:.2f} s** ({dup['cpu_seconds_banded']:.2f} s CPU), {dup['groups']:,} "
+                   f"groups, the largest {dup['largest_group']}; all-pairs on {dup['all_pairs_checked_n']:,} of them "
+                   f"{dup['all_pairs_seconds']:.2f} s against banded {dup['banded_seconds_same_set']:.2f} s, same "
+                   f"groups: {'yes' if dup['same_groups_as_all_pairs'] else '**no**'}; max distance "
+                   f"{dup['max_distance']} of {dup['bits']} bits.")
+    pred = (results.get("predict") or {}).get("result")
+    if pred:
+        peaks = " / ".join(fmt(pred["peak_rss_mb"][k]) for k in ("driver", "jvm", "spark_python_workers"))
+        out.append(f"### Predict\n\n{pred['images']:,} images, {results['predict']['model']['model']} (untrained "
+                   f"head): Spark {pred['spark']['seconds']:.1f} s, {pred['spark']['images_per_s']:.1f} images/s; one "
+                   f"plain process {pred['plain']['images_per_s']:.1f} images/s; Spark / ({pred['parallelism']} × "
+                   f"plain) **{pred['ratio']:.2f}**; peak MiB driver / JVM / Python workers {peaks}; other users' "
+                   f"share {pct(pred['cpu']['others_share'])}.")
+    mem = results["invocations"][-1]["memory"] if results.get("invocations") else None
+    if mem:
+        tree = mem["tree_peaks_mb"]
         out.append(f"Peak RSS of the whole run: bench driver {fmt(mem['driver_python_maxrss_mb'])} MiB (ru_maxrss); "
                    f"sampled, at one instant: JVM {fmt(tree['jvm'])}, Spark Python workers "
                    f"{fmt(tree['spark_python_workers'])}, the whole process tree {fmt(tree['tree'])} MiB.")
     if results.get("verdicts"):
-        out.append(verdict_table(results["verdicts"]))
-    return "\n\n".join(t for t in out if t)
+        out.append("### Goals\n\n" + verdict_table(results["verdicts"]))
+    out.append("Time per part: " + ", ".join(f"{p} {results[p]['seconds']:.0f} s" for p in PARTS if results.get(p)))
+    return "\n\n".join(out)
 
 
 def main(argv=None) -> int:
-    parser = arguments("Throughput benchmarks of preprocess, read and train.", input=os.path.join(DATA, "cxr3"),
-                       master="local[2]", config=None, output=RESULTS,
-                       workdir=(os.path.join(SCRATCH, "work"), "scratch folder, removed unless --keep-work"))
-    parser.add_argument("--sizes", help="comma-separated: 'all' (the input) or a number of images, the input's "
-                                        "repeated as needed (default all,5000; --quick all)")
-    parser.add_argument("--models", help="comma-separated models; default compact,original (--quick: compact)")
+    parser = arguments("Benchmarks of preprocess, read, train, duplicates, predict and one epoch (see "
+                       "docs/performance.md).", master="local[2]", config=None, workdir=None,
+                       input=(None, "images: a folder or manifest (default: ../shared/data/cxr3; --xl: cxr-xl)"),
+                       output=(None, "results JSON (default: bench/results.json, section 'bench'; --xl: "
+                                     "bench/results-xl.json)"))
+    parser.add_argument("--xl", action="store_true", help="`make bench-xl`: cxr-xl, samples and copies, memory, "
+                                                          "duplicates, predict and one epoch per model")
+    parser.add_argument("--quick", action="store_true", help="small sizes, compact only, few steps (no epoch)")
+    parser.add_argument("--parts", help=f"comma-separated, of {','.join(PARTS)} (default: preprocess,read,train; "
+                                        f"--xl all but read); fewer merge into the existing --output")
+    parser.add_argument("--sizes", help="comma-separated: 'all' or a number of images, above the input's (or with "
+                                        "a 'c' suffix) made of copies, with --xl, else of symlinks (default all,5000, "
+                                        "--quick all; --xl 671,5000,17445,50000, --quick 200,1000,3000c)")
+    parser.add_argument("--models", help=f"comma-separated, of {','.join(MODELS)} (default compact,original; --xl "
+                                         f"all; --quick compact)")
+    parser.add_argument("--skip-epoch", action="store_true", help="no whole training epochs (the part 'epoch')")
+    parser.add_argument("--skip-rates", action="store_true", help="no timed training steps (the part 'train')")
     parser.add_argument("--steps", type=int, help="timed training steps per run (default per model)")
-    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--warmup-steps", dest="warmup", type=int, help="default 3 (--xl --quick 2)")
     parser.add_argument("--read-batches", type=int, help="timed batches per read run (default 20; --quick 8)")
-    parser.add_argument("--quick", action="store_true", help="one size, one model, few steps (a minute or two)")
-    parser.add_argument("--engines", help="comma-separated (default: both where Horovod is installed)")
-    parser.add_argument("--keep-work", action="store_true")
+    parser.add_argument("--engines", help="comma-separated (default: both where Horovod is installed; --xl horovod)")
+    parser.add_argument("--memory-reference", type=int, help="the size memory is compared with (--xl: 5000)")
+    parser.add_argument("--hashes", dest="hashes_total", type=int, help="hashes to group (default 100000; --quick "
+                                                                         "5000)")
+    parser.add_argument("--predict-images", type=int, help="default 17445 (all of cxr-xl; --quick 200)")
+    parser.add_argument("--predict-model", help="model to score with (default: train.model)")
     args = parser.parse_args(argv)
+    profile = dict(PROFILES[("xl" if args.xl else "demo") + ("-quick" if args.quick else "")])
+    profile.update({k: getattr(args, k) for k in ("sizes", "warmup", "read_batches", "memory_reference",
+                                                  "hashes_total", "predict_images") if getattr(args, k)})
+    profile.update({k: tuple(items(getattr(args, k))) for k in ("models", "engines") if getattr(args, k)})
+    if args.steps:
+        profile["steps"] = {m: args.steps for m in profile["models"]}
+    parts = [p for p in items(args.parts) or profile["parts"]
+             if not (p == "epoch" and args.skip_epoch or p == "train" and args.skip_rates)]
+    unknown = sorted(set(parts) - set(PARTS)) + sorted(set(profile["models"]) - set(MODELS))
+    source, output = args.input or profile["input"], args.output or profile["output"]
+    if unknown:
+        parser.error(f"unknown {', '.join(unknown)}: parts are {', '.join(PARTS)}; models {', '.join(MODELS)}")
+    if not os.path.exists(source):
+        parser.error(f"input {source} not found")
     setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
-    from covid_spark.config import load_config
-
-    if not os.path.exists(args.input):
-        parser.error(f"input {args.input} not found")
-    models = items(args.models or ("compact" if args.quick else "compact,original"))
-    steps = {m: args.steps for m in models} if args.steps else (train_bench.QUICK_STEPS if args.quick else None)
-    results = run_benchmarks(args.input, args.workdir, sizes=items(args.sizes or ("all" if args.quick else "all,5000")),
-                             models=models, steps=steps, warmup=args.warmup_steps,
-                             read_batches=args.read_batches or (8 if args.quick else 20), master=args.master,
-                             config=load_config(args.config), keep_work=args.keep_work,
-                             engines=tuple(items(args.engines)) or None)
-    results["command"] = command("run", argv)
-    save(results, args.output, section="bench")
-    report(results, results["machine"]["load_avg_at_start"], format_tables(results), args.output, results["seconds"])
+    old = load(output) if args.parts and set(parts) != set(profile["parts"]) else {}
+    results = dict((old.get(profile["section"]) or {}) if profile["section"] else old, command=command("run", argv))
+    workdir = args.workdir or tempfile.mkdtemp(prefix="covid-spark-bench-")
+    if not args.workdir:
+        os.rmdir(workdir)  # run removes a folder it makes, and keeps one given
+    try:
+        results = run(source, workdir, profile, parts, config_path=args.config, master=args.master,
+                      results=results, save_to=output, predict_model=args.predict_model)
+    except ValueError as exc:
+        print(f"bench.run: {exc}", file=sys.stderr)
+        return 2
+    last = results["invocations"][-1]
+    report(results, last["loadavg_at_start"], format_tables(results), output, last["seconds"])
     return 0
 
 

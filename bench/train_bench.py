@@ -165,8 +165,9 @@ def independent_run(jobs: list, warmup: int, env: dict) -> dict:
 
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,
               batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2),
-              engines: tuple[str, ...] = ("horovod",)) -> dict:
-    """One model: ``ranks`` ranks of each of ``engines``, an independent pair, the efficiencies."""
+              engines: tuple[str, ...] = ("horovod",), independent: bool = True) -> dict:
+    """One model: ``ranks`` ranks of each of ``engines``, an independent pair (if ``independent``), the
+    efficiencies."""
     threads = threads_per_rank(config, 2)
 
     def job(name, engine):
@@ -180,6 +181,8 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
             logger.info("train bench: %s, %d %s rank(s)", model, num_proc, engine)
             out[f"{engine.replace('-', '_')}_{num_proc}"] = launch(spark, job(f"{model}-{engine}{num_proc}", engine),
                                                                    num_proc, warmup)
+    if not independent:
+        return out
     logger.info("train bench: %s, 2 independent processes", model)
     out["independent_2"] = independent_run([job(f"{model}-solo{i}", solo_engine()) for i in range(2)], warmup,
                                            rank_env(spark, threads))

@@ -80,20 +80,20 @@ def test_sized_input_repeats_the_source_through_symlinks(tmp_path):
 def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     from covid_spark.config import load_config, override
 
-    from bench.run import format_tables, run_benchmarks, save
+    from bench.run import PROFILES, format_tables, run, save
 
     source = synthetic_input(str(tmp_path / "src"), 6)
     config = override(load_config(), "preprocess", {"image_size": 48, "min_row_groups": 2,
                                                     "val_fraction": 0.2, "test_fraction": 0.2})
-    results = run_benchmarks(source, str(tmp_path / "work"), sizes=("all",), models=("compact",),
-                             steps={"compact": 4}, warmup=1, read_batches=2, read_warmup=1,
-                             config=config, batch_size=2, spark=spark, ranks=(2,))
+    profile = dict(PROFILES["demo"], sizes="all", models=("compact",), steps={"compact": 4}, warmup=1,
+                   read_batches=2, read_warmup=1, ranks=(2,))
+    results = run(source, str(tmp_path / "work"), profile, config=config, batch_size=2, spark=spark)
 
-    assert set(results) >= {"machine", "settings", "spark_fixed", "preprocess", "read",
-                            "train", "memory", "verdicts", "seconds"}
+    assert set(results) >= {"machine", "invocations", "preprocess", "read", "train", "verdicts"}
+    assert "duplicates" not in results and "epoch" not in results
     assert results["machine"]["nproc"] >= 1 and results["machine"]["cpu_model"]
-    assert [e["images"] for e in results["preprocess"]] == [6]
-    for entry in results["preprocess"]:
+    assert [(e["images"], e["kind"]) for e in results["preprocess"]["sizes"]] == [(6, "all")]
+    for entry in results["preprocess"]["sizes"]:
         for key in ("single", "pair", "spark"):
             assert _positive(entry[key]["images_per_s"]), (entry["images"], key)
         assert entry["single"]["staged"] == entry["images"] and entry["pair"]["staged"] == entry["images"]
@@ -105,15 +105,15 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
             assert set(cpu["ours_core_s"]) == {"driver", "jvm", "spark_python_workers", "ranks", "other_children",
                                                "total"}
         assert _positive(entry["spark_vs_pair"]) and _positive(entry["pair_vs_single"])
-    assert _positive(results["spark_fixed"]["tiny_job_s"])
+    assert _positive(results["preprocess"]["spark_fixed"]["tiny_job_s"])
     for variant in ("no_augment", "augment"):
         assert _positive(results["read"][variant]["images_per_s"])
         assert results["read"][variant]["batch_shape"] == [2, 48, 48, 3]
-    (train,) = results["train"]
+    (train,) = results["train"]["rates"]
     assert train["model"] == "compact"
     # 1 rank is the same launch as 2 ranks, left out here to keep the test under a minute
     assert "horovod_1" not in train
-    assert results["settings"]["engines"] == ["horovod", "tf-distribute"]
+    assert results["invocations"][-1]["engines"] == ["horovod", "tf-distribute"]
     assert train["independent_engine"] == "horovod" and _positive(train["efficiency_tf_distribute"])
     for key, processes in (("horovod_2", 2), ("tf_distribute_2", 2), ("independent_2", 2)):
         assert train[key]["processes"] == processes
@@ -129,7 +129,7 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
         assert v["met"] == (v["measured"] >= v["target"]) and v["direction"] == ">="
         assert v["miss_pct"] is None if v["met"] else v["miss_pct"] == pytest.approx(
             100 * (v["target"] - v["measured"]) / v["target"], abs=0.06)
-    assert _positive(results["memory"]["driver_python_maxrss_mb"])
+    assert _positive(results["invocations"][-1]["memory"]["driver_python_maxrss_mb"])
     assert _positive(results["machine"]["speed_reference"]["sha256_mb_per_s"])
 
     tables = format_tables(results)
@@ -138,16 +138,17 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
     out.write_text(json.dumps({"demo": {"kept": True}}))
     save(results, str(out), section="bench")
     saved = json.loads(out.read_text())
-    assert saved["demo"] == {"kept": True} and saved["bench"]["preprocess"][0]["images"] == 6
+    assert saved["demo"] == {"kept": True} and saved["bench"]["preprocess"]["sizes"][0]["images"] == 6
 
 
 def test_xl_sizes_samples_and_copies(tmp_path):
     from bench.inputs import copied_input, sampled_input
-    from bench.xl import parse_sizes
+    from bench.run import parse_sizes
 
     assert parse_sizes("5000, 671,50000,3000c", 17445) == [(671, "sample"), (3000, "copies"), (5000, "sample"),
                                                            (50000, "copies")]
-    with pytest.raises(ValueError, match="'0' is not a positive number"):
+    assert parse_sizes("all,5000,600c", 671, above="links") == [(600, "copies"), (671, "all"), (5000, "links")]
+    with pytest.raises(ValueError, match="'0' is not 'all' or a positive number"):
         parse_sizes("671,0", 17445)
 
     source = synthetic_input(str(tmp_path / "src"), 9)  # 3 images per class
@@ -180,16 +181,18 @@ def test_xl_sizes_samples_and_copies(tmp_path):
 def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
     from covid_spark.config import load_config, override
 
-    from bench.xl import PARTS, PROFILES, format_tables, run_xl
+    from bench.run import PROFILES, format_tables, run
 
     source = synthetic_input(str(tmp_path / "xl"), 12)
     config = override(load_config(), "preprocess", {"image_size": 48, "min_row_groups": 2,
                                                     "val_fraction": 0.2, "test_fraction": 0.2})
-    profile = dict(PROFILES[True], sizes="8,12,18", memory_reference=8, hashes_total=40, predict_images=6,
-                   steps={"compact": 2}, warmup=1, models=("compact",), skip_epoch=False)
+    profile = dict(PROFILES["xl-quick"], sizes="8,12,18", memory_reference=8, hashes_total=40, predict_images=6,
+                   steps={"compact": 2}, warmup=1, models=("compact",))
     out = tmp_path / "results-xl.json"
-    results = run_xl(source, str(tmp_path / "work"), parts=PARTS, profile=profile, config=config, spark=spark,
-                     save_to=str(out), batch_size=2, predict_model="compact", gc_interval=0.5, train_rates=False)
+    # the timed training steps are left to test_bench_runs_end_to_end_on_tiny_input (the same launch; saves 20 s)
+    parts = ("preprocess", "duplicates", "predict", "epoch")
+    results = run(source, str(tmp_path / "work"), profile, parts, config=config, spark=spark, save_to=str(out),
+                  batch_size=2, predict_model="compact", gc_interval=0.5)
 
     pre = results["preprocess"]
     assert [(e["images"], e["kind"]) for e in pre["sizes"]] == [(8, "sample"), (12, "sample"), (18, "copies")]
@@ -212,10 +215,9 @@ def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
     assert dup["real_hashes"] == 12 and dup["result"]["n"] == 40 and dup["result"]["same_groups_as_all_pairs"]
     predict = results["predict"]
     assert predict["model"]["model"] == "compact" and predict["result"]["spark"]["rows"] == 6
-    train = results["train"]
-    assert train["rates"] == []  # the same launch as test_bench_runs_end_to_end_on_tiny_input; saves 20 s
-    (epoch,) = train["epochs"]
-    assert epoch["train_rows"] == train["per_split"]["train"] and epoch["num_proc"] == 2
+    assert "train" not in results and "read" not in results
+    (epoch,) = results["epoch"]["epochs"]
+    assert epoch["train_rows"] == results["epoch"]["per_split"]["train"] and epoch["num_proc"] == 2
     assert _positive(epoch["run_json_wall_s"]) and _positive(epoch["images_per_s_wall"])
     assert epoch["epoch_s"] <= epoch["run_json_wall_s"]
 
@@ -225,8 +227,8 @@ def test_bench_xl_end_to_end_on_tiny_input(spark, tmp_path):
     assert all(v["met"] == (v["measured"] <= 1.3) and v["direction"] == "<=" for v in growth)
     # at 12 images the job may take no longer than its fixed cost: then there is no net rate to judge
     assert ("preprocess_net_vs_pair" in goals) == (pre["sizes"][1]["spark_net_vs_pair"] is not None)
-    assert all(part in results and results[part]["seconds"] >= 0 for part in PARTS)
-    assert json.loads(out.read_text())["train"]["epochs"][0]["model"] == "compact"
+    assert all(part in results and results[part]["seconds"] >= 0 for part in parts)
+    assert json.loads(out.read_text())["epoch"]["epochs"][0]["model"] == "compact"
     assert not os.path.exists(tmp_path / "work")
     tables = format_tables(results)
     assert "| 18 | copies |" in tables and "### Goals" in tables
@@ -259,7 +261,8 @@ def test_expand_writes_distinct_deterministic_variants_that_keep_their_patient(t
 
     source = _tiny_source(str(tmp_path / "src"), [("covid/a.jpg", "covid", "p1"), ("covid/b.jpg", "covid", ""),
                                                   ("normal/c.jpg", "normal", "p2"), ("normal/d.jpg", "normal", "p2")])
-    shutil.copy(os.path.join(source, "covid", "a.jpg"), os.path.join(source, "normal", "d.jpg"))  # a byte-identical pair
+    # a byte-identical pair
+    shutil.copy(os.path.join(source, "covid", "a.jpg"), os.path.join(source, "normal", "d.jpg"))
     for out in ("one", "two"):
         assert expand(["--source", source, "--output", str(tmp_path / out), "--count", "11", "--workers", "1"]) == 0
     assert expand(["--source", source, "--output", str(tmp_path / "one"), "--count", "11"]) == 2  # refuses to overwrite
@@ -304,8 +307,9 @@ def test_scale_takes_manifest_prefixes_and_tables_compare_the_largest_size_with_
         return {"wall_s": wall, "cpu_s": cpu, "loadavg": [1.0, 2.5],
                 "peak_mib": {"largest driver": driver, "largest jvm": jvm, "tree": driver + jvm}}
 
-    results = {"sizes": [{"images": 1000, "preprocess": job(10.0, 15.0, 100, 400), "predict": job(20.0, 30, 110, 500)},
-                         {"images": 4000, "preprocess": job(46.0, 66.0, 120, 400), "predict": job(80.0, 120, 110, 550)}]}
+    results = {"sizes": [
+        {"images": 1000, "preprocess": job(10.0, 15.0, 100, 400), "predict": job(20.0, 30, 110, 500)},
+        {"images": 4000, "preprocess": job(46.0, 66.0, 120, 400), "predict": job(80.0, 120, 110, 550)}]}
     text = tables(results)
     assert "| preprocess | 4,000 | 46.0 | 11.50 | 16.50 | 120 | 400 | 520 | 1.0 → 2.5 |" in text
     assert "| preprocess | 1.15 | 1.10 | 1.20 | 1.00 |" in text and "| predict | 1.00 | 1.00 | 1.00 | 1.10 |" in text

@@ -68,6 +68,25 @@ def test_probe_works_within_each_class_and_weights_the_summary_by_size():
     assert summary["classes_probed"] == ["x", "y"]
 
 
+def test_probe_judges_a_lopsided_class_by_balanced_accuracy():
+    # 186 images from one source, 14 from another, 8 sd apart: the probe tells them apart almost
+    # perfectly, yet guessing the main source already scores 0.93, so plain accuracy can lead it by at
+    # most 0.07, under the limit. Balanced accuracy (mean recall over the two sources) is near 1 against
+    # chance 0.5, and the verdict must see that.
+    rng = np.random.default_rng(5)
+    features, sources = _two_source_class(rng, 186, 14, shift=8.0)
+    result = source_probe(features, sources, ["normal"] * 200, folds=5, seed=0)
+    normal = result["classes"]["normal"]
+    assert normal["baseline"] == pytest.approx(0.93)
+    assert normal["gap"] <= 0.07 + 1e-9
+    assert normal["balanced_baseline"] == pytest.approx(0.5)
+    assert normal["balanced_gap"] == pytest.approx(normal["balanced_accuracy"] - 0.5)
+    assert normal["balanced_accuracy"] >= _normal_cdf(8.0 / 2) - 0.1
+    assert result["summary"]["balanced_gap"] == pytest.approx(normal["balanced_gap"])
+    finding = verdict(probe_gap=result["summary"]["balanced_gap"]).findings[0]
+    assert not finding.passed and normal["balanced_gap"] > PROBE_GAP_MAX
+
+
 def test_probe_skips_classes_it_cannot_probe_and_says_why():
     rng = np.random.default_rng(4)
     features = rng.normal(size=(40, 3))

@@ -31,7 +31,7 @@ def test_the_variant_chosen_on_val_and_the_paired_difference_on_the_held_out_sou
     y = [0, 1, 2, 1, 2, 0, 1, 2]
     right = [[1.0 if c == t else 0.0 for c in range(3)] for t in y]
     wrong = [[0.0, 0.0, 1.0] for _ in y]          # pneumonia for everyone
-    audit = {"probe": {"summary": {"gap": 0.25}}, "lungs_removed": {"macro_f1": 0.7},
+    audit = {"probe": {"summary": {"gap": 0.05, "balanced_gap": 0.25}}, "lungs_removed": {"macro_f1": 0.7},
              "cam": {"overall": {"mean": 0.4}}, "verdict": {"status": "shortcut suspected"}}
     _write(tmp_path, "default", "without-nih", "metrics.json", _metrics(y, wrong, audit))
     _write(tmp_path, "default", "without-nih", "metrics_val.json", _metrics(y, wrong))

@@ -70,7 +70,7 @@ def _audit(metrics: Mapping | None) -> list[str]:
     audit = (metrics or {}).get("audit")
     if not audit:
         return [NOT_RUN] * 4
-    return [_f(audit["probe"]["summary"].get("gap")), _f(audit["lungs_removed"].get("macro_f1")),
+    return [_f(audit["probe"]["summary"].get("balanced_gap")), _f(audit["lungs_removed"].get("macro_f1")),
             _f(audit["cam"]["overall"].get("mean")), audit["verdict"]["status"]]
 
 
@@ -108,7 +108,7 @@ def tables(runs: str, variants: Sequence[str], sources: Sequence[str]) -> str:
         m = metrics(v, "all", "metrics_cxr3.json")
         out.append(f"| {v} | {_macro(m)} | {_recalls(m)} | {'' if v == base else _paired(first, m, (v, base))} |")
     out += ["", "## Shortcut audit of each model (on its own test split)", "",
-            "| variant | run | probe gap | lungs-removed macro-F1 | Grad-CAM in lungs | verdict |",
+            "| variant | run | probe gap (balanced) | lungs-removed macro-F1 | Grad-CAM in lungs | verdict |",
             "|---|---|---:|---:|---:|---|"]
     for v in variants:
         for run in [f"without-{s}" for s in sources] + ["all"]:

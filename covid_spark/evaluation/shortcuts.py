@@ -3,8 +3,8 @@
 Four measurements on the same test images (DeGrave et al. 2021; Maguolo & Nanni 2021):
 
 - **source probe**: within each class, how well a linear probe on the model's penultimate features
-  tells the image's source apart, cross-validated, against guessing the class's main source
-  (``covid_spark.audit.probe``);
+  tells the image's source apart, cross-validated: its balanced accuracy against chance, beside its
+  accuracy against guessing the class's main source (``covid_spark.audit.probe``);
 - **lungs removed / lungs only**: the model's macro-F1 on the images with the lung fields blacked
   out, and with everything but the lung fields blacked out (masks from ``covid_spark.lungs``);
 - **where it looks**: the share of Grad-CAM energy inside the lung fields, per class and per source;
@@ -116,7 +116,7 @@ def audit_model(model, images: np.ndarray, labels: np.ndarray, sources: np.ndarr
     lap("masked")
     cam = _cam_shares(model, images, masks, label_names, sources, cam_images, seed, batch_size)
     lap("cam")
-    judged = verdict(probe["summary"]["gap"], removed["macro_f1"], cam["overall"]["mean"], len(classes))
+    judged = verdict(probe["summary"]["balanced_gap"], removed["macro_f1"], cam["overall"]["mean"], len(classes))
     original = classification_metrics(y, probs, list(classes))["macro_f1"]
     return {
         "images": int(len(y)), "macro_f1": original, "probe": probe, "lungs_removed": removed,

@@ -15,9 +15,9 @@ def audit_summary_table(audit: Mapping) -> Table:
     cam = audit.get("cam", {}).get("overall", {})
     rows = [
         ["macro-F1 on the audited images", fmt(audit.get("macro_f1")), "", ""],
-        ["source probe within class: accuracy − majority baseline",
-         fmt(probe.get("gap")), f"≤ {fmt(limits.get('probe_gap_max'), 2)}",
-         _passed(probe.get("gap"), limits.get("probe_gap_max"), below=True)],
+        ["source probe within class: balanced accuracy − chance (1 / sources)",
+         fmt(probe.get("balanced_gap")), f"≤ {fmt(limits.get('probe_gap_max'), 2)}",
+         _passed(probe.get("balanced_gap"), limits.get("probe_gap_max"), below=True)],
         ["macro-F1 with the lungs blacked out", fmt(audit.get("lungs_removed", {}).get("macro_f1")),
          f"≤ {fmt(limits.get('lungs_removed_macro_f1_max'), 2)} (chance)",
          _passed(audit.get("lungs_removed", {}).get("macro_f1"), limits.get("lungs_removed_macro_f1_max"), below=True)],
@@ -45,13 +45,15 @@ def audit_detail_tables(audit: Mapping) -> list[Table]:
     for label, part in sorted(audit.get("probe", {}).get("classes", {}).items()):
         if part.get("status") == "probed":
             probe_rows.append([label, str(part.get("probed_images")), fmt(part.get("probe_accuracy")),
-                               fmt(part.get("baseline")), fmt(part.get("gap"))])
+                               fmt(part.get("baseline")), fmt(part.get("balanced_accuracy")),
+                               fmt(part.get("balanced_baseline")), fmt(part.get("balanced_gap"))])
         else:
-            probe_rows.append([label, "", "", "", f"skipped: {part.get('reason', '')}"])
+            probe_rows.append([label, "", "", "", "", "", f"skipped: {part.get('reason', '')}"])
     cam = audit.get("cam", {})
     cam_rows = [[f"class {k}", fmt(v.get("mean")), str(v.get("images"))] for k, v in sorted(cam.get("by_class", {}).items())]
     cam_rows += [[f"source {k}", fmt(v.get("mean")), str(v.get("images"))] for k, v in sorted(cam.get("by_source", {}).items())]
     return [Table("Source probe within each class (cross-validated)", ["class", "images", "probe accuracy",
-                                                                        "majority baseline", "gap"], probe_rows),
+                                                                        "majority baseline", "balanced accuracy",
+                                                                        "chance", "balanced gap"], probe_rows),
             Table(f"Grad-CAM energy inside the lungs (layer {cam.get('layer', '?')})", ["group", "share", "images"],
                   cam_rows)]

@@ -86,7 +86,8 @@ loso: setup
 
 # The honest protocol (docs/shortcuts.md): every variant of conf/variants/ left out one cxr-xl source at a
 # time, and trained on cxr-xl to be tested on cxr3; resumable; tables in runs/generalisation/tables.md.
-# Narrower: make generalisation VARIANTS="default lungcrop" SOURCES=nih EPOCHS=1 EXTERNAL=0
+# Narrower: make generalisation VARIANTS="default lungcrop" SOURCES=nih EPOCHS=1 EXTERNAL=0 (SOURCES=none: only
+# the runs on all of cxr-xl and their external test)
 generalisation: setup
 	PY=$(PY) bash scripts/generalisation.sh $(or $(R),runs/generalisation)
 

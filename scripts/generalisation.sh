@@ -10,7 +10,8 @@
 #
 # Usage: bash scripts/generalisation.sh [RUNS_FOLDER]
 #   VARIANTS  which variants (default: all of conf/variants/*.yaml, default first)
-#   SOURCES   which cxr-xl sources to leave out (default: all four); EXTERNAL=0 skips cxr-xl -> cxr3
+#   SOURCES   which cxr-xl sources to leave out (default: all four; none: no leave-one-out run);
+#             EXTERNAL=0 skips cxr-xl -> cxr3
 #   EPOCHS    training epochs per model (default: conf/xl.yaml's)
 #   VAL_AUDIT=0  no shortcut audit on the val evaluations (they only choose the variant; the test and
 #             held-out evaluations keep theirs)
@@ -22,6 +23,7 @@ CXR3=${CXR3:-../shared/data/cxr3}
 PY=${PY:-.venv/bin/python}
 VARIANTS=${VARIANTS:-$(ls conf/variants/*.yaml | xargs -n1 basename | sed 's/\.yaml$//' | sort | awk '$0=="default"{print; next} {rest=rest" "$0} END{print rest}')}
 SOURCES=${SOURCES:-radiography2021 kermany nih hannover}
+[ "$SOURCES" = none ] && SOURCES=""  # only the run on all of cxr-xl and its external test
 EXTERNAL=${EXTERNAL:-1}
 VAL_SET=(); [ "${VAL_AUDIT:-1}" = 0 ] && VAL_SET=(--set evaluate.audit=false)
 SUBMIT=(spark-submit --master "${MASTER:-local[*]}" --properties-file conf/spark-local.conf)

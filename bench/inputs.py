@@ -16,7 +16,7 @@ def source_rows(location: str) -> list[dict]:
     """The readable records of ``location`` (manifest or class folders), as manifest rows."""
     from covid_spark.inputs.sources import discover
 
-    return [{k: r[k] for k in FIELDS} for r in discover(location).records]
+    return [{k: getattr(r, k) for k in FIELDS} for r in discover(location).records]
 
 
 def manifest_rows(folder: str, limit: int | None = None, absolute: bool = False) -> list[dict]:

@@ -48,7 +48,7 @@ def subset_folder(inputs, folder: str, n_images: int | None) -> tuple[str, int]:
     """``(folder, count)``: symlinks to ``n_images`` inputs spread evenly over their path order."""
     from covid_spark.inputs.sources import discover
 
-    paths = sorted(r["path"] for r in discover(inputs, labelled=False).records)
+    paths = sorted(r.path for r in discover(inputs, labelled=False).records)
     if n_images is not None and n_images < len(paths):
         paths = [paths[int(i * len(paths) / n_images)] for i in range(n_images)]
     os.makedirs(folder, exist_ok=True)

@@ -73,7 +73,7 @@ def warm_page_cache(location: str) -> dict:
     started, files, total = time.perf_counter(), 0, 0
     for record in discover(location).records:
         try:
-            with open(record["path"], "rb") as handle:
+            with open(record.path, "rb") as handle:
                 total += len(handle.read())
             files += 1
         except OSError:

@@ -9,6 +9,7 @@ from covid_spark.inputs.sources import (
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
     LISTED_TWICE,
+    Record,
     class_of,
     count_per_input,
     discover,
@@ -38,8 +39,8 @@ def test_manifest_relative_paths_and_optional_columns(tmp_path):
     (tmp_path / "m.csv").write_text("label,path,extra,view\nCOVID-19,a/x.png,1,AP Supine\nnormal,a/.hidden.png,2,\n")
     inv = discover(str(tmp_path / "m.csv"))
     # no source column: the source is the name of the manifest's folder; the view is normalised
-    assert inv.records == [{"path": str(tmp_path / "a" / "x.png"), "label": "covid", "patient_id": "",
-                            "source": tmp_path.name, "view": "AP", "input": 0}]
+    assert inv.records == [Record(path=str(tmp_path / "a" / "x.png"), label="covid", patient_id="",
+                                  source=tmp_path.name, view="AP", input=0)]
     assert inv.skipped == [{"path": str(tmp_path / "a" / ".hidden.png"), "reason": "hidden file .hidden.png",
                             "input": 0}]
     assert inv.inputs == 2
@@ -49,7 +50,7 @@ def test_manifest_relative_paths_and_optional_columns(tmp_path):
 def test_missing_manifest_file_row_is_kept_for_rejection(tmp_path):
     (tmp_path / "manifest.csv").write_text("path,label,patient_id\nnope.jpg,normal,p1\n")
     inv = discover(str(tmp_path))
-    assert inv.records[0]["path"].endswith("nope.jpg") and inv.records[0]["patient_id"] == f"{tmp_path.name}:p1"
+    assert inv.records[0].path.endswith("nope.jpg") and inv.records[0].patient_id == f"{tmp_path.name}:p1"
 
 
 def test_file_url_is_accepted(tmp_path):
@@ -61,7 +62,7 @@ def test_file_url_is_accepted(tmp_path):
 def test_unlabelled_manifest_is_fine_for_prediction_only(tmp_path):
     (tmp_path / "x.png").write_bytes(b"")
     (tmp_path / "m.csv").write_text("path\nx.png\n")
-    assert discover(str(tmp_path / "m.csv"), labelled=False).records[0]["label"] == ""
+    assert discover(str(tmp_path / "m.csv"), labelled=False).records[0].label == ""
     with pytest.raises(ValueError, match="lacks column\\(s\\) label"):
         discover(str(tmp_path / "m.csv"))
 
@@ -91,7 +92,7 @@ def test_two_inputs_sources_patients_and_counts(tmp_path):
         "img/b3.png,pneumonia,,hospX\n"        # no patient id: stays empty
         "img/b4.png,normal,hospX:p1,hospX\n")  # already namespaced: the same patient as b1
     inv = discover([str(clinic_a), str(clinic_b / "list.csv")])
-    got = {r["path"]: (r["label"], r["source"], r["patient_id"], r["input"]) for r in inv.records}
+    got = {r.path: (r.label, r.source, r.patient_id, r.input) for r in inv.records}
     assert got == {
         a1: ("covid", "clinicA", "", 0),
         a2: ("normal", "clinicA", "", 0),
@@ -101,7 +102,7 @@ def test_two_inputs_sources_patients_and_counts(tmp_path):
         b4: ("normal", "hospX", "hospX:p1", 1),
     }
     # the same raw id "p1" in two sources is two patients
-    assert len({r["patient_id"] for r in inv.records if r["patient_id"]}) == 2
+    assert len({r.patient_id for r in inv.records if r.patient_id}) == 2
     assert inv.skipped == [{"path": str(clinic_a / "normal" / ".DS_Store"),
                             "reason": "hidden file .DS_Store", "input": 0}]
     assert inv.per_input == [{"input": str(clinic_a), "found": 2, "skipped": 1},
@@ -121,7 +122,7 @@ def test_file_listed_twice_in_one_manifest_is_read_once(tmp_path):
     (tmp_path / "manifest.csv").write_text(
         "path,label\nimg/x.png,covid\nimg/y.png,normal\nimg/../img/x.png,covid\n" + f"{x},covid\n")
     inv = discover(str(tmp_path))
-    assert [r["path"] for r in inv.records] == [x, y]
+    assert [r.path for r in inv.records] == [x, y]
     assert inv.skipped == [{"path": x, "reason": LISTED_TWICE, "input": 0}] * 2
     assert inv.inputs == 4 and inv.per_input[0]["found"] == 2 and inv.per_input[0]["skipped"] == 2
 
@@ -134,7 +135,7 @@ def test_file_listed_twice_across_inputs_is_read_once(tmp_path):
     c = _png(other / "c.png", 3)
     other.joinpath("manifest.csv").write_text(f"path,label\n{a},covid\nc.png,normal\n")
     inv = discover([str(data), str(other)])
-    assert [(r["path"], r["input"]) for r in inv.records] == [(a, 0), (b, 0), (c, 1)]
+    assert [(r.path, r.input) for r in inv.records] == [(a, 0), (b, 0), (c, 1)]
     assert inv.skipped == [{"path": a, "reason": LISTED_TWICE, "input": 1}]
     assert inv.per_input[1] == {"input": str(other), "found": 1, "skipped": 1}
 
@@ -143,7 +144,7 @@ def test_same_folder_given_twice_lists_every_file_twice(tmp_path):
     data = tmp_path / "data"
     paths = [_png(data / "covid" / "a.png"), _png(data / "normal" / "b.png")]
     inv = discover([str(data), str(data) + "/"])
-    assert [r["path"] for r in inv.records] == paths
+    assert [r.path for r in inv.records] == paths
     assert inv.skipped == [{"path": p, "reason": LISTED_TWICE, "input": 1} for p in paths]
     assert [p["found"] for p in inv.per_input] == [2, 0] and inv.inputs == 4
 
@@ -153,7 +154,7 @@ def test_symlink_to_the_same_file_is_not_listed_twice(tmp_path):
     link = tmp_path / "data" / "covid" / "link.png"
     os.symlink(a, link)
     inv = discover(str(tmp_path / "data"))
-    assert sorted(r["path"] for r in inv.records) == sorted([a, str(link)])
+    assert sorted(r.path for r in inv.records) == sorted([a, str(link)])
     assert inv.skipped == []
 
 
@@ -164,7 +165,7 @@ def test_manifest_may_list_absolute_paths_outside_its_folder(tmp_path):
     (tmp_path / "m" / "manifest.csv").write_text(
         f"path,label\n{outside},covid\n{hidden},normal\n{inside},normal\n")
     inv = discover(str(tmp_path / "m"))
-    assert [r["path"] for r in inv.records] == [outside, inside]
+    assert [r.path for r in inv.records] == [outside, inside]
     assert inv.skipped == [{"path": hidden, "reason": "hidden file .far.png", "input": 0}]
 
 
@@ -181,7 +182,7 @@ def test_data_below_a_hidden_directory_is_read(tmp_path):
     a = _png(root / "covid" / "a.png")
     below = _png(root / "covid" / ".thumbs" / "b.png")                # hidden below the root: skipped
     inv = discover(str(root))
-    assert [r["path"] for r in inv.records] == [a]
+    assert [r.path for r in inv.records] == [a]
     assert inv.skipped == [{"path": below, "reason": "inside hidden folder .thumbs", "input": 0}]
     # the same through a manifest in a hidden folder, and an unlabelled flat folder for prediction
     snap = tmp_path / "data" / ".snapshots"
@@ -189,11 +190,11 @@ def test_data_below_a_hidden_directory_is_read(tmp_path):
     m2 = _png(snap / ".trash" / "m2.png")
     (snap / "manifest.csv").write_text("path,label\nimg/m1.png,covid\n.trash/m2.png,normal\n")
     inv = discover(str(snap / "manifest.csv"))
-    assert [r["path"] for r in inv.records] == [m1]
+    assert [r.path for r in inv.records] == [m1]
     assert inv.skipped == [{"path": m2, "reason": "inside hidden folder .trash", "input": 0}]
     flat = tmp_path / ".local" / "share" / "new"
     f1 = _png(flat / "f1.png")
-    assert [r["path"] for r in discover(str(flat), labelled=False).records] == [f1]
+    assert [r.path for r in discover(str(flat), labelled=False).records] == [f1]
 
 
 def test_stray_file_in_a_class_folder_root_below_a_hidden_directory(tmp_path):

@@ -42,6 +42,7 @@ from covid_spark.data.fileindex import REJECTED, WRITTEN, fingerprint, read_inde
 from covid_spark.data.splits import SPLITS, extend_splits
 from covid_spark.data.storage import HadoopFS, link_or_copy, swap_directory, to_url
 from covid_spark.errors import ConfigError, DatasetError
+from covid_spark.inputs.sources import Record
 from covid_spark.stages.preprocess import (
     STAGING, Staged, build_summary, count_values, distribute_rows, increment, index_row, preprocess, read_inventory,
     stage_files)
@@ -65,7 +66,7 @@ FIXED_KEYS = ("image_size", "max_pixels", "views", "duplicate_distance", "val_fr
 @dataclass
 class Changes:
     """The inputs compared with the file index."""
-    to_read: list[dict] = field(default_factory=list)      # records of new and changed files
+    to_read: list[Record] = field(default_factory=list)    # records of new and changed files
     changed: set[str] = field(default_factory=set)         # paths among them that the index holds
     kept: list[dict] = field(default_factory=list)         # index rows of unchanged files
     removed: list[dict] = field(default_factory=list)      # index rows of files no longer listed
@@ -91,12 +92,12 @@ def check_fixed_keys(stored: dict, given: dict) -> None:
                               "(run a full preprocess into a new dataset to change it)")
 
 
-def _listing_changed(record: dict, row: dict) -> bool:
-    return (record["label"], record["source"], record["patient_id"], record.get("view", "")) != (
+def _listing_changed(record: Record, row: dict) -> bool:
+    return (record.label, record.source, record.patient_id, record.view) != (
         row["label"], row["source"], row["listed_patient_id"], row["listed_view"])
 
 
-def compare(records: list[dict], index: dict[str, dict]) -> Changes:
+def compare(records: list[Record], index: dict[str, dict]) -> Changes:
     """Sort the listed records into new, changed and unchanged files, and find removed ones.
 
     Only files whose size or modification time changed are read (hashed, in a few threads);
@@ -104,27 +105,27 @@ def compare(records: list[dict], index: dict[str, dict]) -> Changes:
     """
     changes, suspects = Changes(), []
     for record in records:
-        row = index.get(record["path"])
+        row = index.get(record.path)
         if row is None:
             changes.to_read.append(record)
         elif _listing_changed(record, row):
             changes.to_read.append(record)
-            changes.changed.add(record["path"])
-        elif stat_key(record["path"]) == (row["size"], row["mtime_ns"]):
-            row["input"] = record["input"]  # the index row read for this comparison: filled in, not copied
+            changes.changed.add(record.path)
+        elif stat_key(record.path) == (row["size"], row["mtime_ns"]):
+            row["input"] = record.input  # the index row read for this comparison: filled in, not copied
             changes.kept.append(row)
         else:
             suspects.append((record, row))
     with ThreadPoolExecutor(max_workers=4) as pool:
-        prints = list(pool.map(lambda pair: fingerprint(pair[0]["path"]), suspects))
+        prints = list(pool.map(lambda pair: fingerprint(pair[0].path), suspects))
     for (record, row), (size, mtime_ns, digest) in zip(suspects, prints):
         if digest and digest == row["digest"]:
-            changes.kept.append(dict(row, input=record["input"], size=size, mtime_ns=mtime_ns))
+            changes.kept.append(dict(row, input=record.input, size=size, mtime_ns=mtime_ns))
             changes.restated += 1
         else:
             changes.to_read.append(record)
-            changes.changed.add(record["path"])
-    listed = {r["path"] for r in records}
+            changes.changed.add(record.path)
+    listed = {r.path for r in records}
     changes.removed = [row for path, row in index.items() if path not in listed]
     return changes
 
@@ -231,7 +232,7 @@ def _read_changes(spark, url: str, tmp_url: str, locations: list[str], cfg: dict
     local = len(changes.to_read) <= LOCAL_STAGE_FILES and not cfg["lung_crop"]
     staged = stage_files(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms,
                          local=local) if changes.to_read else []
-    listed = {r["path"]: (r["patient_id"], r.get("view", "")) for r in changes.to_read}
+    listed = {r.path: (r.patient_id, r.view) for r in changes.to_read}
     return index, changes, staged, listed, skipped, per_input
 
 

@@ -43,13 +43,13 @@ def input_digest(locations: str | Sequence[str], skip_unknown: bool = False) -> 
     for record in inventory.records:
         digest = hashlib.sha256()
         try:
-            with open(record["path"], "rb") as handle:
+            with open(record.path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
             content = digest.hexdigest()
         except OSError as exc:
             content = f"unreadable: {exc}"
-        files[record["path"]] = [record["label"], record["patient_id"], record["source"], content]
+        files[record.path] = [record.label, record.patient_id, record.source, content]
     return {"input": [os.path.abspath(location.removeprefix("file://")) for location in locations],
             "files": files, "skipped": sorted([s["path"], s["reason"]] for s in inventory.skipped)}
 

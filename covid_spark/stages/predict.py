@@ -117,7 +117,7 @@ def partitions_in_order(rdd, in_flight: int) -> Iterator:
 def prediction_records(inventory) -> list[tuple]:
     """``(path, skip_reason, listed_view)`` per file a ``sources.Inventory`` found, in path order:
     what :func:`predict_partition` takes."""
-    return sorted([(r["path"], None, r.get("view", "")) for r in inventory.records]
+    return sorted([(r.path, None, r.view) for r in inventory.records]
                   + [(s["path"], s["reason"], "") for s in inventory.skipped], key=lambda r: r[0])
 
 

@@ -40,7 +40,7 @@ from covid_spark.data.splits import SPLITS, assign_splits
 from covid_spark.data.storage import HadoopFS, atomic_directory, to_url
 from covid_spark.errors import ConfigError
 from covid_spark.inputs.dicom import Pseudonyms, require_no_patient_ids
-from covid_spark.inputs.sources import count_per_input, discover
+from covid_spark.inputs.sources import Record, count_per_input, discover
 from covid_spark.inputs.views import ViewFilter
 from covid_spark.lungs.framing import Framing
 from covid_spark.stages.preprocess_tasks import Staged, distribute_files, stage_images, stage_partition
@@ -125,19 +125,19 @@ def _absolute(location: str) -> str:
     return location if "://" in location else os.path.abspath(location)
 
 
-def read_inventory(locations: list[str], cfg: dict) -> tuple[list[dict], list, list, ViewFilter, Pseudonyms]:
+def read_inventory(locations: list[str], cfg: dict) -> tuple[list[Record], list, list, ViewFilter, Pseudonyms]:
     """The input files to read, in a seeded shuffle (so every staged file, and every row group, mixes
     classes and sources), with what was skipped by name and the per-input counts."""
     inventory = discover(locations, skip_unknown=cfg["skip_unknown_classes"])
     views = ViewFilter.parse(cfg["views"])
     pseudonyms = Pseudonyms.from_env()
     if pseudonyms.salt is None:
-        require_no_patient_ids(r["path"] for r in inventory.records)
+        require_no_patient_ids(r.path for r in inventory.records)
     order = np.random.default_rng(cfg["seed"]).permutation(len(inventory.records))
     return [inventory.records[i] for i in order], inventory.skipped, inventory.per_input, views, pseudonyms
 
 
-def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudonyms,
+def stage_files(sc, records: list[Record], cfg: dict, staging: str, views, pseudonyms,
                 release: bool = False, local: bool = False) -> list[Staged]:
     """First pass on the executors; the per-file results sorted by path. With ``release``, empties
     ``records`` once Spark holds them; ``local`` runs the pass in this process instead, into one staged
@@ -146,7 +146,7 @@ def stage_files(sc, records: list[dict], cfg: dict, staging: str, views, pseudon
     Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on Python
     3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and an odd last
     task would run alone. Memory does not grow with a task's size (streamed). On the driver (``release``), the input
-    records (a dict each) are dropped once ``parallelize`` has copied them to the JVM, before the results
+    records are dropped once ``parallelize`` has copied them to the JVM, before the results
     arrive, and the results' repeated strings (label, source, view, staged file) are shared: the driver's
     peak is then about one small tuple per file.
     """
@@ -311,7 +311,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         records, skipped, per_input, views, pseudonyms = read_inventory(locations, cfg)
         phase("discover")
         staging = f"{tmp_url}/{STAGING}"
-        listed = {r["path"]: (r["patient_id"], r.get("view", "")) for r in records}
+        listed = {r.path: (r.patient_id, r.view) for r in records}
         staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms, release=True)
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")

@@ -21,7 +21,7 @@ from covid_spark.constants import CLASSES
 from covid_spark.data.duplicates import HASH_SIZE, dhash
 from covid_spark.data.fileindex import fingerprint
 from covid_spark.inputs.images import read_image
-from covid_spark.inputs.sources import patient_key
+from covid_spark.inputs.sources import Record, patient_key
 from covid_spark.lungs.framing import Framing, frame_images, read_size
 
 # Test hook: when set to a file path that does not exist yet, the first Python worker to
@@ -90,7 +90,7 @@ def _open_writer(url: str, schema):
                             write_statistics=False)
 
 
-def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
+def stage_images(records: Iterable[Record], size: int, max_pixels: int, url: str,
                  rows_per_group: int = STAGE_ROWS_PER_GROUP, views=None, pseudonyms=None,
                  framing: Framing = Framing()) -> Iterator[Staged]:
     """Decode each record's file; write good images as rows of one Parquet file at ``url``.
@@ -122,25 +122,25 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
 
     try:
         for record in records:
-            stat = fingerprint(record["path"])  # before decoding: a later change shows as a new stat
-            read, digest = read_and_decode(record["path"], read_size(size, framing), max_pixels, views,
-                                           record.get("view", ""), pseudonyms)
-            source = record["source"] or ""
-            patient = record["patient_id"] or (patient_key(source, read.patient_id) if read.patient_id else "")
+            stat = fingerprint(record.path)  # before decoding: a later change shows as a new stat
+            read, digest = read_and_decode(record.path, read_size(size, framing), max_pixels, views,
+                                           record.view, pseudonyms)
+            source = record.source
+            patient = record.patient_id or (patient_key(source, read.patient_id) if read.patient_id else "")
             row = -1
             if read.image is not None:
                 row, rows = rows, rows + 1
                 (image,), (lungs,) = frame_images([read.image], size, framing)
                 columns["image"].append(bytes(image_field.codec.encode(image_field, stored_image(image))))
                 columns["lungs"].append(lungs)
-                columns["label"].append(CLASSES.index(record["label"]))
-                columns["label_name"].append(record["label"])
+                columns["label"].append(CLASSES.index(record.label))
+                columns["label_name"].append(record.label)
                 columns["patient_id"].append(patient)
                 columns["source"].append(source)
-                columns["path"].append(record["path"])
+                columns["path"].append(record.path)
                 columns["dhash"].append(format(digest, f"0{HASH_SIZE * HASH_SIZE // 4}x"))
                 columns["view"].append(read.view)
-            pending.append(Staged(record["path"], record["label"], patient, source, record.get("input", 0),
+            pending.append(Staged(record.path, record.label, patient, source, record.input,
                                   digest, read.error or read.excluded, None, row, read.view, bool(read.excluded),
                                   *stat))
             if len(columns["image"]) >= rows_per_group:
@@ -154,7 +154,7 @@ def stage_images(records: Iterable[dict], size: int, max_pixels: int, url: str,
     yield from pending
 
 
-def stage_partition(index: int, records: Iterable[dict], size: int, max_pixels: int,
+def stage_partition(index: int, records: Iterable[Record], size: int, max_pixels: int,
                     staging_url: str, views=None, pseudonyms=None, framing: Framing = Framing()) -> Iterator[Staged]:
     """mapPartitionsWithIndex body: one staged file per task attempt, named so attempts never collide."""
     marker = os.environ.get(FAIL_ONCE_ENV)

@@ -81,35 +81,18 @@ def copied_input(location: str, folder: str, images: int, seed: int = 0) -> str:
     return _repeated(location, folder, images, seed)
 
 
-def _allocate(counts: dict[str, int], images: int) -> dict[str, int]:
-    """``images`` shared among labels in proportion to ``counts`` (largest remainders), none above its count."""
-    exact = {k: images * v / sum(counts.values()) for k, v in counts.items()}
-    out = {k: min(counts[k], int(x)) for k, x in exact.items()}
-    for key in sorted(counts, key=lambda k: (-(exact[k] - int(exact[k])), k)):
-        if sum(out.values()) >= images:
-            break
-        if out[key] < counts[key]:
-            out[key] += 1
-    while sum(out.values()) < images:  # only when rounding met a full label
-        out[next(k for k in sorted(counts) if out[k] < counts[k])] += 1
-    return out
-
-
 def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """A manifest of ``images`` distinct images by absolute path, a seeded sample stratified by label."""
+    """A manifest of ``images`` distinct images by absolute path, a seeded sample stratified by label: each
+    label's images in a seeded order, ranked by their position in it as a share of the label's count."""
     import numpy as np
 
-    rows = _rows_for(location, images)
+    rows, rng = _rows_for(location, images), np.random.default_rng(seed)
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(row["label"], []).append(row)
-    wanted = _allocate({k: len(v) for k, v in by_label.items()}, min(images, len(rows)))
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in sorted(by_label):
-        pool = by_label[label]
-        chosen += [pool[i] for i in sorted(rng.choice(len(pool), wanted[label], replace=False))]
-    chosen.sort(key=lambda r: r["path"])
+    ranked = [((rank + 0.5) / len(pool), label, pool[index]) for label, pool in sorted(by_label.items())
+              for rank, index in enumerate(rng.permutation(len(pool)))]
+    chosen = sorted((row for *_, row in sorted(ranked, key=lambda r: r[:2])[:images]), key=lambda r: r["path"])
     return write_manifest(folder, [dict(r, path=os.path.abspath(r["path"])) for r in chosen])
 
 
@@ -131,3 +114,12 @@ def synthetic_input(folder: str, images: int, side: int = 96, seed: int = 0) -> 
         Image.fromarray(pixels, "L").save(os.path.join(folder, rel), quality=90)
         rows.append({"path": rel, "label": label, "source": "synthetic", "patient_id": f"p{index}"})
     return write_manifest(folder, rows)
+
+
+def input_of_kind(source: str, workdir: str, images: int, kind: str) -> str:
+    """An input of ``images`` made from ``source`` as ``kind`` says: "all" (the source itself), "links"
+    (:func:`sized_input`), "copies" (:func:`copied_input`) or "sample" (:func:`sampled_input`), in ``workdir``."""
+    folder = os.path.join(workdir, f"input-{kind}-{images}")
+    if kind in ("all", "links"):
+        return source if kind == "all" else sized_input(source, folder, images)
+    return (copied_input if kind == "copies" else sampled_input)(source, folder, images, seed=0)

@@ -40,6 +40,11 @@ def tree(root) -> list:
     return [root] + root.children(recursive=True)
 
 
+def others_share(busy_core_s: float, ours_core_s: float, seconds: float) -> float | None:
+    """The share of the machine's cores that other users kept busy over ``seconds``."""
+    return round(max(0.0, busy_core_s - ours_core_s) / (seconds * (os.cpu_count() or 1)), 3) if seconds > 0 else None
+
+
 class Sampler:
     """Calls ``sample()`` on entering the block, every ``interval`` s in a thread, and on leaving it if asked."""
 
@@ -157,10 +162,9 @@ class CpuUse:
         end = _tree_cpu(self._me)
         ours = {k: round(max(0.0, end[k] - self._tree[k]), 2) for k in end}
         ours["total"] = round(sum(ours.values()), 2)
-        others = max(0.0, busy - ours["total"])
         self.result = {"wall_s": round(wall, 2), "ours_core_s": ours, "machine_busy_core_s": round(busy, 2),
-                       "others_core_s": round(others, 2),
-                       "others_share": round(others / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None}
+                       "others_core_s": round(max(0.0, busy - ours["total"]), 2),
+                       "others_share": others_share(busy, ours["total"], wall)}
 
 
 class MachineCpu(Sampler):

@@ -104,17 +104,20 @@ def verdicts(results: dict) -> list[dict]:
     return [v for v in out if v]
 
 
-def run(source: str, workdir: str, profile: dict, parts=None, config: dict | None = None,
+def run(source: str, workdir: str | None, profile: dict, parts=None, config: dict | None = None,
         config_path: str | None = None, master: str = "local[2]", spark=None, results: dict | None = None,
         save_to: str | None = None, batch_size: int | None = None, predict_model: str | None = None,
         gc_interval: float = 2.0) -> dict:
     """The results of the chosen ``parts`` (default: the profile's), updating ``results``, saved to ``save_to``
-    (under ``profile["section"]``) after each part; Spark in ``spark`` (not stopped) or a session on ``master``."""
+    (under ``profile["section"]``) after each part; Spark in ``spark`` (not stopped) or a session on ``master``.
+    ``workdir`` is kept if it exists, else made and removed at the end (None: a temporary folder)."""
     from covid_spark.config import load_config
     from covid_spark.data.dataset import has_summary, read_summary
     from covid_spark.data.rundir import git_commit
     from covid_spark.stages.preprocess import preprocess
 
+    work_made = workdir is None or not os.path.exists(workdir)
+    workdir = workdir or tempfile.mkdtemp(prefix="covid-spark-bench-")
     parts, config = tuple(parts or profile["parts"]), config or load_config(config_path)
     distinct = len(source_rows(source))
     sizes, models = parse_sizes(profile["sizes"], distinct, profile["above"]), tuple(profile["models"])
@@ -146,8 +149,8 @@ def run(source: str, workdir: str, profile: dict, parts=None, config: dict | Non
             fixed["session_start_s"] = None  # the caller's session was already running
         keep, hashes = bool({"read", "train", "epoch"} & set(parts)), "duplicates" in parts
         entries = [measure_size(spark, source, workdir, n, kind, config, fixed["tiny_job_s"], profile,
-                                   keep and (n, kind) == kept, f"{workdir}/hashes-{n}" if hashes and (n, kind) == kept
-                                   else None, gc_interval) for n, kind in sizes]
+                                keep and (n, kind) == kept, f"{workdir}/hashes-{n}" if hashes and (n, kind) == kept
+                                else None, gc_interval) for n, kind in sizes]
         return {"spark_fixed": fixed, "sizes": entries, "memory_reference": profile.get("memory_reference"),
                 "memory_growth": memory_growth(entries, profile.get("memory_reference")),
                 "hash_files": [f for e in entries for f in e["pair"].get("hash_files", [])], "settings": settings()}
@@ -195,7 +198,7 @@ def run(source: str, workdir: str, profile: dict, parts=None, config: dict | Non
             "predict": predict_part, "epoch": epoch_part, "read": lambda: train_bench.run_read(
                 get_spark(), ready_dataset(), config, threads, profile["read_warmup"], profile["read_batches"],
                 batch_size)}
-    started_all, work_made = time.time(), not os.path.exists(workdir)
+    started_all = time.time()
     os.makedirs(workdir, exist_ok=True)
     invocation = {"parts": list(parts), "sizes": [f"{n}{'c' if k == 'copies' else ''}" for n, k in sizes],
                   "models": list(models), "steps": {m: steps[m] for m in models}, "warmup_steps": profile["warmup"],
@@ -328,11 +331,8 @@ def main(argv=None) -> int:
     setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
     old = load(output) if args.parts and set(parts) != set(profile["parts"]) else {}
     results = dict((old.get(profile["section"]) or {}) if profile["section"] else old, command=command("run", argv))
-    workdir = args.workdir or tempfile.mkdtemp(prefix="covid-spark-bench-")
-    if not args.workdir:
-        os.rmdir(workdir)  # run removes a folder it makes, and keeps one given
     try:
-        results = run(source, workdir, profile, parts, config_path=args.config, master=args.master,
+        results = run(source, args.workdir, profile, parts, config_path=args.config, master=args.master,
                       results=results, save_to=output, predict_model=args.predict_model)
     except ValueError as exc:
         print(f"bench.run: {exc}", file=sys.stderr)

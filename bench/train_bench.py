@@ -11,7 +11,7 @@ import shutil
 import time
 
 from bench.harness import REPO, fmt, in_process, loadavg, pct, ratio, read_json, run_spawned, table, timed
-from bench.monitors import MachineCpu, PeakRss, maxrss_mb, others_share
+from bench.monitors import CpuUse, PeakRss, maxrss_mb, others_share
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int,
     return out
 
 
-def _rate_of(reports: list, machine: MachineCpu, job, warmup: int, wall: float) -> dict:
+def _rate_of(reports: list, machine: CpuUse, job, warmup: int, wall: float) -> dict:
     """The rate over the processes' timed window, the others' share of the machine in it, wall and memory."""
     reports = sorted(reports, key=lambda r: r["rank"])
     rate = window_rate([r["batch_ends"] for r in reports], warmup, job.batch_size, [r["batch_cpu"] for r in reports])
@@ -128,7 +128,7 @@ def _rate_of(reports: list, machine: MachineCpu, job, warmup: int, wall: float) 
 def launch(spark, job, num_proc: int, warmup: int) -> dict:
     """The rate of ``num_proc`` ranks of ``job.engine`` launched as ``run_training`` launches them."""
     started = time.perf_counter()
-    with MachineCpu() as machine:
+    with CpuUse() as machine:
         if job.engine == "horovod":
             import horovod.spark
 
@@ -153,7 +153,7 @@ def independent_run(jobs: list, warmup: int, env: dict) -> dict:
     """The same jobs in independent plain processes started together (no launcher: a rank of one)."""
     barrier = mp.get_context("spawn").Barrier(len(jobs))
     started = time.perf_counter()
-    with MachineCpu() as machine:
+    with CpuUse() as machine:
         reports = run_spawned(_pair_worker, [(job, env, warmup) for job in jobs], barrier)
     return _rate_of(reports, machine, jobs[0], warmup, time.perf_counter() - started)
 

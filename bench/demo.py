@@ -3,12 +3,11 @@ pipeline.json), beside the original project's 48 minutes of training; under "dem
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 
-from bench.harness import REPO, arguments, RESULTS, load, machine, machine_line, save, table, timed
-from bench.monitors import PeakRss
+from bench.harness import REPO, RESULTS, arguments, load, machine, machine_line, save, table
+from bench.treemem import measure
 
 ORIGINAL_TRAINING_S = 48 * 60  # the university project's reported training time
 
@@ -18,11 +17,11 @@ def run_demo(run_id: str, make: str = "make") -> dict:
     from covid_spark.data.rundir import RunDir
 
     run_dir = RunDir(os.path.join(REPO, "runs", run_id))
-    with PeakRss(interval=0.5) as rss:
-        wall, status = timed(subprocess.call, [make, "--no-print-directory", "demo", f"RUN_ID={run_id}"], cwd=REPO)
+    measured = measure([make, "--no-print-directory", "demo", f"RUN_ID={run_id}"], interval=0.5, cwd=REPO)
+    wall, status = measured["wall_s"], measured["exit"]
     timings = load(run_dir.pipeline_state).get("timings", {})
     result = {"run_id": run_id, "run_dir": run_dir.path, "exit_status": status, "wall_s": round(wall, 1),
-              "peak_rss_mb": {"jvm": rss.peaks["jvm"], "whole_tree": rss.peaks["tree"]},
+              "peak_rss_mb": {"jvm": measured["peak_mib"].get("all jvm"), "whole_tree": measured["peak_mib"]["tree"]},
               "original_training_s": ORIGINAL_TRAINING_S, "stages_s": timings,
               "outside_stages_s": round(wall - sum(timings.values()), 1)}
     run = load(run_dir.run_json)

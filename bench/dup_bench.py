@@ -10,6 +10,8 @@ import os
 import random
 import time
 
+from bench.harness import read_json, usable_cpus
+from bench.monitors import maxrss_mb
 from covid_spark.config import load_config
 from covid_spark.data.duplicates import group_duplicates, group_duplicates_all_pairs
 
@@ -87,6 +89,23 @@ def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000, *
             "bits": max(v.bit_length() for v in hashes.values()), "max_distance": max_distance, "loadavg": loadavg}
 
 
+def read_hashes(paths: list[str]) -> dict[str, int]:
+    """The hashes of JSON files of key → hash (an int or a decimal string), merged."""
+    hashes = {}
+    for path in paths:
+        hashes.update({key: int(value) for key, value in read_json(path).items()})
+    return hashes
+
+
+def on_one_cpu(hash_files: list[str], total: int, max_distance: int) -> dict:
+    """:func:`bench_duplicates` on the hashes in ``hash_files``, this process pinned to one CPU."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    hashes = read_hashes(hash_files)
+    result = bench_duplicates(hashes, total=total, max_distance=max_distance, seed=0)
+    return {"real_hashes": len(hashes), "result": dict(result, maxrss_mb=maxrss_mb(), cpus=usable_cpus())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Time banded near-duplicate grouping against all-pairs.")
     parser.add_argument("--total", type=int, default=100_000, help="hashes to group (default 100000)")
@@ -98,10 +117,7 @@ def main(argv=None) -> int:
                                          "base instead of synthetic hashes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    real = None
-    if args.hashes:
-        with open(args.hashes, encoding="utf-8") as handle:
-            real = {k: int(v) for k, v in json.load(handle).items()}
+    real = read_hashes([args.hashes]) if args.hashes else None
     result = bench_duplicates(real, total=args.total, max_distance=args.max_distance, seed=args.seed)
     print(json.dumps(result, indent=2))
     return 0

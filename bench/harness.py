@@ -78,6 +78,16 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
+    """``a / b`` rounded to ``digits``; None when either is missing or ``b`` is zero."""
+    return round(a / b, digits) if a is not None and b else None
+
+
 def items(text: str | None) -> list[str]:
     """A comma-separated option as its non-empty items."""
     return [s.strip() for s in (text or "").split(",") if s.strip()]
@@ -93,19 +103,17 @@ def speed_reference(repeats: int = 3) -> dict:
 
 def machine() -> dict:
     """Cores usable here, CPU model, RAM, platform, load, library versions and the speed reference."""
+    import psutil
+
     from covid_spark.data.rundir import versions
 
-    facts = {}
-    for path, key in (("/proc/cpuinfo", "model name"), ("/proc/meminfo", "MemTotal")):
-        try:
-            with open(path, encoding="utf-8") as handle:
-                facts[key] = next((line.split(":", 1)[1].strip() for line in handle if line.startswith(key)), None)
-        except OSError:
-            facts[key] = None
-    ram = facts["MemTotal"]
-    return {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu_count": os.cpu_count(), "cpu_model": facts["model name"] or "unknown",
-            "ram_gib": round(int(ram.split()[0]) / 1024 ** 2, 1) if ram else None, "platform": platform.platform(),
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return {"nproc": len(usable_cpus()), "cpu_count": os.cpu_count(), "cpu_model": model or "unknown",
+            "ram_gib": round(psutil.virtual_memory().total / 1024 ** 3, 1), "platform": platform.platform(),
             "load_avg_at_start": loadavg(), "speed_reference": speed_reference(), "versions": versions()}
 
 
@@ -157,25 +165,19 @@ def start_spark(master: str = "local[2]", settings: dict[str, str] | None = None
 
 def collect(results, workers, timeout: float = 3600.0) -> list:
     """One report per worker from the ``results`` queue; RuntimeError if one died first, TimeoutError."""
-    items = []
-    deadline = time.monotonic() + timeout
-    while len(items) < len(workers):
-        try:
-            items.append(results.get(timeout=1.0))
-            continue
-        except queue_module.Empty:
-            pass
+    reports, deadline = [], time.monotonic() + timeout
+    while len(reports) < len(workers):
         dead = [w for w in workers if w.exitcode is not None]
-        if len(dead) > len(items):
-            try:  # a report already in the pipe gets one last chance
-                items.append(results.get(timeout=2.0))
-                continue
-            except queue_module.Empty:
+        try:  # a report a dead worker left in the pipe gets a longer, last chance
+            reports.append(results.get(timeout=2.0 if len(dead) > len(reports) else 1.0))
+        except queue_module.Empty:
+            if len(dead) > len(reports):
                 codes = ", ".join(f"pid {w.pid}: exit {w.exitcode}" for w in dead)
                 raise RuntimeError(f"benchmark process(es) died without a result ({codes})") from None
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"benchmark processes gave {len(items)} of {len(workers)} results in {timeout:.0f} s")
-    return items
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"benchmark processes gave {len(reports)} of {len(workers)} results in "
+                                   f"{timeout:.0f} s") from None
+    return reports
 
 
 def reap(workers, timeout: float = 60.0) -> None:
@@ -196,18 +198,23 @@ def spawn(target, args_per_worker, *shared, daemon: bool = True) -> tuple[list, 
     return workers, queue
 
 
+def run_spawned(target, args_per_worker, *shared, timeout: float = 3600.0, join_timeout: float = 60.0,
+                daemon: bool = True) -> list:
+    """The reports of ``target(*args, *shared, queue)``, one spawned process per tuple, reaped at the end."""
+    workers, queue = spawn(target, args_per_worker, *shared, daemon=daemon)
+    try:
+        return collect(queue, workers, timeout)
+    finally:
+        reap(workers, join_timeout)
+
+
 def _returning(function, args, queue) -> None:
     queue.put(function(*args))
 
 
 def in_process(function, *args, timeout: float = 3600.0):
     """``function(*args)``, run in a fresh spawned process (not a daemon: it may start processes of its own)."""
-    workers, results = spawn(_returning, [(function, args)], daemon=False)
-    try:
-        (report,) = collect(results, workers, timeout)
-    finally:
-        reap(workers, 120)
-    return report
+    return run_spawned(_returning, [(function, args)], timeout=timeout, join_timeout=120, daemon=False)[0]
 
 
 def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, join_timeout: float):
@@ -228,11 +235,16 @@ def run_at_barrier(target, args_per_worker: list[tuple], start_timeout: float, j
     return reports, wall, cpu.result
 
 
+def read_json(path: str):
+    """The JSON document at ``path``."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def load(path: str) -> dict:
     """The JSON results at ``path``; empty when the file is missing or unreadable."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return read_json(path)
     except (OSError, ValueError):
         return {}
 

@@ -1,6 +1,6 @@
-"""Benchmark inputs: manifests of N images drawn from a source (links, a sample, copies, a prefix), or synthetic
-JPEGs; each maker returns the folder holding ``manifest.csv`` and raises ``ValueError`` when N < 1 or the source
-has no readable records."""
+"""Benchmark inputs: manifests of N images drawn from a source (links, a sample, copies, a prefix); each maker
+returns the folder holding ``manifest.csv`` and raises ``ValueError`` when N < 1 or the source has no readable
+records."""
 from __future__ import annotations
 
 import csv
@@ -48,8 +48,9 @@ def _rows_for(location: str, images: int) -> list[dict]:
     return rows
 
 
-def _repeated(location: str, folder: str, images: int, seed: int | None) -> str:
-    """``images`` entries of the source's images repeated (``seed`` None: symlinks in order; else copies)."""
+def repeated_input(location: str, folder: str, images: int, seed: int | None = None) -> str:
+    """``images`` entries of the source's images, repeated as needed: with ``seed`` None symlinks in the source's
+    order (nothing copied), else byte copies in a seeded order."""
     import numpy as np
 
     rows = _rows_for(location, images)
@@ -71,63 +72,27 @@ def _repeated(location: str, folder: str, images: int, seed: int | None) -> str:
     return write_manifest(folder, out)
 
 
-def sized_input(location: str, folder: str, images: int) -> str:
-    """``images`` entries: the source's images in order, repeated as needed, each a symlink (nothing copied)."""
-    return _repeated(location, folder, images, None)
-
-
-def copied_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """``images`` byte copies of the source's images in a seeded order, repeated as needed."""
-    return _repeated(location, folder, images, seed)
-
-
-def _allocate(counts: dict[str, int], images: int) -> dict[str, int]:
-    """``images`` shared among labels in proportion to ``counts`` (largest remainders), none above its count."""
-    exact = {k: images * v / sum(counts.values()) for k, v in counts.items()}
-    out = {k: min(counts[k], int(x)) for k, x in exact.items()}
-    for key in sorted(counts, key=lambda k: (-(exact[k] - int(exact[k])), k)):
-        if sum(out.values()) >= images:
-            break
-        if out[key] < counts[key]:
-            out[key] += 1
-    while sum(out.values()) < images:  # only when rounding met a full label
-        out[next(k for k in sorted(counts) if out[k] < counts[k])] += 1
-    return out
-
-
 def sampled_input(location: str, folder: str, images: int, seed: int = 0) -> str:
-    """A manifest of ``images`` distinct images by absolute path, a seeded sample stratified by label."""
+    """A manifest of ``images`` distinct images by absolute path, a seeded sample stratified by label: each
+    label's images in a seeded order, ranked by their position in it as a share of the label's count."""
     import numpy as np
 
-    rows = _rows_for(location, images)
+    rows, rng = _rows_for(location, images), np.random.default_rng(seed)
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(row["label"], []).append(row)
-    wanted = _allocate({k: len(v) for k, v in by_label.items()}, min(images, len(rows)))
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in sorted(by_label):
-        pool = by_label[label]
-        chosen += [pool[i] for i in sorted(rng.choice(len(pool), wanted[label], replace=False))]
-    chosen.sort(key=lambda r: r["path"])
+    ranked = [((rank + 0.5) / len(pool), label, pool[index]) for label, pool in sorted(by_label.items())
+              for rank, index in enumerate(rng.permutation(len(pool)))]
+    chosen = sorted((row for *_, row in sorted(ranked, key=lambda r: r[:2])[:images]), key=lambda r: r["path"])
     return write_manifest(folder, [dict(r, path=os.path.abspath(r["path"])) for r in chosen])
 
 
-def synthetic_input(folder: str, images: int, side: int = 96, seed: int = 0) -> str:
-    """``images`` small random greyscale JPEGs, one patient each, classes in turn (for tests)."""
-    import numpy as np
-    from PIL import Image
-
-    from covid_spark.constants import CLASSES
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index in range(images):
-        label = CLASSES[index % len(CLASSES)]
-        ramp = np.linspace(0, 255, side)[None, :] * rng.uniform(0.3, 1.0)
-        pixels = np.clip(ramp + rng.normal(0, 40, (side, side)), 0, 255).astype(np.uint8)
-        rel = os.path.join(label, f"synthetic-{index:04d}.jpg")
-        os.makedirs(os.path.join(folder, label), exist_ok=True)
-        Image.fromarray(pixels, "L").save(os.path.join(folder, rel), quality=90)
-        rows.append({"path": rel, "label": label, "source": "synthetic", "patient_id": f"p{index}"})
-    return write_manifest(folder, rows)
+def input_of_kind(source: str, workdir: str, images: int, kind: str) -> str:
+    """An input of ``images`` made from ``source`` as ``kind`` says, in ``workdir``: "all" (the source itself),
+    "links" or "copies" (:func:`repeated_input`), or "sample" (:func:`sampled_input`)."""
+    folder = os.path.join(workdir, f"input-{kind}-{images}")
+    if kind == "all":
+        return source
+    if kind == "sample":
+        return sampled_input(source, folder, images, seed=0)
+    return repeated_input(source, folder, images, seed=0 if kind == "copies" else None)

@@ -40,6 +40,11 @@ def tree(root) -> list:
     return [root] + root.children(recursive=True)
 
 
+def others_share(busy_core_s: float, ours_core_s: float, seconds: float) -> float | None:
+    """The share of the machine's cores that other users kept busy over ``seconds``."""
+    return round(max(0.0, busy_core_s - ours_core_s) / (seconds * (os.cpu_count() or 1)), 3) if seconds > 0 else None
+
+
 class Sampler:
     """Calls ``sample()`` on entering the block, every ``interval`` s in a thread, and on leaving it if asked."""
 
@@ -140,51 +145,44 @@ def machine_busy() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
 
 
-class CpuUse:
-    """Core-seconds during a block: ours by kind (``ours_core_s``), the machine's, other users'."""
-
-    def __enter__(self) -> CpuUse:
-        import psutil
-
-        self._me = psutil.Process()
-        self._tree, self._busy = _tree_cpu(self._me), machine_busy()
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall = time.perf_counter() - self._started
-        busy = machine_busy() - self._busy
-        end = _tree_cpu(self._me)
-        ours = {k: round(max(0.0, end[k] - self._tree[k]), 2) for k in end}
-        ours["total"] = round(sum(ours.values()), 2)
-        others = max(0.0, busy - ours["total"])
-        self.result = {"wall_s": round(wall, 2), "ours_core_s": ours, "machine_busy_core_s": round(busy, 2),
-                       "others_core_s": round(others, 2),
-                       "others_share": round(others / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None}
-
-
-class MachineCpu(Sampler):
-    """The machine's busy core-seconds every ``interval`` s, for :meth:`busy_between`."""
+class CpuUse(Sampler):
+    """Core-seconds during a block: ours by kind (``ours_core_s``), the machine's, other users' (``result``); the
+    machine's busy core-seconds sampled every ``interval`` s, for :meth:`busy_between`."""
 
     sample_on_exit = True
 
     def __init__(self, interval: float = 0.25):
+        import psutil
+
         super().__init__(interval)
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float]] = []  # (wall-clock time, the machine's busy core-seconds)
+        self._me = psutil.Process()
 
     def sample(self) -> None:
         self.samples.append((time.time(), machine_busy()))
 
-    def busy_between(self, start: float, end: float) -> float | None:
-        """Busy core-seconds of the whole machine between two wall-clock times (interpolated)."""
-        def at(when):
-            for (t0, b0), (t1, b1) in zip(self.samples, self.samples[1:]):
-                if t0 <= when <= t1:
-                    return b0 + (b1 - b0) * (when - t0) / (t1 - t0) if t1 > t0 else b0
-            return None
+    def __enter__(self) -> CpuUse:
+        self._tree, self._started = _tree_cpu(self._me), time.perf_counter()
+        return super().__enter__()
 
-        first, last = at(start), at(end)
-        return None if first is None or last is None else last - first
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        wall, busy = time.perf_counter() - self._started, self.samples[-1][1] - self.samples[0][1]
+        end = _tree_cpu(self._me)
+        ours = {k: round(max(0.0, end[k] - self._tree[k]), 2) for k in end}
+        ours["total"] = round(sum(ours.values()), 2)
+        self.result = {"wall_s": round(wall, 2), "ours_core_s": ours, "machine_busy_core_s": round(busy, 2),
+                       "others_core_s": round(max(0.0, busy - ours["total"]), 2),
+                       "others_share": others_share(busy, ours["total"], wall)}
+
+    def busy_between(self, start: float, end: float) -> float | None:
+        """Busy core-seconds of the whole machine between two wall-clock times within the block (interpolated)."""
+        import numpy as np
+
+        times, busy = [t for t, _ in self.samples], [b for _, b in self.samples]
+        if not times or not times[0] <= start <= end <= times[-1]:
+            return None
+        return float(np.interp(end, times, busy) - np.interp(start, times, busy))
 
 
 class JvmHeap(Sampler):

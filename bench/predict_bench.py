@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 
-from bench.harness import arguments, in_process, save, start_spark, timed
+from bench.harness import arguments, in_process, ratio, read_json, save, start_spark, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 SESSION = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g"}
@@ -66,8 +66,7 @@ def plain_predict(folder: str, model_dir: str, batch_size: int) -> dict:
     from covid_spark.stages.predict_tasks import cached_model, predict_partition, set_tf_threads
 
     max_pixels = int(load_config()["preprocess"]["max_pixels"])
-    with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
-        size = int(json.load(handle)["image_size"])
+    size = int(read_json(RunDir(model_dir).run_json)["image_size"])
     with open(RunDir(model_dir).model, "rb") as handle:
         model_bytes = handle.read()
     records = prediction_records(discover(folder, labelled=False))
@@ -101,8 +100,8 @@ def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None
                "rows": run["rows"], "errors": run["errors"], "core_ms_per_image": core_ms},
         peak_rss_mb={k: rss.peaks[k] for k in ("driver", "jvm", "spark_python_workers", "tree")}, cpu=cpu.result,
         parallelism=parallelism, ideal_images_per_s=round(parallelism * result["plain"]["images_per_s"], 2),
-        cpu_ratio=round(result["plain"]["core_ms_per_image"] / core_ms, 3), loadavg_after=os.getloadavg())
-    result["ratio"] = round(result["spark"]["images_per_s"] / result["ideal_images_per_s"], 3)
+        cpu_ratio=ratio(result["plain"]["core_ms_per_image"], core_ms), loadavg_after=os.getloadavg())
+    result["ratio"] = ratio(result["spark"]["images_per_s"], result["ideal_images_per_s"])
     return result
 
 

@@ -2,31 +2,24 @@
 (docs/performance.md, "What is measured", 1)."""
 from __future__ import annotations
 
-import cProfile
-import io
 import json
 import logging
 import os
-import pstats
 import shutil
 import time
 import urllib.error
 import urllib.request
 from datetime import datetime
 
-from bench.harness import FIXED_COST_IMAGES, MB, fmt, pct, run_at_barrier, table, timed
-from bench.monitors import CpuUse, PeakRss, maxrss_mb
+from bench.harness import FIXED_COST_IMAGES, MB, fmt, in_process, pct, ratio, run_at_barrier, table, timed
+from bench.inputs import input_of_kind, sampled_input
+from bench.monitors import CpuUse, JvmHeap, PeakRss, maxrss_mb
 
 logger = logging.getLogger(__name__)
 
-# The driver's calls that make up the Spark job's wall time: the decode job, each split's write, the steps between.
-SPARK_DRIVER_CALLS = ("(collect)", "(parquet)", "(group_duplicates)", "(assign_splits)", "(discover)",
-                      "(materialize_dataset)", "(createDataFrame)", "(__exit__)", "(unpersist)")
-
-
-def _per_process(reports: list[dict]) -> list[dict]:
-    return [{"images": r["images"], "seconds": round(r["seconds"], 3), "maxrss_mb": r["maxrss_mb"]} for r in reports]
-
+MEMORY_KEYS = (("driver_mb", "Python driver (sampled RSS)"),
+               ("python_worker_max_mb", "Spark Python worker, largest (sampled RSS)"),
+               ("jvm_heap_after_gc_mb", "JVM heap after a full GC"))
 
 def _stage_worker(location, index, processes, size, max_pixels, url, hashes_path, barrier, queue) -> None:
     from covid_spark.inputs.sources import discover
@@ -53,23 +46,14 @@ def plain_stage(location: str, processes: int, config: dict, out_dir: str, hashe
     images = sum(r["images"] for r in reports)
     written = sum(os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir) if n.endswith(".parquet"))
     shutil.rmtree(out_dir, ignore_errors=True)
+    per_process = [{"images": r["images"], "seconds": round(r["seconds"], 3), "maxrss_mb": r["maxrss_mb"]}
+                   for r in reports]
     out = {"processes": processes, "images": images, "staged": sum(r["staged"] for r in reports),
            "seconds": round(wall, 3), "images_per_s": round(images / wall, 1), "written_bytes": written,
-           "written_mb": round(written / MB, 1), "per_process": _per_process(reports), "cpu": cpu}
+           "written_mb": round(written / MB, 1), "per_process": per_process, "cpu": cpu}
     if hashes_to:
         out["hash_files"] = hash_files
     return out
-
-
-def _top_functions(profile: cProfile.Profile, wanted: tuple[str, ...], limit: int) -> list[dict]:
-    """Cumulative time of the profiled functions whose location contains one of ``wanted``."""
-    rows = []
-    for (filename, line, name), (_cc, calls, _tt, cumulative, _callers) in pstats.Stats(
-            profile, stream=io.StringIO()).stats.items():
-        if any(w in f"{filename}:{line}({name})" for w in wanted):
-            rows.append({"function": f"{os.path.basename(filename)}:{name}", "calls": calls,
-                         "seconds": round(cumulative, 3)})
-    return sorted(rows, key=lambda r: -r["seconds"])[:limit]
 
 
 def _rest(spark, path: str):
@@ -114,34 +98,26 @@ def job_breakdown(spark, after_job_id: int) -> list[dict] | None:
 
 
 def spark_preprocess(spark, input_location: str, output: str, config: dict) -> dict:
-    """Run the real preprocess job once; wall time, throughput, counts, a driver profile, memory and CPU."""
+    """Run the real preprocess job once; wall time, throughput, counts, Spark's jobs, memory and CPU."""
     from covid_spark.stages.preprocess import preprocess
 
-    profile = cProfile.Profile()  # wall-clock timer: blocking JVM calls show their duration
     first_job = max((j["jobId"] for j in _rest(spark, "jobs") or []), default=-1)
     with PeakRss() as rss, CpuUse() as cpu:
-        started = time.perf_counter()
-        profile.enable()
-        try:
-            summary = preprocess(spark, input_location, output, config, overwrite=True)
-        finally:
-            profile.disable()
-        wall = time.perf_counter() - started
+        wall, summary = timed(preprocess, spark, input_location, output, config, overwrite=True)
     return {"images": summary["inputs"], "written": summary["written"], "rejected": len(summary["rejected"]),
             "duplicate_groups": len(summary["duplicates"]),
             "images_in_duplicate_groups": sum(len(g) for g in summary["duplicates"]),
             "row_groups": summary["row_groups"], "seconds": round(wall, 3),
-            "images_per_s": round(summary["inputs"] / wall, 1),
-            "driver_profile": _top_functions(profile, SPARK_DRIVER_CALLS, 12), "jobs": job_breakdown(spark, first_job),
+            "images_per_s": round(summary["inputs"] / wall, 1), "jobs": job_breakdown(spark, first_job),
             "peak_rss_mb": rss.peaks, "cpu": cpu.result,
             "python_worker_peaks_mb": [dict(w, pid=pid) for pid, w in sorted(rss.workers.items())]}
 
 
-def spark_fixed_costs(spark_factory, source: str, workdir: str, config: dict, make_input) -> tuple:
-    """``(spark, costs)``: the session's start-up and the job twice on a tiny input made by ``make_input``."""
+def spark_fixed_costs(spark_factory, source: str, workdir: str, config: dict) -> tuple:
+    """``(spark, costs)``: the session's start-up and the job twice on a tiny sample of ``source``."""
     from covid_spark.stages.preprocess import preprocess
 
-    tiny, output = make_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES), f"{workdir}/ds-tiny"
+    tiny, output = sampled_input(source, os.path.join(workdir, "input-tiny"), FIXED_COST_IMAGES), f"{workdir}/ds-tiny"
     session, spark = timed(spark_factory)
     times = []
     for _ in range(2):
@@ -152,38 +128,110 @@ def spark_fixed_costs(spark_factory, source: str, workdir: str, config: dict, ma
                    "tiny_job_first_s": round(times[0], 3), "tiny_job_s": round(times[1], 3)}
 
 
-def ratio(a: float | None, b: float) -> float | None:
-    return None if a is None else round(a / b, 3)
+def warm_page_cache(location: str) -> dict:
+    """Files and MiB read: every input file once, into the page cache."""
+    from covid_spark.inputs.sources import discover
+
+    started, files, total = time.perf_counter(), 0, 0
+    for record in discover(location).records:
+        try:
+            with open(record.path, "rb") as handle:
+                total += len(handle.read())
+            files += 1
+        except OSError:
+            pass
+    return {"files": files, "mb": round(total / MB, 1), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def against_pair(run: dict, pair: dict, images: int, fixed_job_s: float) -> dict:
-    """``pair``, ``spark`` (with its time less the fixed cost) and both Spark rates over the pair's."""
+def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
+    roles = {role: [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == role]
+             for role in ("worker", "daemon")}
+    peaks = run["peak_rss_mb"]
+    return dict(heap, driver_mb=peaks["driver"], driver_before_job_mb=driver_before_mb,
+                python_worker_max_mb=max(roles["worker"], default=None), python_workers_mb=sorted(roles["worker"]),
+                python_daemon_mb=max(roles["daemon"], default=None),
+                python_workers_sum_mb=peaks["spark_python_workers"], jvm_rss_mb=peaks["jvm"])
+
+
+def measure_size(spark, source: str, workdir: str, images: int, kind: str, config: dict, fixed_job_s: float,
+                 profile: dict, keep: bool, hashes_to: str | None, gc_interval: float) -> dict:
+    """One size: one plain process (``profile["single"]``), two, then the Spark job, and their ratios; with
+    ``profile["memory"]`` on a warm page cache, then the job again under the memory samplers."""
+    import psutil
+
+    logger.info("bench preprocess: %d images (%s)", images, kind)
+    setup_s, location = timed(input_of_kind, source, workdir, images, kind)
+    output, page_cache, memory = os.path.join(workdir, f"ds-{images}"), None, None
+    try:
+        if profile["memory"]:
+            page_cache = in_process(warm_page_cache, location)
+        one = plain_stage(location, 1, config, f"{output}-plain1") if profile["single"] else None
+        pair = plain_stage(location, 2, config, f"{output}-plain2", hashes_to)
+        run = spark_preprocess(spark, location, output, config)
+        if profile["memory"]:
+            shutil.rmtree(output, ignore_errors=True)
+            driver_before = round(psutil.Process().memory_info().rss / MB, 1)
+            with JvmHeap(spark, interval=gc_interval) as heap:  # its forced full GCs pause the JVM: not timed
+                memory_run = spark_preprocess(spark, location, output, config)
+            run["seconds_of_memory_run"] = memory_run["seconds"]
+            memory = _memory_of(memory_run, heap.result, driver_before)
+        if not keep:
+            shutil.rmtree(output, ignore_errors=True)
+    finally:
+        if kind == "copies":
+            shutil.rmtree(location, ignore_errors=True)
+    if run["images"] != images or pair["images"] != images:
+        logger.warning("bench preprocess: %d images asked, the job read %d and the pair %d",
+                       images, run["images"], pair["images"])
     net = run["seconds"] - fixed_job_s
-    run.update(net_seconds=round(net, 3), net_images_per_s=round(images / net, 1) if net > 0 else None)
-    return {"pair": pair, "spark": run, "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
-            "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"])}
-
-
-def run_size(spark, location: str, output: str, config: dict, fixed_job_s: float, single: bool = True,
-             hashes_to: str | None = None) -> dict:
-    """One plain process (if ``single``), two (``plain_stage``), then the Spark job, on one input; with the ratios."""
-    logger.info("preprocess bench: %s: %s2 processes, the Spark job", location, "1 process, " if single else "")
-    one = plain_stage(location, 1, config, f"{output}-plain1") if single else None
-    pair = plain_stage(location, 2, config, f"{output}-plain2", hashes_to)
-    run = spark_preprocess(spark, location, output, config)
-    entry = dict(against_pair(run, pair, pair["images"], fixed_job_s), images=pair["images"], input=location)
+    run.update(net_seconds=round(net, 3), net_images_per_s=round(pair["images"] / net, 1) if net > 0 else None)
+    entry = {"pair": pair, "spark": run, "spark_vs_pair": ratio(run["images_per_s"], pair["images_per_s"]),
+             "spark_net_vs_pair": ratio(run["net_images_per_s"], pair["images_per_s"]), "images": images,
+             "input": location, "kind": kind, "input_setup_s": round(setup_s, 1), "page_cache": page_cache,
+             "memory": memory, "duplicates_note": None if kind != "links" else (
+                 "input lists each source image several times (symlinks): copies are grouped as duplicates and "
+                 "kept in one split")}
     if one:
         entry.update(single=one, pair_vs_single=ratio(pair["images_per_s"], one["images_per_s"]),
                      spark_vs_single=ratio(run["images_per_s"], one["images_per_s"]))
     return entry
 
 
-def format_preprocess(entries: list[dict], fixed: dict) -> list[str]:
-    """Spark's fixed costs, images/s and CPU per size, and where the largest size's Spark job spent its time."""
-    return [format_sizes(entries), format_cpu(entries), format_jobs(max(entries, key=lambda e: e["images"])), (
-            f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on {fixed['tiny_job_images']}"
-            f" images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the Python workers), "
-            f"{fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates).")]
+def memory_growth(entries: list[dict], reference: int) -> list[dict]:
+    """Each process's peak at the largest size over its peak at ``reference`` images."""
+    by_size = {e["images"]: e for e in entries if e["memory"]}
+    largest = max(by_size.values(), key=lambda e: e["images"], default=None)
+    if reference not in by_size or largest["images"] == reference:
+        return []
+    return [{"process": label, "key": key, "reference_images": reference,
+             "reference_mb": by_size[reference]["memory"][key], "largest_images": largest["images"],
+             "largest_mb": largest["memory"][key],
+             "ratio": ratio(largest["memory"][key], by_size[reference]["memory"][key])} for key, label in MEMORY_KEYS]
+
+
+def format_preprocess(part: dict) -> str:
+    """The preprocess part in Markdown: images/s and CPU per size, where the largest size's Spark job spent its
+    time, Spark's fixed costs, memory per size and its growth, the memory settings."""
+    entries, fixed = part["sizes"], part["spark_fixed"]
+    lines = [format_sizes(entries), format_cpu(entries), format_jobs(max(entries, key=lambda e: e["images"])),
+             f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on "
+             f"{fixed['tiny_job_images']} images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the "
+             f"Python workers), {fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates)."]
+    with_memory = [e for e in entries if e["memory"]]
+    if with_memory:
+        lines.append(table(
+            ["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
+             "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
+            [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
+              " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
+              f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
+             for e, m in ((e, e["memory"]) for e in with_memory)], left=(2,)))
+    if part.get("memory_growth"):
+        lines.append(table(["peak memory", "at reference size", "MiB", "at largest size", "MiB", "ratio"],
+                           [[g["process"], f"{g['reference_images']:,}", g["reference_mb"], f"{g['largest_images']:,}",
+                             g["largest_mb"], fmt(g["ratio"], 2)] for g in part["memory_growth"]]))
+    lines.append("Memory settings: " + "; ".join(f"{k} = {v}" for k, v in (part.get("settings") or {}).items() if v))
+    return "\n\n".join(line for line in lines if line)
 
 
 def format_sizes(entries: list[dict]) -> str:

@@ -3,7 +3,6 @@
 in the same run → bench/results.json ("bench") or, with --xl, bench/results-xl.json (docs/performance.md)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -12,20 +11,17 @@ import tempfile
 import time
 
 from bench import dup_bench, predict_bench, train_bench
-from bench.harness import (CXR_XL, DATA, MB, REPO, RESULTS, GOALS, arguments, command, fmt, in_process, items, load,
-                           loadavg, machine, pct, report, save, start_spark, table, timed, verdict, verdict_table)
-from bench.inputs import copied_input, sampled_input, sized_input, source_rows
-from bench.monitors import JvmHeap, PeakRss, maxrss_mb
-from bench.preprocess_bench import format_preprocess, plain_stage, run_size, spark_fixed_costs, spark_preprocess
+from bench.harness import (CXR_XL, DATA, REPO, RESULTS, GOALS, arguments, command, fmt, in_process, items, load,
+                           loadavg, machine, pct, ratio, report, save, start_spark, table, verdict, verdict_table)
+from bench.inputs import input_of_kind, sampled_input, source_rows
+from bench.monitors import PeakRss, maxrss_mb
+from bench.preprocess_bench import format_preprocess, measure_size, memory_growth, plain_stage, spark_fixed_costs
 from covid_spark.cli import setup_logging
 
 logger = logging.getLogger("bench.run")
 
 PARTS = ("preprocess", "read", "train", "duplicates", "predict", "epoch")
 MODELS = ("efficientnet_lite0", "compact", "original")
-MEMORY_KEYS = (("driver_mb", "Python driver (sampled RSS)"),
-               ("python_worker_max_mb", "Spark Python worker, largest (sampled RSS)"),
-               ("jvm_heap_after_gc_mb", "JVM heap after a full GC"))
 # What one invocation runs. demo (`make bench`): cxr3, sizes above it repeated by symlinks, one plain process too,
 # 1 and 2 ranks of each engine against an independent pair. xl (`make bench-xl`): cxr-xl, samples and byte copies,
 # peak memory in a second run of each size, 2 Horovod ranks, duplicates, predict and one epoch per model.
@@ -59,128 +55,6 @@ def parse_sizes(text: str, distinct: int, above: str = "copies") -> list[tuple[i
     return sorted(set(out))
 
 
-def make_input(source: str, workdir: str, images: int, kind: str) -> str:
-    folder = os.path.join(workdir, f"input-{kind}-{images}")
-    if kind in ("all", "links"):
-        return source if kind == "all" else sized_input(source, folder, images)
-    return (copied_input if kind == "copies" else sampled_input)(source, folder, images, seed=0)
-
-
-def warm_page_cache(location: str) -> dict:
-    """Files and MiB read: every input file once, into the page cache."""
-    from covid_spark.inputs.sources import discover
-
-    started, files, total = time.perf_counter(), 0, 0
-    for record in discover(location).records:
-        try:
-            with open(record.path, "rb") as handle:
-                total += len(handle.read())
-            files += 1
-        except OSError:
-            pass
-    return {"files": files, "mb": round(total / MB, 1), "seconds": round(time.perf_counter() - started, 2)}
-
-
-def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
-    roles = {role: [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == role]
-             for role in ("worker", "daemon")}
-    peaks = run["peak_rss_mb"]
-    return dict(heap, driver_mb=peaks["driver"], driver_before_job_mb=driver_before_mb,
-                python_worker_max_mb=max(roles["worker"], default=None), python_workers_mb=sorted(roles["worker"]),
-                python_daemon_mb=max(roles["daemon"], default=None),
-                python_workers_sum_mb=peaks["spark_python_workers"], jvm_rss_mb=peaks["jvm"])
-
-
-def preprocess_size(spark, source: str, workdir: str, images: int, kind: str, config: dict, fixed_job_s: float,
-                    profile: dict, keep: bool, hashes_to: str | None, gc_interval: float) -> dict:
-    """One size: ``run_size``; with ``profile["memory"]`` on a warm page cache, then again under the samplers."""
-    import psutil
-
-    logger.info("bench preprocess: %d images (%s)", images, kind)
-    setup_s, location = timed(make_input, source, workdir, images, kind)
-    output, page_cache, memory = os.path.join(workdir, f"ds-{images}"), None, None
-    try:
-        if profile["memory"]:
-            page_cache = in_process(warm_page_cache, location)
-        entry = run_size(spark, location, output, config, fixed_job_s, single=profile["single"], hashes_to=hashes_to)
-        if profile["memory"]:
-            shutil.rmtree(output, ignore_errors=True)
-            driver_before = round(psutil.Process().memory_info().rss / MB, 1)
-            with JvmHeap(spark, interval=gc_interval) as heap:  # its forced full GCs pause the JVM: not timed
-                memory_run = spark_preprocess(spark, location, output, config)
-            entry["spark"]["seconds_of_memory_run"] = memory_run["seconds"]
-            memory = _memory_of(memory_run, heap.result, driver_before)
-        if not keep:
-            shutil.rmtree(output, ignore_errors=True)
-    finally:
-        if kind == "copies":
-            shutil.rmtree(location, ignore_errors=True)
-    if entry["spark"]["images"] != images or entry["pair"]["images"] != images:
-        logger.warning("bench preprocess: %d images asked, the job read %d and the pair %d",
-                       images, entry["spark"]["images"], entry["pair"]["images"])
-    note = ("input lists each source image several times (symlinks): copies are grouped as duplicates and kept in "
-            "one split") if kind == "links" else None
-    return dict(entry, images=images, kind=kind, input_setup_s=round(setup_s, 1), page_cache=page_cache,
-                memory=memory, duplicates_note=note)
-
-
-def memory_growth(entries: list[dict], reference: int) -> list[dict]:
-    """Each process's peak at the largest size over its peak at ``reference`` images."""
-    by_size = {e["images"]: e for e in entries if e["memory"]}
-    largest = max(by_size.values(), key=lambda e: e["images"], default=None)
-    if reference not in by_size or largest["images"] == reference:
-        return []
-    out = []
-    for key, label in MEMORY_KEYS:
-        a, b = by_size[reference]["memory"][key], largest["memory"][key]
-        out.append({"process": label, "key": key, "reference_images": reference, "reference_mb": a,
-                    "largest_images": largest["images"], "largest_mb": b,
-                    "ratio": round(b / a, 3) if a and b is not None else None})
-    return out
-
-
-def duplicates_on_one_cpu(hash_files: list[str], total: int, max_distance: int) -> dict:
-    """``bench_duplicates`` on the hashes in ``hash_files``, pinned to one CPU."""
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    hashes = {}
-    for path in hash_files:
-        with open(path, encoding="utf-8") as handle:
-            hashes.update({p: int(h) for p, h in json.load(handle).items()})
-    result = dup_bench.bench_duplicates(hashes, total=total, max_distance=max_distance, seed=0)
-    return {"real_hashes": len(hashes), "result": dict(result, maxrss_mb=maxrss_mb(), cpus=sorted(
-        os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)}
-
-
-def train_epoch(spark, dataset: str, summary: dict, model: str, config_path: str | None, batch_size: int | None,
-                workdir: str) -> dict:
-    """One whole epoch of ``run_training`` (with validation)."""
-    from covid_spark.config import load_config, override
-    from covid_spark.data.rundir import RunDir
-    from covid_spark.stages.train import run_training
-
-    cfg = override(load_config(config_path, model=model), "train", {"model": model, "epochs": 1,
-                                                                    "batch_size": batch_size})
-    model_dir, rows, batch = os.path.join(workdir, "epoch", model), summary["per_split"]["train"], \
-        cfg["train"]["batch_size"]
-    logger.info("bench epoch: %s, one epoch over %d train images", model, rows)
-    load_start = loadavg()
-    with PeakRss(interval=1.0) as rss:
-        outer, run = timed(run_training, spark, dataset, model_dir, cfg, overwrite=True)
-    with open(RunDir(model_dir).history, encoding="utf-8") as handle:
-        history = {k: v[0] for k, v in json.load(handle).items() if isinstance(v, list) and v}
-    shutil.rmtree(model_dir, ignore_errors=True)
-    return {"model": model, "train_rows": rows, "val_rows": summary["per_split"].get("val", 0),
-            "num_proc": run["num_proc"], "steps_per_epoch": run["steps_per_epoch"], "batch_size": int(batch),
-            "threads_per_rank": run["threads_per_rank"], "run_json_wall_s": run["wall_seconds"],
-            "epoch_s": round(history["seconds"], 1), "call_s": round(outer, 1),
-            "images_per_s_wall": round(rows / run["wall_seconds"], 1),
-            "images_per_s_epoch": round(rows / history["seconds"], 1),
-            "images_per_s_steps": round(run["steps_per_epoch"] * run["num_proc"] * int(batch) / history["seconds"], 1),
-            **{k: history.get(k) for k in ("loss", "val_loss", "val_accuracy")}, "jvm_peak_rss_mb": rss.peaks["jvm"],
-            "loadavg_at_start": load_start, "loadavg_at_end": loadavg()}
-
-
 def training_rate(results: dict) -> float | None:
     """The rate one rank's reader must sustain: the first model's 1-rank Horovod run, else half its pair."""
     for entry in (results.get("train") or {}).get("rates", []):
@@ -191,9 +65,8 @@ def training_rate(results: dict) -> float | None:
 
 
 def read_ratios(results: dict) -> dict[str, float | None]:
-    rate = training_rate(results)
-    return {v: round(results["read"][v]["images_per_s"] / rate, 2) if rate else None
-            for v in ("no_augment", "augment")}
+    """Each read variant's rate over the training rate."""
+    return {v: ratio(results["read"][v]["images_per_s"], training_rate(results), 2) for v in ("no_augment", "augment")}
 
 
 def verdicts(results: dict) -> list[dict]:
@@ -213,8 +86,8 @@ def verdicts(results: dict) -> list[dict]:
                            f"{g['largest_images']:,} images", f"{g['reference_mb']} → {g['largest_mb']} MiB"))
     if results.get("read"):
         rate = training_rate(results)
-        for variant, ratio in read_ratios(results).items():
-            out.append(verdict("read_vs_train", ratio, variant.replace("_", " "),
+        for variant, measured in read_ratios(results).items():
+            out.append(verdict("read_vs_train", measured, variant.replace("_", " "),
                                f"training rate {rate} images/s (first model, 1 rank)"))
     for entry in (results.get("train") or {}).get("rates", []):
         out.append(verdict("train_efficiency", entry.get("efficiency"), f"{entry['model']}, horovod"))
@@ -231,17 +104,20 @@ def verdicts(results: dict) -> list[dict]:
     return [v for v in out if v]
 
 
-def run(source: str, workdir: str, profile: dict, parts=None, config: dict | None = None,
+def run(source: str, workdir: str | None, profile: dict, parts=None, config: dict | None = None,
         config_path: str | None = None, master: str = "local[2]", spark=None, results: dict | None = None,
         save_to: str | None = None, batch_size: int | None = None, predict_model: str | None = None,
         gc_interval: float = 2.0) -> dict:
     """The results of the chosen ``parts`` (default: the profile's), updating ``results``, saved to ``save_to``
-    (under ``profile["section"]``) after each part; Spark in ``spark`` (not stopped) or a session on ``master``."""
+    (under ``profile["section"]``) after each part; Spark in ``spark`` (not stopped) or a session on ``master``.
+    ``workdir`` is kept if it exists, else made and removed at the end (None: a temporary folder)."""
     from covid_spark.config import load_config
     from covid_spark.data.dataset import has_summary, read_summary
     from covid_spark.data.rundir import git_commit
     from covid_spark.stages.preprocess import preprocess
 
+    work_made = workdir is None or not os.path.exists(workdir)
+    workdir = workdir or tempfile.mkdtemp(prefix="covid-spark-bench-")
     parts, config = tuple(parts or profile["parts"]), config or load_config(config_path)
     distinct = len(source_rows(source))
     sizes, models = parse_sizes(profile["sizes"], distinct, profile["above"]), tuple(profile["models"])
@@ -268,20 +144,20 @@ def run(source: str, workdir: str, profile: dict, parts=None, config: dict | Non
                     source="conf/spark-local.conf" if owned else "the caller's session")
 
     def preprocess_part():
-        spark, fixed = spark_fixed_costs(get_spark, source, workdir, config, sampled_input)
+        spark, fixed = spark_fixed_costs(get_spark, source, workdir, config)
         if not owned:
             fixed["session_start_s"] = None  # the caller's session was already running
         keep, hashes = bool({"read", "train", "epoch"} & set(parts)), "duplicates" in parts
-        entries = [preprocess_size(spark, source, workdir, n, kind, config, fixed["tiny_job_s"], profile,
-                                   keep and (n, kind) == kept, f"{workdir}/hashes-{n}" if hashes and (n, kind) == kept
-                                   else None, gc_interval) for n, kind in sizes]
+        entries = [measure_size(spark, source, workdir, n, kind, config, fixed["tiny_job_s"], profile,
+                                keep and (n, kind) == kept, f"{workdir}/hashes-{n}" if hashes and (n, kind) == kept
+                                else None, gc_interval) for n, kind in sizes]
         return {"spark_fixed": fixed, "sizes": entries, "memory_reference": profile.get("memory_reference"),
                 "memory_growth": memory_growth(entries, profile.get("memory_reference")),
                 "hash_files": [f for e in entries for f in e["pair"].get("hash_files", [])], "settings": settings()}
 
     def ready_dataset() -> str:
         if not has_summary(None, dataset):  # no preprocess part: made now, untimed
-            preprocess(get_spark(), make_input(source, workdir, largest, "sample"), dataset, config, overwrite=True)
+            preprocess(get_spark(), input_of_kind(source, workdir, largest, "sample"), dataset, config, overwrite=True)
         return dataset
 
     def train_part():
@@ -298,11 +174,11 @@ def run(source: str, workdir: str, profile: dict, parts=None, config: dict | Non
     def duplicates_part():
         files = (results.get("preprocess") or {}).get("hash_files") or []
         if not files or not all(os.path.exists(f) for f in files):
-            files = plain_stage(make_input(source, workdir, largest, "sample"), 2, config, f"{workdir}/plain-dup",
+            files = plain_stage(input_of_kind(source, workdir, largest, "sample"), 2, config, f"{workdir}/plain-dup",
                                 f"{workdir}/hashes-{largest}")["hash_files"]
         total, distance = profile["hashes_total"], int(config["preprocess"]["duplicate_distance"])
         logger.info("bench duplicates: real hashes grown to %d, max distance %d, one CPU", total, distance)
-        return dict(in_process(duplicates_on_one_cpu, files, total, distance), total=total, max_distance=distance)
+        return dict(in_process(dup_bench.on_one_cpu, files, total, distance), total=total, max_distance=distance)
 
     def predict_part():
         images, model = profile["predict_images"], predict_model or config["train"]["model"]
@@ -316,13 +192,13 @@ def run(source: str, workdir: str, profile: dict, parts=None, config: dict | Non
     def epoch_part():
         summary = read_summary(None, ready_dataset())
         return {"dataset": dataset, "per_split": summary["per_split"], "epochs": [
-            train_epoch(get_spark(), dataset, summary, m, config_path, batch_size, workdir) for m in models]}
+            train_bench.one_epoch(get_spark(), dataset, summary, m, config_path, batch_size, workdir) for m in models]}
 
     work = {"preprocess": preprocess_part, "train": train_part, "duplicates": duplicates_part,
             "predict": predict_part, "epoch": epoch_part, "read": lambda: train_bench.run_read(
                 get_spark(), ready_dataset(), config, threads, profile["read_warmup"], profile["read_batches"],
                 batch_size)}
-    started_all, work_made = time.time(), not os.path.exists(workdir)
+    started_all = time.time()
     os.makedirs(workdir, exist_ok=True)
     invocation = {"parts": list(parts), "sizes": [f"{n}{'c' if k == 'copies' else ''}" for n, k in sizes],
                   "models": list(models), "steps": {m: steps[m] for m in models}, "warmup_steps": profile["warmup"],
@@ -354,30 +230,11 @@ def run(source: str, workdir: str, profile: dict, parts=None, config: dict | Non
     return results
 
 
-def format_preprocess_part(part: dict) -> str:
-    lines = format_preprocess(part["sizes"], part["spark_fixed"])
-    with_memory = [e for e in part["sizes"] if e["memory"]]
-    if with_memory:
-        lines.append(table(
-            ["images", "driver MiB (before the job)", "Spark Python workers MiB, each",
-             "JVM heap after a full GC MiB (of max)", "forced GCs (s)"],
-            [[f"{e['images']:,}", f"{fmt(m['driver_mb'])} ({fmt(m['driver_before_job_mb'])})",
-              " / ".join(fmt(x) for x in m["python_workers_mb"]), f"{fmt(m['jvm_heap_after_gc_mb'])} "
-              f"({fmt(m['jvm_max_heap_mb'])})", f"{m['forced_gc_samples']} ({fmt(m['forced_gc_s'])})"]
-             for e, m in ((e, e["memory"]) for e in with_memory)], left=(2,)))
-    if part.get("memory_growth"):
-        lines.append(table(["peak memory", "at reference size", "MiB", "at largest size", "MiB", "ratio"],
-                           [[g["process"], f"{g['reference_images']:,}", g["reference_mb"], f"{g['largest_images']:,}",
-                             g["largest_mb"], fmt(g["ratio"], 2)] for g in part["memory_growth"]]))
-    lines.append("Memory settings: " + "; ".join(f"{k} = {v}" for k, v in (part.get("settings") or {}).items() if v))
-    return "\n\n".join(line for line in lines if line)
-
-
 def format_tables(results: dict) -> str:
     """Markdown: every part measured, the whole run's memory, the goals, the time per part."""
     out = []
     if results.get("preprocess"):
-        out.append("### Preprocessing\n\n" + format_preprocess_part(results["preprocess"]))
+        out.append("### Preprocessing\n\n" + format_preprocess(results["preprocess"]))
     if results.get("read"):
         ratios = read_ratios(results)
         out.append("### Reading\n\n" + table(
@@ -474,11 +331,8 @@ def main(argv=None) -> int:
     setup_logging("bench")  # INFO from bench and covid_spark; py4j's INFO chatter stays off
     old = load(output) if args.parts and set(parts) != set(profile["parts"]) else {}
     results = dict((old.get(profile["section"]) or {}) if profile["section"] else old, command=command("run", argv))
-    workdir = args.workdir or tempfile.mkdtemp(prefix="covid-spark-bench-")
-    if not args.workdir:
-        os.rmdir(workdir)  # run removes a folder it makes, and keeps one given
     try:
-        results = run(source, workdir, profile, parts, config_path=args.config, master=args.master,
+        results = run(source, args.workdir, profile, parts, config_path=args.config, master=args.master,
                       results=results, save_to=output, predict_model=args.predict_model)
     except ValueError as exc:
         print(f"bench.run: {exc}", file=sys.stderr)

@@ -3,14 +3,13 @@ each job a spark-submit of its own under bench.treemem (`make bench-100k`; docs/
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
-from bench.harness import REPO, arguments, command, decode_rate, items, loadavg, save, table
+from bench.harness import REPO, arguments, command, decode_rate, items, loadavg, read_json, save, table
 from bench.inputs import manifest_rows, write_manifest
 from bench.treemem import measure
 
@@ -72,53 +71,46 @@ class Submitter:
         return result
 
 
+def bytes_under(path: str) -> int:
+    """The size of a file, or of every file under a folder."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(p) for p in glob.glob(f"{path}/**", recursive=True) if os.path.isfile(p))
+
+
 def run_size(submit: Submitter, data: str, size: int, work: str, model: str, record, jobs=JOBS,
              model_dir: str | None = None) -> dict:
-    """``jobs`` on the first ``size`` images, ``record`` called after each."""
-    folder = os.path.join(work, str(size))
-    os.makedirs(folder, exist_ok=True)
-    manifest = sized_manifest(data, size, folder)
-    dataset = os.path.join(folder, "dataset")
-    out: dict = {"images": size}
-    if "preprocess" in jobs or "train" in jobs:
-        out["preprocess"] = submit.run("preprocess", ["--input", manifest, "--output", dataset],
-                                       os.path.join(folder, "preprocess.log"))
-        from covid_spark.data.dataset import SUMMARY_FILE
-
-        with open(os.path.join(dataset, SUMMARY_FILE), encoding="utf-8") as handle:
-            summary = json.load(handle)
-        groups = summary.get("duplicates", [])
-        out["dataset"] = {"written": summary["written"], "per_split": summary["per_split"],
-                          "duplicate_groups": len(groups), "images_in_duplicate_groups": sum(len(g) for g in groups),
-                          "summary_bytes": os.path.getsize(os.path.join(dataset, SUMMARY_FILE))}
-        record(out)
-    if "train" in jobs and model_dir is None:
-        model_dir = train(submit, out, folder, dataset, model, record)
-    if "predict" in jobs and model_dir is not None:
-        predictions = os.path.join(folder, "predictions.parquet")
-        out["predict"] = submit.run("predict", ["--input", manifest, "--model-dir", model_dir,
-                                                "--output", predictions], os.path.join(folder, "predict.log"))
-        out["predict"]["output_bytes"] = sum(os.path.getsize(p) for p in glob.glob(
-            os.path.join(predictions, "**"), recursive=True) if os.path.isfile(p)) \
-            if os.path.isdir(predictions) else os.path.getsize(predictions)
-        out["predict"]["model_dir"] = model_dir
-        record(out)
-    if "train" in jobs and "train" not in out:
-        train(submit, out, folder, dataset, model, record)
-    return out
-
-
-def train(submit: Submitter, out: dict, folder: str, dataset: str, model: str, record) -> str:
-    """One epoch of ``model`` with 2 ranks on ``dataset``; returns the model dir."""
-    model_dir = os.path.join(folder, "model")
-    out["train"] = submit.run("train", ["--dataset", dataset, "--model-dir", model_dir, "--epochs", "1",
-                                        "--model", model, "--num-proc", "2"], os.path.join(folder, "train.log"))
+    """``jobs`` on the first ``size`` images, ``record`` called after each (train needs preprocess, which then
+    runs). Predict scores with ``model_dir``, before this size's training, or else with the model trained here."""
+    from covid_spark.data.dataset import SUMMARY_FILE
     from covid_spark.data.rundir import RunDir
 
-    with open(RunDir(model_dir).run_json, encoding="utf-8") as handle:
-        out["train"]["train_images"] = json.load(handle)["dataset_summary"]["per_split"]["train"]
-    record(out)
-    return model_dir
+    folder = os.path.join(work, str(size))
+    os.makedirs(folder, exist_ok=True)
+    manifest, dataset, trained = sized_manifest(data, size, folder), f"{folder}/dataset", f"{folder}/model"
+    predictions, scorer = f"{folder}/predictions.parquet", model_dir or trained
+    job_args = {"preprocess": ["--input", manifest, "--output", dataset],
+                "train": ["--dataset", dataset, "--model-dir", trained, "--epochs", "1", "--model", model,
+                          "--num-proc", "2"],
+                "predict": ["--input", manifest, "--model-dir", scorer, "--output", predictions]}
+    wanted = set(jobs) | ({"preprocess"} if "train" in jobs else set())
+    if not model_dir and "train" not in jobs:
+        wanted.discard("predict")  # no model to score with
+    out: dict = {"images": size}
+    for job in (j for j in (("preprocess", "predict", "train") if model_dir else JOBS) if j in wanted):
+        out[job] = submit.run(job, job_args[job], os.path.join(folder, f"{job}.log"))
+        if job == "preprocess":
+            summary = read_json(os.path.join(dataset, SUMMARY_FILE))
+            groups = summary.get("duplicates", [])
+            out["dataset"] = {"written": summary["written"], "per_split": summary["per_split"],
+                              "duplicate_groups": len(groups), "images_in_duplicate_groups": sum(map(len, groups)),
+                              "summary_bytes": os.path.getsize(os.path.join(dataset, SUMMARY_FILE))}
+        elif job == "train":
+            out["train"]["train_images"] = read_json(RunDir(trained).run_json)["dataset_summary"]["per_split"]["train"]
+        else:
+            out["predict"].update(output_bytes=bytes_under(predictions), model_dir=scorer)
+        record(out)
+    return out
 
 
 def tables(results: dict) -> str:

@@ -7,10 +7,11 @@ import importlib.util
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 
-from bench.harness import REPO, collect, fmt, in_process, pct, reap, spawn, table
-from bench.monitors import MachineCpu, maxrss_mb
+from bench.harness import REPO, fmt, in_process, loadavg, pct, ratio, read_json, run_spawned, table, timed
+from bench.monitors import CpuUse, PeakRss, maxrss_mb, others_share
 
 logger = logging.getLogger(__name__)
 
@@ -113,23 +114,21 @@ def window_rate(batch_ends: list[list[float]], warmup: int, batch_size: int,
     return out
 
 
-def _rate_of(reports: list, machine: MachineCpu, job, warmup: int, wall: float) -> dict:
+def _rate_of(reports: list, machine: CpuUse, job, warmup: int, wall: float) -> dict:
     """The rate over the processes' timed window, the others' share of the machine in it, wall and memory."""
     reports = sorted(reports, key=lambda r: r["rank"])
     rate = window_rate([r["batch_ends"] for r in reports], warmup, job.batch_size, [r["batch_cpu"] for r in reports])
     start, end = rate["window"]
     busy = machine.busy_between(start, end)
-    rate["others_share"] = None
-    if busy is not None and end > start:
-        ours = sum(rate["cpu_cores_per_process"]) * (end - start)
-        rate["others_share"] = round(max(0.0, busy - ours) / ((end - start) * (os.cpu_count() or 1)), 3)
+    rate["others_share"] = None if busy is None else others_share(busy, sum(rate["cpu_cores_per_process"]) *
+                                                                  (end - start), end - start)
     return dict(rate, processes=len(reports), wall_s=round(wall, 1), maxrss_mb=[r["maxrss_mb"] for r in reports])
 
 
 def launch(spark, job, num_proc: int, warmup: int) -> dict:
     """The rate of ``num_proc`` ranks of ``job.engine`` launched as ``run_training`` launches them."""
     started = time.perf_counter()
-    with MachineCpu() as machine:
+    with CpuUse() as machine:
         if job.engine == "horovod":
             import horovod.spark
 
@@ -154,12 +153,8 @@ def independent_run(jobs: list, warmup: int, env: dict) -> dict:
     """The same jobs in independent plain processes started together (no launcher: a rank of one)."""
     barrier = mp.get_context("spawn").Barrier(len(jobs))
     started = time.perf_counter()
-    with MachineCpu() as machine:
-        workers, results = spawn(_pair_worker, [(job, env, warmup) for job in jobs], barrier)
-        try:
-            reports = collect(results, workers)
-        finally:
-            reap(workers)
+    with CpuUse() as machine:
+        reports = run_spawned(_pair_worker, [(job, env, warmup) for job in jobs], barrier)
     return _rate_of(reports, machine, jobs[0], warmup, time.perf_counter() - started)
 
 
@@ -186,15 +181,14 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
     logger.info("train bench: %s, 2 independent processes", model)
     out["independent_2"] = independent_run([job(f"{model}-solo{i}", solo_engine()) for i in range(2)], warmup,
                                            rank_env(spark, threads))
-    pair = out["independent_2"]["images_per_s"]
-    if "tf_distribute_2" in out:
-        out["efficiency_tf_distribute"] = round(out["tf_distribute_2"]["images_per_s"] / pair, 3)
-    if "horovod_2" in out:
-        out["efficiency"] = round(out["horovod_2"]["images_per_s"] / pair, 3)
-    if "horovod_1" in out:
+    pair, one = out["independent_2"]["images_per_s"], (out.get("horovod_1") or {}).get("images_per_s")
+    for key, rate in (("efficiency_tf_distribute", "tf_distribute_2"), ("efficiency", "horovod_2")):
+        if rate in out:
+            out[key] = ratio(out[rate]["images_per_s"], pair)
+    if one:
         if "horovod_2" in out:
-            out["speedup_2_vs_1"] = round(out["horovod_2"]["images_per_s"] / out["horovod_1"]["images_per_s"], 3)
-        out["independent_2_vs_1"] = round(pair / out["horovod_1"]["images_per_s"], 3)
+            out["speedup_2_vs_1"] = ratio(out["horovod_2"]["images_per_s"], one)
+        out["independent_2_vs_1"] = ratio(pair, one)
     return out
 
 
@@ -233,6 +227,34 @@ def run_read(spark, dataset: str, config: dict, threads: int, warmup: int, batch
     report = in_process(read_rates, dataset, batch, variants, int(cfg["seed"]), int(cfg["shuffle_buffer"]),
                         threads, warmup, batches, rank_env(spark, threads))
     return dict(report, batch_size=batch, threads=threads)
+
+
+def one_epoch(spark, dataset: str, summary: dict, model: str, config_path: str | None, batch_size: int | None,
+              workdir: str) -> dict:
+    """One whole epoch of ``run_training`` (with validation), its rates by wall time and by the epoch's own time."""
+    from covid_spark.config import load_config, override
+    from covid_spark.data.rundir import RunDir
+    from covid_spark.stages.train import run_training
+
+    cfg = override(load_config(config_path, model=model), "train", {"model": model, "epochs": 1,
+                                                                    "batch_size": batch_size})
+    model_dir, rows = os.path.join(workdir, "epoch", model), summary["per_split"]["train"]
+    batch = int(cfg["train"]["batch_size"])
+    logger.info("bench epoch: %s, one epoch over %d train images", model, rows)
+    load_start = loadavg()
+    with PeakRss(interval=1.0) as rss:
+        outer, run = timed(run_training, spark, dataset, model_dir, cfg, overwrite=True)
+    history = {k: v[0] for k, v in read_json(RunDir(model_dir).history).items() if isinstance(v, list) and v}
+    shutil.rmtree(model_dir, ignore_errors=True)
+    epoch_s = history["seconds"]
+    return {"model": model, "train_rows": rows, "val_rows": summary["per_split"].get("val", 0),
+            "num_proc": run["num_proc"], "steps_per_epoch": run["steps_per_epoch"], "batch_size": batch,
+            "threads_per_rank": run["threads_per_rank"], "run_json_wall_s": run["wall_seconds"],
+            "epoch_s": round(epoch_s, 1), "call_s": round(outer, 1),
+            "images_per_s_wall": round(rows / run["wall_seconds"], 1), "images_per_s_epoch": round(rows / epoch_s, 1),
+            "images_per_s_steps": round(run["steps_per_epoch"] * run["num_proc"] * batch / epoch_s, 1),
+            **{k: history.get(k) for k in ("loss", "val_loss", "val_accuracy")}, "jvm_peak_rss_mb": rss.peaks["jvm"],
+            "loadavg_at_start": load_start, "loadavg_at_end": loadavg()}
 
 
 RUNS = (("horovod_1", "1 Horovod rank", None), ("horovod_2", "2 Horovod ranks", "efficiency"),

@@ -10,13 +10,33 @@ import importlib.util
 
 import pytest
 
-from bench.inputs import sized_input, synthetic_input
+from bench.inputs import repeated_input, write_manifest
 from bench.train_bench import window_rate
 
 # The benchmarks time Horovod ranks against independent processes.
 needs_horovod = pytest.mark.skipif(
     importlib.util.find_spec("horovod") is None,
     reason="Horovod is not installed: the current stack has none (README 'Two stacks'); the benchmarks time its ranks")
+
+
+def synthetic_input(folder: str, images: int, side: int = 96, seed: int = 0) -> str:
+    """``images`` small random greyscale JPEGs, one patient each, classes in turn, with their manifest."""
+    import numpy as np
+    from PIL import Image
+
+    from covid_spark.constants import CLASSES
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(images):
+        label = CLASSES[index % len(CLASSES)]
+        ramp = np.linspace(0, 255, side)[None, :] * rng.uniform(0.3, 1.0)
+        pixels = np.clip(ramp + rng.normal(0, 40, (side, side)), 0, 255).astype(np.uint8)
+        rel = os.path.join(label, f"synthetic-{index:04d}.jpg")
+        os.makedirs(os.path.join(folder, label), exist_ok=True)
+        Image.fromarray(pixels, "L").save(os.path.join(folder, rel), quality=90)
+        rows.append({"path": rel, "label": label, "source": "synthetic", "patient_id": f"p{index}"})
+    return write_manifest(folder, rows)
 
 
 def _positive(value) -> bool:
@@ -62,9 +82,9 @@ def test_window_rate_rejects_runs_that_do_not_overlap():
         window_rate([[1.0, 2.0, 3.0]], warmup=3, batch_size=1)
 
 
-def test_sized_input_repeats_the_source_through_symlinks(tmp_path):
+def test_repeated_input_repeats_the_source_through_symlinks(tmp_path):
     source = synthetic_input(str(tmp_path / "src"), 5)
-    folder = sized_input(source, str(tmp_path / "big"), 12)
+    folder = repeated_input(source, str(tmp_path / "big"), 12)
     with open(os.path.join(folder, "manifest.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
@@ -142,7 +162,7 @@ def test_bench_runs_end_to_end_on_tiny_input(spark, tmp_path):
 
 
 def test_xl_sizes_samples_and_copies(tmp_path):
-    from bench.inputs import copied_input, sampled_input
+    from bench.inputs import sampled_input
     from bench.run import parse_sizes
 
     assert parse_sizes("5000, 671,50000,3000c", 17445) == [(671, "sample"), (3000, "copies"), (5000, "sample"),
@@ -159,7 +179,7 @@ def test_xl_sizes_samples_and_copies(tmp_path):
     assert all(os.path.isabs(r["path"]) and r["path"].startswith(str(tmp_path / "src")) for r in rows)
     assert len({r["path"] for r in rows}) == 6 and not os.path.exists(os.path.join(sample, "covid"))
 
-    copies = copied_input(source, str(tmp_path / "copies"), 20, seed=1)
+    copies = repeated_input(source, str(tmp_path / "copies"), 20, seed=1)
     with open(os.path.join(copies, "manifest.csv"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     files = [os.path.join(copies, r["path"]) for r in rows]

@@ -1,15 +1,12 @@
-"""python -m bench.predict_bench --input DIR_OR_MANIFEST [--input ...] [--model-dir DIR] [--images N]: the Spark
-predict job against one plain process running the same decode and model (docs/performance.md, "Real data at
-scale", 4)."""
+"""The Spark predict job against one plain process running the same decode and model (`python -m bench.run --xl
+--parts predict`; docs/performance.md, "Real data at scale", 4)."""
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 import time
 
-from bench.harness import arguments, in_process, ratio, read_json, save, start_spark, timed
+from bench.harness import in_process, ratio, read_json, start_spark, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
 SESSION = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g"}
@@ -104,27 +101,3 @@ def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None
     result["ratio"] = ratio(result["spark"]["images_per_s"], result["ideal_images_per_s"])
     return result
 
-
-def main(argv=None) -> int:
-    from covid_spark.config import load_config
-
-    parser = arguments("Spark predict throughput against one plain process.", model="efficientnet_lite0",
-                       master="local[2]", output=None)
-    parser.add_argument("--input", action="append", required=True, help="folder or manifest, repeatable")
-    parser.add_argument("--model-dir", help="default: an untrained-head model of --model in a temp dir")
-    parser.add_argument("--images", type=int, default=1000, help="inputs spread over the listing (0: all)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="predict-bench-model-") as tmp:
-        model_dir = args.model_dir or untrained_model_dir(
-            args.model, int(load_config()["preprocess"]["image_size"]), os.path.join(tmp, "model"))["model_dir"]
-        r = bench_predict(args.input if len(args.input) > 1 else args.input[0], model_dir, args.images or None,
-                          args.master, args.batch_size)
-    print(json.dumps(r, indent=2))
-    if args.output:
-        save(r, args.output)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ import os
 import random
 import time
 
-from bench.harness import read_json, usable_cpus
+from bench.harness import read_json, timed, usable_cpus
 from bench.monitors import maxrss_mb
 from covid_spark.config import load_config
 from covid_spark.data.duplicates import group_duplicates, group_duplicates_all_pairs
@@ -60,25 +60,20 @@ def grow(base: dict[str, int], total: int, seed: int = 0) -> dict[str, int]:
     return grown
 
 
-def _timed(function, hashes: dict[str, int], max_distance: int) -> tuple[list[list[str]], float, float]:
-    """Groups, wall seconds and CPU seconds of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    groups = function(hashes, max_distance)
-    return groups, time.perf_counter() - wall, time.process_time() - cpu
-
-
 def bench_duplicates(real_hashes: dict[str, int] | None, total: int = 100_000, *,
                      max_distance: int, seed: int = 0) -> dict:
     """Banded grouping of ``total`` hashes timed, and checked against all-pairs (on at most ``ALL_PAIRS_MAX``)."""
     loadavg = list(os.getloadavg())
     hashes = grow(synthetic_hashes(seed=seed) if real_hashes is None else real_hashes, total, seed)
-    groups, seconds, cpu_seconds = _timed(group_duplicates, hashes, max_distance)
+    cpu_started = time.process_time()
+    seconds, groups = timed(group_duplicates, hashes, max_distance)
+    cpu_seconds = time.process_time() - cpu_started
     logger.info("banded: %d hashes in %.2f s, %d groups", len(hashes), seconds, len(groups))
     checked, banded_same_set, banded_seconds_same_set = hashes, groups, seconds
     if len(hashes) > ALL_PAIRS_MAX:
         checked = {k: hashes[k] for k in random.Random(seed).sample(sorted(hashes), ALL_PAIRS_MAX)}
-        banded_same_set, banded_seconds_same_set, _cpu = _timed(group_duplicates, checked, max_distance)
-    reference, all_pairs_seconds, _cpu = _timed(group_duplicates_all_pairs, checked, max_distance)
+        banded_seconds_same_set, banded_same_set = timed(group_duplicates, checked, max_distance)
+    all_pairs_seconds, reference = timed(group_duplicates_all_pairs, checked, max_distance)
     logger.info("all-pairs: %d hashes in %.2f s", len(checked), all_pairs_seconds)
     return {"n": len(hashes), "seconds_banded": round(seconds, 3), "cpu_seconds_banded": round(cpu_seconds, 3),
             "groups": len(groups), "largest_group": max((len(g) for g in groups), default=0),

@@ -50,11 +50,6 @@ def plan(rows: list[dict], count: int) -> list[tuple[dict, int]]:
     return [(rows[i % len(rows)], i // len(rows)) for i in range(count)]
 
 
-def patient_of(row: dict) -> str:
-    """The patient id all variants of ``row`` share (its own, or one made from its file name)."""
-    return row["patient_id"].strip() or "xl-" + os.path.splitext(os.path.basename(row["path"]))[0]
-
-
 def _write_one(args: tuple[str, str, dict, int, int, bool]) -> dict:
     source_dir, output, row, variant, seed, repeated = args
     with open(os.path.join(source_dir, row["path"]), "rb") as handle:
@@ -68,7 +63,9 @@ def _write_one(args: tuple[str, str, dict, int, int, bool]) -> dict:
     with open(tmp, "wb") as handle:
         handle.write(data)
     os.replace(tmp, target)
-    return {**{k: row.get(k, "") for k in COLUMNS}, "path": relative, "patient_id": patient_of(row),
+    # every variant keeps its source's patient: its own id, or one made from its file name
+    patient = row["patient_id"].strip() or "xl-" + os.path.splitext(os.path.basename(row["path"]))[0]
+    return {**{k: row.get(k, "") for k in COLUMNS}, "path": relative, "patient_id": patient,
             "derived_from": row["path"], "variant": variant, "sha256": hashlib.sha256(data).hexdigest()}
 
 

@@ -137,14 +137,6 @@ def _tree_cpu(me) -> dict[str, float]:
     return sums
 
 
-def machine_busy() -> float:
-    """Busy core-seconds of the whole machine since boot."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-
-
 class CpuUse(Sampler):
     """Core-seconds during a block: ours by kind (``ours_core_s``), the machine's, other users' (``result``); the
     machine's busy core-seconds sampled every ``interval`` s, for :meth:`busy_between`."""
@@ -159,7 +151,12 @@ class CpuUse(Sampler):
         self._me = psutil.Process()
 
     def sample(self) -> None:
-        self.samples.append((time.time(), machine_busy()))
+        """Records the machine's busy core-seconds since boot, with the time."""
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        self.samples.append((time.time(), busy))
 
     def __enter__(self) -> CpuUse:
         self._tree, self._started = _tree_cpu(self._me), time.perf_counter()

@@ -143,16 +143,6 @@ def warm_page_cache(location: str) -> dict:
     return {"files": files, "mb": round(total / MB, 1), "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _memory_of(run: dict, heap: dict, driver_before_mb: float) -> dict:
-    roles = {role: [w["peak_mb"] for w in run["python_worker_peaks_mb"] if w["role"] == role]
-             for role in ("worker", "daemon")}
-    peaks = run["peak_rss_mb"]
-    return dict(heap, driver_mb=peaks["driver"], driver_before_job_mb=driver_before_mb,
-                python_worker_max_mb=max(roles["worker"], default=None), python_workers_mb=sorted(roles["worker"]),
-                python_daemon_mb=max(roles["daemon"], default=None),
-                python_workers_sum_mb=peaks["spark_python_workers"], jvm_rss_mb=peaks["jvm"])
-
-
 def measure_size(spark, source: str, workdir: str, images: int, kind: str, config: dict, fixed_job_s: float,
                  profile: dict, keep: bool, hashes_to: str | None, gc_interval: float) -> dict:
     """One size: one plain process (``profile["single"]``), two, then the Spark job, and their ratios; with
@@ -174,7 +164,13 @@ def measure_size(spark, source: str, workdir: str, images: int, kind: str, confi
             with JvmHeap(spark, interval=gc_interval) as heap:  # its forced full GCs pause the JVM: not timed
                 memory_run = spark_preprocess(spark, location, output, config)
             run["seconds_of_memory_run"] = memory_run["seconds"]
-            memory = _memory_of(memory_run, heap.result, driver_before)
+            workers, daemons = ([w["peak_mb"] for w in memory_run["python_worker_peaks_mb"] if w["role"] == role]
+                                for role in ("worker", "daemon"))
+            peaks = memory_run["peak_rss_mb"]
+            memory = dict(heap.result, driver_mb=peaks["driver"], driver_before_job_mb=driver_before,
+                          python_worker_max_mb=max(workers, default=None), python_workers_mb=sorted(workers),
+                          python_daemon_mb=max(daemons, default=None),
+                          python_workers_sum_mb=peaks["spark_python_workers"], jvm_rss_mb=peaks["jvm"])
         if not keep:
             shutil.rmtree(output, ignore_errors=True)
     finally:

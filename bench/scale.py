@@ -71,13 +71,6 @@ class Submitter:
         return result
 
 
-def bytes_under(path: str) -> int:
-    """The size of a file, or of every file under a folder."""
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(p) for p in glob.glob(f"{path}/**", recursive=True) if os.path.isfile(p))
-
-
 def run_size(submit: Submitter, data: str, size: int, work: str, model: str, record, jobs=JOBS,
              model_dir: str | None = None) -> dict:
     """``jobs`` on the first ``size`` images, ``record`` called after each (train needs preprocess, which then
@@ -108,7 +101,9 @@ def run_size(submit: Submitter, data: str, size: int, work: str, model: str, rec
         elif job == "train":
             out["train"]["train_images"] = read_json(RunDir(trained).run_json)["dataset_summary"]["per_split"]["train"]
         else:
-            out["predict"].update(output_bytes=bytes_under(predictions), model_dir=scorer)
+            written = [predictions] if os.path.isfile(predictions) else glob.glob(f"{predictions}/**", recursive=True)
+            out["predict"].update(output_bytes=sum(os.path.getsize(p) for p in written if os.path.isfile(p)),
+                                  model_dir=scorer)
         record(out)
     return out
 

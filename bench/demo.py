@@ -52,8 +52,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = arguments("Time `make demo` stage by stage.", output=RESULTS)
-    parser.add_argument("--run-id", default=time.strftime("bench-demo-%Y%m%d-%H%M%S"))
+    parser = arguments("Time `make demo` stage by stage.", output=RESULTS,
+                       run_id=(time.strftime("bench-demo-%Y%m%d-%H%M%S"), "the run's id, its folder under runs/"))
     args = parser.parse_args(argv)
     result = run_demo(args.run_id, os.environ.get("MAKE", "make"))
     result["machine"] = machine()

@@ -3,14 +3,13 @@ near-duplicate grouping against all-pairs on one thread; prints one JSON object 
 at scale", 3)."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import random
 import time
 
-from bench.harness import read_json, timed, usable_cpus
+from bench.harness import arguments, read_json, timed, usable_cpus
 from bench.monitors import maxrss_mb
 from covid_spark.config import load_config
 from covid_spark.data.duplicates import group_duplicates, group_duplicates_all_pairs
@@ -102,14 +101,10 @@ def on_one_cpu(hash_files: list[str], total: int, max_distance: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Time banded near-duplicate grouping against all-pairs.")
-    parser.add_argument("--total", type=int, default=100_000, help="hashes to group (default 100000)")
-    default_distance = int(load_config()["preprocess"]["duplicate_distance"])
-    parser.add_argument("--max-distance", type=int, default=default_distance,
-                        help=f"Hamming distance (default: preprocess.duplicate_distance, {default_distance})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hashes", help="JSON object key -> hash (int or decimal string) to use as the "
-                                         "base instead of synthetic hashes")
+    parser = arguments("Time banded near-duplicate grouping against all-pairs.", total=(100_000, "hashes to group"),
+                       max_distance=(int(load_config()["preprocess"]["duplicate_distance"]),
+                                     "Hamming distance (preprocess.duplicate_distance)"), seed=(0, "random seed"),
+                       hashes=(None, "JSON object key -> hash (int or decimal string): the base, not synthetic hashes"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     real = read_hashes([args.hashes]) if args.hashes else None

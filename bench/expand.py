@@ -3,7 +3,6 @@ then seeded variants of each (crop, rotation, intensity, JPEG quality) that keep
 bytes (docs/performance.md, "100,000 images")."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -12,7 +11,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from bench.harness import CXR_XL
+from bench.harness import CXR_XL, arguments
 from bench.inputs import manifest_rows, write_manifest
 
 COLUMNS = ("path", "label", "source", "patient_id", "view", "license", "url", "derived_from", "variant", "sha256")
@@ -98,12 +97,9 @@ def expand(source_dir: str, output: str, count: int, seed: int = 0, workers: int
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.expand", description=" ".join(__doc__.split()))
-    parser.add_argument("--source", default=CXR_XL, help="a folder with manifest.csv (default ../shared/data/cxr-xl)")
+    parser = arguments(__doc__, source=(CXR_XL, "a folder with manifest.csv"), count=(100_000, "files to write"),
+                       seed=(0, "random seed"), workers=(os.cpu_count() or 1, "processes writing"))
     parser.add_argument("--output", required=True, help="the folder to write (outside the repository)")
-    parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.path.exists(os.path.join(args.output, "manifest.csv")):
         print(f"expand: {args.output} already holds a manifest.csv; remove the folder or choose another",

@@ -84,13 +84,11 @@ def main(argv=None) -> int:
     from covid_spark.cli import setup_logging
     from covid_spark.config import load_config
 
-    parser = arguments(__doc__, input=CXR_XL, master="local[2]", config=None, model="compact")
-    parser.add_argument("--out", default=f"runs/grow-bench-{time.strftime('%Y%m%d-%H%M%S')}")
-    parser.add_argument("--fraction", type=float, default=0.01)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stream-files", type=int, default=2000)
-    parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--model-dir", help="a trained model dir (default: an untrained --model, same cost)")
+    parser = arguments(__doc__, input=CXR_XL, master="local[2]", config=None, model="compact",
+                       out=(f"runs/grow-bench-{time.strftime('%Y%m%d-%H%M%S')}", "folder for grow_bench.json and data"),
+                       fraction=(0.01, "share of the collection appended"), seed=(0, "random seed"),
+                       stream_files=(2000, "files streamed"), batches=(20, "micro-batches they arrive in"),
+                       model_dir=(None, "a trained model dir (default: an untrained --model, same cost)"))
     parser.add_argument("--skip", choices=("append", "stream"), action="append", default=[])
     args = parser.parse_args(argv)
     setup_logging("bench")

@@ -262,11 +262,14 @@ OPTIONS = {"input": "images: a folder or manifest", "master": "Spark master", "m
 
 
 def arguments(description: str, **defaults) -> argparse.ArgumentParser:
-    """A parser with the shared ``OPTIONS`` named in ``defaults`` (name → default, or (default, help))."""
+    """A parser with an option ``--name`` (``_`` written ``-``) per keyword: one of the shared ``OPTIONS`` given its
+    default, any other given ``(default, help)``; an int or float default makes the option's type."""
     parser = argparse.ArgumentParser(description=" ".join(description.split()))
     for name, default in defaults.items():
         default, text = default if isinstance(default, tuple) else (default, OPTIONS[name])
-        parser.add_argument(f"--{name}", default=default, help=text + (" (default: %(default)s)" if default else ""))
+        kind = type(default) if isinstance(default, (int, float)) else None
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default, type=kind,
+                            help=text + (" (default: %(default)s)" if default else ""))
     return parser
 
 

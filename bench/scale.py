@@ -141,13 +141,12 @@ def tables(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = arguments(__doc__, model="compact", master="local[2]", output=DEFAULT_OUTPUT, workdir=None)
+    parser = arguments(__doc__, model="compact", master="local[2]", output=DEFAULT_OUTPUT, workdir=None,
+                       sizes=("17445,100000", "comma-separated; each the first N manifest rows"),
+                       jobs=(",".join(JOBS), "which to run (train needs preprocess, which then runs)"),
+                       predict_model=(None, "the model dir predict scores with at every size (default: the one "
+                                            "trained at the first size)"))
     parser.add_argument("--data", required=True, help="a folder written by python -m bench.expand")
-    parser.add_argument("--sizes", default="17445,100000", help="comma-separated; each the first N manifest rows")
-    parser.add_argument("--jobs", default=",".join(JOBS),
-                        help="which of preprocess,train,predict to run (train needs preprocess, which then runs)")
-    parser.add_argument("--predict-model", help="the model dir predict scores with at every size (default: the one "
-                                                "trained at the first size)")
     parser.add_argument("--cluster", action="store_true", help="start a 2-worker standalone cluster and use it")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (default: a temporary one)")
     args = parser.parse_args(argv)

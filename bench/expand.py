@@ -44,11 +44,6 @@ def variant_bytes(data: bytes, key: str) -> bytes:
     return out.getvalue()
 
 
-def plan(rows: list[dict], count: int) -> list[tuple[dict, int]]:
-    """(source row, variant) for every output: variant 0 of every row first, then variant 1 of every row, …"""
-    return [(rows[i % len(rows)], i // len(rows)) for i in range(count)]
-
-
 def _write_one(args: tuple[str, str, dict, int, int, bool]) -> dict:
     source_dir, output, row, variant, seed, repeated = args
     with open(os.path.join(source_dir, row["path"]), "rb") as handle:
@@ -78,8 +73,10 @@ def expand(source_dir: str, output: str, count: int, seed: int = 0, workers: int
         (repeats if digest in seen else seen).add(row["path"] if digest in seen else digest)
     order = list(rows)
     random.Random(seed).shuffle(order)
-    jobs = [(source_dir, output, row, variant, seed, variant == 0 and row["path"] in repeats)
-            for row, variant in plan(order, count)]
+    jobs = []
+    for i in range(count):  # variant 0 of every source, in a seeded order, then variant 1 of every one, …
+        row, variant = order[i % len(order)], i // len(order)
+        jobs.append((source_dir, output, row, variant, seed, variant == 0 and row["path"] in repeats))
     for folder in sorted({os.path.dirname(r["path"]) for r in rows}):
         os.makedirs(os.path.join(output, folder), exist_ok=True)
     started = time.perf_counter()
@@ -92,7 +89,7 @@ def expand(source_dir: str, output: str, count: int, seed: int = 0, workers: int
         hashes[entry["sha256"]] = entry["path"]
     write_manifest(output, written, COLUMNS)
     return {"files": len(written), "sources": len(rows), "identical_sources": len(repeats),
-            "variants": max(v for _, v in plan(rows, count)) + 1, "patients": len({e["patient_id"] for e in written}),
+            "variants": max(e["variant"] for e in written) + 1, "patients": len({e["patient_id"] for e in written}),
             "seconds": round(time.perf_counter() - started, 1)}
 
 

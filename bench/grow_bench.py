@@ -16,24 +16,19 @@ from bench.monitors import PeakRss
 logger = logging.getLogger("bench")
 
 
-def split_manifest(source: str, out: str, fraction: float, seed: int) -> tuple[str, list[dict], list[dict]]:
-    """A folder whose manifest lists the collection minus ``fraction`` (absolute paths); the rows kept and held back."""
+def bench_append(spark, args, config) -> dict:
+    """Appending a seeded ``args.fraction`` of the collection to a dataset of the rest, against a full preprocess."""
     import numpy as np
 
-    rows = manifest_rows(source, absolute=True)
-    count = max(1, round(len(rows) * fraction))
-    held = set(np.random.default_rng(seed).choice(len(rows), count, replace=False).tolist())
-    folder = os.path.join(out, os.path.basename(os.path.abspath(source)))  # same folder name: same default source
-    write_manifest(folder, [r for i, r in enumerate(rows) if i not in held], list(rows[0]))
-    return folder, rows, [r for i, r in enumerate(rows) if i in held]
-
-
-def bench_append(spark, args, config) -> dict:
     from covid_spark.config import override
     from covid_spark.stages.append import append
     from covid_spark.stages.preprocess import preprocess
 
-    folder, rows, held = split_manifest(args.input, os.path.join(args.out, "inputs"), args.fraction, args.seed)
+    rows = manifest_rows(args.input, absolute=True)
+    held = set(np.random.default_rng(args.seed).choice(len(rows), max(1, round(len(rows) * args.fraction)),
+                                                       replace=False).tolist())
+    folder = os.path.join(args.out, "inputs", os.path.basename(os.path.abspath(args.input)))  # the same default source
+    write_manifest(folder, [r for i, r in enumerate(rows) if i not in held], list(rows[0]))  # all but the held back
     warm = write_manifest(os.path.join(args.out, "inputs", "warm"), rows[:64], list(rows[0]))
     tiny = override(config, "preprocess", {"min_row_groups": 1})
     preprocess(spark, warm, os.path.join(args.out, "warm-dataset"), tiny)

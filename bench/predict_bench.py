@@ -9,8 +9,6 @@ import time
 from bench.harness import in_process, ratio, read_json, start_spark, timed
 from bench.monitors import CpuUse, PeakRss, maxrss_mb
 
-SESSION = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g"}
-
 
 def save_untrained(model: str, image_size: int, model_dir: str) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,19 +39,6 @@ def untrained_model_dir(model: str, image_size: int, model_dir: str) -> dict:
                 model_dir=model_dir)
 
 
-def subset_folder(inputs, folder: str, n_images: int | None) -> tuple[str, int]:
-    """``(folder, count)``: symlinks to ``n_images`` inputs spread evenly over their path order."""
-    from covid_spark.inputs.sources import discover
-
-    paths = sorted(r.path for r in discover(inputs, labelled=False).records)
-    if n_images is not None and n_images < len(paths):
-        paths = [paths[int(i * len(paths) / n_images)] for i in range(n_images)]
-    os.makedirs(folder, exist_ok=True)
-    for i, path in enumerate(paths):
-        os.symlink(os.path.abspath(path), os.path.join(folder, f"{i:05d}-{os.path.basename(path)}"))
-    return folder, len(paths)
-
-
 def plain_predict(folder: str, model_dir: str, batch_size: int) -> dict:
     """The plain process: everything but decoding and scoring happens before the clock."""
     from covid_spark.config import load_config
@@ -77,17 +62,24 @@ def plain_predict(folder: str, model_dir: str, batch_size: int) -> dict:
                "model_load_s": round(load_s, 2), "peak_rss_mb": maxrss_mb()}
 
 
-def bench_predict(input_dir_or_list, model_dir: str, n_images: int | None = None, master: str = "local[2]",
-                  batch_size: int = 32) -> dict:
-    """Spark predict's images/s and core-ms per image against one plain process's."""
+def bench_predict(inputs: str, model_dir: str, master: str = "local[2]", batch_size: int = 32) -> dict:
+    """Spark predict's images/s and core-ms per image against one plain process's, both reading one folder of
+    symlinks to ``inputs`` (a folder or manifest)."""
     from covid_spark.config import load_config
+    from covid_spark.inputs.sources import discover
     from covid_spark.stages.predict import predict
 
+    session = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g"}
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
-        folder, n = subset_folder(input_dir_or_list, os.path.join(tmp, "inputs"), n_images)
+        folder = os.path.join(tmp, "inputs")
+        os.makedirs(folder)
+        paths = sorted(r.path for r in discover(inputs, labelled=False).records)
+        for i, path in enumerate(paths):
+            os.symlink(os.path.abspath(path), os.path.join(folder, f"{i:05d}-{os.path.basename(path)}"))
+        n = len(paths)
         result = {"images": n, "master": master, "batch_size": batch_size, "loadavg_before": os.getloadavg()}
         result["plain"] = in_process(plain_predict, folder, model_dir, batch_size)
-        with start_spark(master, SESSION, "predict bench") as spark, PeakRss(interval=0.2) as rss, CpuUse() as cpu:
+        with start_spark(master, session, "predict bench") as spark, PeakRss(interval=0.2) as rss, CpuUse() as cpu:
             seconds, run = timed(predict, spark, folder, model_dir, os.path.join(tmp, "predictions.csv"),
                                  load_config(), batch_size=batch_size)
             parallelism = spark.sparkContext.defaultParallelism

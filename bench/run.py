@@ -187,7 +187,7 @@ def run(source: str, workdir: str | None, profile: dict, parts=None, config: dic
                                                  os.path.join(workdir, f"model-untrained-{model}"))
         logger.info("bench predict: %d images, Spark against one plain process", images)
         return {"images": images, "input": location, "model": made,
-                "result": in_process(predict_bench.bench_predict, location, made["model_dir"], images)}
+                "result": in_process(predict_bench.bench_predict, location, made["model_dir"])}
 
     def epoch_part():
         summary = read_summary(None, ready_dataset())

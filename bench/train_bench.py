@@ -149,15 +149,6 @@ def _pair_worker(job, env: dict, warmup: int, barrier, results) -> None:
     results.put(timed_train_fn(job, barrier, warmup))
 
 
-def independent_run(jobs: list, warmup: int, env: dict) -> dict:
-    """The same jobs in independent plain processes started together (no launcher: a rank of one)."""
-    barrier = mp.get_context("spawn").Barrier(len(jobs))
-    started = time.perf_counter()
-    with CpuUse() as machine:
-        reports = run_spawned(_pair_worker, [(job, env, warmup) for job in jobs], barrier)
-    return _rate_of(reports, machine, jobs[0], warmup, time.perf_counter() - started)
-
-
 def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup: int, workdir: str,
               batch_size: int | None = None, ranks: tuple[int, ...] = (1, 2),
               engines: tuple[str, ...] = ("horovod",), independent: bool = True) -> dict:
@@ -178,9 +169,12 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
                                                                    num_proc, warmup)
     if not independent:
         return out
-    logger.info("train bench: %s, 2 independent processes", model)
-    out["independent_2"] = independent_run([job(f"{model}-solo{i}", solo_engine()) for i in range(2)], warmup,
-                                           rank_env(spark, threads))
+    logger.info("train bench: %s, 2 independent processes", model)  # started together, no launcher: a rank of one
+    solos, env = [job(f"{model}-solo{i}", solo_engine()) for i in range(2)], rank_env(spark, threads)
+    barrier, started = mp.get_context("spawn").Barrier(len(solos)), time.perf_counter()
+    with CpuUse() as machine:
+        reports = run_spawned(_pair_worker, [(solo, env, warmup) for solo in solos], barrier)
+    out["independent_2"] = _rate_of(reports, machine, solos[0], warmup, time.perf_counter() - started)
     pair, one = out["independent_2"]["images_per_s"], (out.get("horovod_1") or {}).get("images_per_s")
     for key, rate in (("efficiency_tf_distribute", "tf_distribute_2"), ("efficiency", "horovod_2")):
         if rate in out:

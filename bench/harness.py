@@ -61,12 +61,6 @@ def verdict(key: str, measured: float | None, subject: str = "", detail: str = "
             "miss_pct": None if met else round(100 * abs(measured - goal.target) / goal.target, 1), "detail": detail}
 
 
-def verdict_table(verdicts: list[dict]) -> str:
-    return table(["goal", "measured", "target", "met"],
-                 [[v["goal"], fmt(float(v["measured"]), 2), f"{v['direction']} {v['target']:g}",
-                   "yes" if v["met"] else f"**no**, {v['miss_pct']:g} % off"] for v in verdicts], left=(0, 3))
-
-
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -209,7 +209,13 @@ def format_preprocess(part: dict) -> str:
     """The preprocess part in Markdown: images/s and CPU per size, where the largest size's Spark job spent its
     time, Spark's fixed costs, memory per size and its growth, the memory settings."""
     entries, fixed = part["sizes"], part["spark_fixed"]
-    lines = [format_sizes(entries), format_cpu(entries), format_jobs(max(entries, key=lambda e: e["images"])),
+    sizes = table(["images", "input", "1 plain process", "2 plain processes", "Spark job", "Spark − fixed cost",
+                   "Spark / pair", "(Spark − fixed) / pair", "pair / single"],
+                  [[f"{e['images']:,}", e.get("kind") or e.get("size") or "",
+                    (e.get("single") or {}).get("images_per_s"), e["pair"]["images_per_s"], e["spark"]["images_per_s"],
+                    e["spark"]["net_images_per_s"], fmt(e["spark_vs_pair"], 2), fmt(e["spark_net_vs_pair"], 2),
+                    fmt(e.get("pair_vs_single"), 2)] for e in entries], left=(1,))
+    lines = [sizes, format_cpu(entries), format_jobs(max(entries, key=lambda e: e["images"])),
              f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on "
              f"{fixed['tiny_job_images']} images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the "
              f"Python workers), {fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates)."]
@@ -228,16 +234,6 @@ def format_preprocess(part: dict) -> str:
                              g["largest_mb"], fmt(g["ratio"], 2)] for g in part["memory_growth"]]))
     lines.append("Memory settings: " + "; ".join(f"{k} = {v}" for k, v in (part.get("settings") or {}).items() if v))
     return "\n\n".join(line for line in lines if line)
-
-
-def format_sizes(entries: list[dict]) -> str:
-    return table(["images", "input", "1 plain process", "2 plain processes", "Spark job", "Spark − fixed cost",
-                  "Spark / pair", "(Spark − fixed) / pair", "pair / single"],
-                 [[f"{e['images']:,}", e.get("kind") or e.get("size") or "",
-                   (e.get("single") or {}).get("images_per_s"),
-                   e["pair"]["images_per_s"], e["spark"]["images_per_s"], e["spark"]["net_images_per_s"],
-                   fmt(e["spark_vs_pair"], 2), fmt(e["spark_net_vs_pair"], 2), fmt(e.get("pair_vs_single"), 2)]
-                  for e in entries], left=(1,))
 
 
 def format_cpu(entries: list[dict]) -> str:

@@ -12,7 +12,7 @@ import time
 
 from bench import dup_bench, predict_bench, train_bench
 from bench.harness import (CXR_XL, DATA, REPO, RESULTS, GOALS, arguments, command, fmt, in_process, items, load,
-                           loadavg, machine, pct, ratio, report, save, start_spark, table, verdict, verdict_table)
+                           loadavg, machine, pct, ratio, report, save, start_spark, table, verdict)
 from bench.inputs import input_of_kind, sampled_input, source_rows
 from bench.monitors import PeakRss, maxrss_mb
 from bench.preprocess_bench import format_preprocess, measure_size, memory_growth, plain_stage, spark_fixed_costs
@@ -281,7 +281,9 @@ def format_tables(results: dict) -> str:
                    f"sampled, at one instant: JVM {fmt(tree['jvm'])}, Spark Python workers "
                    f"{fmt(tree['spark_python_workers'])}, the whole process tree {fmt(tree['tree'])} MiB.")
     if results.get("verdicts"):
-        out.append("### Goals\n\n" + verdict_table(results["verdicts"]))
+        out.append("### Goals\n\n" + table(["goal", "measured", "target", "met"], [
+            [v["goal"], fmt(float(v["measured"]), 2), f"{v['direction']} {v['target']:g}",
+             "yes" if v["met"] else f"**no**, {v['miss_pct']:g} % off"] for v in results["verdicts"]], left=(0, 3)))
     out.append("Time per part: " + ", ".join(f"{p} {results[p]['seconds']:.0f} s" for p in PARTS if results.get(p)))
     return "\n\n".join(out)
 

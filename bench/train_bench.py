@@ -38,17 +38,6 @@ def rank_env(spark, threads: int) -> dict[str, str]:
     return env
 
 
-def make_job(dataset: str, config: dict, model: str, threads: int, steps: int, checkpoint_dir: str,
-             batch_size: int | None = None, engine: str = "horovod"):
-    """A ``TrainJob`` for ``steps`` steps of one epoch on ``dataset``'s train split, without validation."""
-    from covid_spark.data.dataset import read_summary
-    from covid_spark.stages.train import make_job as train_job
-
-    cfg = dict(config["train"], model=model, epochs=1, batch_size=int(batch_size or config["train"]["batch_size"]))
-    job = train_job(cfg, read_summary(None, dataset), dataset, steps, threads, checkpoint_dir, engine)
-    return dataclasses.replace(job, val_rows=0, val_row_groups=0)
-
-
 def timed_train_fn(job, barrier=None, warmup: int = 0) -> dict:
     """Batch-end times, CPU times and peak RSS of the real ``train_fn(job)``."""
     import tensorflow as tf
@@ -154,11 +143,16 @@ def run_model(spark, dataset: str, config: dict, model: str, steps: int, warmup:
               engines: tuple[str, ...] = ("horovod",), independent: bool = True) -> dict:
     """One model: ``ranks`` ranks of each of ``engines``, an independent pair (if ``independent``), the
     efficiencies."""
-    threads = threads_per_rank(config, 2)
+    from covid_spark.data.dataset import read_summary
+    from covid_spark.stages.train import make_job
+
+    threads, summary = threads_per_rank(config, 2), read_summary(None, dataset)
+    cfg = dict(config["train"], model=model, epochs=1, batch_size=int(batch_size or config["train"]["batch_size"]))
 
     def job(name, engine):
-        return make_job(dataset, config, model, threads, warmup + steps, os.path.join(workdir, name), batch_size,
-                        engine)
+        """A ``TrainJob`` for the warm-up and timed steps of one epoch on the train split, without validation."""
+        made = make_job(cfg, summary, dataset, warmup + steps, threads, os.path.join(workdir, name), engine)
+        return dataclasses.replace(made, val_rows=0, val_row_groups=0)
 
     out: dict = {"model": model, "threads_per_process": threads, "warmup_steps": warmup, "steps": steps,
                  "batch_size": job("x", "horovod").batch_size, "independent_engine": solo_engine()}

@@ -131,26 +131,23 @@ def machine_line(m: dict) -> str:
             f"SHA-256 {ref['sha256_mb_per_s']} MiB/s on one core), {m['ram_gib']} GiB RAM")
 
 
-def local_settings(master: str) -> dict[str, str]:
-    """conf/spark-local.conf on ``master``, with the UI on (for its REST API) and no progress bar."""
-    settings = {"spark.master": master}
-    with open(os.path.join(REPO, "conf", "spark-local.conf"), encoding="utf-8") as handle:
-        for line in (raw.strip() for raw in handle):
-            if line and not line.startswith("#"):
-                key, _, value = line.partition(" ")
-                settings[key] = value.strip()
-    options = settings.get("spark.driver.extraJavaOptions", "")
-    settings["spark.driver.extraJavaOptions"] = options.replace("=conf/", "=" + os.path.join(REPO, "conf") + "/")
-    settings.update({"spark.ui.showConsoleProgress": "false", "spark.ui.enabled": "true"})
-    return settings
-
-
 def start_spark(master: str = "local[2]", settings: dict[str, str] | None = None, app: str = "covid-spark bench"):
-    """A SparkSession with ``settings`` (default: :func:`local_settings`) on ``master``; logs errors only."""
+    """A SparkSession on ``master`` with ``settings``, by default conf/spark-local.conf's with the UI on (for its
+    REST API) and no progress bar; logs errors only."""
     from pyspark.sql import SparkSession
 
+    if not settings:
+        settings = {}
+        with open(os.path.join(REPO, "conf", "spark-local.conf"), encoding="utf-8") as handle:
+            for line in (raw.strip() for raw in handle):
+                if line and not line.startswith("#"):
+                    key, _, value = line.partition(" ")
+                    settings[key] = value.strip()
+        options = settings.get("spark.driver.extraJavaOptions", "")
+        settings["spark.driver.extraJavaOptions"] = options.replace("=conf/", "=" + os.path.join(REPO, "conf") + "/")
+        settings.update({"spark.ui.showConsoleProgress": "false", "spark.ui.enabled": "true"})
     builder = SparkSession.builder.appName(app)
-    for key, value in dict(settings or local_settings(master), **{"spark.master": master}).items():
+    for key, value in dict(settings, **{"spark.master": master}).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
@@ -290,10 +287,3 @@ def table(headings: list[str], rows, left: tuple[int, ...] = (0,)) -> str:
              "|" + "|".join("---" if i in left else "---:" for i in range(len(headings))) + "|"]
     lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def report(results: dict, start: str, tables: str, output: str, seconds: float) -> None:
-    """Print the machine, the load at start and end, the time taken, the tables and where the results went."""
-    m = results["machine"]
-    print(f"\nMachine: {machine_line(m)}; load average {start} at start, {m['load_avg_at_end']} at end; "
-          f"{seconds:.0f} s in all\n\n{tables}\n\nresults: {output}")

@@ -12,7 +12,7 @@ import time
 
 from bench import dup_bench, predict_bench, train_bench
 from bench.harness import (CXR_XL, DATA, REPO, RESULTS, GOALS, arguments, command, fmt, in_process, items, load,
-                           loadavg, machine, pct, ratio, report, save, start_spark, table, verdict)
+                           loadavg, machine, machine_line, pct, ratio, save, start_spark, table, verdict)
 from bench.inputs import input_of_kind, sampled_input, source_rows
 from bench.monitors import PeakRss, maxrss_mb
 from bench.preprocess_bench import format_preprocess, measure_size, memory_growth, plain_stage, spark_fixed_costs
@@ -339,8 +339,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"bench.run: {exc}", file=sys.stderr)
         return 2
-    last = results["invocations"][-1]
-    report(results, last["loadavg_at_start"], format_tables(results), output, last["seconds"])
+    last, m = results["invocations"][-1], results["machine"]
+    print(f"\nMachine: {machine_line(m)}; load average {last['loadavg_at_start']} at start, {m['load_avg_at_end']} "
+          f"at end; {last['seconds']:.0f} s in all\n\n{format_tables(results)}\n\nresults: {output}")
     return 0
 
 

@@ -35,11 +35,6 @@ def process_kind(proc, root) -> str:
     return "ranks" if "horovod" in cmdline or "rank_main" in cmdline else "other_children"
 
 
-def tree(root) -> list:
-    """``root`` and its descendants (psutil processes)."""
-    return [root] + root.children(recursive=True)
-
-
 def others_share(busy_core_s: float, ours_core_s: float, seconds: float) -> float | None:
     """The share of the machine's cores that other users kept busy over ``seconds``."""
     return round(max(0.0, busy_core_s - ours_core_s) / (seconds * (os.cpu_count() or 1)), 3) if seconds > 0 else None
@@ -98,7 +93,7 @@ class PeakRss(Sampler):
         import psutil
 
         try:
-            procs = tree(self.root)
+            procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             return
         sums, python_workers = dict.fromkeys(self.peaks, 0.0), {}
@@ -128,7 +123,7 @@ def _tree_cpu(me) -> dict[str, float]:
     import psutil
 
     sums = dict.fromkeys(KINDS, 0.0)
-    for proc in tree(me):
+    for proc in [me, *me.children(recursive=True)]:
         try:
             t = proc.cpu_times()
             sums[process_kind(proc, me)] += t.user + t.system + t.children_user + t.children_system

@@ -35,8 +35,7 @@ def save_untrained(model: str, image_size: int, model_dir: str) -> dict:
 
 def untrained_model_dir(model: str, image_size: int, model_dir: str) -> dict:
     """A model dir as training leaves one, with an untrained ``model``, made in a spawned process."""
-    return dict(in_process(save_untrained, model, image_size, model_dir, timeout=600), model=model,
-                model_dir=model_dir)
+    return dict(in_process(save_untrained, model, image_size, model_dir, timeout=600), model=model, model_dir=model_dir)
 
 
 def plain_predict(folder: str, model_dir: str, batch_size: int) -> dict:

@@ -215,7 +215,14 @@ def format_preprocess(part: dict) -> str:
                     (e.get("single") or {}).get("images_per_s"), e["pair"]["images_per_s"], e["spark"]["images_per_s"],
                     e["spark"]["net_images_per_s"], fmt(e["spark_vs_pair"], 2), fmt(e["spark_net_vs_pair"], 2),
                     fmt(e.get("pair_vs_single"), 2)] for e in entries], left=(1,))
-    lines = [sizes, format_cpu(entries), format_jobs(max(entries, key=lambda e: e["images"])),
+    largest = max(entries, key=lambda e: e["images"])  # its Spark jobs, from Spark's REST API (None without a UI)
+    jobs = [[job["job"][:60], job["seconds"]] + [sum(s[k] for s in job["stages"]) for k in
+                                                 ("task_s", "jvm_cpu_s", "gc_s", "shuffle_write_mb", "output_mb")]
+            for job in largest["spark"].get("jobs") or []]
+    whole = ["whole job (driver wall, incl. driver-side steps)", largest["spark"]["seconds"], "", "", "", "", ""]
+    jobs_table = table([f"Spark job ({largest['images']:,} images)", "wall s", "task s", "JVM CPU s", "GC s",
+                        "shuffle MiB", "written MiB"], jobs + [whole]) if jobs else None
+    lines = [sizes, format_cpu(entries), jobs_table,
              f"Spark fixed costs: session start {fmt(fixed['session_start_s'])} s; the job on "
              f"{fixed['tiny_job_images']} images {fmt(fixed['tiny_job_first_s'])} s the first time (starts the "
              f"Python workers), {fmt(fixed['tiny_job_s'])} s the next (subtracted for the net rates)."]
@@ -252,15 +259,3 @@ def format_cpu(entries: list[dict]) -> str:
     return table(["preprocess run", "wall s", "our core-s", "our core-ms per image",
                   "JVM / Spark Python / driver / other core-s", "other users' share", "peak RSS MiB: each process "
                   "(Spark: JVM / Python workers)"], rows, left=(0, 4, 6))
-
-
-def format_jobs(entry: dict) -> str | None:
-    jobs = entry["spark"].get("jobs")
-    if not jobs:
-        return None
-    rows = [[job["job"][:60], job["seconds"]] + [sum(s[k] for s in job["stages"]) for k in
-                                                 ("task_s", "jvm_cpu_s", "gc_s", "shuffle_write_mb", "output_mb")]
-            for job in jobs]
-    rows.append(["whole job (driver wall, incl. driver-side steps)", entry["spark"]["seconds"], "", "", "", "", ""])
-    return table([f"Spark job ({entry['images']:,} images)", "wall s", "task s", "JVM CPU s", "GC s", "shuffle MiB",
-                  "written MiB"], rows)

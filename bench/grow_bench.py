@@ -27,7 +27,8 @@ def bench_append(spark, args, config) -> dict:
     rows = manifest_rows(args.input, absolute=True)
     held = set(np.random.default_rng(args.seed).choice(len(rows), max(1, round(len(rows) * args.fraction)),
                                                        replace=False).tolist())
-    folder = os.path.join(args.out, "inputs", os.path.basename(os.path.abspath(args.input)))  # the same default source
+    # named as the collection's folder, so that its images keep the same default source
+    folder = os.path.join(args.out, "inputs", os.path.basename(os.path.abspath(args.input)))
     write_manifest(folder, [r for i, r in enumerate(rows) if i not in held], list(rows[0]))  # all but the held back
     warm = write_manifest(os.path.join(args.out, "inputs", "warm"), rows[:64], list(rows[0]))
     tiny = override(config, "preprocess", {"min_row_groups": 1})

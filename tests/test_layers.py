@@ -1,6 +1,7 @@
 """The package's layers, enforced: lower layers never import higher ones (at the top of a module or
 inside a function), the import graph has no circle, a function-level import of the package's own
-modules says why on its line, stages do not import each other, and no module outgrows its reader.
+modules says why on its line, stages do not import each other, no module outgrows its reader, and
+no stage or executor module pulls in a heavy library it does not use at import.
 
 The order (docs/architecture.md explains it): constants and errors → inputs → data → models →
 config, evaluation maths and reports → training core and tracking → engines → stages → cli → jobs.
@@ -8,7 +9,10 @@ config, evaluation maths and reports → training core and tracking → engines 
 from __future__ import annotations
 
 import ast
+import json
 import os
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = (
@@ -162,3 +166,22 @@ def test_every_stage_function_reads_in_one_screen():
             long += [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(tree)
                      if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80]
     assert long == []
+
+
+# Libraries a stage's driver or its executor code has no use for at import: each costs every process that
+# imports it seconds and tens of MiB (scikit-learn with pandas and scipy.stats: about 130 MiB).
+NOT_AT_IMPORT = ("sklearn", "pandas", "tensorflow", "keras", "matplotlib", "mlflow", "horovod")
+
+
+def test_stage_and_executor_modules_import_no_heavy_library():
+    """A stage module, and what Spark ships to its executors, imports none of NOT_AT_IMPORT (they come
+    inside the functions that use them)."""
+    script = ("import importlib, json, sys\n"
+              "for name in sys.argv[1:]:\n"
+              "    importlib.import_module(name)\n"
+              f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({NOT_AT_IMPORT!r}))))\n")
+    for module in ("covid_spark.stages.preprocess", "covid_spark.stages.preprocess_tasks",
+                   "covid_spark.stages.predict", "covid_spark.stages.predict_tasks"):
+        out = subprocess.run([sys.executable, "-c", script, module], cwd=REPO, capture_output=True, text=True,
+                             check=True)
+        assert json.loads(out.stdout) == [], module

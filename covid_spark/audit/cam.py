@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from covid_spark.audit.masking import lung_pixels
+from covid_spark.lungs.masks import lung_pixels
 
 
 def _axis_weights(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,7 +37,7 @@ def cam_energy_in_mask(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
     Args:
         cams: ``[N,h,w]`` Grad-CAM maps; negative values (if any survive) are clipped to 0.
-        masks: ``[N,H,W]`` lung masks (encodings as :func:`covid_spark.audit.masking.lung_pixels`).
+        masks: ``[N,H,W]`` lung masks (encodings as :func:`covid_spark.lungs.masks.lung_pixels`).
 
     Returns:
         float64 ``[N]`` in 0..1; NaN for a map with no energy at all (nothing to attribute).

@@ -5,31 +5,13 @@ A classifier that still scores well with the lungs removed reads something other
 Fusion 2021, found COVID classifiers well above chance on films whose lungs were blacked out).
 
 Masks: ``[N,H,W]``, the images' height and width, in one of three encodings told apart by dtype
-(:func:`lung_pixels`; :mod:`covid_spark.lungs.masks` uses the same rule).
+(:func:`covid_spark.lungs.masks.lung_pixels`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-
-def lung_pixels(mask: np.ndarray) -> np.ndarray:
-    """The lung pixels of a mask (or a stack of masks) as bool.
-
-    ``bool``: lung where True. Integer, the drawn masks' encoding (255 lung, 127 "ignore", which
-    counts as lung, 0 background): lung where > 0. Float, lung probabilities in 0..1 as the
-    segmenter returns: lung where >= 0.5.
-
-    Raises:
-        ValueError: if the dtype is none of those.
-    """
-    mask = np.asarray(mask)
-    if mask.dtype == bool:
-        return mask
-    if np.issubdtype(mask.dtype, np.integer):
-        return mask > 0
-    if np.issubdtype(mask.dtype, np.floating):
-        return mask >= 0.5
-    raise ValueError(f"mask dtype must be bool, integer or float; got {mask.dtype}")
+from covid_spark.lungs.masks import lung_pixels
 
 
 def _paint(images: np.ndarray, masks: np.ndarray, where_lung: bool) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 The masks let a classifier be cropped to the lungs, and let an audit (:mod:`covid_spark.audit`) ask whether it looks at them.
 
-Modules, each importing only those above it (and ``masks`` only :mod:`covid_spark.audit.masking`):
+Modules, each importing only those above it:
 
 - ``masks``         pure functions on masks: binarize, Dice, :func:`lung_box`, :func:`mask_summary`,
                     :func:`crop_to_box`. No TensorFlow.

@@ -2,7 +2,7 @@
 
 A mask here is a 2-D array the size of its image, in one of three encodings told apart by dtype
 (bool; the drawn masks' 255 / 127 "ignore" / 0, where 127 counts as lung; float probabilities,
-lung where >= 0.5), as :func:`covid_spark.audit.masking.lung_pixels` defines them.
+lung where >= 0.5), as :func:`lung_pixels` defines them.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from covid_spark.audit.masking import lung_pixels
-
 # A box is trusted only when the mask looks like lungs: together they cover between MIN and MAX of the
 # image. The drawn masks cover 0.365 of the image on average (lung-masks/manifest.csv); a mask under
 # 0.05 is a failed segmentation, one over 0.85 has leaked into the body or the background.
@@ -21,6 +19,26 @@ MIN_LUNG_FRACTION = 0.05
 MAX_LUNG_FRACTION = 0.85
 # Components below this share of the image are specks (a marker, a stray pixel run), not a lung.
 MIN_COMPONENT_FRACTION = 0.005
+
+
+def lung_pixels(mask: np.ndarray) -> np.ndarray:
+    """The lung pixels of a mask (or a stack of masks) as bool.
+
+    ``bool``: lung where True. Integer, the drawn masks' encoding (255 lung, 127 "ignore", which
+    counts as lung, 0 background): lung where > 0. Float, lung probabilities in 0..1 as the
+    segmenter returns: lung where >= 0.5.
+
+    Raises:
+        ValueError: if the dtype is none of those.
+    """
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask
+    if np.issubdtype(mask.dtype, np.integer):
+        return mask > 0
+    if np.issubdtype(mask.dtype, np.floating):
+        return mask >= 0.5
+    raise ValueError(f"mask dtype must be bool, integer or float; got {mask.dtype}")
 
 
 def binarize(mask: np.ndarray) -> np.ndarray:

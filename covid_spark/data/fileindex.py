@@ -59,17 +59,24 @@ def fingerprint(path: str) -> tuple[int, int, str]:
 
 
 def write_index(dataset: str, rows: Iterable[dict]) -> int:
-    """Write the index rows (dicts with every column) to ``<dataset>/_files.parquet``; return the count."""
+    """Write the index rows (dicts with every column, in any order) to ``<dataset>/_files.parquet``, sorted by
+    path; return the count. Each row is copied into the columns as it comes: a generator of rows keeps the
+    caller from holding a dict per file."""
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    rows = sorted(rows, key=lambda r: r["path"])
-    columns = {name: pa.array([r[name] for r in rows], pa.string()) for name in STRING_COLUMNS}
-    columns.update({name: pa.array([r[name] for r in rows], pa.int64()) for name in INT_COLUMNS})
+    columns: dict[str, list] = {name: [] for name in STRING_COLUMNS + INT_COLUMNS}
+    for row in rows:
+        for name, values in columns.items():
+            values.append(row[name])
+    paths = columns["path"]
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    table = pa.table({name: pa.array(values, pa.string() if name in STRING_COLUMNS else pa.int64())
+                      for name, values in columns.items()}).take(pa.array(order, pa.int64()))
     fs, path = pafs.FileSystem.from_uri(index_url(dataset))
-    pq.write_table(pa.table(columns), path, filesystem=fs, compression="zstd")
-    return len(rows)
+    pq.write_table(table, path, filesystem=fs, compression="zstd")
+    return len(paths)
 
 
 def read_index(dataset: str) -> dict[str, dict]:

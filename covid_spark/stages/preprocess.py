@@ -315,20 +315,18 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms, release=True)
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")
-        index = [index_row(m, listed[m.path]) for m in staged]
         good = [m for m in staged if m.error is None]
         rejected = [{"path": m.path, "reason": m.error, "input": m.input, "source": m.source} for m in staged
                     if m.error is not None and not m.excluded]
         skipped = skipped + [{"path": m.path, "reason": m.error, "input": m.input, "excluded_by_view": True}
                              for m in staged if m.excluded]
-        del staged
         duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
         splits = split_images(good, cfg, duplicates)
         phase("group_and_split")
         row_groups = distribute_rows(spark, good, splits, cfg, tmp_url, staging)
         HadoopFS(spark, tmp_url).delete(staging)
         split_of = dict(zip((m.path for m in good), splits))
-        write_index(tmp_url, [dict(row, split=split_of.get(row["path"], "")) for row in index])
+        write_index(tmp_url, (index_row(m, listed[m.path], split_of.get(m.path, "")) for m in staged))
         phase("distribute")
         summary = build_summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
         summary["increments"] = [increment("full", good, splits, rejected)]

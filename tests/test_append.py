@@ -296,3 +296,19 @@ def test_append_refuses_what_it_cannot_do(spark, tmp_path):
     os.remove(os.path.join(dataset, "_files.parquet"))
     with pytest.raises(DatasetError, match="has no _files.parquet"):
         append(spark, dataset, _config())
+
+
+def test_file_index_round_trip_in_several_chunks(tmp_path, monkeypatch):
+    """Rows in any order, written a few at a time, read back sorted by path and equal to what went in."""
+    from covid_spark.data import fileindex
+
+    monkeypatch.setattr(fileindex, "WRITE_ROWS", 3)
+    rows = [dict({name: f"{name}-{i}" for name in fileindex.STRING_COLUMNS}, path=f"/data/{(7 * i) % 10}.png",
+                 size=i, mtime_ns=1000 + i) for i in range(10)]
+    assert fileindex.write_index(str(tmp_path), (row for row in rows)) == 10
+    index = fileindex.read_index(str(tmp_path))
+    assert list(index) == [f"/data/{n}.png" for n in range(10)]
+    assert index == {row["path"]: row for row in rows}
+    (tmp_path / "empty").mkdir()
+    assert fileindex.write_index(str(tmp_path / "empty"), []) == 0
+    assert fileindex.read_index(str(tmp_path / "empty")) == {}

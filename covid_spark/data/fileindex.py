@@ -29,6 +29,7 @@ WRITTEN, REJECTED, EXCLUDED = "written", "rejected", "excluded"
 STRING_COLUMNS = ("path", "status", "reason", "label", "source", "listed_patient_id", "listed_view",
                   "patient_id", "view", "dhash", "split", "digest")
 INT_COLUMNS = ("size", "mtime_ns")
+WRITE_ROWS = 10_000  # index rows handed to Arrow at a time
 
 
 def index_url(dataset: str) -> str:
@@ -60,8 +61,12 @@ def fingerprint(path: str) -> tuple[int, int, str]:
 
 def write_index(dataset: str, rows: Iterable[dict]) -> int:
     """Write the index rows (dicts with every column, in any order) to ``<dataset>/_files.parquet``, sorted by
-    path; return the count. Each row is copied into the columns as it comes: a generator of rows keeps the
-    caller from holding a dict per file."""
+    path; return the count.
+
+    Each row is copied into Python columns as it comes (a generator of rows keeps the caller from holding a
+    dict per file), and the columns go to Arrow :data:`WRITE_ROWS` rows at a time, so Arrow never holds a
+    copy of the whole index.
+    """
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -72,10 +77,13 @@ def write_index(dataset: str, rows: Iterable[dict]) -> int:
             values.append(row[name])
     paths = columns["path"]
     order = sorted(range(len(paths)), key=paths.__getitem__)
-    table = pa.table({name: pa.array(values, pa.string() if name in STRING_COLUMNS else pa.int64())
-                      for name, values in columns.items()}).take(pa.array(order, pa.int64()))
+    schema = pa.schema([(name, pa.string() if name in STRING_COLUMNS else pa.int64()) for name in columns])
     fs, path = pafs.FileSystem.from_uri(index_url(dataset))
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
+    with pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd") as writer:
+        for start in range(0, max(1, len(order)), WRITE_ROWS):
+            chunk = order[start:start + WRITE_ROWS]
+            writer.write_table(pa.table([pa.array([columns[name][i] for i in chunk], schema.field(name).type)
+                                         for name in schema.names], schema=schema))
     return len(paths)
 
 

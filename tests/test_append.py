@@ -299,12 +299,16 @@ def test_append_refuses_what_it_cannot_do(spark, tmp_path):
 
 
 def test_file_index_round_trip_in_several_chunks(tmp_path, monkeypatch):
-    """Rows in any order, written a few at a time, read back sorted by path and equal to what went in."""
+    """Rows in path order, written a few at a time, read back equal to what went in; rows out of order are
+    refused."""
     from covid_spark.data import fileindex
 
     monkeypatch.setattr(fileindex, "WRITE_ROWS", 3)
     rows = [dict({name: f"{name}-{i}" for name in fileindex.STRING_COLUMNS}, path=f"/data/{(7 * i) % 10}.png",
                  size=i, mtime_ns=1000 + i) for i in range(10)]
+    with pytest.raises(RuntimeError, match="out of order"):
+        fileindex.write_index(str(tmp_path), rows)
+    rows.sort(key=lambda row: row["path"])
     assert fileindex.write_index(str(tmp_path), (row for row in rows)) == 10
     index = fileindex.read_index(str(tmp_path))
     assert list(index) == [f"/data/{n}.png" for n in range(10)]

@@ -18,6 +18,7 @@ only when its digest changed too.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from typing import Iterable
 
@@ -60,31 +61,36 @@ def fingerprint(path: str) -> tuple[int, int, str]:
 
 
 def write_index(dataset: str, rows: Iterable[dict]) -> int:
-    """Write the index rows (dicts with every column, in any order) to ``<dataset>/_files.parquet``, sorted by
-    path; return the count.
+    """Write the index rows (dicts with every column), in path order, to ``<dataset>/_files.parquet``; return
+    the count.
 
-    Each row is copied into Python columns as it comes (a generator of rows keeps the caller from holding a
-    dict per file), and the columns go to Arrow :data:`WRITE_ROWS` rows at a time, so Arrow never holds a
-    copy of the whole index.
+    The rows go to Arrow :data:`WRITE_ROWS` at a time as they come: a generator of rows holds neither a dict
+    per file nor a copy of the whole index.
+
+    Raises:
+        RuntimeError: a row's path sorts before the previous row's (an internal error: callers sort).
     """
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    columns: dict[str, list] = {name: [] for name in STRING_COLUMNS + INT_COLUMNS}
-    for row in rows:
-        for name, values in columns.items():
-            values.append(row[name])
-    paths = columns["path"]
-    order = sorted(range(len(paths)), key=paths.__getitem__)
-    schema = pa.schema([(name, pa.string() if name in STRING_COLUMNS else pa.int64()) for name in columns])
+    schema = pa.schema([(name, pa.string()) for name in STRING_COLUMNS] + [(name, pa.int64()) for name in INT_COLUMNS])
     fs, path = pafs.FileSystem.from_uri(index_url(dataset))
+    rows, count, last = iter(rows), 0, ""
     with pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd") as writer:
-        for start in range(0, max(1, len(order)), WRITE_ROWS):
-            chunk = order[start:start + WRITE_ROWS]
-            writer.write_table(pa.table([pa.array([columns[name][i] for i in chunk], schema.field(name).type)
-                                         for name in schema.names], schema=schema))
-    return len(paths)
+        while True:
+            chunk = list(itertools.islice(rows, WRITE_ROWS))
+            for row in chunk:
+                if row["path"] < last:
+                    raise RuntimeError(f"internal error: file index rows out of order ({row['path']!r} after {last!r})")
+                last = row["path"]
+            if chunk or not count:  # an empty index is one empty table: the file keeps its schema
+                writer.write_table(pa.table([pa.array([r[name] for r in chunk], schema.field(name).type)
+                                             for name in schema.names], schema=schema))
+            count += len(chunk)
+            if len(chunk) < WRITE_ROWS:
+                break
+    return count
 
 
 def read_index(dataset: str) -> dict[str, dict]:

@@ -31,6 +31,7 @@ import logging
 import os
 import time
 import uuid
+from operator import itemgetter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -321,8 +322,8 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
                                          local=len(new) <= LOCAL_DISTRIBUTE_ROWS)
             HadoopFS(spark, tmp_url).delete(f"{tmp_url}/{STAGING}")
             marks.append(("write_files", time.time()))
-            write_index(tmp_url, changes.kept + [index_row(m, listed[m.path], s) for m, s in
-                           zip(staged, _splits_of(staged, new, new_splits))])
+            write_index(tmp_url, sorted(changes.kept + [index_row(m, listed[m.path], s) for m, s in
+                                        zip(staged, _splits_of(staged, new, new_splits))], key=itemgetter("path")))
             rejected, skipped = _summary_lists(changes, staged, skipped)
             good = kept + new
             summary = build_summary(url, locations, cfg, good, known + new_splits, rejected, skipped, per_input,

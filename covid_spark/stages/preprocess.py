@@ -147,7 +147,7 @@ def stage_files(sc, records: list[Record], cfg: dict, staging: str, views, pseud
     3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and an odd last
     task would run alone. Memory does not grow with a task's size (streamed). On the driver (``release``), the input
     records are dropped once ``parallelize`` has copied them to the JVM, before the results
-    arrive, and the results' repeated strings (label, source, view, staged file) are shared: the driver's
+    arrive, and the results' repeated strings (label, patient id, source, view, staged file) are shared: the driver's
     peak is then about one small tuple per file.
     """
     size, max_pixels, found = cfg["image_size"], cfg["max_pixels"], len(records)
@@ -169,6 +169,7 @@ def stage_files(sc, records: list[Record], cfg: dict, staging: str, views, pseud
     shared: dict = {}
     for i, m in enumerate(staged):  # one copy of each repeated string, replacing the tuples one by one
         staged[i] = m._replace(label=shared.setdefault(m.label, m.label),
+                               patient_id=shared.setdefault(m.patient_id, m.patient_id),
                                source=shared.setdefault(m.source, m.source),
                                view=shared.setdefault(m.view, m.view), file=shared.setdefault(m.file, m.file))
     staged.sort()  # by path (the first field)
@@ -326,7 +327,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         row_groups = distribute_rows(spark, good, splits, cfg, tmp_url, staging)
         HadoopFS(spark, tmp_url).delete(staging)
         split_of = dict(zip((m.path for m in good), splits))
-        write_index(tmp_url, (index_row(m, listed[m.path], split_of.get(m.path, "")) for m in staged))
+        write_index(tmp_url, (index_row(m, listed[m.path], split_of.get(m.path, "")) for m in staged))  # staged: path order
         phase("distribute")
         summary = build_summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
         summary["increments"] = [increment("full", good, splits, rejected)]

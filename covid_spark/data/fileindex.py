@@ -74,22 +74,22 @@ def write_index(dataset: str, rows: Iterable[dict]) -> int:
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    schema = pa.schema([(name, pa.string()) for name in STRING_COLUMNS] + [(name, pa.int64()) for name in INT_COLUMNS])
+    schema = pa.schema([(name, pa.string()) for name in STRING_COLUMNS]
+                       + [(name, pa.int64()) for name in INT_COLUMNS])
     fs, path = pafs.FileSystem.from_uri(index_url(dataset))
     rows, count, last = iter(rows), 0, ""
     with pq.ParquetWriter(path, schema, filesystem=fs, compression="zstd") as writer:
-        while True:
-            chunk = list(itertools.islice(rows, WRITE_ROWS))
+        while chunk := list(itertools.islice(rows, WRITE_ROWS)):
             for row in chunk:
                 if row["path"] < last:
-                    raise RuntimeError(f"internal error: file index rows out of order ({row['path']!r} after {last!r})")
+                    raise RuntimeError(f"internal error: file index rows out of order "
+                                       f"({row['path']!r} after {last!r})")
                 last = row["path"]
-            if chunk or not count:  # an empty index is one empty table: the file keeps its schema
-                writer.write_table(pa.table([pa.array([r[name] for r in chunk], schema.field(name).type)
-                                             for name in schema.names], schema=schema))
+            writer.write_table(pa.table([pa.array([r[name] for r in chunk], schema.field(name).type)
+                                         for name in schema.names], schema=schema))
             count += len(chunk)
-            if len(chunk) < WRITE_ROWS:
-                break
+        if not count:  # an empty index is one empty table: the file keeps its schema
+            writer.write_table(schema.empty_table())
     return count
 
 

@@ -154,8 +154,8 @@ class Inventory:
     """Every input file found: those to read, and those skipped by name with a reason.
 
     ``records``: one :class:`Record` per file to read, in listing order.
-    ``skipped``: ``{"path", "reason", "input"}`` per file skipped by name. ``input`` is the index of the location in the list
-    given to :func:`discover`; ``per_input`` has one ``{"input": location, "found": n,
+    ``skipped``: ``{"path", "reason", "input"}`` per file skipped by name. ``input`` is the index of the
+    location in the list given to :func:`discover`; ``per_input`` has one ``{"input": location, "found": n,
     "skipped": n}`` per location, in that order (later stages add their own counts per index).
     """
     records: list[Record] = field(default_factory=list)
@@ -193,7 +193,10 @@ def _local_path(location: str) -> str:
 
 
 def _path_key(path: str) -> str:
-    return os.path.normpath(os.path.abspath(path))
+    """The normalised absolute path; ``path`` itself (not an equal copy) when it already is one, so that a
+    key held for every listed file costs no second string."""
+    key = os.path.normpath(os.path.abspath(path))
+    return path if key == path else key
 
 
 def _below(prefix: str, path: str) -> str | None:
@@ -315,8 +318,6 @@ def discover(locations: str | Sequence[str], skip_unknown: bool = False, labelle
         found = skipped = repeats = 0
         for entry in entries:
             key = _path_key(entry["path"])
-            if key == entry["path"]:
-                key = entry["path"]  # the same string, not an equal copy: the key costs no memory
             reason = entry["reason"]
             if key in first_label:
                 if labelled and entry["label"] and first_label[key] and entry["label"] != first_label[key]:

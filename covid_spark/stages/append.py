@@ -31,10 +31,10 @@ import logging
 import os
 import time
 import uuid
-from operator import itemgetter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Sequence
 
 from covid_spark.data.dataset import has_summary, read_summary, split_url, write_summary

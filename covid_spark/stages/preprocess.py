@@ -327,7 +327,8 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         row_groups = distribute_rows(spark, good, splits, cfg, tmp_url, staging)
         HadoopFS(spark, tmp_url).delete(staging)
         split_of = dict(zip((m.path for m in good), splits))
-        write_index(tmp_url, (index_row(m, listed[m.path], split_of.get(m.path, "")) for m in staged))  # staged: path order
+        # staged is in path order (stage_files), as write_index wants its rows
+        write_index(tmp_url, (index_row(m, listed[m.path], split_of.get(m.path, "")) for m in staged))
         phase("distribute")
         summary = build_summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
         summary["increments"] = [increment("full", good, splits, rejected)]

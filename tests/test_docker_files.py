@@ -196,6 +196,20 @@ def test_requirements_are_installed_before_the_code_is_copied(instructions, stag
     assert wheel and min(wheel) > max(code)
 
 
+def test_a_code_change_leaves_the_venv_layers_to_the_cache(stages):
+    """The build stage installs nothing into /opt/venv once the code is copied; the runtime stage copies the
+    venv, then the wheel, and installs the wheel: a code change rebuilds only the small layers after."""
+    build, runtime = stages
+    code = min(i for i, _, sources, _ in copies(build) if {"covid_spark", "setup.py"} & set(sources))
+    assert not [c for i, c in pip_installs(build) if i > code and c.argv[1] == "install"]
+    from_build = [(i, sources, dest) for i, flags, sources, dest in copies(runtime) if flags.get("from") == "build"]
+    (venv_at,) = [i for i, sources, dest in from_build if sources == ["/opt/venv"]]
+    (wheel_at, wheel_dir) = [(i, dest) for i, sources, dest in from_build if sources == ["/dist"]][0]
+    installs = [(i, c) for i, c in pip_installs(runtime) if c.argv[1] == "install"]
+    assert len(installs) == 1 and venv_at < wheel_at < installs[0][0]
+    assert [a for a in installs[0][1].argv if a.endswith(".whl")] == [f"{wheel_dir}/covid_spark-*.whl"]
+
+
 def test_versions_written_in_the_dockerfile_are_the_pinned_ones(stages):
     pins = requirement_pins()
     for stage in stages:

@@ -16,6 +16,7 @@ from PIL import Image
 from bench.dup_bench import bench_duplicates
 from bench.dup_bench import main as dup_bench_main
 from covid_spark.config import load_config
+from covid_spark.data import duplicates
 from covid_spark.data.duplicates import (
     HASH_SIZE,
     _band_values,
@@ -191,7 +192,9 @@ def test_bands_cover_the_bits_with_enough_bands_of_at_most_64(width, max_distanc
     assert max(hi - lo for lo, hi in bands) - min(hi - lo for lo, hi in bands) <= 1
 
 
-def test_interleave_deals_bit_b_plus_k_times_count_into_band_b():
+@pytest.mark.parametrize("rows_at_a_time", [8192, 7, 1])  # one chunk; chunks ending mid-table; one row each
+def test_interleave_deals_bit_b_plus_k_times_count_into_band_b(monkeypatch, rows_at_a_time):
+    monkeypatch.setattr(duplicates, "_INTERLEAVE_ROWS", rows_at_a_time)
     rng = random.Random(6)
     width, count = 200, 11
     values = [rng.getrandbits(width) for _ in range(40)] + [(1 << width) - 1, 1, 1 << (width - 1)]

@@ -188,8 +188,10 @@ def group_duplicates_all_pairs(hashes: dict[str, int], max_distance: int) -> lis
 # Runs of equal band values at least this long go to _union_run (blocks of rows against
 # the run, skipping joined rows); shorter runs have every pair listed and checked.
 _BIG_RUN = 256
-# Candidate pairs listed and checked at a time (under 100 MB of temporaries for 256-bit hashes).
-_PAIR_CHUNK = 1 << 19
+# Candidate pairs listed and checked at a time (about 25 MB of temporaries for 256-bit hashes).
+_PAIR_CHUNK = 1 << 17
+# Hashes unpacked to one byte per bit at a time by _interleave (2 MB for 256-bit hashes).
+_INTERLEAVE_ROWS = 8192
 # Distances computed at a time when blocks of rows are compared by broadcasting.
 _BLOCK_DISTANCES = 2_000_000
 
@@ -216,12 +218,17 @@ def _interleave(table: np.ndarray, width: int, count: int) -> np.ndarray:
     dHash bits compare neighbouring pixels of one row, and X-rays share their anatomy, so
     neighbouring bits are strongly correlated and contiguous bands bucket unrelated images
     together (cxr-xl's dHashes grown to 100k: 68M candidate pairs with contiguous bands,
-    11M with interleaved ones).
+    11M with interleaved ones). Done :data:`_INTERLEAVE_ROWS` rows at a time: one byte per bit
+    is unpacked, so a whole table at once would take 8 times its size, three times over.
     """
-    bits = np.unpackbits(table.astype("<u8").view(np.uint8), axis=1, bitorder="little")
-    moved = np.zeros_like(bits)
-    moved[:, :width] = bits[:, np.concatenate([np.arange(b, width, count) for b in range(count)])]
-    return np.packbits(moved, axis=1, bitorder="little").view("<u8").astype(np.uint64)
+    moves = np.concatenate([np.arange(b, width, count) for b in range(count)])
+    moved = np.empty_like(table)
+    for start in range(0, table.shape[0], _INTERLEAVE_ROWS):
+        rows = table[start:start + _INTERLEAVE_ROWS]
+        bits = np.unpackbits(rows.astype("<u8").view(np.uint8), axis=1, bitorder="little")
+        bits[:, :width] = bits[:, moves]
+        moved[start:start + rows.shape[0]] = np.packbits(bits, axis=1, bitorder="little").view("<u8")
+    return moved
 
 
 def _band_values(table: np.ndarray, lo: int, hi: int) -> np.ndarray:

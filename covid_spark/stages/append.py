@@ -134,7 +134,8 @@ def compare(records: list[Record], index: dict[str, dict]) -> Changes:
 def staged_from_row(row: dict) -> Staged:
     """A kept written row as the preprocess stage's per-file result (no staged file: it stays where it is)."""
     return Staged(row["path"], row["label"], row["patient_id"], row["source"], row["input"], int(row["dhash"], 16),
-                  None, None, -1, row["view"], False, row["size"], row["mtime_ns"], row["digest"])
+                  None, None, -1, row["view"], False, row["size"], row["mtime_ns"], row["digest"],
+                  row["listed_patient_id"], row["listed_view"])
 
 
 def plan_splits(kept: list[Staged], known: list[str], new: list[Staged], cfg: dict, remembered: dict[str, str],
@@ -233,8 +234,7 @@ def _read_changes(spark, url: str, tmp_url: str, locations: list[str], cfg: dict
     local = len(changes.to_read) <= LOCAL_STAGE_FILES and not cfg["lung_crop"]
     staged = stage_files(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms,
                          local=local) if changes.to_read else []
-    listed = {r.path: (r.patient_id, r.view) for r in changes.to_read}
-    return index, changes, staged, listed, skipped, per_input
+    return index, changes, staged, skipped, per_input
 
 
 def _split_step(old: dict, index: dict[str, dict], changes: Changes, staged: list[Staged], cfg: dict):
@@ -310,7 +310,7 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
     marks = [("start", time.time())]
     with _locked(url):
         try:
-            index, changes, staged, listed, skipped, per_input = _read_changes(spark, url, tmp_url, locations, cfg)
+            index, changes, staged, skipped, per_input = _read_changes(spark, url, tmp_url, locations, cfg)
             _die_at("stage")
             marks.append(("compare_and_stage", time.time()))
             kept, known, new, drop, duplicates, new_splits, conflicts = _split_step(old, index, changes, staged, cfg)
@@ -322,7 +322,7 @@ def append(spark, dataset: str, config: dict, input_locations: str | Sequence[st
                                          local=len(new) <= LOCAL_DISTRIBUTE_ROWS)
             HadoopFS(spark, tmp_url).delete(f"{tmp_url}/{STAGING}")
             marks.append(("write_files", time.time()))
-            write_index(tmp_url, sorted(changes.kept + [index_row(m, listed[m.path], s) for m, s in
+            write_index(tmp_url, sorted(changes.kept + [index_row(m, s) for m, s in
                                         zip(staged, _splits_of(staged, new, new_splits))], key=itemgetter("path")))
             rejected, skipped = _summary_lists(changes, staged, skipped)
             good = kept + new

@@ -171,7 +171,9 @@ def stage_files(sc, records: list[Record], cfg: dict, staging: str, views, pseud
         staged[i] = m._replace(label=shared.setdefault(m.label, m.label),
                                patient_id=shared.setdefault(m.patient_id, m.patient_id),
                                source=shared.setdefault(m.source, m.source),
-                               view=shared.setdefault(m.view, m.view), file=shared.setdefault(m.file, m.file))
+                               view=shared.setdefault(m.view, m.view), file=shared.setdefault(m.file, m.file),
+                               listed_patient_id=shared.setdefault(m.listed_patient_id, m.listed_patient_id),
+                               listed_view=shared.setdefault(m.listed_view, m.listed_view))
     staged.sort()  # by path (the first field)
     return staged
 
@@ -229,11 +231,11 @@ def distribute_rows(spark, good: Sequence[Staged], splits: list[str], cfg: dict,
     return row_groups
 
 
-def index_row(m: Staged, listed: tuple[str, str], split: str = "") -> dict:
-    """The file-index row (``data.fileindex``) of one staged file; ``listed`` is (patient id, view) as listed."""
+def index_row(m: Staged, split: str = "") -> dict:
+    """The file-index row (``data.fileindex``) of one staged file."""
     status = WRITTEN if m.error is None else EXCLUDED if m.excluded else REJECTED
     return {"path": m.path, "status": status, "reason": m.error or "", "label": m.label, "source": m.source,
-            "listed_patient_id": listed[0], "listed_view": listed[1], "patient_id": m.patient_id,
+            "listed_patient_id": m.listed_patient_id, "listed_view": m.listed_view, "patient_id": m.patient_id,
             "view": m.view, "dhash": "" if m.dhash is None else format(m.dhash, f"0{HASH_SIZE * HASH_SIZE // 4}x"),
             "split": split, "size": m.size, "mtime_ns": m.mtime_ns, "digest": m.digest}
 
@@ -312,7 +314,6 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         records, skipped, per_input, views, pseudonyms = read_inventory(locations, cfg)
         phase("discover")
         staging = f"{tmp_url}/{STAGING}"
-        listed = {r.path: (r.patient_id, r.view) for r in records}
         staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms, release=True)
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")
@@ -328,7 +329,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         HadoopFS(spark, tmp_url).delete(staging)
         split_of = dict(zip((m.path for m in good), splits))
         # staged is in path order (stage_files), as write_index wants its rows
-        write_index(tmp_url, (index_row(m, listed[m.path], split_of.get(m.path, "")) for m in staged))
+        write_index(tmp_url, (index_row(m, split_of.get(m.path, "")) for m in staged))
         phase("distribute")
         summary = build_summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
         summary["increments"] = [increment("full", good, splits, rejected)]

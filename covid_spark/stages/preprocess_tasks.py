@@ -48,6 +48,8 @@ class Staged(NamedTuple):
     size: int = -1        # the file's fingerprint (data.fileindex), taken before it is decoded
     mtime_ns: int = 0
     digest: str = ""      # SHA-256 of its bytes; "" when unreadable
+    listed_patient_id: str = ""  # the patient id and view as listed (its manifest's), for the file index
+    listed_view: str = ""
 
 
 def read_and_decode(path: str, size: int, max_pixels: int, views=None, listed_view: str = "",
@@ -142,7 +144,7 @@ def stage_images(records: Iterable[Record], size: int, max_pixels: int, url: str
                 columns["view"].append(read.view)
             pending.append(Staged(record.path, record.label, patient, source, record.input,
                                   digest, read.error or read.excluded, None, row, read.view, bool(read.excluded),
-                                  *stat))
+                                  *stat, record.patient_id, record.view))
             if len(columns["image"]) >= rows_per_group:
                 flush()
                 yield from pending

@@ -372,3 +372,49 @@ def test_grey_images_are_stored_with_one_channel_and_read_with_three(written):
     for split in ("train", "val", "test"):
         if summary["per_split"][split]:
             assert load_split(out, split, fields=("image",))["image"].shape[1:] == (SIZE, SIZE, 3)
+
+
+def _staged_examples() -> list:
+    """Staged tuples of every kind: written, rejected (no hash, no digest), excluded by view; full-width values."""
+    import random
+
+    from covid_spark.stages.preprocess_tasks import Staged
+
+    rng = random.Random(3)
+    out = []
+    for i in range(23):
+        written, excluded = i % 5 != 2, i % 7 == 4
+        out.append(Staged(f"/in/{rng.randrange(10**6):06d}-{i}.png", ["covid", "normal", "pneumonia"][i % 3],
+                          f"p{i // 2}" if i % 4 else "", f"source-{i % 2}", i % 3,
+                          rng.getrandbits(256) | (1 << 255) if written else None,
+                          None if written else ("excluded: view LATERAL" if excluded else "cannot decode"),
+                          f"stage-{i % 2}.parquet" if written else None, i // 2 if written else -1,
+                          ["PA", "AP", ""][i % 3], excluded and not written, rng.randrange(1 << 40),
+                          1_700_000_000_123_456_789 + i, "" if i % 6 == 5 else f"{rng.getrandbits(256):064x}",
+                          f"listed-{i % 3}", "PA" if i % 2 else ""))
+    return out
+
+
+def test_staged_files_give_back_the_tuples_they_were_made_of():
+    import pickle
+
+    from covid_spark.stages.preprocess_tasks import StagedFiles
+
+    staged = _staged_examples()
+    parts = [StagedFiles.of(staged[:10]), StagedFiles.of(staged[10:])]
+    table = pickle.loads(pickle.dumps(StagedFiles.concat(parts)))  # as the tasks' results reach the driver
+    assert parts == []  # emptied as they were copied
+    table.BLOCK = 4  # tuples made across several blocks
+    assert list(table) == staged and len(table) == len(staged)
+    assert table[0] == staged[0] and table[-1] == staged[-1] and table[13] == staged[13]
+    assert table.column("dhash") == [m.dhash for m in staged]
+    assert table.column("digest") == [m.digest for m in staged]
+    by_path = table.sorted_by_path()
+    assert list(by_path) == sorted(staged)  # the path is the first field and every path differs
+    written = by_path.where([m.error is None for m in by_path])
+    assert list(written) == [m for m in sorted(staged) if m.error is None]
+    assert written.column("path") == [m.path for m in sorted(staged) if m.error is None]
+    assert written[-2] == [m for m in sorted(staged) if m.error is None][-2]
+    with pytest.raises(IndexError):
+        written[len(written)]
+    assert list(StagedFiles.concat([])) == []

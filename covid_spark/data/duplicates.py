@@ -185,15 +185,10 @@ def group_duplicates_all_pairs(hashes: dict[str, int], max_distance: int) -> lis
     return _groups(keys, parent)
 
 
-# Runs of equal band values at least this long go to _union_run (blocks of rows against
-# the run, skipping joined rows); shorter runs have every pair listed and checked.
-_BIG_RUN = 256
-# Candidate pairs listed and checked at a time (about 25 MB of temporaries for 256-bit hashes).
-_PAIR_CHUNK = 1 << 17
-# Hashes unpacked to one byte per bit at a time by _interleave (2 MB for 256-bit hashes).
-_INTERLEAVE_ROWS = 8192
-# Distances computed at a time when blocks of rows are compared by broadcasting.
-_BLOCK_DISTANCES = 2_000_000
+# Runs of equal band values at least _BIG_RUN long go to _union_run (blocks of rows against the run, skipping
+# joined rows); shorter runs have every pair listed and checked, _PAIR_CHUNK pairs at a time. _interleave unpacks
+# _INTERLEAVE_ROWS hashes at a time; blocks of rows compared by broadcasting make _BLOCK_DISTANCES at a time.
+_BIG_RUN, _PAIR_CHUNK, _INTERLEAVE_ROWS, _BLOCK_DISTANCES = 256, 1 << 17, 8192, 2_000_000
 
 
 def _bands(width: int, max_distance: int) -> list[tuple[int, int]]:
@@ -214,20 +209,17 @@ def _bands(width: int, max_distance: int) -> list[tuple[int, int]]:
 def _interleave(table: np.ndarray, width: int, count: int) -> np.ndarray:
     """The hashes with the same bits reordered: bits ``b, b+count, b+2*count, ..`` become band ``b``.
 
-    The same permutation of every hash leaves every distance unchanged. Why: neighbouring
-    dHash bits compare neighbouring pixels of one row, and X-rays share their anatomy, so
-    neighbouring bits are strongly correlated and contiguous bands bucket unrelated images
-    together (cxr-xl's dHashes grown to 100k: 68M candidate pairs with contiguous bands,
-    11M with interleaved ones). Done :data:`_INTERLEAVE_ROWS` rows at a time: one byte per bit
-    is unpacked, so a whole table at once would take 8 times its size, three times over.
+    The same permutation of every hash leaves every distance unchanged. Why: neighbouring dHash bits
+    compare neighbouring pixels of one row, and X-rays share their anatomy, so contiguous bands bucket
+    unrelated images together (cxr-xl's dHashes grown to 100k: 68M candidate pairs with contiguous bands,
+    11M with interleaved ones). Unpacked (a byte per bit) :data:`_INTERLEAVE_ROWS` rows at a time.
     """
-    moves = np.concatenate([np.arange(b, width, count) for b in range(count)])
-    moved = np.empty_like(table)
+    moves, moved = np.concatenate([np.arange(b, width, count) for b in range(count)]), np.empty_like(table)
     for start in range(0, table.shape[0], _INTERLEAVE_ROWS):
-        rows = table[start:start + _INTERLEAVE_ROWS]
-        bits = np.unpackbits(rows.astype("<u8").view(np.uint8), axis=1, bitorder="little")
+        bits = np.unpackbits(table[start:start + _INTERLEAVE_ROWS].astype("<u8").view(np.uint8), axis=1,
+                             bitorder="little")
         bits[:, :width] = bits[:, moves]
-        moved[start:start + rows.shape[0]] = np.packbits(bits, axis=1, bitorder="little").view("<u8")
+        moved[start:start + bits.shape[0]] = np.packbits(bits, axis=1, bitorder="little").view("<u8")
     return moved
 
 

@@ -232,8 +232,8 @@ def _read_changes(spark, url: str, tmp_url: str, locations: list[str], cfg: dict
     records, skipped, per_input, views, pseudonyms = read_inventory(locations, cfg)
     changes = compare(records, index)
     local = len(changes.to_read) <= LOCAL_STAGE_FILES and not cfg["lung_crop"]
-    staged = stage_files(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms,
-                         local=local) if changes.to_read else []
+    staged = list(stage_files(spark.sparkContext, changes.to_read, cfg, f"{tmp_url}/{STAGING}", views, pseudonyms,
+                              local=local)) if changes.to_read else []
     return index, changes, staged, skipped, per_input
 
 

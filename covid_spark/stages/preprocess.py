@@ -43,7 +43,8 @@ from covid_spark.inputs.dicom import Pseudonyms, require_no_patient_ids
 from covid_spark.inputs.sources import Record, count_per_input, discover
 from covid_spark.inputs.views import ViewFilter
 from covid_spark.lungs.framing import Framing
-from covid_spark.stages.preprocess_tasks import Staged, distribute_files, stage_images, stage_partition
+from covid_spark.stages.preprocess_tasks import (
+    Staged, StagedFiles, distribute_files, stage_images, stage_partition)
 
 logger = logging.getLogger(__name__)
 
@@ -81,21 +82,26 @@ def split_images(good: Sequence[Staged], cfg: dict, duplicates: list[list[str]])
     saw?). Duplicate groups that straddle the held-out source are dropped from train/val.
     """
     holdout = cfg["holdout_source"]
-    rest = [i for i, m in enumerate(good) if m.source != holdout] if holdout else range(len(good))
-    if holdout and len(rest) == len(good):
-        known = sorted({m.source for m in good})
-        raise ConfigError(f"preprocess.holdout_source {holdout!r} matches no image; sources: {known}")
+    paths, labels, patients, sources = ([] for _ in range(4))
+    for m in good:  # one pass (good may make its tuples as it is read: StagedFiles)
+        paths.append(m.path)
+        labels.append(m.label)
+        patients.append(m.patient_id)
+        sources.append(m.source)
+    rest = [i for i, source in enumerate(sources) if source != holdout] if holdout else range(len(paths))
+    if holdout and len(rest) == len(paths):
+        raise ConfigError(f"preprocess.holdout_source {holdout!r} matches no image; sources: {sorted(set(sources))}")
     test_fraction = 0.0 if holdout else cfg["test_fraction"]
-    splits = ["test"] * len(good)
-    assigned = assign_splits([good[i].path for i in rest], [good[i].label for i in rest],
-                             [good[i].patient_id for i in rest], cfg["val_fraction"], test_fraction,
-                             cfg["seed"], linked=duplicates)
+    splits = ["test"] * len(paths)
+    assigned = assign_splits([paths[i] for i in rest], [labels[i] for i in rest], [patients[i] for i in rest],
+                             cfg["val_fraction"], test_fraction, cfg["seed"], linked=duplicates)
     for i, split in zip(rest, assigned):
         splits[i] = split
     if holdout:
-        index = {m.path: i for i, m in enumerate(good)}
+        source_of = dict(zip(paths, sources))
+        index = {p: i for i, p in enumerate(paths)}
         for group in duplicates:  # a copy of a held-out image must not be trained on
-            if any(good[index[p]].source == holdout for p in group):
+            if any(source_of[p] == holdout for p in group):
                 for p in group:
                     splits[index[p]] = "test"
     return splits
@@ -138,44 +144,34 @@ def read_inventory(locations: list[str], cfg: dict) -> tuple[list[Record], list,
 
 
 def stage_files(sc, records: list[Record], cfg: dict, staging: str, views, pseudonyms,
-                release: bool = False, local: bool = False) -> list[Staged]:
-    """First pass on the executors; the per-file results sorted by path. With ``release``, empties
+                release: bool = False, local: bool = False) -> StagedFiles:
+    """First pass on the executors; the per-file results in path order. With ``release``, empties
     ``records`` once Spark holds them; ``local`` runs the pass in this process instead, into one staged
     file (a small increment: no Spark job to schedule, no records to serialise).
 
     Few, large tasks, a whole number per core: every Python task pays a fixed start cost (on Python
     3.11 PySpark's importlib.invalidate_caches() re-reads pyspark.zip, ~60-80 ms), and an odd last
-    task would run alone. Memory does not grow with a task's size (streamed). On the driver (``release``), the input
-    records are dropped once ``parallelize`` has copied them to the JVM, before the results
-    arrive, and the results' repeated strings (label, patient id, source, view, staged file) are shared: the driver's
-    peak is then about one small tuple per file.
+    task would run alone. Memory does not grow with a task's size (streamed). Each task returns its
+    results as one :class:`StagedFiles` (columns, not a tuple per file), and on the driver (``release``)
+    the input records are dropped once ``parallelize`` has copied them to the JVM, before the results arrive.
     """
     size, max_pixels, found = cfg["image_size"], cfg["max_pixels"], len(records)
     framing = Framing(cfg["border_crop"], cfg["lung_crop"], cfg["lung_crop_margin"])
     if local:
         name = f"stage-local-{uuid.uuid4().hex[:12]}.parquet"
-        return sorted(m._replace(file=name) if m.row >= 0 else m for m in stage_images(
-            records, size, max_pixels, f"{staging}/{name}", views=views, pseudonyms=pseudonyms, framing=framing))
+        return StagedFiles.of(sorted(m._replace(file=name) if m.row >= 0 else m for m in stage_images(
+            records, size, max_pixels, f"{staging}/{name}", views=views, pseudonyms=pseudonyms, framing=framing)))
     cores = max(1, sc.defaultParallelism)
     slices = max(1, min(found, cores * math.ceil(found / (STAGE_TASK_IMAGES * cores))))
     sc.setJobDescription(f"decode and stage {found} images")
     rdd = sc.parallelize(records, slices)  # serialises the records to the JVM now
     if release:
         records.clear()
-    staged = rdd.mapPartitionsWithIndex(
-        lambda i, part: stage_partition(i, part, size, max_pixels, staging, views, pseudonyms, framing)).collect()
+    staged = StagedFiles.concat(rdd.mapPartitionsWithIndex(lambda i, part: [StagedFiles.of(
+        stage_partition(i, part, size, max_pixels, staging, views, pseudonyms, framing))]).collect())
     if len(staged) != found:
         raise RuntimeError(f"internal error: {len(staged)} results for {found} input files")
-    shared: dict = {}
-    for i, m in enumerate(staged):  # one copy of each repeated string, replacing the tuples one by one
-        staged[i] = m._replace(label=shared.setdefault(m.label, m.label),
-                               patient_id=shared.setdefault(m.patient_id, m.patient_id),
-                               source=shared.setdefault(m.source, m.source),
-                               view=shared.setdefault(m.view, m.view), file=shared.setdefault(m.file, m.file),
-                               listed_patient_id=shared.setdefault(m.listed_patient_id, m.listed_patient_id),
-                               listed_view=shared.setdefault(m.listed_view, m.listed_view))
-    staged.sort()  # by path (the first field)
-    return staged
+    return staged.sorted_by_path()
 
 
 def _row_group_sizes(per_split: Counter, cfg: dict, quiet: bool = False) -> dict[str, int]:
@@ -203,16 +199,19 @@ def distribute_rows(spark, good: Sequence[Staged], splits: list[str], cfg: dict,
     """
     sc = spark.sparkContext
     group_rows = _row_group_sizes(Counter(splits), cfg, quiet=existing is not None)
-    rows_of: dict[str, list[tuple[int, str]]] = {}
+    rows_of: dict[str, tuple[list[int], list[str]]] = {}  # staged file: its rows and their splits
     for m, split in zip(good, splits):
-        rows_of.setdefault(m.file, []).append((m.row, split))
+        rows, names = rows_of.setdefault(m.file, ([], []))
+        rows.append(m.row)
+        names.append(split)
     tasks = [([], f"{prefix}-{number:05d}.parquet")
              for number in range(min(1 if local else max(1, sc.defaultParallelism), len(rows_of)))]
     for number, name in enumerate(sorted(rows_of)):
-        rows = sorted(rows_of.pop(name))
-        if [r for r, _ in rows] != list(range(len(rows))):
+        rows, names = rows_of.pop(name)
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+        if [rows[i] for i in order] != list(range(len(rows))):
             raise RuntimeError(f"internal error: staged file {name} rows are not 0..{len(rows) - 1}")
-        tasks[number % len(tasks)][0].append((f"{staging}/{name}", [s for _, s in rows]))
+        tasks[number % len(tasks)][0].append((f"{staging}/{name}", [names[i] for i in order]))
     split_urls = {s: split_url(tmp_url, s) for s in SPLITS}
     sc.setJobDescription(f"distribute {len(good)} rows into {len(group_rows)} splits")
     if local:
@@ -255,7 +254,8 @@ def build_summary(url: str, locations: list[str], cfg: dict, good: Sequence[Stag
              rejected: list[dict], skipped: list, per_input, duplicates: list[list[str]],
              row_groups: dict[str, int]) -> dict:
     """The dataset's ``_summary.json``: what was read, written, rejected and skipped, and the counts."""
-    label_of = {m.path: m.label for m in good}
+    grouped = {p for group in duplicates for p in group}
+    label_of = {m.path: m.label for m in good if m.path in grouped}
     per_split = Counter(splits)
     excluded = [s for s in skipped if s.get("excluded_by_view")]
     return {
@@ -317,19 +317,21 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
         staged = stage_files(spark.sparkContext, records, cfg, staging, views, pseudonyms, release=True)
         del records  # the driver keeps only the small per-file results from here on
         phase("stage")
-        good = [m for m in staged if m.error is None]
-        rejected = [{"path": m.path, "reason": m.error, "input": m.input, "source": m.source} for m in staged
-                    if m.error is not None and not m.excluded]
+        written = [error is None for error in staged.column("error")]
+        good = staged.where(written)
+        failed = staged.where([not w for w in written])
+        rejected = [{"path": m.path, "reason": m.error, "input": m.input, "source": m.source} for m in failed
+                    if not m.excluded]
         skipped = skipped + [{"path": m.path, "reason": m.error, "input": m.input, "excluded_by_view": True}
-                             for m in staged if m.excluded]
-        duplicates = group_duplicates({m.path: m.dhash for m in good}, max_distance=cfg["duplicate_distance"])
+                             for m in failed if m.excluded]
+        duplicates = group_duplicates(dict(zip(good.column("path"), good.column("dhash"))),
+                                      max_distance=cfg["duplicate_distance"])
         splits = split_images(good, cfg, duplicates)
         phase("group_and_split")
         row_groups = distribute_rows(spark, good, splits, cfg, tmp_url, staging)
         HadoopFS(spark, tmp_url).delete(staging)
-        split_of = dict(zip((m.path for m in good), splits))
-        # staged is in path order (stage_files), as write_index wants its rows
-        write_index(tmp_url, (index_row(m, split_of.get(m.path, "")) for m in staged))
+        split_of = iter(splits)  # good's rows are staged's written rows, in the same (path) order
+        write_index(tmp_url, (index_row(m, next(split_of) if w else "") for m, w in zip(staged, written)))
         phase("distribute")
         summary = build_summary(url, locations, cfg, good, splits, rejected, skipped, per_input, duplicates, row_groups)
         summary["increments"] = [increment("full", good, splits, rejected)]

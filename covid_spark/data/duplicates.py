@@ -1,15 +1,14 @@
 """Near-duplicate images: difference hashes, and groups of hashes within a Hamming distance.
 
-Used by preprocess (hash every decoded image, group near-duplicates so that they share a split),
-evaluate (drop test images that are near-copies of another dataset's) and splits (whose units are
-joined with :func:`components`, the one union-find of the package). Pure: imports no Spark, and
-Pillow only when :func:`dhash` is called.
+Used by preprocess (hash every decoded image, group near-duplicates so that they share a split), evaluate (drop
+test images that are near-copies of another dataset's) and splits (whose units are joined with :func:`components`,
+the one union-find of the package). Pure: imports no Spark, and Pillow only when :func:`dhash` is called.
 
 Two numbers define a duplicate, each in one place:
 
 * the hash: :data:`HASH_SIZE` (16: a 16×16 = 256-bit dHash), the default of :func:`dhash`;
-* the distance: ``preprocess.duplicate_distance`` in ``defaults.yaml`` (10 bits of 256). The
-  functions here take ``max_distance`` as a required argument, so there is no second default.
+* the distance: ``preprocess.duplicate_distance`` in ``defaults.yaml`` (10 bits of 256). The functions here
+  take ``max_distance`` as a required argument, so there is no second default.
 """
 from __future__ import annotations
 
@@ -25,9 +24,8 @@ HASH_SIZE = 16
 def dhash(image: np.ndarray, hash_size: int = HASH_SIZE) -> int:
     """Difference hash of a decoded image: ``hash_size**2`` bits as a Python int.
 
-    The image is made grey, shrunk to ``hash_size + 1`` by ``hash_size`` pixels (Lanczos), and
-    each bit says whether a pixel is brighter than its left neighbour, row by row, the first
-    pixel pair in the most significant bit.
+    The image is made grey, shrunk to ``hash_size + 1`` by ``hash_size`` pixels (Lanczos), and each bit says
+    whether a pixel is brighter than its left neighbour, row by row, the first pixel pair in the most significant bit.
     """
     from PIL import Image  # here, so that importing this module for its grouping needs no Pillow
 
@@ -59,6 +57,14 @@ _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
+
+
+def _distances(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Hamming distances between rows ``u[i]`` and ``v[i]`` of ``table``, a word at a time (few temporaries)."""
+    total = np.zeros(len(u), dtype=np.uint64)
+    for w in range(table.shape[1]):
+        total += _popcount64(table[u, w] ^ table[v, w])
+    return total
 
 
 def _popcount64(x: np.ndarray) -> np.ndarray:
@@ -170,10 +176,9 @@ def _close_pairs_all(table: np.ndarray, max_distance: int):
 def group_duplicates_all_pairs(hashes: dict[str, int], max_distance: int) -> list[list[str]]:
     """Group keys whose hashes are within ``max_distance`` bits by comparing all pairs.
 
-    Same contract as :func:`group_duplicates`, in O(N²) time (~10k hashes in well under
-    a second, 100k in minutes). It is the plain reference that the banded
-    :func:`group_duplicates` is tested against, and the baseline its benchmark
-    (``bench/dup_bench.py``) is measured against.
+    Same contract as :func:`group_duplicates`, in O(N²) time (~10k hashes in well under a second, 100k in
+    minutes). It is the plain reference that the banded :func:`group_duplicates` is tested against, and the
+    baseline its benchmark (``bench/dup_bench.py``) is measured against.
     """
     keys, table, _width = _hash_table(hashes, max_distance)
     if len(keys) < 2:
@@ -188,18 +193,17 @@ def group_duplicates_all_pairs(hashes: dict[str, int], max_distance: int) -> lis
 # Runs of equal band values at least _BIG_RUN long go to _union_run (blocks of rows against the run, skipping
 # joined rows); shorter runs have every pair listed and checked, _PAIR_CHUNK pairs at a time. _interleave unpacks
 # _INTERLEAVE_ROWS hashes at a time; blocks of rows compared by broadcasting make _BLOCK_DISTANCES at a time.
-_BIG_RUN, _PAIR_CHUNK, _INTERLEAVE_ROWS, _BLOCK_DISTANCES = 256, 1 << 17, 8192, 2_000_000
+_BIG_RUN, _PAIR_CHUNK, _INTERLEAVE_ROWS, _BLOCK_DISTANCES = 256, 1 << 15, 8192, 2_000_000
 
 
 def _bands(width: int, max_distance: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` bit ranges of :func:`_interleave`'d hashes: bands two close hashes share.
 
-    Two hashes at most ``max_distance`` bits apart differ in at most ``max_distance``
-    bands, so with more bands than that they agree exactly on at least one (pigeonhole).
-    Bands are contiguous, band ``b`` as wide as ``range(b, width, len(bands))``, so
-    widths differ by at most one; at most 64 bits, so that a band's value fits one
-    uint64 (hence more bands than ``max_distance + 1`` for wide hashes and a small
-    distance). Requires ``max_distance < width``.
+    Two hashes at most ``max_distance`` bits apart differ in at most ``max_distance`` bands, so with more bands
+    than that they agree exactly on at least one (pigeonhole). Bands are contiguous, band ``b`` as wide as
+    ``range(b, width, len(bands))``, so widths differ by at most one; at most 64 bits, so that a band's value
+    fits one uint64 (hence more bands than ``max_distance + 1`` for wide hashes and a small distance).
+    Requires ``max_distance < width``.
     """
     count = max(max_distance + 1, -(-width // 64))
     edges = np.cumsum([0] + [len(range(b, width, count)) for b in range(count)]).tolist()
@@ -320,7 +324,7 @@ def _union_banded(table: np.ndarray, max_distance: int, width: int, parent: np.n
         for u, v in _short_run_pairs(order, starts[short], lengths[short]):
             apart = parent[u] != parent[v]  # same root: already joined (roots may be stale)
             u, v = u[apart], v[apart]
-            close = _popcount64(table[u] ^ table[v]).sum(axis=1) <= limit
+            close = _distances(table, u, v) <= limit
             _union_edges(parent, u[close], v[close])
         _root_all(parent)
         big = lengths >= _BIG_RUN
@@ -331,20 +335,17 @@ def _union_banded(table: np.ndarray, max_distance: int, width: int, parent: np.n
 def group_duplicates(hashes: dict[str, int], max_distance: int) -> list[list[str]]:
     """Group keys whose hashes are within ``max_distance`` bits, transitively.
 
-    Returns the connected components with at least two members, each sorted, and
-    the groups sorted by their first key: the same as
-    :func:`group_duplicates_all_pairs`, in near-linear time for hashes that are not
-    all crowded together (100k 256-bit hashes in seconds).
+    Returns the connected components with at least two members, each sorted, and the groups sorted by their
+    first key: the same as :func:`group_duplicates_all_pairs`, in near-linear time for hashes that are not all
+    crowded together (100k 256-bit hashes in seconds).
 
-    Method: identical hashes are merged first. The ``W`` hash bits (``W`` = the
-    longest hash's bit length) are dealt into at least ``max_distance + 1`` bands (band
-    ``b`` holds bits ``b, b+B, b+2B, ..``), so two hashes within ``max_distance`` bits
-    agree exactly on some band (pigeonhole). Only pairs that share a band value are
-    compared, with the full Hamming distance, and pairs already joined through other
-    pairs are skipped. The work grows with the number of pairs that share a band value
-    yet stay apart: it approaches all-pairs when most hashes share band values without
-    being close (narrow hashes with a large ``max_distance``: 64 bits and 10 give 6-bit
-    bands).
+    Method: identical hashes are merged first. The ``W`` hash bits (``W`` = the longest hash's bit length) are
+    dealt into at least ``max_distance + 1`` bands (band ``b`` holds bits ``b, b+B, b+2B, ..``), so two hashes
+    within ``max_distance`` bits agree exactly on some band (pigeonhole). Only pairs that share a band value are
+    compared, with the full Hamming distance, and pairs already joined through other pairs are skipped. The work
+    grows with the number of pairs that share a band value yet stay apart: it approaches all-pairs when most
+    hashes share band values without being close (narrow hashes with a large ``max_distance``: 64 bits and 10
+    give 6-bit bands).
 
     Raises:
         ValueError: ``max_distance`` is negative, or a hash is negative.
@@ -385,7 +386,7 @@ def _banded_matches(table: np.ndarray, width: int, max_distance: int, queries: n
             counts = np.searchsorted(sorted_values, values[rows], side="right") - left
             u = np.repeat(rows, counts)
             v = order[np.repeat(left, counts) + _ranges(counts)]
-            close = _popcount64(table[u] ^ table[v]).sum(axis=1) <= np.uint64(max_distance)
+            close = _distances(table, u, v) <= np.uint64(max_distance)
             yield u[close], v[close]
 
 

@@ -192,6 +192,19 @@ def test_bands_cover_the_bits_with_enough_bands_of_at_most_64(width, max_distanc
     assert max(hi - lo for lo, hi in bands) - min(hi - lo for lo, hi in bands) <= 1
 
 
+def test_sorted_keys_with_their_table_group_as_the_dict_does():
+    rng = random.Random(11)
+    base = [rng.getrandbits(256) for _ in range(60)]
+    hashes = {f"k{i:03d}": h ^ (rng.getrandbits(8) if i % 3 else 0) for i, h in enumerate(base * 2)}
+    hashes.update({"small0": 5, "small1": 7})  # hashes narrower than a word, as narrow tables have
+    keys = sorted(hashes)
+    table = np.array([[(hashes[k] >> (64 * w)) & ((1 << 64) - 1) for w in range(4)] for k in keys], dtype=np.uint64)
+    for distance in (0, 3, 10):
+        assert group_duplicates((keys, table), distance) == group_duplicates(hashes, distance)
+    with pytest.raises(ValueError, match="sorted"):
+        group_duplicates((keys[::-1], table), 3)
+
+
 @pytest.mark.parametrize("rows_at_a_time", [8192, 7, 1])  # one chunk; chunks ending mid-table; one row each
 def test_interleave_deals_bit_b_plus_k_times_count_into_band_b(monkeypatch, rows_at_a_time):
     monkeypatch.setattr(duplicates, "_INTERLEAVE_ROWS", rows_at_a_time)

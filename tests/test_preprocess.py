@@ -415,6 +415,8 @@ def test_staged_files_give_back_the_tuples_they_were_made_of():
     assert list(written) == [m for m in sorted(staged) if m.error is None]
     assert written.column("path") == [m.path for m in sorted(staged) if m.error is None]
     assert written[-2] == [m for m in sorted(staged) if m.error is None][-2]
+    words = written.hashes()
+    assert [int.from_bytes(row.astype("<u8").tobytes(), "little") for row in words] == written.column("dhash")
     with pytest.raises(IndexError):
         written[len(written)]
     assert list(StagedFiles.concat([])) == []

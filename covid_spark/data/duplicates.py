@@ -103,8 +103,8 @@ def _union_edges(parent: np.ndarray, u: np.ndarray, v: np.ndarray) -> None:
 def components(count: int, u: Sequence[int] | np.ndarray, v: Sequence[int] | np.ndarray) -> np.ndarray:
     """Connected components of the graph on nodes ``0..count-1`` with the edges ``u[i]-v[i]``.
 
-    Returns an int64 array: for each node, the smallest node of its component (so a node
-    joined to nothing is labelled with itself).
+    Returns an int64 array: for each node, the smallest node of its component (so a node joined to nothing is
+    labelled with itself).
 
     Raises:
         ValueError: ``u`` and ``v`` differ in length.
@@ -122,14 +122,21 @@ def components(count: int, u: Sequence[int] | np.ndarray, v: Sequence[int] | np.
 # ---------------------------------------------------------------- groups within a distance
 
 
-def _hash_table(hashes: dict[str, int], max_distance: int) -> tuple[list[str], np.ndarray, int]:
+def _hash_table(hashes, max_distance: int) -> tuple[list[str], np.ndarray, int]:
     """Validate; return the sorted keys, their hashes as rows of uint64 words, and the bit width.
 
-    Word ``w`` of a row holds bits ``64*w .. 64*w+63``. The width is the longest hash's
-    bit length (at least 1): bits above it are zero in every hash, so they never differ.
+    Word ``w`` of a row holds bits ``64*w .. 64*w+63``. The width is the longest hash's bit length (at least 1):
+    bits above it are zero in every hash, so they never differ. ``hashes`` is a dict, or already such a pair of
+    sorted keys and table (as ``StagedFiles`` keeps them: no Python int per hash).
     """
     if max_distance < 0:
         raise ValueError(f"max_distance must be >= 0, got {max_distance}")
+    if isinstance(hashes, tuple):
+        keys, table = hashes
+        if table.shape[0] != len(keys) or any(a >= b for a, b in zip(keys, keys[1:])):
+            raise ValueError("keys must be distinct and sorted, one per row of the table")
+        top = [w for w in range(table.shape[1]) if table[:, w].any()]
+        return keys, table, max(1, 64 * top[-1] + int(table[:, top[-1]].max()).bit_length() if top else 1)
     keys = sorted(hashes)
     if len(keys) < 2:
         return keys, np.zeros((len(keys), 1), dtype=np.uint64), 1
@@ -264,22 +271,17 @@ def _short_run_pairs(order: np.ndarray, starts: np.ndarray, lengths: np.ndarray)
         begin = stop
 
 
-def _union_run(table: np.ndarray, members: np.ndarray, max_distance: int,
-               parent: np.ndarray) -> None:
+def _union_run(table: np.ndarray, members: np.ndarray, max_distance: int, parent: np.ndarray) -> None:
     """Union every pair of ``members`` within ``max_distance`` bits, skipping joined pairs.
 
-    Rows are taken a block at a time and compared with every member not yet taken.
-    Members of the currently largest component are taken last, and once every member
-    left has the same root the rest is skipped: each pair left is then already joined,
-    and each pair with a taken row was compared. In a tight cluster (a big bucket of
-    near-identical hashes) this costs a few blocks against the bucket instead of all
-    pairs; at worst it compares all pairs once. ``parent`` should point at roots
-    (as :func:`_union_edges` leaves it); a stale pointer only costs extra comparisons.
+    Rows are taken a block at a time and compared with every member not yet taken. Members of the currently
+    largest component are taken last, and once every member left has the same root the rest is skipped: each
+    pair left is then already joined, and each pair with a taken row was compared. In a tight cluster (a big
+    bucket of near-identical hashes) this costs a few blocks against the bucket instead of all pairs; at worst
+    it compares all pairs once. ``parent`` should point at roots (as :func:`_union_edges` leaves it); a stale
+    pointer only costs extra comparisons.
     """
-    words = table.shape[1]
-    limit = np.uint64(max_distance)
-    todo = members
-    block = 64
+    words, limit, todo, block = table.shape[1], np.uint64(max_distance), members, 64
     while todo.size > 1:
         roots = parent[todo]
         if roots.min() == roots.max():
@@ -332,8 +334,8 @@ def _union_banded(table: np.ndarray, max_distance: int, width: int, parent: np.n
             _union_run(table, order[start:start + length], max_distance, parent)
 
 
-def group_duplicates(hashes: dict[str, int], max_distance: int) -> list[list[str]]:
-    """Group keys whose hashes are within ``max_distance`` bits, transitively.
+def group_duplicates(hashes: dict[str, int] | tuple[list[str], np.ndarray], max_distance: int) -> list[list[str]]:
+    """Group keys whose hashes are within ``max_distance`` bits, transitively (``hashes``: see ``_hash_table``).
 
     Returns the connected components with at least two members, each sorted, and the groups sorted by their
     first key: the same as :func:`group_duplicates_all_pairs`, in near-linear time for hashes that are not all
@@ -429,9 +431,7 @@ def near_copies(reference: dict[str, int], queries: dict[str, int], max_distance
         raise ValueError(f"max_distance must be >= 0, got {max_distance}")
     if not reference or not queries:
         return {}
-    ref_keys, q_keys = sorted(reference), sorted(queries)
-    merged = {("r", k): reference[k] for k in ref_keys}
-    merged.update({("q", k): queries[k] for k in q_keys})
+    merged = {**{("r", k): reference[k] for k in sorted(reference)}, **{("q", k): queries[k] for k in sorted(queries)}}
     keys, table, width = _hash_table(merged, int(max_distance))
     is_ref = np.array([kind == "r" for kind, _ in keys])
     ref_rows, q_rows = np.flatnonzero(is_ref), np.flatnonzero(~is_ref)
@@ -443,8 +443,7 @@ def near_copies(reference: dict[str, int], queries: dict[str, int], max_distance
     else:
         for u, v in _banded_matches(table, width, int(max_distance), q_rows, ref_rows, chunk,
                                     pending=lambda rows: rows[best[rows] < 0]):
-            first = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64)
+            first, hit = np.full(len(keys), np.iinfo(np.int64).max, dtype=np.int64), np.unique(u)
             np.minimum.at(first, u, v)  # the smallest close reference row
-            hit = np.unique(u)
             best[hit] = first[hit]
     return {keys[q][1]: keys[int(best[q])][1] for q in q_rows if best[q] >= 0}

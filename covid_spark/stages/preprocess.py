@@ -324,8 +324,7 @@ def preprocess(spark, input_locations: str | Sequence[str], output: str, config:
                     if not m.excluded]
         skipped = skipped + [{"path": m.path, "reason": m.error, "input": m.input, "excluded_by_view": True}
                              for m in failed if m.excluded]
-        duplicates = group_duplicates(dict(zip(good.column("path"), good.column("dhash"))),
-                                      max_distance=cfg["duplicate_distance"])
+        duplicates = group_duplicates((good.column("path"), good.hashes()), max_distance=cfg["duplicate_distance"])
         splits = split_images(good, cfg, duplicates)
         phase("group_and_split")
         row_groups = distribute_rows(spark, good, splits, cfg, tmp_url, staging)

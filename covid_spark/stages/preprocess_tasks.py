@@ -115,6 +115,11 @@ class StagedFiles(Sequence):
         """One field's values for every row of this view, as Python objects."""
         return self._take(name, 0, len(self))
 
+    def hashes(self) -> np.ndarray:
+        """This view's hashes as rows of little-endian uint64 words: with :meth:`column` ``("path")`` in path
+        order, what ``duplicates.group_duplicates`` takes without a Python int per hash."""
+        return self._columns["dhash"][slice(None) if self._rows is None else self._rows]
+
     def _take(self, name: str, lo: int, hi: int) -> list:
         column = self._columns[name]
         rows = slice(lo, hi) if self._rows is None else self._rows[lo:hi]

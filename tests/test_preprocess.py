@@ -16,6 +16,7 @@ from PIL import Image
 
 from covid_spark.config import load_config, override
 from covid_spark.data.duplicates import dhash
+from covid_spark.errors import ConfigError
 from covid_spark.inputs.images import decode_image
 
 pytestmark = pytest.mark.slow
@@ -420,3 +421,18 @@ def test_staged_files_give_back_the_tuples_they_were_made_of():
     with pytest.raises(IndexError):
         written[len(written)]
     assert list(StagedFiles.concat([])) == []
+
+
+def test_a_held_out_source_and_its_near_copies_go_to_test_only():
+    from covid_spark.stages.preprocess import split_images
+
+    staged = [m for m in _staged_examples() if m.error is None]
+    held = {m.path for m in staged if m.source == "source-1"}
+    copy = next(m.path for m in staged if m.source == "source-0")  # a near-copy of a held-out image
+    duplicates = [sorted([copy, min(held)])]
+    cfg = override(load_config(), "preprocess", {"holdout_source": "source-1"})["preprocess"]
+    splits = dict(zip((m.path for m in staged), split_images(staged, cfg, duplicates)))
+    assert {p for p, s in splits.items() if s == "test"} == held | {copy}
+    assert {s for p, s in splits.items() if p not in held | {copy}} <= {"train", "val"}
+    with pytest.raises(ConfigError, match="matches no image"):
+        split_images(staged, override(load_config(), "preprocess", {"holdout_source": "nowhere"})["preprocess"], [])

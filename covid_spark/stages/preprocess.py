@@ -98,10 +98,9 @@ def split_images(good: Sequence[Staged], cfg: dict, duplicates: list[list[str]])
     for i, split in zip(rest, assigned):
         splits[i] = split
     if holdout:
-        source_of = dict(zip(paths, sources))
         index = {p: i for i, p in enumerate(paths)}
         for group in duplicates:  # a copy of a held-out image must not be trained on
-            if any(source_of[p] == holdout for p in group):
+            if any(sources[index[p]] == holdout for p in group):
                 for p in group:
                     splits[index[p]] = "test"
     return splits

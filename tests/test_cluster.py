@@ -202,9 +202,12 @@ TRAIN_ARGS = ("--batch-size", "4", "--num-proc", "2", "--model", "compact")
 
 @pytest.fixture(scope="module", params=ENGINES)
 def cluster_run(request, cluster_dataset, cluster, shipped, tmp_path_factory) -> dict:
-    """train (2 ranks of the engine, 1 epoch) → evaluate, each a spark-submit on the cluster."""
+    """train (2 ranks of the engine) → evaluate, each a spark-submit on the cluster. Horovod trains 1 epoch;
+    tf-distribute's model is the one its fault case trained (``tf_distribute_fault``: killed, then resumed)."""
     engine = request.param
-    if engine == "horovod" and not HAS_HOROVOD:
+    if engine == "tf-distribute":
+        return request.getfixturevalue("tf_distribute_fault")
+    if not HAS_HOROVOD:
         pytest.skip(NO_HOROVOD)
     model_dir = str(tmp_path_factory.mktemp(f"cluster-{engine}") / "model")
     jobs = os.path.join(REPO, "jobs")
@@ -212,7 +215,7 @@ def cluster_run(request, cluster_dataset, cluster, shipped, tmp_path_factory) ->
                  "--model-dir", model_dir, "--epochs", "1", "--engine", engine, *TRAIN_ARGS)
     spark_submit(cluster, shipped, os.path.join(jobs, "evaluate.py"), "--dataset", cluster_dataset,
                  "--model-dir", model_dir)
-    return {"dataset": cluster_dataset, "model_dir": model_dir, "engine": engine}
+    return {"dataset": cluster_dataset, "model_dir": model_dir, "engine": engine, "epochs": 1}
 
 
 def _read_json(path: str) -> dict:
@@ -275,11 +278,11 @@ def test_train_ran_two_ranks_of_the_engine_on_the_cluster(cluster_run, cluster):
     run = _read_json(os.path.join(cluster_run["model_dir"], "run.json"))
     assert run["engine"] == cluster_run["engine"] and run["num_proc"] == 2
     assert run["spark_master"].startswith("spark://") and run["spark_master"] == cluster["url"]
-    assert run["epochs_run"] == 1 and run["model"] == "compact"
+    assert run["epochs_run"] == cluster_run["epochs"] and run["model"] == "compact"
     assert run["ranks_in_sync"] is True  # both ranks ended with the same weights
     assert os.path.getsize(os.path.join(cluster_run["model_dir"], "model.keras")) > 0
     history = _read_json(os.path.join(cluster_run["model_dir"], "history.json"))
-    assert len(history["loss"]) == 1
+    assert len(history["loss"]) == cluster_run["epochs"]
 
 
 @pytest.mark.slow
@@ -418,23 +421,26 @@ def _wait_for(predicate, timeout: float, step: float = 0.2):
     return predicate()
 
 
-@pytest.mark.slow
-@pytest.mark.cluster
-def test_a_tf_distribute_rank_killed_mid_training_fails_the_job_naming_it_and_resume_continues(
-        cluster_dataset, cluster, shipped, tmp_path):
-    model_dir = str(tmp_path / "model")
+@pytest.fixture(scope="module")
+def tf_distribute_fault(cluster_dataset, cluster, shipped, tmp_path_factory) -> dict:
+    """tf-distribute's training on the cluster, with a fault: 2 ranks for up to 40 epochs; once the first
+    epoch's checkpoint exists, the rank on worker 2 is killed (SIGKILL). What was left running is looked at
+    then; the job is resumed (``--resume``) for one epoch more and the model evaluated, so that this one
+    model also stands for the engine in ``cluster_run``."""
+    model_dir = str(tmp_path_factory.mktemp("cluster-tf-distribute") / "model")
     state_file = os.path.join(model_dir, "checkpoints", "state.json")
     train = os.path.join(REPO, "jobs", "train.py")
     args = ("--dataset", cluster_dataset, "--model-dir", model_dir, "--engine", "tf-distribute", *TRAIN_ARGS)
     command, env = _submit_command(cluster, shipped, train, *args, "--epochs", "40")
-    log = tmp_path / "train.log"
+    log = os.path.join(os.path.dirname(model_dir), "train.log")
     before = _applications(cluster)
     with open(log, "w", encoding="utf-8") as out:
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
             # Once an epoch's checkpoint exists, kill the rank on worker 2 (whichever rank Spark put there).
             assert _wait_for(lambda: os.path.exists(state_file) or job.poll() is not None, SUBMIT_TIMEOUT)
-            assert job.poll() is None, log.read_text()[-6000:]
+            with open(log, encoding="utf-8") as handle:
+                assert job.poll() is None, handle.read()[-6000:]
             (victim,) = _processes_under_workers(cluster, "rank_main", worker=2)
             rank = int(re.search(r"covid-spark-rank(\d+)-", " ".join(victim.cmdline())).group(1))
             victim.send_signal(signal.SIGKILL)
@@ -443,23 +449,44 @@ def test_a_tf_distribute_rank_killed_mid_training_fails_the_job_naming_it_and_re
             if job.poll() is None:
                 job.kill()
                 job.wait()
-    text = log.read_text()
-    assert code != 0, text[-6000:]
-    (app,) = _applications(cluster) - before
-    # The last line a user reads names the rank, how it was lost and what to do.
-    assert re.search(rf"RankLostError: tf-distribute: rank {rank} of 2 was lost during training \(its process on "
-                     rf"127\.0\.0\.1 was killed by SIGKILL while training\).*rerun the train job with --resume", text), \
-        text[-6000:]
-    # Nothing of the failed application is left: no rank, no executor (the workers end them).
-    assert _wait_for(lambda: not _processes_under_workers(cluster, "rank_main"), 60), \
-        [p.cmdline() for p in _processes_under_workers(cluster, "rank_main")]
-    assert _wait_for(lambda: not _processes_under_workers(cluster, app), 60)
-    assert not os.path.exists(os.path.join(model_dir, "model.keras"))  # the failed run wrote no model
+    with open(log, encoding="utf-8") as handle:
+        text = handle.read()
+    apps = _applications(cluster) - before
+    # Nothing of the failed application may be left: no rank, no executor (the workers end them).
+    ranks_gone = _wait_for(lambda: not _processes_under_workers(cluster, "rank_main"), 60)
+    executors_gone = all(_wait_for(lambda: not _processes_under_workers(cluster, app), 60) for app in apps)
+    fault = {"code": code, "log": text, "rank": rank, "applications": apps,
+             "ranks_left": [] if ranks_gone else [p.cmdline() for p in _processes_under_workers(cluster, "rank_main")],
+             "executors_gone": executors_gone,
+             "model_written": os.path.exists(os.path.join(model_dir, "model.keras")),
+             "state": _read_json(state_file) if os.path.exists(state_file) else None}
+    done = fault["state"]["epoch"] if fault["state"] else 0
+    if code != 0 and done:
+        spark_submit(cluster, shipped, train, *args, "--epochs", str(done + 1), "--resume")
+        spark_submit(cluster, shipped, os.path.join(REPO, "jobs", "evaluate.py"), "--dataset", cluster_dataset,
+                     "--model-dir", model_dir)
+    return {"dataset": cluster_dataset, "model_dir": model_dir, "engine": "tf-distribute", "epochs": done + 1,
+            "fault": fault}
 
-    state = _read_json(state_file)
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_a_tf_distribute_rank_killed_mid_training_fails_the_job_naming_it_and_resume_continues(
+        tf_distribute_fault):
+    fault, model_dir = tf_distribute_fault["fault"], tf_distribute_fault["model_dir"]
+    text = fault["log"]
+    assert fault["code"] != 0, text[-6000:]
+    assert len(fault["applications"]) == 1, fault["applications"]
+    # The last line a user reads names the rank, how it was lost and what to do.
+    assert re.search(rf"RankLostError: tf-distribute: rank {fault['rank']} of 2 was lost during training \(its "
+                     rf"process on 127\.0\.0\.1 was killed by SIGKILL while training\).*rerun the train job with "
+                     rf"--resume", text), text[-6000:]
+    assert fault["ranks_left"] == [] and fault["executors_gone"], fault
+    assert not fault["model_written"]  # the failed run wrote no model
+
+    state = fault["state"]
     done = state["epoch"]
     assert 1 <= done < 40
-    spark_submit(cluster, shipped, train, *args, "--epochs", str(done + 1), "--resume")
     run = _read_json(os.path.join(model_dir, "run.json"))
     history = _read_json(os.path.join(model_dir, "history.json"))
     assert run["resumed_from_epoch"] == done and run["epochs_run"] == done + 1 and run["engine"] == "tf-distribute"

@@ -73,6 +73,23 @@ def test_fit_model_sets_the_rate_every_step_and_logs_it(monkeypatch):
     assert set(out["history"]) == {"loss", "accuracy", "lr", "seconds"} and out["best_epoch"] is None
 
 
+def test_fit_model_traces_the_train_step_once_and_trains_as_plain_keras():
+    x = np.random.default_rng(1).normal(size=(24, 4)).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((x, np.arange(24) % 3)).repeat().batch(8)
+    model = tiny_model(seed=3)
+    out = core.fit_model(model, data, epochs=3, steps_per_epoch=3, learning_rate=0.01, ranks=1,
+                         warmup_epochs=0, lr_schedule="constant")
+    # Keras left to create the optimizer's slots and the metrics inside the first step traces it twice
+    assert model.train_function.experimental_get_tracing_count() == 1
+    plain = tiny_model(seed=3)
+    plain.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    keras = plain.fit(data, steps_per_epoch=3, epochs=3, verbose=0).history
+    assert plain.train_function.experimental_get_tracing_count() == 2
+    assert out["history"]["loss"] == pytest.approx(keras["loss"], rel=1e-6)
+    assert out["history"]["accuracy"] == keras["accuracy"]
+
+
 def test_best_weights_stop_after_patience_and_restore_the_best():
     model = tiny_model()
     best = core.BestWeights(patience=2)

@@ -72,7 +72,14 @@ class HorovodRank:
         self.compression = hvd.Compression.fp16 if job.compression == "fp16" else hvd.Compression.none
 
     def optimizer(self, optimizer):
-        return self.hvd.DistributedOptimizer(optimizer, compression=self.compression)
+        import tensorflow as tf
+
+        wrapped = self.hvd.DistributedOptimizer(optimizer, compression=self.compression)
+        # Horovod's gradient averaging branches with tf.cond, not Python ifs on tensors, so AutoGraph has
+        # nothing to convert in it; left to AutoGraph, each rank transpiles Horovod's helpers (hundreds of
+        # functions) while tracing the first train step.
+        wrapped._allreduce_grads = tf.autograph.experimental.do_not_convert(wrapped._allreduce_grads)
+        return wrapped
 
     def callbacks(self) -> list:
         return [self.hvd.callbacks.BroadcastGlobalVariablesCallback(0), self.hvd.callbacks.MetricAverageCallback()]

@@ -58,6 +58,10 @@ class AdversarialTrainer(tf.keras.Model):
         return self.classifier(image, training=training)
 
     @property
+    def output_shape(self):
+        return self.classifier.output_shape
+
+    @property
     def metrics(self):
         return super().metrics + [self.source_tracker]
 

@@ -208,6 +208,20 @@ def with_class_weights(dataset, class_weight: dict | None):
     return dataset.map(lambda image, label: (image, label, tf.gather(table, tf.cast(label, tf.int32))))
 
 
+def build_for_fit(model) -> None:
+    """Create the compiled model's optimizer slots and metric variables now, outside ``fit``.
+
+    Keras creates them inside the first train step; a ``tf.function`` that creates variables is traced
+    twice, so building them first halves the first epoch's tracing (the same values either way: slots
+    start at zero, metrics are reset every epoch). Needs the ``scope()`` the model was built in.
+    """
+    model.optimizer.build(model.trainable_variables)
+    classes = model.output_shape[-1]
+    y_pred, y_true = tf.zeros((1, classes)), tf.zeros((1,), tf.int64)
+    model.compiled_loss.build(y_pred)
+    model.compiled_metrics.build(y_pred, y_true)
+
+
 def fit_model(model, train_ds, *, epochs: int, steps_per_epoch: int, learning_rate: float, ranks: int,
               warmup_epochs: int, lr_schedule: str, val_ds=None, class_weight: dict | None = None,
               patience: int = 0, initial_epoch: int = 0, history: dict[str, list] | None = None,
@@ -233,6 +247,7 @@ def fit_model(model, train_ds, *, epochs: int, steps_per_epoch: int, learning_ra
         class_weight = None
     model.compile(optimizer=distribution.optimizer(tf.keras.optimizers.Adam(learning_rate)),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    build_for_fit(model)
     best = BestWeights(patience)
     callbacks = distribution.callbacks() + [
         LearningRateSchedule(learning_rate, ranks, warmup_epochs, lr_schedule, epochs, steps_per_epoch),

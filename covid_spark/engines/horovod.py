@@ -43,6 +43,10 @@ class HorovodSparkLauncher:
 
     def run(self, fn: Callable[[TrainJob], dict], job: TrainJob, num_proc: int) -> list[dict]:
         import horovod.spark  # looked up at call time: tests/test_cluster.py swaps horovod.spark.run
+        # Horovod checks how it was built in forked copies of this process, each importing its TensorFlow
+        # extension; imported here first, the copies find it loaded (the stage needs TensorFlow afterwards
+        # anyway, to export the model) instead of importing TensorFlow, seconds each, before any rank starts.
+        import horovod.tensorflow.keras  # noqa: F401
 
         sc = self.spark.sparkContext
         slots = sc.defaultParallelism
@@ -75,10 +79,12 @@ class HorovodRank:
         import tensorflow as tf
 
         wrapped = self.hvd.DistributedOptimizer(optimizer, compression=self.compression)
-        # Horovod's gradient averaging branches with tf.cond, not Python ifs on tensors, so AutoGraph has
-        # nothing to convert in it; left to AutoGraph, each rank transpiles Horovod's helpers (hundreds of
-        # functions) while tracing the first train step.
-        wrapped._allreduce_grads = tf.autograph.experimental.do_not_convert(wrapped._allreduce_grads)
+        # Horovod's gradient averaging (a tf.function of its own, made with AutoGraph on) branches with
+        # tf.cond, not Python ifs on tensors, so AutoGraph has nothing to convert in it; left on, each rank
+        # transpiles Horovod's helpers (over a thousand functions) while tracing the first train step.
+        averaging = wrapped._allreduce_grads
+        wrapped._allreduce_grads = tf.function(averaging.python_function, autograph=False) \
+            if hasattr(averaging, "python_function") else tf.autograph.experimental.do_not_convert(averaging)
         return wrapped
 
     def callbacks(self) -> list:

@@ -427,20 +427,20 @@ def tf_distribute_fault(cluster_dataset, cluster, shipped, tmp_path_factory) -> 
     epoch's checkpoint exists, the rank on worker 2 is killed (SIGKILL). What was left running is looked at
     then; the job is resumed (``--resume``) for one epoch more and the model evaluated, so that this one
     model also stands for the engine in ``cluster_run``."""
-    model_dir = str(tmp_path_factory.mktemp("cluster-tf-distribute") / "model")
+    root = tmp_path_factory.mktemp("cluster-tf-distribute")
+    model_dir = str(root / "model")
     state_file = os.path.join(model_dir, "checkpoints", "state.json")
     train = os.path.join(REPO, "jobs", "train.py")
     args = ("--dataset", cluster_dataset, "--model-dir", model_dir, "--engine", "tf-distribute", *TRAIN_ARGS)
     command, env = _submit_command(cluster, shipped, train, *args, "--epochs", "40")
-    log = os.path.join(os.path.dirname(model_dir), "train.log")
+    log = root / "train.log"
     before = _applications(cluster)
     with open(log, "w", encoding="utf-8") as out:
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
             # Once an epoch's checkpoint exists, kill the rank on worker 2 (whichever rank Spark put there).
             assert _wait_for(lambda: os.path.exists(state_file) or job.poll() is not None, SUBMIT_TIMEOUT)
-            with open(log, encoding="utf-8") as handle:
-                assert job.poll() is None, handle.read()[-6000:]
+            assert job.poll() is None, log.read_text()[-6000:]
             (victim,) = _processes_under_workers(cluster, "rank_main", worker=2)
             rank = int(re.search(r"covid-spark-rank(\d+)-", " ".join(victim.cmdline())).group(1))
             victim.send_signal(signal.SIGKILL)
@@ -449,8 +449,7 @@ def tf_distribute_fault(cluster_dataset, cluster, shipped, tmp_path_factory) -> 
             if job.poll() is None:
                 job.kill()
                 job.wait()
-    with open(log, encoding="utf-8") as handle:
-        text = handle.read()
+    text = log.read_text()
     apps = _applications(cluster) - before
     # Nothing of the failed application may be left: no rank, no executor (the workers end them).
     ranks_gone = _wait_for(lambda: not _processes_under_workers(cluster, "rank_main"), 60)

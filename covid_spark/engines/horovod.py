@@ -82,9 +82,7 @@ class HorovodRank:
         # Horovod's gradient averaging (a tf.function of its own, made with AutoGraph on) branches with
         # tf.cond, not Python ifs on tensors, so AutoGraph has nothing to convert in it; left on, each rank
         # transpiles Horovod's helpers (over a thousand functions) while tracing the first train step.
-        averaging = wrapped._allreduce_grads
-        wrapped._allreduce_grads = tf.function(averaging.python_function, autograph=False) \
-            if hasattr(averaging, "python_function") else tf.autograph.experimental.do_not_convert(averaging)
+        wrapped._allreduce_grads = tf.function(wrapped._allreduce_grads.python_function, autograph=False)
         return wrapped
 
     def callbacks(self) -> list:

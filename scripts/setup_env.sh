@@ -34,12 +34,19 @@ stamp_of() { cat "$REQUIREMENTS" $EXTRAS setup.py scripts/setup_env.sh | sha256s
 
 # The report's browser test (tests/test_report_browser.py) drives Debian's chromium; it skips, saying
 # why, where there is none. Installed only when missing, only as root with apt; never fails the set-up.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+# The two stacks' set-ups may run at once (.ci/run): what both would do in one place (apt-get, the editable
+# install's egg-info in this folder) runs under a lock, one at a time.
+locked() { ( if command -v flock >/dev/null; then flock 9; fi; "$@" ) 9>"${TMPDIR:-/tmp}/covid-spark-setup.lock"; }
+install_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0  # the other set-up installed it meanwhile
   echo "setup: installing Debian's chromium (headless, for the report's browser test)"
   if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
        >/dev/null 2>&1; then
     echo "setup: apt-get could not install chromium; the browser test will be skipped" >&2
   fi
+}
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  locked install_chromium
 fi
 
 STAMP="$VENV/.covid-spark-stamp"
@@ -55,7 +62,7 @@ PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 $PIP install -q -r "$REQUIREMENTS"
 
 if [ "$STACK" = current ]; then  # no Horovod: training runs with train.engine tf-distribute
-  $PIP install -q --no-deps -e .
+  locked $PIP install -q --no-deps -e .
   echo "$want" > "$STAMP"
   echo "setup: $VENV ready (current stack)"
   exit 0
@@ -75,7 +82,7 @@ if ! "$VENV/bin/python" -c "import horovod, sys; sys.exit(horovod.__version__ !=
   fi
   $PIP install -q --no-deps "$WHEEL_DIR"/horovod-*.whl
 fi
-$PIP install -q --no-deps -e .
+locked $PIP install -q --no-deps -e .
 "$VENV/bin/horovodrun" --check-build | grep -E '\[X\] (TensorFlow|Gloo)' >/dev/null \
   || { echo "setup: Horovod was built without TensorFlow or Gloo support" >&2; exit 1; }
 echo "$want" > "$STAMP"

@@ -117,20 +117,21 @@ def test_train_input_repeats_batch_for_batch(pipeline_run):
         np.testing.assert_array_equal(xa, xb)
 
 
-def test_training_twice_with_the_same_seed_gives_the_same_history(pipeline_run, tmp_path):
-    """The fixture's run again (2 Horovod ranks, same seed): every per-epoch number must repeat exactly."""
+def test_training_twice_with_the_same_seed_gives_the_same_history(pipeline_run, tracked_run):
+    """Two trainings of one model on one subset with the same seed, each its own 2-rank launch: the train
+    job's (pipeline_run) and `make demo`'s pipeline job with tracking on (tracked_run). Every per-epoch number
+    must repeat exactly."""
     import json
     import os
 
-    model_dir = str(tmp_path / "again")
-    assert pipeline_run["jobs"]["train"].main(["--dataset", pipeline_run["dataset"], "--model-dir", model_dir,
-                                               "--epochs", "2", "--batch-size", "4", "--num-proc", "2",
-                                               "--model", "compact"]) == 0
+    from covid_spark.data.rundir import RunDir
+
     histories = []
-    for directory in (pipeline_run["model_dir"], model_dir):
-        with open(os.path.join(directory, "history.json"), encoding="utf-8") as handle:
+    for path in (os.path.join(pipeline_run["model_dir"], "history.json"), RunDir(tracked_run["run_dir"]).history):
+        with open(path, encoding="utf-8") as handle:
             history = json.load(handle)
         history.pop("seconds")  # wall time per epoch: the one thing allowed to differ
         histories.append(history)
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(histories[0])
+    assert len(histories[0]["loss"]) == 2
     assert histories[0] == histories[1]

@@ -436,3 +436,26 @@ def test_a_held_out_source_and_its_near_copies_go_to_test_only():
     assert {s for p, s in splits.items() if p not in held | {copy}} <= {"train", "val"}
     with pytest.raises(ConfigError, match="matches no image"):
         split_images(staged, override(load_config(), "preprocess", {"holdout_source": "nowhere"})["preprocess"], [])
+
+
+def test_returning_freed_memory_calls_malloc_trim_and_is_a_no_op_without_it(monkeypatch):
+    """glibc's malloc_trim(0) is what the driver calls between steps; a C library without it is left alone."""
+    import ctypes
+
+    from covid_spark.stages import preprocess as stage
+
+    calls = []
+
+    class Glibc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+            return 1
+
+    class Musl:  # no malloc_trim: ctypes raises AttributeError for a missing symbol
+        def __getattr__(self, name):
+            raise AttributeError(name)
+
+    for library in (Glibc(), Musl()):
+        monkeypatch.setattr(ctypes, "CDLL", lambda name, library=library: library)
+        assert stage.return_freed_memory() is None
+    assert calls == [0]

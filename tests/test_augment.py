@@ -122,13 +122,12 @@ def test_training_twice_with_the_same_seed_gives_the_same_history(pipeline_run, 
     job's (pipeline_run) and `make demo`'s pipeline job with tracking on (tracked_run). Every per-epoch number
     must repeat exactly."""
     import json
-    import os
 
     from covid_spark.data.rundir import RunDir
 
     histories = []
-    for path in (os.path.join(pipeline_run["model_dir"], "history.json"), RunDir(tracked_run["run_dir"]).history):
-        with open(path, encoding="utf-8") as handle:
+    for run_dir in (pipeline_run["model_dir"], tracked_run["run_dir"]):
+        with open(RunDir(run_dir).history, encoding="utf-8") as handle:
             history = json.load(handle)
         history.pop("seconds")  # wall time per epoch: the one thing allowed to differ
         histories.append(history)

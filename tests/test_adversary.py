@@ -64,3 +64,24 @@ def test_training_with_the_head_fits_resumes_and_leaves_a_plain_classifier(tmp_p
     again = AdversarialTrainer(_classifier(), sources=2, strength=0.5)
     again.load_weights(os.path.join(str(tmp_path / "ckpt"), "last.weights.h5"))
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(again.weights, trainer.weights))
+
+
+def _fit_two_steps(strategy):
+    """Two steps of a fresh trainer under ``strategy`` (None: no strategy); its weights and source loss."""
+    tf.keras.utils.set_random_seed(0)
+    images, labels, sources = _data(16)
+    train = with_source_ids(tf.data.Dataset.from_tensor_slices((images, labels, sources)), ("a", "b")).batch(8)
+    with strategy.scope() if strategy else tf.keras.utils.custom_object_scope({}):
+        trainer = AdversarialTrainer(_classifier(), sources=2, strength=0.5)
+        trainer.compile(optimizer=tf.keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    history = trainer.fit(train, epochs=1, verbose=0).history
+    return [w.numpy() for w in trainer.weights], history["source_loss"][0]
+
+
+def test_the_head_trains_under_a_tf_distribute_strategy_as_without_one():
+    """The tf-distribute engine fits inside a strategy: the source loss is averaged over the global batch
+    there, so one replica takes the very steps a plain fit takes."""
+    plain_weights, plain_source_loss = _fit_two_steps(None)
+    weights, source_loss = _fit_two_steps(tf.distribute.MirroredStrategy(["/cpu:0"]))
+    assert source_loss == pytest.approx(plain_source_loss, rel=1e-5)
+    assert all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(plain_weights, weights))

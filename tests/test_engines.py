@@ -9,6 +9,7 @@ import math
 import os
 import types
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -141,7 +142,7 @@ def test_every_rank_runs_as_many_val_batches_none_empty(pipeline_run):
 
 @pytest.mark.slow
 def test_two_tf_distribute_ranks_train_resume_and_write_the_run(pipeline_run, tmp_path):
-    """2 ranks, 2 epochs, then --resume to a third: the contract of the Horovod engine. Where the shared
+    """2 ranks, 2 epochs, then --resume to a third: the contract the Horovod engine keeps too. Where the shared
     fixture's training is already this one (the current stack, whose `auto` engine is tf-distribute), its model
     is copied instead of trained again."""
     import shutil
@@ -243,12 +244,16 @@ def test_a_taken_port_reruns_the_barrier_stage_and_other_errors_do_not():
     assert not tfdistribute._port_taken(RuntimeError("Connection refused"))
 
 
+SCRATCH_PREFIX = "covid-spark-test-scratch-"
+
+
 def _fail_in_rank_1(job):
     """A rank function: rank 1 fails once the strategy is up, rank 0 would wait five minutes."""
     import time
 
     from covid_spark.engines.tfdistribute import TFDistributeRank
 
+    tempfile.mkdtemp(prefix=SCRATCH_PREFIX)  # scratch, as a rank's checkpoints: its task must remove it
     rank = TFDistributeRank(job)
     if rank.rank == 1:
         raise ValueError("boom in rank 1")
@@ -262,8 +267,12 @@ def test_a_failing_rank_ends_the_stage_with_its_error_and_leaves_no_rank_behind(
 
     import psutil
 
-    from covid_spark.engines.tfdistribute import TFDistributeLauncher
+    from covid_spark.engines.tfdistribute import TFDistributeLauncher, sweep_stale_folders
 
+    def leftovers():  # the tasks' folders and the ranks' scratch, in the temporary folder they all share
+        return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith((SCRATCH_PREFIX, "covid-spark-rank"))}
+
+    before = leftovers()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     launcher = TFDistributeLauncher(spark, env={"PYTHONPATH": repo})
     with pytest.raises(Exception, match="boom in rank 1"):  # not after rank 0's five minutes (timeout 1200 s)
@@ -284,7 +293,31 @@ def test_a_failing_rank_ends_the_stage_with_its_error_and_leaves_no_rank_behind(
             break
         time.sleep(1)
     assert ranks_left() == []
+    for _ in range(30):  # a task whose Python worker was killed leaves its folder to the next task's sweep
+        sweep_stale_folders(tempfile.gettempdir())
+        if not leftovers() - before:
+            break
+        time.sleep(1)
+    assert leftovers() - before == set()
     assert spark.sparkContext.parallelize(range(4), 2).sum() == 6  # the session still runs jobs
+
+
+def test_task_folders_whose_python_worker_is_gone_are_swept(tmp_path):
+    import subprocess
+
+    from covid_spark.engines.tfdistribute import sweep_stale_folders
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    owners = {"covid-spark-rank0-dead": gone.stdout.strip(), "covid-spark-rank1-alive": str(os.getpid()),
+              "covid-spark-rank0-garbled": "not a pid", "other-dead": gone.stdout.strip()}
+    for name, owner in owners.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "owner.pid").write_text(owner)
+    (tmp_path / "covid-spark-rank1-no-owner").mkdir()  # being created: its owner file not yet written
+    assert sweep_stale_folders(str(tmp_path)) == [str(tmp_path / "covid-spark-rank0-dead")]
+    assert sorted(os.listdir(tmp_path)) == ["covid-spark-rank0-garbled", "covid-spark-rank1-alive",
+                                            "covid-spark-rank1-no-owner", "other-dead"]
 
 
 def test_a_lost_rank_is_named_from_the_failed_stage_and_other_failures_are_not():

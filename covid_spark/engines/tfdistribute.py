@@ -41,6 +41,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +65,7 @@ RANK_LOST = "covid-spark: tf-distribute rank lost"  # in the error of a task who
 # a cluster's executors join after the application starts (their JVMs start on the workers, slowly on a busy one).
 SLOT_WAIT_S = {"local": 20, "cluster": 180}
 _JOB_FILE, _RESULT_FILE = "job.pkl", "result.pkl"
+_FOLDER_PREFIX, _OWNER_FILE = "covid-spark-rank", "owner.pid"  # a task's folder, and the pid of its Python worker
 
 _reserved: socket.socket | None = None  # inside a rank: the port held until the strategy binds it
 
@@ -216,7 +218,10 @@ def _barrier_task(payload: bytes, env: dict[str, str]):
     context = BarrierTaskContext.get()
     rank = context.partitionId()
     host = context.getTaskInfos()[rank].address.rsplit(":", 1)[0]
-    with tempfile.TemporaryDirectory(prefix=f"covid-spark-rank{rank}-") as folder:
+    sweep_stale_folders(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix=f"{_FOLDER_PREFIX}{rank}-") as folder:
+        with open(os.path.join(folder, _OWNER_FILE), "w", encoding="utf-8") as handle:
+            handle.write(str(os.getpid()))
         with open(os.path.join(folder, _JOB_FILE), "wb") as handle:
             handle.write(payload)
         read_fd, write_fd = os.pipe()
@@ -252,6 +257,38 @@ def _barrier_task(payload: bytes, env: dict[str, str]):
                 child.wait()
 
 
+def sweep_stale_folders(parent: str) -> list[str]:
+    """Remove the task folders under ``parent`` whose Python worker is gone; return their paths.
+
+    A task removes its folder when it ends, but not when its Python worker is killed (an aborted
+    job, a lost executor). A folder whose ``owner.pid`` names no living process is such a leftover;
+    one without that file (being created, or from before it was written) is left alone.
+    """
+    removed = []
+    for name in sorted(n for n in os.listdir(parent) if n.startswith(_FOLDER_PREFIX)):
+        path = os.path.join(parent, name)
+        try:
+            with open(os.path.join(path, _OWNER_FILE), encoding="utf-8") as handle:
+                owner = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _expect(messages, child, rank: int, host: str, doing: str) -> str:
     """The next line the rank's process sends, or raise if it died (``doing`` says when, for the error)."""
     line = messages.readline()
@@ -278,6 +315,9 @@ def rank_main(folder: str, fd: int) -> None:
 
     with open(os.path.join(folder, _JOB_FILE), "rb") as handle:
         fn, job = pickle.load(handle)
+    # The rank's temporary files (a non-zero rank's checkpoints, TensorFlow's autograph sources) go in its
+    # task's folder, which the task removes even when this process is killed.
+    tempfile.tempdir = folder
     import tensorflow  # noqa: F401  (the slow import, before the port is picked)
 
     messages = os.fdopen(fd, "w")

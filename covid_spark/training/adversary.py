@@ -50,7 +50,10 @@ class AdversarialTrainer(tf.keras.Model):
                                          tf.keras.layers.Dense(HEAD_UNITS, activation="relu"),
                                          tf.keras.layers.Dense(sources)], name="source_head")
         self.head.build(classifier.layers[-1].input.shape)  # built now, so saved weights load before fitting
-        self.source_loss = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        # Per image, averaged in train_step: a loss object's own mean (reduction AUTO) raises under a
+        # tf.distribute strategy (the tf-distribute engine), where the mean must be over the global batch.
+        self.source_loss = tf.keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
         self.source_tracker = tf.keras.metrics.Mean(name="source_loss")
 
     def call(self, inputs, training=None):
@@ -71,11 +74,13 @@ class AdversarialTrainer(tf.keras.Model):
             features, probs = self.both(image, training=True)
             source_logits = self.head(features, training=True)
             class_loss = self.compiled_loss(label, probs, weight, regularization_losses=self.losses)
-            source_loss = self.source_loss(source, source_logits)
+            per_image = self.source_loss(source, source_logits)
+            # Over the global batch, as the compiled class loss is: the replicas' gradients are summed.
+            source_loss = tf.nn.compute_average_loss(per_image)
             loss = class_loss + source_loss  # the reversal scales the source gradient by -λ for the features
         self.optimizer.minimize(loss, self.trainable_variables, tape=tape)
         self.compiled_metrics.update_state(label, probs, weight)
-        self.source_tracker.update_state(source_loss)
+        self.source_tracker.update_state(per_image)
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):

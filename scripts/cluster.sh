@@ -2,7 +2,8 @@
 # A Spark standalone cluster on loopback: one master and two workers (1 core, 4 GB each),
 # started with the venv's pip pyspark (`spark-class`; the pip package has no sbin/start-*.sh).
 #
-#   scripts/cluster.sh up       start, and wait until both workers have registered
+#   scripts/cluster.sh up       start, and wait until both workers have registered; on a running
+#                               cluster, start again any worker that died (a lost machine) and wait for it
 #   scripts/cluster.sh status   print the master URL and the alive workers (exit 1 when down)
 #   scripts/cluster.sh down     stop everything and remove the state folder (idempotent)
 #
@@ -101,19 +102,64 @@ cmd_status() {
   echo "logs:    $CLUSTER_DIR/logs"
 }
 
+start_worker() {
+  local i=$1 url=$2
+  mkdir -p "$CLUSTER_DIR/worker-$i"
+  start_daemon "worker-$i" "$SPARK_CLASS" org.apache.spark.deploy.worker.Worker "$url" \
+    --host "$HOST" --cores "$CORES" --memory "$MEMORY" --webui-port "$(free_port)" \
+    --work-dir "$CLUSTER_DIR/worker-$i"
+}
+
+# Wait until $WORKERS workers are alive; on failure print the logs, stop everything ($2 = "stop") or not.
+wait_for_workers() {
+  local webui=$1 on_failure=$2 deadline=$((SECONDS + START_TIMEOUT)) alive="" pidfile name
+  while [ $SECONDS -lt $deadline ]; do
+    alive=$(alive_workers "$webui")
+    [ "${alive:-0}" -ge "$WORKERS" ] && return 0
+    for pidfile in "$CLUSTER_DIR"/*.pid; do
+      is_running "$pidfile" && continue
+      name=$(basename "$pidfile" .pid)
+      tail -n 20 "$CLUSTER_DIR/logs/$name.log" >&2 || true
+      [ "$on_failure" = stop ] && cmd_down >/dev/null
+      die "$name exited during start-up (log above)"
+    done
+    sleep 1
+  done
+  tail -n 20 "$CLUSTER_DIR"/logs/*.log >&2 || true
+  [ "$on_failure" = stop ] && cmd_down >/dev/null
+  die "only ${alive:-0} of $WORKERS workers registered within ${START_TIMEOUT}s (logs above)"
+}
+
+# A running master: start again the workers that died (their process gone), keeping the others.
+restart_lost_workers() {
+  local url i lost=0
+  url=$(cat "$CLUSTER_DIR/master-url" 2>/dev/null) || die "the master is still starting (no $CLUSTER_DIR/master-url)"
+  for i in $(seq 1 "$WORKERS"); do
+    is_running "$CLUSTER_DIR/worker-$i.pid" && continue
+    echo "cluster: worker $i is not running: starting it again"
+    start_worker "$i" "$url"
+    lost=$((lost + 1))
+  done
+  if [ $lost -gt 0 ]; then
+    wait_for_workers "$(cat "$CLUSTER_DIR/webui-port")" keep
+  else
+    echo "cluster: already running"
+  fi
+}
+
 cmd_up() {
   [ -x "$SPARK_CLASS" ] || die "$SPARK_CLASS not found: run 'make setup' first"
   command -v java >/dev/null || die "Java 17 is required (java not on PATH)"
   command -v curl >/dev/null || die "curl is required to poll the master"
-  if is_running "$CLUSTER_DIR/master.pid"; then
-    echo "cluster: already running"
-    cmd_status
-    return 0
-  fi
   # spark-class looks for pyspark with whatever python3 is on PATH; name the venv's pyspark.
   SPARK_HOME=$("$VENV/bin/python" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))') \
     || die "no pyspark in $VENV: run 'make setup' first"
   export SPARK_HOME
+  if is_running "$CLUSTER_DIR/master.pid"; then
+    restart_lost_workers
+    cmd_status
+    return 0
+  fi
   clean_state   # leftovers of a cluster that died
   local port=${CLUSTER_PORT:-$(free_port)} webui=${CLUSTER_WEBUI_PORT:-$(free_port)}
   local url="spark://$HOST:$port"
@@ -125,32 +171,11 @@ cmd_up() {
   start_daemon master "$SPARK_CLASS" org.apache.spark.deploy.master.Master \
     --host "$HOST" --port "$port" --webui-port "$webui"
   for i in $(seq 1 "$WORKERS"); do
-    mkdir -p "$CLUSTER_DIR/worker-$i"
-    start_daemon "worker-$i" "$SPARK_CLASS" org.apache.spark.deploy.worker.Worker "$url" \
-      --host "$HOST" --cores "$CORES" --memory "$MEMORY" --webui-port "$(free_port)" \
-      --work-dir "$CLUSTER_DIR/worker-$i"
+    start_worker "$i" "$url"
   done
-
-  local deadline=$((SECONDS + START_TIMEOUT)) alive=""
-  while [ $SECONDS -lt $deadline ]; do
-    alive=$(alive_workers "$webui")
-    [ "${alive:-0}" -ge "$WORKERS" ] && break
-    for pidfile in "$CLUSTER_DIR"/*.pid; do
-      is_running "$pidfile" && continue
-      name=$(basename "$pidfile" .pid)
-      tail -n 20 "$CLUSTER_DIR/logs/$name.log" >&2 || true
-      cmd_down >/dev/null
-      die "$name exited during start-up (log above)"
-    done
-    sleep 1
-  done
-  if [ "${alive:-0}" -lt "$WORKERS" ]; then
-    tail -n 20 "$CLUSTER_DIR"/logs/*.log >&2 || true
-    cmd_down >/dev/null
-    die "only ${alive:-0} of $WORKERS workers registered within ${START_TIMEOUT}s (logs above)"
-  fi
+  wait_for_workers "$webui" stop
   echo "$url" > "$CLUSTER_DIR/master-url"
-  echo "cluster: $url up with $alive workers ($CORES core(s), $MEMORY each); web UI http://$HOST:$webui"
+  echo "cluster: $url up with $WORKERS workers ($CORES core(s), $MEMORY each); web UI http://$HOST:$webui"
 }
 
 case "${1:-}" in

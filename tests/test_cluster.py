@@ -440,7 +440,7 @@ def _wait_for(predicate, timeout: float, step: float = 0.2):
 @pytest.fixture(scope="module")
 def tf_distribute_fault(cluster_dataset, cluster, shipped, tmp_path_factory) -> dict:
     """tf-distribute's training on the cluster, with a fault: 2 ranks for up to 40 epochs; once the first
-    epoch's checkpoint exists, worker 2 is lost: its whole process group (the worker's JVM, its executor,
+    epoch's checkpoint exists, worker 2 is lost: its whole process tree (the worker's JVM, its executor,
     the Python workers and the rank) is killed (SIGKILL), as when a machine goes down. What was left
     running is looked at then; the worker is started again (``cluster.sh up``), the job resumed
     (``--resume``) for one epoch more and the model evaluated, so that this one model also stands for
